@@ -1,0 +1,163 @@
+"""Array backends: NumPy on the CPU, CuPy on a CUDA GPU.
+
+This is the only module that imports CuPy. Everything else asks it which array module an
+array belongs to (`get_array_module`, after Chainer's ``cuda.get_array_module``) and writes
+its code once against that module, conventionally called ``xp``.
+
+Device names are ``"cpu"`` and ``"cuda"``. The default device is ``"cuda"`` when CuPy imports
+and a CUDA device answers, else ``"cpu"``; the environment variable ``DIAGNET_DEVICE`` and
+explicit ``device=`` arguments override it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+ENV_DEVICE = "DIAGNET_DEVICE"
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_probe():
+    """Import CuPy and ask for a device once. Returns ``(cupy_module_or_None, reason)``."""
+    try:
+        import cupy
+    except ImportError as exc:  # the common case on CPU-only machines
+        return None, f"CuPy is not installed ({exc}); install diagnet[cuda12] or diagnet[cuda13]"
+    except Exception as exc:  # a broken CuPy install should not break diagnet on the CPU
+        return None, f"CuPy failed to import: {type(exc).__name__}: {exc}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return None, f"CuPy imported but the CUDA runtime failed (driver error?): {exc}"
+    if count < 1:
+        return None, "CuPy imported but no CUDA device was found"
+    return cupy, ""
+
+
+def cupy_or_none():
+    """The CuPy module when a usable CUDA device exists, else ``None``."""
+    return _cupy_probe()[0]
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and at least one CUDA device answers."""
+    return cupy_or_none() is not None
+
+
+def cuda_unavailable_reason() -> str:
+    """Why ``"cuda"`` cannot be used here (empty string when it can)."""
+    return _cupy_probe()[1]
+
+
+def _require_cupy():
+    cp, reason = _cupy_probe()
+    if cp is None:
+        raise RuntimeError(f"device 'cuda' was requested but is not available: {reason}")
+    return cp
+
+
+def check_device(device) -> str:
+    """Validate a device name and return it normalised (``"cuda:0"`` -> ``"cuda"``)."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str, one of {DEVICES}; got {type(device).__name__}")
+    name = device.strip().lower()
+    if name.startswith("cuda:"):
+        name = "cuda"
+    if name == "gpu":
+        name = "cuda"
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    return name
+
+
+def default_device() -> str:
+    """The device used when none is given: ``$DIAGNET_DEVICE`` if set, else cuda if usable, else cpu."""
+    env = os.environ.get(ENV_DEVICE)
+    if env:
+        name = check_device(env)
+        if name == "cuda":
+            _require_cupy()
+        return name
+    return "cuda" if cuda_available() else "cpu"
+
+
+def resolve_device(device=None) -> str:
+    """Return a usable device name for ``device`` (``None`` means the default).
+
+    Raises ``RuntimeError`` with the reason when ``"cuda"`` is asked for but unavailable.
+    """
+    if device is None:
+        return default_device()
+    name = check_device(device)
+    if name == "cuda":
+        _require_cupy()
+    return name
+
+
+def xp_for(device: str):
+    """The array module (``numpy`` or ``cupy``) of a device name."""
+    return _require_cupy() if resolve_device(device) == "cuda" else np
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any argument is a CuPy array (or a Tensor holding one), else ``numpy``.
+
+    Tensors are unwrapped through their ``data`` attribute, so this works on either.
+    """
+    cp = cupy_or_none() if _cupy_imported() else None
+    if cp is None:
+        return np
+    for a in arrays:
+        a = getattr(a, "data", a)
+        if isinstance(a, cp.ndarray):
+            return cp
+    return np
+
+
+def _cupy_imported() -> bool:
+    # Avoid importing CuPy just to answer "is this a NumPy array?": if nobody imported it,
+    # no CuPy array can exist.
+    import sys
+
+    return "cupy" in sys.modules
+
+
+def device_of(array) -> str:
+    """``"cuda"`` for a CuPy array, ``"cpu"`` for anything else."""
+    return "cuda" if get_array_module(array) is not np else "cpu"
+
+
+def to_device(array, device: str):
+    """Copy ``array`` to ``device`` (no copy when it is already there)."""
+    name = resolve_device(device)
+    if device_of(array) == name:
+        return array
+    if name == "cpu":
+        return array.get()
+    return _require_cupy().asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    """A NumPy array with the contents of ``array`` (copied from the GPU when needed)."""
+    if device_of(array) == "cuda":
+        return array.get()
+    return np.asarray(array)
+
+
+def erf(x):
+    """Element-wise error function for a NumPy or CuPy array."""
+    if get_array_module(x) is np:
+        from scipy.special import erf as _erf
+    else:
+        from cupyx.scipy.special import erf as _erf
+    return _erf(x)
+
+
+def synchronize(device: str = "cuda") -> None:
+    """Wait for all queued GPU work (no-op on the CPU); for timing."""
+    if device == "cuda" and cuda_available():
+        cupy_or_none().cuda.get_current_stream().synchronize()

@@ -1,0 +1,1 @@
+"""Diagonal sparse kernels: layout helpers, NumPy reference, compiled CPU and CUDA kernels."""

@@ -1,0 +1,367 @@
+"""Element-wise arithmetic and math functions, with their derivatives.
+
+Every op is written once against the array module ``xp`` of its inputs, so it runs on
+NumPy and CuPy alike. Broadcasting is allowed in every binary op: the engine sums each
+gradient back to its input's shape, so the backward methods here ignore broadcasting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from ..autograd import FLOAT_DTYPES, Function, Tensor
+
+
+def _xp(*arrays):
+    return backend.get_array_module(*arrays)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+class Add(Function):
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, gy):
+        return gy, gy
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        return a - b
+
+    def backward(self, gy):
+        return gy, -gy
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return a * b
+
+    def backward(self, gy):
+        a, b = self.saved
+        return gy * b, gy * a
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return a / b
+
+    def backward(self, gy):
+        a, b = self.saved
+        ga = gy / b
+        return ga, -ga * a / b
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, gy):
+        return -gy
+
+
+class Pow(Function):
+    """``a ** b`` with both operands differentiable (``b`` is usually a constant)."""
+
+    def forward(self, a, b):
+        y = a ** b
+        self.save(a, b, y)
+        return y
+
+    def backward(self, gy):
+        a, b, y = self.saved
+        xp = _xp(a)
+        ga = gy * b * a ** (b - 1) if self.needs_input_grad[0] else None
+        gb = None
+        if self.needs_input_grad[1]:
+            # d/db a**b = a**b * log(a); defined as 0 where a == 0 (the limit for b > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_a = xp.where(a > 0, xp.log(xp.where(a > 0, a, 1)), 0)
+            gb = gy * y * log_a
+        return ga, gb
+
+
+class MatMul(Function):
+    """``a @ b`` with NumPy's rules: 1-D operands are promoted, leading dims broadcast."""
+
+    def forward(self, a, b):
+        self.save(a, b)
+        return a @ b
+
+    def backward(self, gy):
+        a, b = self.saved
+        xp = _xp(a)
+        ga = gb = None
+        a2 = a[None, :] if a.ndim == 1 else a        # (.., i, k)
+        b2 = b[:, None] if b.ndim == 1 else b        # (.., k, j)
+        g2 = gy
+        if a.ndim == 1:
+            g2 = xp.expand_dims(g2, -2)
+        if b.ndim == 1:
+            g2 = xp.expand_dims(g2, -1)
+        if self.needs_input_grad[0]:
+            ga = g2 @ xp.swapaxes(b2, -1, -2)
+            if a.ndim == 1:
+                ga = ga.reshape(ga.shape[:-2] + ga.shape[-1:])
+        if self.needs_input_grad[1]:
+            gb = xp.swapaxes(a2, -1, -2) @ g2
+            if b.ndim == 1:
+                gb = gb[..., 0]
+        return ga, gb
+
+
+def add(a, b):
+    """``a + b`` with broadcasting."""
+    return Add()(a, b)
+
+
+def sub(a, b):
+    """``a - b`` with broadcasting."""
+    return Sub()(a, b)
+
+
+def mul(a, b):
+    """``a * b`` with broadcasting."""
+    return Mul()(a, b)
+
+
+def div(a, b):
+    """``a / b`` with broadcasting."""
+    return Div()(a, b)
+
+
+def neg(a):
+    """``-a``."""
+    return Neg()(a)
+
+
+def pow(a, b):  # noqa: A001 - mirrors the operator's name
+    """``a ** b`` with broadcasting; both operands may require grad."""
+    return Pow()(a, b)
+
+
+def matmul(a, b):
+    """Matrix product with NumPy's ``@`` semantics (batched over leading dimensions).
+
+    Shapes: ``(..., i, k) @ (..., k, j) -> (..., i, j)``; a 1-D operand is treated as a
+    vector. Raises `ValueError` naming both shapes when the inner dimensions differ.
+    """
+    sa = a.shape if hasattr(a, "shape") else np.shape(a)
+    sb = b.shape if hasattr(b, "shape") else np.shape(b)
+    if len(sa) == 0 or len(sb) == 0:
+        raise ValueError(f"matmul: operands must be at least 1-D; got shapes {sa} and {sb}")
+    ka = sa[-1]
+    kb = sb[-2] if len(sb) >= 2 else sb[0]
+    if ka != kb:
+        raise ValueError(f"matmul: inner dimensions differ: a has shape {tuple(sa)} and "
+                         f"b has shape {tuple(sb)} ({ka} != {kb})")
+    return MatMul()(a, b)
+
+
+# ----------------------------------------------------------------------------- unary math
+
+class _Unary(Function):
+    """A unary op whose derivative is expressed through its input and output."""
+
+    def forward(self, x):
+        y = self.fn(_xp(x), x)
+        self.save(x, y)
+        return y
+
+    def backward(self, gy):
+        x, y = self.saved
+        return gy * self.derivative(_xp(x), x, y)
+
+
+class Exp(_Unary):
+    fn = staticmethod(lambda xp, x: xp.exp(x))
+    derivative = staticmethod(lambda xp, x, y: y)
+
+
+class Log(_Unary):
+    fn = staticmethod(lambda xp, x: xp.log(x))
+    derivative = staticmethod(lambda xp, x, y: 1 / x)
+
+
+class Sqrt(_Unary):
+    fn = staticmethod(lambda xp, x: xp.sqrt(x))
+    derivative = staticmethod(lambda xp, x, y: 0.5 / y)
+
+
+class Tanh(_Unary):
+    fn = staticmethod(lambda xp, x: xp.tanh(x))
+    derivative = staticmethod(lambda xp, x, y: 1 - y * y)
+
+
+class Sigmoid(_Unary):
+    # 0.5 * (1 + tanh(x / 2)) is the sigmoid without overflow for large |x|
+    fn = staticmethod(lambda xp, x: 0.5 * (1 + xp.tanh(0.5 * x)))
+    derivative = staticmethod(lambda xp, x, y: y * (1 - y))
+
+
+class Abs(_Unary):
+    fn = staticmethod(lambda xp, x: xp.abs(x))
+    derivative = staticmethod(lambda xp, x, y: xp.sign(x))
+
+
+def exp(x):
+    """Element-wise ``e ** x``."""
+    return Exp()(x)
+
+
+def log(x):
+    """Element-wise natural logarithm."""
+    return Log()(x)
+
+
+def sqrt(x):
+    """Element-wise square root."""
+    return Sqrt()(x)
+
+
+def tanh(x):
+    """Element-wise hyperbolic tangent."""
+    return Tanh()(x)
+
+
+def sigmoid(x):
+    """Element-wise logistic sigmoid ``1 / (1 + e**-x)`` (overflow-free)."""
+    return Sigmoid()(x)
+
+
+def abs(x):  # noqa: A001
+    """Element-wise absolute value (subgradient 0 at 0)."""
+    return Abs()(x)
+
+
+# ----------------------------------------------------------------------------- selection
+
+class Where(Function):
+    def forward(self, cond, a, b):
+        self.cond = cond.astype(bool)
+        return _xp(a).where(self.cond, a, b)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        zero = xp.zeros((), dtype=gy.dtype)
+        return None, xp.where(self.cond, gy, zero), xp.where(self.cond, zero, gy)
+
+
+class Maximum(Function):
+    def forward(self, a, b):
+        xp = _xp(a, b)
+        # ties send the gradient to the first operand, like an if/else would
+        self.take_a = a >= b
+        return xp.where(self.take_a, a, b)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        zero = xp.zeros((), dtype=gy.dtype)
+        return xp.where(self.take_a, gy, zero), xp.where(self.take_a, zero, gy)
+
+
+class Minimum(Maximum):
+    def forward(self, a, b):
+        xp = _xp(a, b)
+        self.take_a = a <= b
+        return xp.where(self.take_a, a, b)
+
+
+class Clip(Function):
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x):
+        xp = _xp(x)
+        self.inside = xp.ones(x.shape, dtype=bool)
+        if self.lo is not None:
+            self.inside &= x >= self.lo
+        if self.hi is not None:
+            self.inside &= x <= self.hi
+        return xp.clip(x, self.lo, self.hi)
+
+    def backward(self, gy):
+        return gy * self.inside
+
+
+def where(cond, a, b):
+    """Pick ``a`` where ``cond`` is true, else ``b`` (broadcasting); grads flow to ``a`` and ``b``."""
+    return Where()(cond, a, b)
+
+
+def maximum(a, b):
+    """Element-wise maximum; at ties the gradient goes to ``a``."""
+    return Maximum()(a, b)
+
+
+def minimum(a, b):
+    """Element-wise minimum; at ties the gradient goes to ``a``."""
+    return Minimum()(a, b)
+
+
+def clip(x, lo=None, hi=None):
+    """Clamp ``x`` to ``[lo, hi]`` (either may be None); gradient 1 inside, 0 outside."""
+    if lo is None and hi is None:
+        raise ValueError("clip: at least one of lo and hi must be given")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"clip: lo must be <= hi; got lo={lo}, hi={hi}")
+    return Clip(lo, hi)(x)
+
+
+# ----------------------------------------------------------------------------- dtype/device
+
+class AsType(Function):
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+
+    def forward(self, x):
+        self.src = x.dtype
+        return x.astype(self.dtype)
+
+    def backward(self, gy):
+        return gy.astype(self.src) if self.src in FLOAT_DTYPES else None
+
+
+class ToDevice(Function):
+    def __init__(self, device):
+        self.device = backend.resolve_device(device)
+
+    def forward(self, x):
+        self.src = backend.device_of(x)
+        return backend.to_device(x, self.device)
+
+    def backward(self, gy):
+        return backend.to_device(gy, self.src)
+
+
+def astype(x, dtype):
+    """``x`` cast to ``dtype``; the gradient is cast back (float to float only)."""
+    dt = np.dtype(dtype)
+    if isinstance(x, Tensor) and x.dtype == dt:
+        return x
+    if isinstance(x, Tensor) and x.requires_grad and dt not in FLOAT_DTYPES:
+        raise TypeError(f"astype: cannot cast a tensor that requires grad to {dt}; detach() it first")
+    return AsType(dt)(x)
+
+
+def to_device(x, device):
+    """``x`` copied to ``device`` (``"cpu"``/``"cuda"``); gradients flow back across."""
+    if isinstance(x, Tensor) and x.device == backend.resolve_device(device):
+        return x
+    return ToDevice(device)(x)
+
+
+# ----------------------------------------------------------------------------- erf helper
+
+def erf_array(x):
+    """Element-wise error function of a backend array (SciPy on CPU, cupyx on GPU)."""
+    return backend.erf(x)
+
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

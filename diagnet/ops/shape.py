@@ -1,0 +1,172 @@
+"""Shape ops: reshape, transpose/permute, indexing, concatenate, stack."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..autograd import Function, Tensor, as_tensor_like
+
+
+def _xp(*arrays):
+    return backend.get_array_module(*arrays)
+
+
+def _axes_arg(axes):
+    """Accept ``f(1, 0)`` as well as ``f((1, 0))``."""
+    if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
+        return None if axes[0] is None else tuple(axes[0])
+    return tuple(axes) if axes else None
+
+
+class Reshape(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x.reshape(self.shape)
+
+    def backward(self, gy):
+        return gy.reshape(self.in_shape)
+
+
+class Transpose(Function):
+    def __init__(self, axes):
+        self.axes = axes
+
+    def forward(self, x):
+        return x.transpose(self.axes)
+
+    def backward(self, gy):
+        if self.axes is None:
+            return gy.transpose()
+        return gy.transpose(np.argsort(self.axes))
+
+
+class GetItem(Function):
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x[self.index]
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        gx = xp.zeros(self.in_shape, dtype=gy.dtype)
+        # add.at accumulates repeated integer indices (x[[0, 0]] sends two gradients to x[0])
+        if hasattr(xp, "add") and hasattr(xp.add, "at"):
+            xp.add.at(gx, self.index, gy)
+        else:  # pragma: no cover - CuPy without ufunc.at
+            import cupyx  # noqa: F401  (only reached on the GPU backend)
+            cupyx.scatter_add(gx, self.index, gy)
+        return gx
+
+
+class Concatenate(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return _xp(*xs).concatenate(xs, axis=self.axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        cuts = np.cumsum(self.sizes)[:-1].tolist()
+        return tuple(xp.split(gy, cuts, axis=self.axis))
+
+
+class Stack(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        return _xp(*xs).stack(xs, axis=self.axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        return tuple(xp.take(gy, i, axis=self.axis) for i in range(gy.shape[self.axis]))
+
+
+def reshape(x, *shape):
+    """``x`` with a new shape (one dimension may be -1); same number of elements."""
+    shape = _axes_arg(shape)
+    size = int(np.prod(x.shape))
+    known = [s for s in shape if s != -1]
+    if shape.count(-1) > 1 or (shape.count(-1) == 0 and int(np.prod(shape)) != size) or \
+            (shape.count(-1) == 1 and (int(np.prod(known)) == 0 or size % int(np.prod(known)))):
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {tuple(x.shape)} "
+                         f"({size} elements) into shape {shape}")
+    return Reshape(shape)(x)
+
+
+def transpose(x, *axes):
+    """Permute the dimensions of ``x`` (reverse them when no axes are given)."""
+    axes = _axes_arg(axes)
+    if axes is not None and sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose: axes {axes} are not a permutation of the "
+                         f"{x.ndim} dimensions of shape {tuple(x.shape)}")
+    if axes is not None:
+        axes = tuple(a % x.ndim for a in axes)
+    return Transpose(axes)(x)
+
+
+permute = transpose
+
+
+def _unwrap_index(index):
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(_unwrap_index(i) for i in index)
+    if isinstance(index, list):
+        return np.asarray(index)
+    return index
+
+
+def getitem(x, index):
+    """``x[index]`` for basic (ints, slices, None, Ellipsis) and integer/bool-array indexing.
+
+    Repeated integer indices accumulate their gradients.
+    """
+    index = _unwrap_index(index)
+    xp = _xp(x.data if isinstance(x, Tensor) else x)
+    if xp is not np:  # integer arrays must live on the same device as x
+        index = tuple(xp.asarray(i) if isinstance(i, np.ndarray) else i for i in index) \
+            if isinstance(index, tuple) else (xp.asarray(index) if isinstance(index, np.ndarray)
+                                              else index)
+    return GetItem(index)(x)
+
+
+def _check_same_rank(name, xs, axis, same_axis):
+    shapes = [tuple(x.shape) for x in xs]
+    if not xs:
+        raise ValueError(f"{name}: needs at least one tensor")
+    nd = len(shapes[0])
+    for s in shapes:
+        if len(s) != nd:
+            raise ValueError(f"{name}: all tensors must have the same number of dimensions; "
+                             f"got shapes {shapes}")
+        ax = axis % nd if nd else 0
+        rest = [d for i, d in enumerate(s) if same_axis or i != ax]
+        ref = [d for i, d in enumerate(shapes[0]) if same_axis or i != ax]
+        if rest != ref:
+            raise ValueError(f"{name}: shapes {shapes} differ outside axis {axis}")
+
+
+def concatenate(xs, axis=0):
+    """Join tensors along an existing ``axis``; shapes must agree elsewhere."""
+    xs = list(xs)
+    tensors = [as_tensor_like(x, xs) for x in xs]
+    _check_same_rank("concatenate", tensors, axis, same_axis=False)
+    return Concatenate(axis)(*tensors)
+
+
+def stack(xs, axis=0):
+    """Join tensors of equal shape along a new ``axis``."""
+    xs = list(xs)
+    tensors = [as_tensor_like(x, xs) for x in xs]
+    _check_same_rank("stack", tensors, 0, same_axis=True)
+    return Stack(axis)(*tensors)

@@ -1,0 +1,1 @@
+"""Model definitions built only on diagnet's public API (``diagnet.models``)."""
