@@ -19,7 +19,8 @@ Rules kept in this one place, so no op needs to repeat them:
 
 Dtype policy: floating tensors are float32 by default, float64 on request. A binary op
 between two floating tensors of different dtypes raises `TypeError`; Python scalars, NumPy
-arrays and integer/bool tensors mixed with a floating tensor take that tensor's dtype.
+arrays and integer/bool tensors mixed with a floating tensor take that tensor's dtype
+(for tensors: in the element-wise ops, see ``Function.elementwise``).
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def _as_backend_array(data, dtype, device):
         arr = arr.astype(dtype, copy=False)
     elif arr.dtype.kind == "f" and arr.dtype not in FLOAT_DTYPES:
         arr = arr.astype(DEFAULT_DTYPE)  # float16 and friends are not supported
-    elif arr.dtype.kind == "f" and isinstance(data, (list, tuple, float)):
+    elif arr.dtype.kind == "f" and (isinstance(data, (list, tuple)) or type(data) is float):
+        # (``type is float``: a NumPy float64 scalar subclasses float but keeps its dtype,
+        # like a NumPy array does)
         arr = arr.astype(DEFAULT_DTYPE)  # Python floats become float32, like torch.tensor
     return arr
 
@@ -343,12 +346,22 @@ class Function:
     arrays and ``backward(*grad_outputs) -> array | tuple`` returning one gradient array
     (or ``None``) per input, and store in ``self`` only what backward needs (call
     ``self.save(...)`` or set attributes; both are dropped when the graph is freed).
-    ``self.needs_input_grad`` tells backward which gradients are wanted.
+    ``self.needs_input_grad`` tells backward which gradients are wanted. Backward must not
+    modify its ``grad_outputs`` in place: the same array may be shared with other nodes.
+
+    A subclass that sets ``elementwise = True`` (a broadcasting element-wise op such as
+    add or where) gets two more checks here: its operands must broadcast together (else a
+    `ValueError` naming the op and the shapes), and integer/bool tensor operands are cast
+    to the dtype of its floating operand (the dtype policy in the module docstring).
     """
+
+    elementwise = False
 
     def __call__(self, *inputs):
         tensors = [as_tensor_like(x, inputs) for x in inputs]
         _check_float_dtypes(type(self).__name__, tensors)
+        if self.elementwise:
+            tensors = _check_elementwise(type(self).__name__, tensors)
         arrays = [t.data for t in tensors]
         outputs = self.forward(*arrays)
         single = not isinstance(outputs, tuple)
@@ -404,11 +417,31 @@ def _check_float_dtypes(op_name, tensors):
                          "move them with .to(device) first")
 
 
+def _check_elementwise(op_name, tensors):
+    """Broadcast check and integer-to-float promotion for element-wise ops (see `Function`)."""
+    shapes = [t.shape for t in tensors]
+    try:
+        np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(f"{op_name}: operands could not be broadcast together; got shapes "
+                         + " and ".join(str(s) for s in shapes)) from None
+    floats = [t.dtype for t in tensors if t.dtype in FLOAT_DTYPES]
+    if floats:  # exactly one float dtype here (_check_float_dtypes ran first)
+        tensors = [t if t.dtype.kind not in "biu" else Tensor._wrap(t.data.astype(floats[0]))
+                   for t in tensors]
+    return tensors
+
+
 def as_tensor_like(x, peers):
-    """Wrap a non-Tensor operand as a constant tensor matching its peers' device and dtype."""
+    """Wrap a non-Tensor operand as a constant tensor matching its peers' device and dtype.
+
+    The reference peer is the first floating Tensor (else the first Tensor), so that in
+    ``where(bool_tensor, 0.0, x)`` the scalar takes ``x``'s dtype, not the mask's.
+    """
     if isinstance(x, Tensor):
         return x
-    ref = next((p for p in peers if isinstance(p, Tensor)), None)
+    tensors = [p for p in peers if isinstance(p, Tensor)]
+    ref = next((p for p in tensors if p.dtype in FLOAT_DTYPES), tensors[0] if tensors else None)
     if ref is None:
         return Tensor(x)
     xp = backend.get_array_module(ref.data)

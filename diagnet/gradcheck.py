@@ -31,6 +31,12 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-6, rtol=1e-4, seed=0):
     for i in checked:
         if inputs[i].dtype != np.float64:
             raise TypeError(f"gradcheck: input {i} must be float64; got {inputs[i].dtype}")
+        data = inputs[i].data
+        if not (data.flags.c_contiguous and getattr(data.flags, "writeable", True)):
+            # the perturbation below writes through a flat view of the data: a transposed
+            # or broadcast (read-only) array would be copied by reshape(-1) (or refuse the
+            # write), and every numeric derivative would silently come out 0
+            inputs[i].data = data.copy()
 
     out = fn(*inputs)
     if not isinstance(out, Tensor):
@@ -60,7 +66,9 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-6, rtol=1e-4, seed=0):
             flat[j] = orig
             numeric.reshape(-1)[j] = (f_plus - f_minus) / (2 * eps)
         err = np.abs(analytic - numeric) - (atol + rtol * np.abs(numeric))
-        if err.size and (err.max() > 0 or not np.all(np.isfinite(analytic))):
+        # non-finite err (a NaN/inf analytic *or* numeric gradient) is a failure too:
+        # NaN > 0 is False, so testing err.max() alone would let NaNs pass
+        if err.size and (not np.all(np.isfinite(err)) or err.max() > 0):
             worst = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(err), err, np.inf))),
                                      x.shape)
             raise GradcheckError(

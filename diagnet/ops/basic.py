@@ -22,6 +22,8 @@ def _xp(*arrays):
 # ----------------------------------------------------------------------------- arithmetic
 
 class Add(Function):
+    elementwise = True
+
     def forward(self, a, b):
         return a + b
 
@@ -30,6 +32,8 @@ class Add(Function):
 
 
 class Sub(Function):
+    elementwise = True
+
     def forward(self, a, b):
         return a - b
 
@@ -38,6 +42,8 @@ class Sub(Function):
 
 
 class Mul(Function):
+    elementwise = True
+
     def forward(self, a, b):
         self.save(a, b)
         return a * b
@@ -48,6 +54,8 @@ class Mul(Function):
 
 
 class Div(Function):
+    elementwise = True
+
     def forward(self, a, b):
         self.save(a, b)
         return a / b
@@ -68,6 +76,8 @@ class Neg(Function):
 
 class Pow(Function):
     """``a ** b`` with both operands differentiable (``b`` is usually a constant)."""
+
+    elementwise = True
 
     def forward(self, a, b):
         y = a ** b
@@ -100,11 +110,16 @@ class MatMul(Function):
         ga = gb = None
         a2 = a[None, :] if a.ndim == 1 else a        # (.., i, k)
         b2 = b[:, None] if b.ndim == 1 else b        # (.., k, j)
-        g2 = gy
-        if a.ndim == 1:
-            g2 = xp.expand_dims(g2, -2)
-        if b.ndim == 1:
-            g2 = xp.expand_dims(g2, -1)
+        # give gy back the dims that 1-D operands lost (for vector @ vector gy is 0-d, so
+        # expand_dims(gy, -2) would be out of range: reshape it to (1, 1) directly)
+        if a.ndim == 1 and b.ndim == 1:
+            g2 = gy.reshape(1, 1)
+        elif a.ndim == 1:
+            g2 = xp.expand_dims(gy, -2)
+        elif b.ndim == 1:
+            g2 = xp.expand_dims(gy, -1)
+        else:
+            g2 = gy
         if self.needs_input_grad[0]:
             ga = g2 @ xp.swapaxes(b2, -1, -2)
             if a.ndim == 1:
@@ -150,8 +165,14 @@ def matmul(a, b):
     """Matrix product with NumPy's ``@`` semantics (batched over leading dimensions).
 
     Shapes: ``(..., i, k) @ (..., k, j) -> (..., i, j)``; a 1-D operand is treated as a
-    vector. Raises `ValueError` naming both shapes when the inner dimensions differ.
+    vector. Raises `ValueError` naming both shapes when the inner dimensions differ or the
+    batch dimensions do not broadcast.
     """
+    for name, operand in (("a", a), ("b", b)):
+        if type(operand).__name__ == "DiagMatrix":
+            raise TypeError(f"matmul: operand {name} is a DiagMatrix; use "
+                            "diagnet.functional.diag_linear for a differentiable product with "
+                            "a diagonal sparse weight")
     sa = a.shape if hasattr(a, "shape") else np.shape(a)
     sb = b.shape if hasattr(b, "shape") else np.shape(b)
     if len(sa) == 0 or len(sb) == 0:
@@ -161,6 +182,11 @@ def matmul(a, b):
     if ka != kb:
         raise ValueError(f"matmul: inner dimensions differ: a has shape {tuple(sa)} and "
                          f"b has shape {tuple(sb)} ({ka} != {kb})")
+    try:
+        np.broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2]))
+    except ValueError:
+        raise ValueError(f"matmul: batch dimensions {tuple(sa[:-2])} and {tuple(sb[:-2])} do not "
+                         f"broadcast (a has shape {tuple(sa)}, b has shape {tuple(sb)})") from None
     return MatMul()(a, b)
 
 
@@ -199,9 +225,16 @@ class Tanh(_Unary):
     derivative = staticmethod(lambda xp, x, y: 1 - y * y)
 
 
+def _sigmoid(xp, x):
+    # exp(-|x|) never overflows, and taking 1/(1+e) for x >= 0 and e/(1+e) for x < 0 keeps
+    # full relative precision in the negative tail (0.5 * (1 + tanh(x / 2)) cancels there:
+    # it returned exactly 0 for x = -20 in float32 and x = -50 in float64)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
 class Sigmoid(_Unary):
-    # 0.5 * (1 + tanh(x / 2)) is the sigmoid without overflow for large |x|
-    fn = staticmethod(lambda xp, x: 0.5 * (1 + xp.tanh(0.5 * x)))
+    fn = staticmethod(_sigmoid)
     derivative = staticmethod(lambda xp, x, y: y * (1 - y))
 
 
@@ -243,6 +276,8 @@ def abs(x):  # noqa: A001
 # ----------------------------------------------------------------------------- selection
 
 class Where(Function):
+    elementwise = True
+
     def forward(self, cond, a, b):
         self.cond = cond.astype(bool)
         return _xp(a).where(self.cond, a, b)
@@ -254,6 +289,8 @@ class Where(Function):
 
 
 class Maximum(Function):
+    elementwise = True
+
     def forward(self, a, b):
         xp = _xp(a, b)
         # ties send the gradient to the first operand, like an if/else would

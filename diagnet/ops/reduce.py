@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import operator
 
 from .. import backend
 from ..autograd import Function
@@ -12,10 +13,17 @@ def _normalise_axis(axis, ndim, name):
     """Return a sorted tuple of non-negative axes (all axes for ``None``)."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    try:  # any integer, Python or NumPy (np.int64 from a shape computation)
+        axes = (operator.index(axis),)
+    except TypeError:
+        axes = tuple(axis)
     out = []
     for a in axes:
-        if not isinstance(a, int) or not -ndim <= a < builtins.max(ndim, 1):
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise ValueError(f"{name}: axis {a!r} is not an integer") from None
+        if not -ndim <= a < builtins.max(ndim, 1):
             raise ValueError(f"{name}: axis {a!r} is out of range for a tensor with {ndim} dims")
         out.append(a % ndim if ndim else 0)
     if len(set(out)) != len(out):

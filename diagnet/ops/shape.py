@@ -95,7 +95,8 @@ def reshape(x, *shape):
     shape = _axes_arg(shape)
     size = int(np.prod(x.shape))
     known = [s for s in shape if s != -1]
-    if shape.count(-1) > 1 or (shape.count(-1) == 0 and int(np.prod(shape)) != size) or \
+    if shape.count(-1) > 1 or any(s < -1 for s in shape) or \
+            (shape.count(-1) == 0 and int(np.prod(shape)) != size) or \
             (shape.count(-1) == 1 and (int(np.prod(known)) == 0 or size % int(np.prod(known)))):
         raise ValueError(f"reshape: cannot reshape a tensor of shape {tuple(x.shape)} "
                          f"({size} elements) into shape {shape}")
@@ -105,7 +106,9 @@ def reshape(x, *shape):
 def transpose(x, *axes):
     """Permute the dimensions of ``x`` (reverse them when no axes are given)."""
     axes = _axes_arg(axes)
-    if axes is not None and sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
+    # range check first: modulo alone would accept (0, 5) for a 2-D tensor as (0, 1)
+    if axes is not None and (any(not -x.ndim <= a < x.ndim for a in axes)
+                             or sorted(a % x.ndim for a in axes) != list(range(x.ndim))):
         raise ValueError(f"transpose: axes {axes} are not a permutation of the "
                          f"{x.ndim} dimensions of shape {tuple(x.shape)}")
     if axes is not None:
@@ -156,11 +159,18 @@ def _check_same_rank(name, xs, axis, same_axis):
             raise ValueError(f"{name}: shapes {shapes} differ outside axis {axis}")
 
 
+def _check_axis(name, axis, ndim):
+    # without this, concatenate failed with a bare "tuple index out of range"
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: axis {axis} is out of range for a result with {ndim} dims")
+
+
 def concatenate(xs, axis=0):
     """Join tensors along an existing ``axis``; shapes must agree elsewhere."""
     xs = list(xs)
     tensors = [as_tensor_like(x, xs) for x in xs]
     _check_same_rank("concatenate", tensors, axis, same_axis=False)
+    _check_axis("concatenate", axis, tensors[0].ndim)
     return Concatenate(axis)(*tensors)
 
 
@@ -169,4 +179,5 @@ def stack(xs, axis=0):
     xs = list(xs)
     tensors = [as_tensor_like(x, xs) for x in xs]
     _check_same_rank("stack", tensors, 0, same_axis=True)
+    _check_axis("stack", axis, tensors[0].ndim + 1)  # the new axis may come last
     return Stack(axis)(*tensors)

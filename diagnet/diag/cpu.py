@@ -1,0 +1,626 @@
+"""Compiled CPU kernels (numba) for diagonal weights: forward, input grad, value grad.
+
+Same functions, signatures and results as `diagnet.diag.reference` (see
+`diagnet.diag.layout` for the convention). Write ``P = max(m, n)`` and ``L = min(m, n)``.
+Position ``t`` of diagonal ``p`` always touches index ``t`` on the *short* side of the weight
+and index ``(t + p) % P`` on the *long* side; every kernel below is built on that.
+
+How the loops are arranged, and why
+-----------------------------------
+**Contiguous runs instead of per-element index arithmetic.** For one diagonal and one batch
+row, the long-side indices ``(t + p) % P``, ``t = 0 .. L-1``, form a contiguous run that wraps
+around at most once. Copying the batch row once into a scratch row that repeats its start,
+``ext[j] = row[j % P]`` for ``j < P + L - 1``, removes the wrap: diagonal ``p`` reads
+``ext[p : p + L]``. Every inner loop is then an element-wise update of contiguous vectors,
+which LLVM compiles to SIMD (AVX-512 / AVX2) code.
+
+**Gather into the short side, 4 diagonals x 4 batch rows per pass.** When the output is
+indexed by ``t`` (forward of a wide weight, input grad of a tall or square one),
+``out[b, t] = sum_k values[k, t] * ext[b, t + p_k]``: all diagonals add into the same output
+row, so a pass of the inner loop takes 4 diagonals and a *tile* of 4 batch rows. Per SIMD
+step it loads 4 ``values`` vectors (each used for 4 rows), 16 shifted input vectors and 4
+output vectors, and stores 4, for 16 multiply-adds. A loop over one diagonal and one row
+would load 3 vectors and store 1 per multiply-add. Loads are what limit these loops (about
+one 64-byte vector per cycle on AMD Zen 4); the shifted input loads, one per multiply-add and
+all different, are the floor that remains. Measured per multiply-add, the fused loop is ~1.5x
+faster than the one-diagonal loop.
+
+**Tiles** keep the 4 rows in one scratch array at a fixed, compile-time stride (see the
+comment above `_marker`), so the loop needs one pointer per diagonal instead of one per
+(row, diagonal); with 2-D scratch arrays the loop ran out of registers (10-25% slower).
+
+**When the output is the long side** (forward of a tall or square weight, input grad of a wide
+one), outputs are indexed by ``(t + p) % P``. For a square weight each diagonal is rotated into
+output order once per call (``K * L`` copies) and the same gather runs. For a rectangular
+weight the rotated diagonals would be ``P - L`` zeros out of ``P``, so we scatter instead:
+``acc[b, t + p] += values[k, t] * in[b, t]`` for a tile of 4 rows sharing each ``values``
+load, then the wrapped tail ``acc[b, P:]`` is folded back onto the start.
+
+**Value grad** is a reduction over the batch: ``dvalues[k, t] = sum_b a[b, t] * ext[b, t +
+p_k]`` (``a`` is the short side, ``ext`` the extended long side). A pass takes a tile of 4
+rows and 4 diagonals: each ``a`` load serves 4 diagonals, each ``dvalues`` element is loaded
+and stored once per 4 rows.
+
+**Threads.** Forward and input grad give each task a block of batch rows (several tasks per
+thread, so uneven batches still balance). The value grad gives each thread its own diagonals
+(its own rows of ``dvalues``: no reduction); only when there are too few diagonals for that
+is the batch split too, with per-split partial results added at the end. Calls with little
+work (``B * K * L`` below ``_SERIAL_WORK``) run on the calling thread: waking the pool would
+cost more.
+
+**Indexing.** Hot loops index with unsigned integers (``_u``): numba treats a signed index as
+possibly negative ("from the end"), and that per-element check on ``a[t + p]`` stops LLVM from
+vectorising. They also create no array views (``a[k]``, ``a[p:]``), whose atomic reference
+counting cost ~25% at ``L = 768``. There are no bounds checks, so the public functions
+validate shapes and offsets first.
+
+**Numerics.** ``fastmath`` is limited to ``contract`` (fused multiply-add) and ``reassoc`` (to
+re-associate the fused sums); NaN and inf propagate as in the reference. The order of the sums
+differs from the reference, so results agree to rounding of the summed terms.
+
+Numba compiles the kernels on first use, per dtype and tile stride (tens of seconds for all
+of them), and caches the machine code on disk (``cache=True``); importing this module
+compiles nothing.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["forward", "input_grad", "value_grad"]
+
+# contract: use FMA; reassoc: let LLVM re-balance the fused sums. Deliberately not nnan/ninf
+# (they would let LLVM drop NaN/inf handling), nor the full fastmath=True.
+_FASTMATH = {"contract", "reassoc"}
+_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+_pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
+
+# Below this many multiply-adds (B * K * L) a call runs on the calling thread.
+_SERIAL_WORK = 1 << 16
+# Forward / input grad split the batch into about this many tasks per thread...
+_TASKS_PER_THREAD = 4
+# ...of at most this many rows.
+_MAX_ROWS_PER_TASK = 64
+
+_u = np.uint64  # unsigned index (see "Indexing" above)
+
+# Kernels work on tiles of this many batch rows (the loops below are written out for 4).
+_TILE_ROWS = 4
+
+
+# --------------------------------------------------------------------------------------
+# Tiles: scratch rows at a compile-time stride
+# --------------------------------------------------------------------------------------
+# A tile holds 4 rows of scratch in one 1-D array, row r starting at r * S. Because S is a
+# compile-time constant, LLVM addresses the same column of all four rows from one pointer
+# plus constant displacements, instead of one pointer per (row, diagonal) stream; that keeps
+# the hot loops free of register spills (10-25% faster than 2-D scratch arrays). Numba
+# compiles one version of a function per *type* of its arguments, so the stride travels as
+# the length of a tuple of zeros, ``marker``: ``S = 2**len(marker) + 80``. (The 80 keeps the
+# rows of a tile, and the tiles, from colliding in the L1 cache: with 2**q + 16 the scatter
+# ran 1.8x and the gather 1.1x slower, measured on AMD Zen 4.)
+
+
+def _marker(n):
+    """The marker of the smallest tile stride ``>= n`` (a tuple of zeros).
+
+    Strides start at 1104, so that all small layers share one compiled version.
+    """
+    q = 10
+    while (1 << q) + 80 < n:
+        q += 1
+    return (0,) * q
+
+
+@_jit
+def _stride(marker):
+    return _u(1 << len(marker)) + _u(80)
+
+
+@_jit
+def _load_tile(tile, src, b_start, nrows, width, marker):
+    """Tile row ``r < nrows``: ``tile[r*S + j] = src[b_start + r, j % W]`` for ``j < width``.
+
+    ``W = src.shape[1]``; with ``width > W`` the row repeats (an extended row, see the module
+    docstring). Rows ``nrows ..`` are zeroed: phantom rows that pad the last tile of a batch
+    must contribute exact zeros.
+    """
+    S = _stride(marker)
+    W = _u(src.shape[1])
+    total = _u(width)
+    for r in range(_u(_TILE_ROWS)):
+        base = r * S
+        if r < _u(nrows):
+            b = _u(b_start) + r
+            start = _u(0)
+            while start < total:
+                n = min(W, total - start)
+                for j in range(n):
+                    tile[base + start + j] = src[b, j]
+                start += n
+        else:
+            for j in range(total):
+                tile[base + j] = 0
+
+
+@_jit
+def _zero_tile(tile, width, marker):
+    """``tile[r*S + j] = 0`` for all rows and ``j < width``."""
+    S = _stride(marker)
+    for r in range(_u(_TILE_ROWS)):
+        for j in range(_u(width)):
+            tile[r * S + j] = 0
+
+
+@_jit
+def _store_tile(dst, tile, b_start, nrows, marker):
+    """``dst[b_start + r, j] = tile[r*S + j]`` for ``r < nrows``."""
+    S = _stride(marker)
+    for r in range(_u(nrows)):
+        b = _u(b_start) + r
+        for j in range(_u(dst.shape[1])):
+            dst[b, j] = tile[r * S + j]
+
+
+@_jit
+def _store_tile_folded(dst, tile, b_start, nrows, width, marker):
+    """``dst[b_start + r, j] = tile[r*S + j] + tile[r*S + j + P]``, the second term where
+    ``j + P < width``: tile rows of ``width = P + L - 1`` entries fold onto ``P`` outputs."""
+    S = _stride(marker)
+    P = _u(dst.shape[1])
+    tail = _u(width) - P
+    for r in range(_u(nrows)):
+        b = _u(b_start) + r
+        base = r * S
+        for j in range(tail):
+            dst[b, j] = tile[base + j] + tile[base + j + P]
+        for j in range(tail, P):
+            dst[b, j] = tile[base + j]
+
+
+# --------------------------------------------------------------------------------------
+# Gather: out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]]
+# --------------------------------------------------------------------------------------
+
+
+@_jit
+def _gather_4rows_8diags(acc, ext, vals, k, shifts, marker):
+    """``acc[r*S + i] += sum_{d<8} vals[k+d, i] * ext[r*S + i + shifts[k+d]]``, r = 0..3.
+
+    The hot loop of forward and input grad. Per SIMD step: 8 ``vals`` loads (each used for
+    4 rows), 32 shifted ``ext`` loads, 4 ``acc`` loads and 4 stores, for 32 multiply-adds.
+    """
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    k0 = _u(k)
+    s0, s1, s2, s3 = _u(shifts[k]), _u(shifts[k + 1]), _u(shifts[k + 2]), _u(shifts[k + 3])
+    s4, s5, s6, s7 = _u(shifts[k + 4]), _u(shifts[k + 5]), _u(shifts[k + 6]), _u(shifts[k + 7])
+    for i in range(_u(vals.shape[1])):
+        w0, w1, w2, w3 = vals[k0, i], vals[k0 + _u(1), i], vals[k0 + _u(2), i], vals[k0 + _u(3), i]
+        w4, w5, w6, w7 = vals[k0 + _u(4), i], vals[k0 + _u(5), i], vals[k0 + _u(6), i], vals[k0 + _u(7), i]
+        for r in (_u(0), S1, S2, S3):
+            j = i + r
+            acc[j] += ((w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])) + (
+                (w4 * ext[j + s4] + w5 * ext[j + s5]) + (w6 * ext[j + s6] + w7 * ext[j + s7]))
+
+
+@_jit
+def _gather_4rows_4diags(acc, ext, vals, k, shifts, marker):
+    """As `_gather_4rows_8diags` with 4 diagonals (for ``K % 8 >= 4``)."""
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    k0 = _u(k)
+    s0, s1, s2, s3 = _u(shifts[k]), _u(shifts[k + 1]), _u(shifts[k + 2]), _u(shifts[k + 3])
+    for i in range(_u(vals.shape[1])):
+        w0, w1, w2, w3 = vals[k0, i], vals[k0 + _u(1), i], vals[k0 + _u(2), i], vals[k0 + _u(3), i]
+        for r in (_u(0), S1, S2, S3):
+            j = i + r
+            acc[j] += (w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])
+
+
+@_jit
+def _gather_4rows_1diag(acc, ext, vals, k, shifts, marker):
+    """As `_gather_4rows_8diags` with one diagonal (the last ``K % 4``)."""
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    k0 = _u(k)
+    s0 = _u(shifts[k])
+    for i in range(_u(vals.shape[1])):
+        w0 = vals[k0, i]
+        for r in (_u(0), S1, S2, S3):
+            acc[i + r] += w0 * ext[i + r + s0]
+
+
+@_jit
+def _gather_block(out, inp, vals, shifts, b_start, b_stop, marker):
+    """Rows ``b_start .. b_stop-1`` of `_gather`, one tile of 4 rows at a time."""
+    W = out.shape[1]
+    K = vals.shape[0]
+    ext_width = W + inp.shape[1] - 1
+    size = _TILE_ROWS * _stride(marker)
+    ext = np.empty(size, dtype=out.dtype)
+    acc = np.empty(size, dtype=out.dtype)
+    for b in range(b_start, b_stop, _TILE_ROWS):
+        nrows = min(_TILE_ROWS, b_stop - b)
+        _load_tile(ext, inp, b, nrows, ext_width, marker)
+        _zero_tile(acc, W, marker)
+        k = 0
+        while k + 8 <= K:
+            _gather_4rows_8diags(acc, ext, vals, k, shifts, marker)
+            k += 8
+        if k + 4 <= K:
+            _gather_4rows_4diags(acc, ext, vals, k, shifts, marker)
+            k += 4
+        while k < K:
+            _gather_4rows_1diag(acc, ext, vals, k, shifts, marker)
+            k += 1
+        _store_tile(out, acc, b, nrows, marker)
+
+
+@_pjit
+def _gather_parallel(out, inp, vals, shifts, rows_per_task, marker):
+    """`_gather_block` over the whole batch in tasks of ``rows_per_task`` rows."""
+    B = out.shape[0]
+    ntasks = (B + rows_per_task - 1) // rows_per_task
+    for task in numba.prange(ntasks):
+        b_start = task * rows_per_task
+        _gather_block(out, inp, vals, shifts, b_start, min(B, b_start + rows_per_task), marker)
+
+
+@_jit
+def _rotate_square(values, offsets):
+    """Diagonals of a square ``(P, P)`` weight in output order, and their gather shifts.
+
+    ``rot[k, i] = values[k, (i - p_k) % P]`` and ``shifts[k] = (P - p_k) % P``, so that
+    ``out[i] = sum_k values[k, t] * inp[t]`` over ``(i, t)`` on diagonal ``p_k`` becomes
+    ``sum_k rot[k, i] * inp[(i + shifts[k]) % P]``, a gather.
+    """
+    K, P = values.shape
+    rot = np.empty((K, P), dtype=values.dtype)
+    shifts = np.empty(K, dtype=np.int64)
+    for k in range(K):
+        shifts[k] = (P - offsets[k]) % P
+        # t = 0 .. P-1 lands at i = (t + p) % P: two contiguous runs
+        p = _u(offsets[k])
+        first = _u(P) - p
+        for t in range(first):
+            rot[k, t + p] = values[k, t]
+        for t in range(first, _u(P)):
+            rot[k, t - first] = values[k, t]
+    return rot, shifts
+
+
+# --------------------------------------------------------------------------------------
+# Scatter: out[b, (t + offsets[k]) % P] = sum_k vals[k, t] * inp[b, t]
+# --------------------------------------------------------------------------------------
+
+
+@_jit
+def _scatter_4rows_1diag(acc, x, vals, k, p, marker):
+    """``acc[r*S + t + p] += vals[k, t] * x[r*S + t]`` for r = 0..3 (one ``vals`` load each)."""
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    k0 = _u(k)
+    pu = _u(p)
+    for t in range(_u(vals.shape[1])):
+        w = vals[k0, t]
+        for r in (_u(0), S1, S2, S3):
+            acc[t + r + pu] += w * x[t + r]
+
+
+@_jit
+def _scatter_block(out, inp, vals, offsets, b_start, b_stop, marker):
+    """Rows ``b_start .. b_stop-1`` of `_scatter`, one tile of 4 rows at a time."""
+    P = out.shape[1]
+    K, L = vals.shape
+    width = P + L - 1  # t + p < P + L - 1; entries past P wrap, folded back by the store
+    size = _TILE_ROWS * _stride(marker)
+    x = np.empty(size, dtype=out.dtype)
+    acc = np.empty(size, dtype=out.dtype)
+    for b in range(b_start, b_stop, _TILE_ROWS):
+        nrows = min(_TILE_ROWS, b_stop - b)
+        _load_tile(x, inp, b, nrows, L, marker)
+        _zero_tile(acc, width, marker)
+        for k in range(K):
+            _scatter_4rows_1diag(acc, x, vals, k, offsets[k], marker)
+        _store_tile_folded(out, acc, b, nrows, width, marker)
+
+
+@_pjit
+def _scatter_parallel(out, inp, vals, offsets, rows_per_task, marker):
+    """`_scatter_block` over the whole batch in tasks of ``rows_per_task`` rows."""
+    B = out.shape[0]
+    ntasks = (B + rows_per_task - 1) // rows_per_task
+    for task in numba.prange(ntasks):
+        b_start = task * rows_per_task
+        _scatter_block(out, inp, vals, offsets, b_start, min(B, b_start + rows_per_task), marker)
+
+
+# --------------------------------------------------------------------------------------
+# Value grad: g[k, t] = sum_b short[b, t] * long[b, (t + offsets[k]) % P]
+# --------------------------------------------------------------------------------------
+
+
+@_jit
+def _vgrad_4rows_4diags(g, a, ext, k, offsets, marker):
+    """``g[k+d, t] += sum_{r<4} a[r*S + t] * ext[r*S + t + offsets[k+d]]`` for d = 0..3.
+
+    Per SIMD step: 4 ``a`` loads (each used for 4 diagonals), 16 shifted ``ext`` loads, 4
+    ``g`` loads and 4 stores, for 16 multiply-adds.
+    """
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    k0 = _u(k)
+    p0, p1, p2, p3 = _u(offsets[k]), _u(offsets[k + 1]), _u(offsets[k + 2]), _u(offsets[k + 3])
+    for t in range(_u(g.shape[1])):
+        a0, a1, a2, a3 = a[t], a[t + S1], a[t + S2], a[t + S3]
+        g[k0, t] += (a0 * ext[t + p0] + a1 * ext[t + S1 + p0]) + (
+            a2 * ext[t + S2 + p0] + a3 * ext[t + S3 + p0])
+        g[k0 + _u(1), t] += (a0 * ext[t + p1] + a1 * ext[t + S1 + p1]) + (
+            a2 * ext[t + S2 + p1] + a3 * ext[t + S3 + p1])
+        g[k0 + _u(2), t] += (a0 * ext[t + p2] + a1 * ext[t + S1 + p2]) + (
+            a2 * ext[t + S2 + p2] + a3 * ext[t + S3 + p2])
+        g[k0 + _u(3), t] += (a0 * ext[t + p3] + a1 * ext[t + S1 + p3]) + (
+            a2 * ext[t + S2 + p3] + a3 * ext[t + S3 + p3])
+
+
+@_jit
+def _vgrad_4rows_1diag(g, a, ext, k, offsets, marker):
+    """As `_vgrad_4rows_4diags` with one diagonal (the last ``K % 4``)."""
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    k0 = _u(k)
+    p0 = _u(offsets[k])
+    for t in range(_u(g.shape[1])):
+        g[k0, t] += (a[t] * ext[t + p0] + a[t + S1] * ext[t + S1 + p0]) + (
+            a[t + S2] * ext[t + S2 + p0] + a[t + S3] * ext[t + S3 + p0])
+
+
+@_jit
+def _vgrad_block(g, short, long, offsets, k_start, k_stop, b_start, b_stop, marker):
+    """``g[k] +=`` the value grad of diagonals ``k_start .. k_stop-1`` over batch rows
+    ``b_start .. b_stop-1``, one tile of 4 rows at a time."""
+    L = short.shape[1]
+    size = _TILE_ROWS * _stride(marker)
+    a = np.empty(size, dtype=g.dtype)
+    ext = np.empty(size, dtype=g.dtype)
+    for b in range(b_start, b_stop, _TILE_ROWS):
+        nrows = min(_TILE_ROWS, b_stop - b)
+        _load_tile(a, short, b, nrows, L, marker)
+        _load_tile(ext, long, b, nrows, L + long.shape[1] - 1, marker)
+        k = k_start
+        while k + 4 <= k_stop:
+            _vgrad_4rows_4diags(g, a, ext, k, offsets, marker)
+            k += 4
+        while k < k_stop:
+            _vgrad_4rows_1diag(g, a, ext, k, offsets, marker)
+            k += 1
+
+
+@_pjit
+def _vgrad_parallel(partial, short, long, offsets, n_kchunks, marker):
+    """Value grad in ``n_kchunks * len(partial)`` tasks: diagonal chunk x batch chunk.
+
+    Task ``(kc, bc)`` adds batch chunk ``bc`` of the diagonals in chunk ``kc`` into
+    ``partial[bc]`` (zeroed by the caller), so tasks never write the same element; the caller
+    sums ``partial`` over its first axis.
+    """
+    n_bchunks = partial.shape[0]
+    K = offsets.shape[0]
+    B = short.shape[0]
+    for task in numba.prange(n_kchunks * n_bchunks):
+        kc = task % n_kchunks
+        bc = task // n_kchunks
+        # diagonals split in groups of 4, rows in tiles of 4: only the last chunk is ragged
+        groups = (K + 3) // 4
+        tiles = (B + 3) // 4
+        k_start = min(K, 4 * (groups * kc // n_kchunks))
+        k_stop = min(K, 4 * (groups * (kc + 1) // n_kchunks))
+        b_start = min(B, 4 * (tiles * bc // n_bchunks))
+        b_stop = min(B, 4 * (tiles * (bc + 1) // n_bchunks))
+        _vgrad_block(partial[bc], short, long, offsets, k_start, k_stop, b_start, b_stop,
+                     marker)
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------
+
+
+def _threads():
+    return numba.get_num_threads()
+
+
+def _rows_per_task(B):
+    """Rows per forward/input-grad task: about ``_TASKS_PER_THREAD`` tasks per thread, whole
+    tiles, at most ``_MAX_ROWS_PER_TASK``."""
+    rows = -(-B // (_threads() * _TASKS_PER_THREAD))
+    rows = -(-rows // _TILE_ROWS) * _TILE_ROWS
+    return max(_TILE_ROWS, min(rows, _MAX_ROWS_PER_TASK))
+
+
+def _serial(B, K, L):
+    return _threads() == 1 or B * K * L < _SERIAL_WORK
+
+
+def _gather(out, inp, vals, shifts):
+    """``out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]]``."""
+    B = out.shape[0]
+    marker = _marker(out.shape[1] + inp.shape[1] - 1)
+    if _serial(B, *vals.shape):
+        _gather_block(out, inp, vals, shifts, 0, B, marker)
+    else:
+        _gather_parallel(out, inp, vals, shifts, _rows_per_task(B), marker)
+
+
+def _scatter(out, inp, vals, offsets):
+    """``out[b, (t + offsets[k]) % out.shape[1]] = sum_k vals[k, t] * inp[b, t]``."""
+    B = out.shape[0]
+    marker = _marker(out.shape[1] + inp.shape[1] - 1)
+    if _serial(B, *vals.shape):
+        _scatter_block(out, inp, vals, offsets, 0, B, marker)
+    else:
+        _scatter_parallel(out, inp, vals, offsets, _rows_per_task(B), marker)
+
+
+def _to_long_side(out, short, values, offsets):
+    """The product whose output is the long side of the weight (index ``(t + p) % P``)."""
+    if short.shape[1] == out.shape[1]:
+        # square: rotate the diagonals into output order, then the faster gather applies
+        rot, shifts = _rotate_square(values, offsets)
+        _gather(out, short, rot, shifts)
+    else:
+        _scatter(out, short, values, offsets)
+
+
+def _value_grad(short, long, offsets):
+    B, L = short.shape
+    K = offsets.shape[0]
+    marker = _marker(L + long.shape[1] - 1)
+    if _serial(B, K, L):
+        out = np.zeros((K, L), dtype=short.dtype)
+        _vgrad_block(out, short, long, offsets, 0, K, 0, B, marker)
+        return out
+    # Give each thread its own diagonals (no reduction); only when there are too few
+    # groups of 4 diagonals for that, split the batch too and add the partial results.
+    threads = _threads()
+    n_kchunks = min(threads, (K + 3) // 4)
+    n_bchunks = max(1, min(threads // n_kchunks, (B + 3) // 4))
+    partial = np.zeros((n_bchunks, K, L), dtype=short.dtype)
+    _vgrad_parallel(partial, short, long, offsets, n_kchunks, marker)
+    return partial[0] if n_bchunks == 1 else partial.sum(axis=0)
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+
+
+def _float_arrays(primary, *others):
+    """C-contiguous 2-D arrays, all of ``primary``'s dtype (which must be float32/float64)."""
+    primary = np.ascontiguousarray(primary)
+    if primary.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected a float32 or float64 array; got {primary.dtype}")
+    converted = [primary]
+    for a in others:
+        converted.append(np.ascontiguousarray(a, dtype=primary.dtype))
+    for a in converted:
+        if a.ndim != 2:
+            raise ValueError(f"expected a 2-D array; got shape {a.shape}")
+    return converted
+
+
+def _as_offsets(offsets):
+    """``offsets`` as a contiguous 1-D int64 array (from any integer dtype or a list)."""
+    offsets = np.asarray(offsets).reshape(-1)
+    if offsets.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if offsets.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be integers; got {offsets.dtype}")
+    if offsets.dtype.kind == "u" and offsets.max() > np.iinfo(np.int64).max:
+        raise ValueError("offsets out of range")
+    return np.ascontiguousarray(offsets, dtype=np.int64)
+
+
+@_jit
+def _offsets_in_range(offsets, P):
+    for k in range(offsets.shape[0]):
+        if offsets[k] < 0 or offsets[k] >= P:
+            return False
+    return True
+
+
+def _check_layout(m, n, offsets, K, L):
+    """Raise unless ``values`` is ``(len(offsets), min(m, n))`` and ``0 <= offsets < max(m, n)``.
+
+    The kernels do not bounds-check, so this is what keeps them inside the arrays.
+    """
+    if m < 1 or n < 1:
+        raise ValueError(f"the weight shape must be positive; got ({m}, {n})")
+    if L != min(m, n) or K != offsets.shape[0]:
+        raise ValueError(
+            f"values must be (len(offsets), min(m, n)) = ({offsets.shape[0]}, {min(m, n)}); "
+            f"got ({K}, {L})")
+    if K and not _offsets_in_range(offsets, max(m, n)):
+        raise ValueError(f"offsets must lie in [0, {max(m, n)})")
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def forward(x, offsets, values, m):
+    """``y = x @ W.T`` for the diagonal weight ``W`` of shape ``(m, n)``, ``n = x.shape[1]``.
+
+    ``x``: ``(B, n)`` float32 or float64. ``offsets``: ``(K,)`` integers (any int dtype) in
+    ``[0, max(m, n))``, normally sorted and unique. ``values``: ``(K, min(m, n))``, converted to
+    ``x.dtype``. Non-contiguous inputs are copied. Returns ``y``: ``(B, m)``, ``x.dtype``.
+    """
+    x, values = _float_arrays(x, values)
+    offsets = _as_offsets(offsets)
+    m = int(m)
+    B, n = x.shape
+    _check_layout(m, n, offsets, *values.shape)
+    y = np.empty((B, m), dtype=x.dtype)
+    if B == 0 or offsets.shape[0] == 0:
+        y[:] = 0
+    elif m < n:
+        # wide: y is indexed by t, the short side; x by (t + p) % n
+        _gather(y, x, values, offsets)
+    else:
+        # tall or square: y is indexed by (t + p) % m, the long side
+        _to_long_side(y, x, values, offsets)
+    return y
+
+
+def input_grad(dy, offsets, values, n):
+    """``dx = dy @ W`` for the diagonal weight ``W`` of shape ``(m, n)``, ``m = dy.shape[1]``.
+
+    ``dy``: ``(B, m)`` float32 or float64; ``offsets`` and ``values`` as in `forward`
+    (``values`` converted to ``dy.dtype``). Returns ``dx``: ``(B, n)``, ``dy.dtype``.
+    """
+    dy, values = _float_arrays(dy, values)
+    offsets = _as_offsets(offsets)
+    n = int(n)
+    B, m = dy.shape
+    _check_layout(m, n, offsets, *values.shape)
+    dx = np.empty((B, n), dtype=dy.dtype)
+    if B == 0 or offsets.shape[0] == 0:
+        dx[:] = 0
+    elif m >= n:
+        # tall or square: dx is indexed by t, the short side; dy by (t + p) % m
+        _gather(dx, dy, values, offsets)
+    else:
+        # wide: dx is indexed by (t + p) % n, the long side
+        _to_long_side(dx, dy, values, offsets)
+    return dx
+
+
+def value_grad(dy, x, offsets):
+    """The gradient of ``values``: ``dvalues[k, t] = sum_b dy[b, row_k(t)] * x[b, col_k(t)]``.
+
+    ``dy``: ``(B, m)`` float32 or float64; ``x``: ``(B, n)``, converted to ``dy.dtype``;
+    ``offsets``: ``(K,)`` integers in ``[0, max(m, n))``. Returns ``(K, min(m, n))``,
+    ``dy.dtype``.
+    """
+    dy, x = _float_arrays(dy, x)
+    offsets = _as_offsets(offsets)
+    B, m = dy.shape
+    if x.shape[0] != B:
+        raise ValueError(f"dy and x must have the same batch size; got {B} and {x.shape[0]}")
+    n = x.shape[1]
+    K, L = offsets.shape[0], min(m, n)
+    _check_layout(m, n, offsets, K, L)
+    if B == 0 or K == 0:
+        return np.zeros((K, L), dtype=dy.dtype)
+    # t indexes the short side, (t + p) % P the long side; x is the short side when m >= n
+    short, long = (x, dy) if m >= n else (dy, x)
+    return _value_grad(short, long, offsets)

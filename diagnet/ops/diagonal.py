@@ -1,0 +1,219 @@
+"""The diagonal linear layer as a differentiable op: ``y = x @ W.T + bias``.
+
+``W`` is an ``(out_features, in_features) = (m, n)`` matrix stored as ``K`` wrap-around
+diagonals (``offsets`` ``(K,)``, ``values`` ``(K, L)``, ``L = min(m, n)``; the convention
+is described in `diagnet.sparse`). The three products of a linear layer map onto the
+kernels of `diagnet.diag.dispatch`:
+
+* forward:         ``y  = x @ W.T``                -> ``dispatch.forward``
+* input gradient:  ``dx = dy @ W``                 -> ``dispatch.input_grad``
+* value gradient:  ``dvalues[k, t] = (dy.T @ x)`` at position ``t`` of diagonal
+  ``offsets[k]``                                   -> ``dispatch.value_grad``
+
+and `diagonal_scores` gives the gradient norm of *every* diagonal (stored or not), which
+mask-update steps of dynamic sparse training use to pick diagonals to grow.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .. import backend
+from ..autograd import FLOAT_DTYPES, Function, Tensor
+from ..diag import dispatch
+from ..sparse import (_is_backend_array, check_same_device, validate_offsets, validate_shape,
+                      validate_values)
+
+
+class DiagLinear(Function):
+    """``y = x @ W.T (+ bias)`` for a diagonal ``W``; inputs ``(x, values[, bias])``.
+
+    ``x`` is ``(..., n)`` and is flattened to ``(B, n)`` for the kernels; ``y`` is
+    ``(..., m)``. ``offsets`` is not an input of the graph (it is not differentiable): it is
+    given to the constructor, already validated. Use `diag_linear`, which validates.
+    """
+
+    def __init__(self, offsets, out_features):
+        self.offsets = offsets
+        self.out_features = out_features
+
+    def forward(self, x, values, bias=None):
+        xp = backend.get_array_module(x)
+        m = self.out_features
+        n = x.shape[-1]
+        self.x_shape = x.shape
+        x2 = xp.ascontiguousarray(x.reshape(-1, n))
+        values = xp.ascontiguousarray(values)
+        # keep references (no copies) for backward; which grads are wanted is only known
+        # once forward has returned
+        self.save(x2, values)
+        if self.offsets.shape[0] == 0:
+            y = xp.zeros((x2.shape[0], m), dtype=x.dtype)
+        else:
+            y = dispatch.forward(x2, self.offsets, values, m)
+        if bias is not None:
+            y += bias  # y is a fresh array from the kernel
+        return y.reshape(tuple(x.shape[:-1]) + (m,))
+
+    def backward(self, gy):
+        x2, values = self.saved
+        xp = backend.get_array_module(gy)
+        m = self.out_features
+        n = x2.shape[1]
+        gy2 = xp.ascontiguousarray(gy.reshape(-1, m))
+        needs = self.needs_input_grad
+        empty = self.offsets.shape[0] == 0
+        gx = gv = gb = None
+        if needs[0]:
+            gx = (xp.zeros((gy2.shape[0], n), dtype=gy.dtype) if empty
+                  else dispatch.input_grad(gy2, self.offsets, values, n))
+            gx = gx.reshape(self.x_shape)
+        if needs[1]:
+            gv = (xp.zeros(values.shape, dtype=gy.dtype) if empty
+                  else dispatch.value_grad(gy2, x2, self.offsets))
+        if len(needs) > 2 and needs[2]:
+            gb = gy2.sum(axis=0)
+        return (gx, gv) if len(needs) == 2 else (gx, gv, gb)
+
+
+def _as_tensor(a, ref_dtype=None, xp=None):
+    """A Tensor for ``a``: Tensors as they are, arrays wrapped as constants.
+
+    A non-Tensor float array keeps its dtype (so a mismatch is reported, not hidden); other
+    array-likes (lists, ints) take ``ref_dtype``, the framework's rule for constants.
+    """
+    if isinstance(a, Tensor):
+        return a
+    if _is_backend_array(a):
+        arr = a
+    else:
+        arr = np.asarray(a)
+        if xp is not None and xp is not np:
+            arr = xp.asarray(arr)
+    if arr.dtype.kind != "f" and ref_dtype is not None:
+        arr = arr.astype(ref_dtype)
+    return Tensor._wrap(arr)
+
+
+def _check_positive_int(v, name):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int; got {type(v).__name__} {v!r}")
+    if v <= 0:
+        raise ValueError(f"{name} must be a positive int; got {v!r}")
+    return int(v)
+
+
+def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None):
+    """``y = x @ W.T + bias`` for the diagonal weight ``W = (offsets, values)``.
+
+    Args:
+        x: Tensor ``(..., in_features)``; the leading dims are flattened into one batch
+            for the kernels and restored in the output. Float32 or float64.
+        offsets: ``(K,)`` integer backend array, sequence or Tensor: the stored diagonals,
+            sorted, unique, in ``[0, P)`` with ``P = max(out_features, in_features)``.
+            Not differentiable.
+        values: Tensor ``(K, L)``, ``L = min(out_features, in_features)``, usually a
+            parameter with ``requires_grad=True``; same dtype as ``x``.
+        out_features: ``m``, the number of rows of ``W``.
+        bias: Tensor ``(out_features,)`` of the same dtype, or ``None``.
+        in_features: optional; when given, ``x.shape[-1]`` must equal it.
+
+    Returns:
+        Tensor ``(..., out_features)`` with the dtype of ``x``. Gradients flow to ``x``,
+        ``values`` and ``bias`` (only those that require grad are computed).
+
+    Raises:
+        ValueError: a shape does not fit (wrong last dim of ``x``, ``values`` not
+            ``(K, L)``, bad ``offsets``, ``bias`` not ``(out_features,)``) or the arguments
+            are on different devices.
+        TypeError: non-float or mismatched dtypes, non-integer ``offsets``.
+    """
+    m = _check_positive_int(out_features, "out_features")
+    vref = values.data if isinstance(values, Tensor) else values
+    xp = backend.get_array_module(vref, x)
+    values = _as_tensor(values, xp=xp)
+    x = _as_tensor(x, ref_dtype=values.dtype, xp=xp)
+    if bias is not None:
+        bias = _as_tensor(bias, ref_dtype=values.dtype, xp=xp)
+    # a sequence of offsets (no device of its own) is placed on the device of values below
+    offsets_arr = offsets.data if isinstance(offsets, Tensor) else offsets
+    check_same_device(x=x, values=values, bias=bias,
+                      offsets=offsets_arr if _is_backend_array(offsets_arr) else None)
+
+    if x.ndim == 0:
+        raise ValueError("diag_linear: x must have shape (..., in_features); got a 0-d tensor")
+    n = int(x.shape[-1])
+    if in_features is not None:
+        in_features = _check_positive_int(in_features, "in_features")
+        if n != in_features:
+            raise ValueError(f"diag_linear: x must have shape (..., in_features) = "
+                             f"(..., {in_features}); got x of shape {x.shape}")
+    if n == 0:
+        raise ValueError(f"diag_linear: x's last dimension (in_features) must be positive; "
+                         f"got x of shape {x.shape}")
+    shape = validate_shape((m, n), "(out_features, in_features)")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"diag_linear: x must be float32 or float64; got dtype {x.dtype}")
+    offsets = validate_offsets(offsets, shape, "offsets", xp=xp)
+    validate_values(values.data, shape, offsets.shape[0], "values")
+    if x.dtype != values.dtype:
+        raise TypeError(f"diag_linear: x has dtype {x.dtype} but values has dtype "
+                        f"{values.dtype}; cast one with .astype() so that they match")
+    inputs = [x, values]
+    if bias is not None:
+        if bias.dtype != values.dtype:
+            raise TypeError(f"diag_linear: bias has dtype {bias.dtype} but values has dtype "
+                            f"{values.dtype}; cast one with .astype() so that they match")
+        if bias.shape != (m,):
+            raise ValueError(f"diag_linear: bias must have shape (out_features,) = ({m},); "
+                             f"got {bias.shape}")
+        inputs.append(bias)
+    return DiagLinear(offsets, m)(*inputs)
+
+
+def diagonal_scores(x, dy, out_features=None):
+    """The L2 norm of the weight gradient ``dy.T @ x`` on each of the ``P`` diagonals.
+
+    ``G[p] = sqrt(sum_t (dy.T @ x)[r_p(t), c_p(t)] ** 2)`` for every ``p`` in ``[0, P)``,
+    stored or not: the signal dynamic sparse training uses to choose diagonals to grow.
+    Note the argument order ``(x, dy)`` (like the layer), the reverse of
+    ``dispatch.diagonal_scores(dy, x)``.
+
+    Args:
+        x: ``(..., in_features)`` layer input, a backend array or Tensor (not tracked).
+        dy: ``(..., out_features)`` gradient of the loss with respect to the layer output,
+            with the same leading dims; same dtype and device as ``x``.
+        out_features: optional check of ``dy.shape[-1]``.
+
+    Returns:
+        Backend array ``(P,)``, ``P = max(out_features, in_features)``, dtype of ``x``.
+        It forms the dense ``(m, n)`` gradient, so it is meant for occasional mask updates.
+    """
+    xa = x.data if isinstance(x, Tensor) else x
+    da = dy.data if isinstance(dy, Tensor) else dy
+    xa = _as_tensor(xa).data
+    da = _as_tensor(da).data
+    check_same_device(x=xa, dy=da)
+    if xa.ndim == 0 or da.ndim == 0 or tuple(xa.shape[:-1]) != tuple(da.shape[:-1]):
+        raise ValueError(f"diagonal_scores: x (..., in_features) and dy (..., out_features) "
+                         f"must share their leading dims; got x {tuple(xa.shape)} and dy "
+                         f"{tuple(da.shape)}")
+    if out_features is not None:
+        out_features = _check_positive_int(out_features, "out_features")
+        if da.shape[-1] != out_features:
+            raise ValueError(f"diagonal_scores: dy must have shape (..., out_features) = "
+                             f"(..., {out_features}); got {tuple(da.shape)}")
+    validate_shape((int(da.shape[-1]), int(xa.shape[-1])), "(out_features, in_features)")
+    for name, a in (("x", xa), ("dy", da)):
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"diagonal_scores: {name} must be float32 or float64; got dtype "
+                            f"{a.dtype}")
+    if xa.dtype != da.dtype:
+        raise TypeError(f"diagonal_scores: x has dtype {xa.dtype} but dy has dtype "
+                        f"{da.dtype}; cast one with .astype() so that they match")
+    xp = backend.get_array_module(xa)
+    x2 = xp.ascontiguousarray(xa.reshape(-1, xa.shape[-1]))
+    d2 = xp.ascontiguousarray(da.reshape(-1, da.shape[-1]))
+    return dispatch.diagonal_scores(d2, x2)

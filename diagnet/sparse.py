@@ -1,0 +1,669 @@
+r"""`DiagMatrix`: a matrix stored as a few of its wrap-around diagonals.
+
+The format
+==========
+
+A matrix ``W`` of shape ``(m, n)`` (in a layer: ``(out_features, in_features)``, used as
+``y = x @ W.T``) is cut into ``P = max(m, n)`` *wrap-around diagonals*, each exactly
+``L = min(m, n)`` entries long. A diagonal starts in the first column (tall or square
+matrices) or in the first row (wide matrices), steps one row down and one column right per
+position, and wraps around the longer side:
+
+* tall or square (``m >= n``): position ``t`` of diagonal ``p`` is entry ``((t + p) % m, t)``;
+* wide (``m < n``):             position ``t`` of diagonal ``p`` is entry ``(t, (t + p) % n)``.
+
+Every entry belongs to exactly one diagonal. Writing the diagonal number ``p`` into each
+entry of a 4 x 3 (tall) and a 3 x 4 (wide) matrix shows the partition::
+
+    tall, m=4, n=3: p = (i - j) % 4       wide, m=3, n=4: p = (j - i) % 4
+
+             j=0 j=1 j=2                           j=0 j=1 j=2 j=3
+        i=0    0   3   2                      i=0    0   1   2   3
+        i=1    1   0   3                      i=1    3   0   1   2
+        i=2    2   1   0                      i=2    2   3   0   1
+        i=3    3   2   1
+
+and the position ``t`` is the column ``j`` (tall) or the row ``i`` (wide). In the tall
+example diagonal 3 is the entries ``(3, 0), (0, 1), (1, 2)``, in that order.
+
+A `DiagMatrix` keeps ``K`` of the ``P`` diagonals; every other entry is zero:
+
+* ``offsets``: shape ``(K,)``, integer (stored as int64), sorted, unique, each in ``[0, P)``;
+* ``values``:  shape ``(K, L)``, float32 or float64; ``values[k, t]`` is position ``t`` of
+  diagonal ``offsets[k]``.
+
+So the tall example with ``offsets = [0, 3]`` stores ``values[0] = [W[0,0], W[1,1], W[2,2]]``
+and ``values[1] = [W[3,0], W[0,1], W[1,2]]``. The density is ``K / P``, the sparsity
+``1 - K / P`` and the number of stored entries ``K * L``; for a target sparsity ``s`` a
+layer keeps ``K = max(1, ceil((1 - s) * P))`` diagonals
+(`diagnet.diag.layout.diagonals_for_sparsity`).
+
+Two facts that follow from the definition and that `DiagMatrix.T` relies on:
+
+* for a non-square matrix the transpose has the *same* ``offsets`` and ``values`` (only
+  the shape is swapped): entry ``((t + p) % m, t)`` of a tall ``W`` is entry
+  ``(t, (t + p) % m)`` of the wide ``W.T``, which is position ``t`` of its diagonal ``p``;
+* for a square ``n x n`` matrix the transpose maps diagonal ``p`` to ``(n - p) % n`` and
+  rotates its values: ``values_T[k', t] = values[k, (t - p) % n]``.
+
+Arrays live on one device, as NumPy (CPU) or CuPy (GPU) arrays chosen through
+`diagnet.backend`; products use the kernels picked by `diagnet.diag.dispatch`.
+
+NaN and infinity are allowed in ``values`` (as in NumPy and SciPy): checking costs a pass
+over the data, and a GPU synchronisation. Pass ``check_finite=True`` to the constructor to
+reject them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import backend
+from .diag import dispatch, layout
+
+__all__ = ["DiagMatrix", "validate_shape", "validate_offsets", "validate_values",
+           "check_same_device", "resolve_num_diagonals"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ----------------------------------------------------------------------------- validation
+#
+# These helpers are shared with `diagnet.ops.diagonal`, so every entry point reports a
+# bad argument in the same words: which argument, what was expected, what was received.
+
+def _unwrap(a):
+    """The backend array inside a Tensor (or ``a`` itself)."""
+    from .autograd import Tensor  # local: autograd does not need this module
+
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _is_backend_array(a) -> bool:
+    if isinstance(a, np.ndarray):
+        return True
+    xp = backend.get_array_module(a)
+    return xp is not np and isinstance(a, xp.ndarray)
+
+
+def _as_array(a, name, xp=None):
+    """``a`` as a backend array; non-arrays (lists, scalars) become arrays of ``xp``."""
+    a = _unwrap(a)
+    if _is_backend_array(a):
+        return a
+    try:
+        arr = np.asarray(a)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array (NumPy or CuPy) or a sequence of numbers; "
+                        f"got {type(a).__name__} ({exc})") from exc
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be an array of numbers; got {type(a).__name__} that "
+                        "converts to an object array")
+    if xp is not None and xp is not np:
+        arr = xp.asarray(arr)
+    return arr
+
+
+def validate_shape(shape, name="shape"):
+    """Check a matrix shape and return it as a tuple ``(m, n)`` of Python ints.
+
+    Raises `TypeError` unless ``shape`` is a tuple or list of two integers (``bool`` is
+    not an integer here) and `ValueError` unless both are positive.
+    """
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple (m, n) of two positive ints; "
+                        f"got {type(shape).__name__} {shape!r}")
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a tuple (m, n) of two positive ints; "
+                         f"got {len(shape)} entries: {tuple(shape)!r}")
+    for i, s in enumerate(shape):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{name}[{i}] must be an int; got {type(s).__name__} {s!r}")
+    m, n = int(shape[0]), int(shape[1])
+    if m <= 0 or n <= 0:
+        raise ValueError(f"{name} must be two positive ints; got ({m}, {n})")
+    return m, n
+
+
+def validate_offsets(offsets, shape, name="offsets", xp=None):
+    """Check the diagonal offsets of a matrix of ``shape`` and return them as int64.
+
+    Args:
+        offsets: array-like ``(K,)`` of integers (a NumPy/CuPy array, a sequence, or a
+            Tensor, which is unwrapped), sorted in strictly increasing order, each in
+            ``[0, P)`` with ``P = max(shape)``. ``K = 0`` is allowed (an all-zero matrix).
+        shape: ``(m, n)``, already validated.
+        name: the argument name used in error messages.
+        xp: the array module non-arrays are converted to (default NumPy).
+
+    Returns:
+        A C-contiguous int64 array on the device ``offsets`` was on (no copy when it was
+        already contiguous int64).
+
+    Raises:
+        TypeError: not an array of integers (floats and bools are rejected, even when they
+            hold whole numbers).
+        ValueError: not 1-D, unsorted, repeated, or out of range; the message names the
+            first offending element.
+    """
+    m, n = shape
+    P = max(m, n)
+    arr = _as_array(offsets, name, xp)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype (int32/int64); got dtype "
+                        f"{arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D with shape (K,); got shape {tuple(arr.shape)}")
+    if arr.size:
+        # One combined device reduction, so a CuPy array costs a single synchronisation;
+        # the details for the message are worked out on the host only when it fails.
+        mod = backend.get_array_module(arr)
+        ok = (arr.min() >= 0) & (arr.max() < P)
+        if arr.size > 1:
+            ok = ok & mod.all(arr[1:] > arr[:-1])
+        if not bool(ok):
+            _raise_offsets_error(backend.to_numpy(arr), shape, name)
+    arr = arr.astype(np.int64, copy=False)
+    mod = backend.get_array_module(arr)
+    return mod.ascontiguousarray(arr)
+
+
+def _raise_offsets_error(host, shape, name):
+    P = max(shape)
+    bad = np.flatnonzero((host < 0) | (host >= P))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name} must lie in [0, P) = [0, {P}) for shape {tuple(shape)} "
+                         f"(P = max(m, n)); got {name}[{i}] = {int(host[i])}")
+    i = int(np.flatnonzero(host[1:] <= host[:-1])[0]) + 1
+    if host[i] == host[i - 1]:
+        raise ValueError(f"{name} must be unique; got the value {int(host[i])} twice "
+                         f"(at indices {i - 1} and {i})")
+    raise ValueError(f"{name} must be sorted in increasing order; got {name}[{i - 1}] = "
+                     f"{int(host[i - 1])} before {name}[{i}] = {int(host[i])}")
+
+
+def validate_values(values, shape, num_offsets, name="values", xp=None):
+    """Check the diagonal values of a matrix of ``shape`` holding ``num_offsets`` diagonals.
+
+    Args:
+        values: array-like ``(K, L)`` with ``K = num_offsets`` and ``L = min(shape)``,
+            float32 or float64 (a Tensor is unwrapped; lists become float64 arrays).
+        shape: ``(m, n)``, already validated.
+        num_offsets: ``K``.
+        name: the argument name used in error messages.
+        xp: the array module non-arrays are converted to (default NumPy).
+
+    Returns:
+        The backend array itself (no copy, no cast).
+
+    Raises:
+        TypeError: dtype other than float32/float64.
+        ValueError: wrong shape.
+    """
+    m, n = shape
+    arr = _as_array(values, name, xp)
+    if arr.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64; got dtype {arr.dtype}")
+    expected = (int(num_offsets), min(m, n))
+    if tuple(arr.shape) != expected:
+        raise ValueError(f"{name} must have shape (K, L) = {expected} (K = number of offsets, "
+                         f"L = min(m, n) for shape {tuple(shape)}); got shape "
+                         f"{tuple(arr.shape)}")
+    return arr
+
+
+def check_same_device(**arrays):
+    """Raise `ValueError` naming the arguments when the arrays are not on one device.
+
+    ``None`` entries are skipped. Returns the common device name (``"cpu"`` when empty).
+    """
+    devices = {k: backend.device_of(_unwrap(a)) for k, a in arrays.items() if a is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"arguments must be on the same device; got {where} "
+                         "(move them with .to(device))")
+    return next(iter(devices.values()), "cpu")
+
+
+def resolve_num_diagonals(shape, sparsity=None, k=None):
+    """How many diagonals ``K`` to keep in a matrix of ``shape``.
+
+    Give at most one of ``sparsity`` (a float in ``[0, 1]``; ``K = max(1, ceil((1 - s) P))``)
+    and ``k`` (an int in ``[1, P]``). With neither, all ``P`` diagonals are kept.
+    """
+    P = layout.num_diagonals(shape)
+    if sparsity is not None and k is not None:
+        raise ValueError(f"give either sparsity or k, not both; got sparsity={sparsity!r}, "
+                         f"k={k!r}")
+    if k is not None:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k must be an int; got {type(k).__name__} {k!r}")
+        if not 1 <= int(k) <= P:
+            raise ValueError(f"k must be in [1, P] = [1, {P}] for shape {tuple(shape)}; "
+                             f"got {int(k)}")
+        return int(k)
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+            raise TypeError(f"sparsity must be a float in [0, 1]; got "
+                            f"{type(sparsity).__name__} {sparsity!r}")
+        return layout.diagonals_for_sparsity(shape, float(sparsity))
+    return P
+
+
+def _check_dtype(dtype, name="dtype"):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be float32 or float64; got {dtype!r}") from exc
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64; got {dt}")
+    return dt
+
+
+# ----------------------------------------------------------------------------- DiagMatrix
+
+class DiagMatrix:
+    """An ``(m, n)`` matrix that stores ``K`` of its ``P = max(m, n)`` wrap-around diagonals.
+
+    See the module docstring for the convention. Position ``t`` of diagonal ``p`` is entry
+    ``((t + p) % m, t)`` when ``m >= n`` and ``(t, (t + p) % n)`` when ``m < n``.
+
+    Args:
+        offsets: ``(K,)`` integer array (NumPy, CuPy, a sequence, or a Tensor), sorted,
+            unique, each in ``[0, P)``. Stored as C-contiguous int64.
+        values: ``(K, L)`` float32/float64 array, ``L = min(m, n)``; ``values[k, t]`` is
+            position ``t`` of diagonal ``offsets[k]``. Kept as given (not copied, unless
+            ``copy=True`` or it has to be made contiguous).
+        shape: ``(m, n)``, two positive ints.
+        check_finite: raise `ValueError` if ``values`` holds NaN or infinity (off by
+            default: the check is a full pass over the values).
+        copy: copy ``values`` (and ``offsets``) instead of referencing them.
+
+    Raises:
+        TypeError / ValueError naming the argument, what was expected and what was given.
+
+    A sequence given for ``offsets`` or ``values`` is placed on the device of the other
+    argument; two arrays on different devices are an error.
+    """
+
+    # Make NumPy/CuPy arrays return NotImplemented from ``x @ self`` so that Python calls
+    # `__rmatmul__` instead of turning this object into an object array.
+    __array_ufunc__ = None
+    __array_priority__ = 1000
+
+    def __init__(self, offsets, values, shape, *, check_finite=False, copy=False):
+        shape = validate_shape(shape)
+        offsets, values = _unwrap(offsets), _unwrap(values)
+        if _is_backend_array(offsets) and _is_backend_array(values):
+            check_same_device(offsets=offsets, values=values)
+        xp = None
+        for a in (values, offsets):
+            if _is_backend_array(a):
+                xp = backend.get_array_module(a)
+                break
+        offsets = validate_offsets(offsets, shape, "offsets", xp)
+        values = validate_values(values, shape, offsets.shape[0], "values", xp)
+        xp = backend.get_array_module(values)
+        if copy:
+            offsets = offsets.copy()
+            values = xp.array(values, copy=True, order="C")
+        else:
+            values = xp.ascontiguousarray(values)
+        if check_finite and values.size and not bool(xp.isfinite(values).all()):
+            bad = int(values.size - int(xp.isfinite(values).sum()))
+            raise ValueError(f"values must be finite (check_finite=True); got {bad} NaN or "
+                             "infinite entries")
+        self._shape = shape
+        self._offsets = offsets
+        self._values = values
+
+    @classmethod
+    def _trusted(cls, offsets, values, shape):
+        """Build without validation (arguments produced by this module)."""
+        obj = cls.__new__(cls)
+        obj._shape = shape
+        obj._offsets = offsets
+        obj._values = values
+        return obj
+
+    # -- attributes
+    @property
+    def shape(self):
+        """``(m, n)``."""
+        return self._shape
+
+    @property
+    def offsets(self):
+        """``(K,)`` int64 backend array of the stored diagonals, sorted."""
+        return self._offsets
+
+    @property
+    def values(self):
+        """``(K, L)`` float backend array; ``values[k, t]`` is position ``t`` of ``offsets[k]``."""
+        return self._values
+
+    @property
+    def dtype(self):
+        """The dtype of ``values`` (float32 or float64)."""
+        return self._values.dtype
+
+    @property
+    def device(self):
+        """``"cpu"`` or ``"cuda"``."""
+        return backend.device_of(self._values)
+
+    @property
+    def K(self) -> int:
+        """Number of stored diagonals."""
+        return int(self._offsets.shape[0])
+
+    @property
+    def P(self) -> int:
+        """Number of diagonals of the full matrix, ``max(m, n)``."""
+        return layout.num_diagonals(self._shape)
+
+    @property
+    def L(self) -> int:
+        """Length of every diagonal, ``min(m, n)``."""
+        return layout.diagonal_length(self._shape)
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries, ``K * L`` (explicit zeros included)."""
+        return self.K * self.L
+
+    @property
+    def density(self) -> float:
+        """Fraction of diagonals (equivalently of entries) stored: ``K / P``."""
+        return self.K / self.P
+
+    @property
+    def sparsity(self) -> float:
+        """``1 - density``."""
+        return 1.0 - self.density
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __repr__(self):
+        m, n = self._shape
+        return (f"DiagMatrix(shape=({m}, {n}), K={self.K}, P={self.P}, L={self.L}, "
+                f"density={self.density:.4g}, dtype={self.dtype}, device='{self.device}')")
+
+    # -- conversion
+    def _xp(self):
+        return backend.get_array_module(self._values)
+
+    def coordinates(self):
+        """Row and column index arrays ``(K, L)`` int64 of every stored entry (same device)."""
+        return layout.diagonal_coordinates(self._shape, self._offsets, self._xp())
+
+    def to_dense(self):
+        """The full ``(m, n)`` backend array (same device and dtype), zeros off the diagonals."""
+        xp = self._xp()
+        out = xp.zeros(self._shape, dtype=self.dtype)
+        if self.K:
+            rows, cols = self.coordinates()
+            out[rows, cols] = self._values  # the diagonals are disjoint: no collisions
+        return out
+
+    def to_scipy(self, format="csr"):  # noqa: A002 - SciPy's own word
+        """A SciPy sparse array (on the CPU) with the same entries.
+
+        Args:
+            format: ``"csr"``, ``"coo"`` (``K * L`` stored entries, explicit zeros kept) or
+                ``"dia"``. SciPy's DIA offset ``d`` holds the entries ``(i, i + d)`` and its
+                ``data[k, j]`` is the entry in column ``j``; a wrap-around diagonal ``p``
+                becomes up to two SciPy diagonals: ``-p`` and ``m - p`` (tall/square) or
+                ``p`` and ``p - n`` (wide).
+
+        Returns:
+            ``scipy.sparse.csr_array``, ``coo_array`` or ``dia_array`` of shape ``(m, n)``
+            and this matrix's dtype.
+        """
+        import scipy.sparse as sp
+
+        fmt = str(format).lower()
+        if fmt not in ("csr", "coo", "dia"):
+            raise ValueError(f"format must be one of 'csr', 'coo', 'dia'; got {format!r}")
+        m, n = self._shape
+        offsets = backend.to_numpy(self._offsets)
+        values = backend.to_numpy(self._values)
+        if fmt == "dia":
+            return self._to_scipy_dia(offsets, values)
+        rows, cols = layout.diagonal_coordinates(self._shape, offsets, np)
+        coo = sp.coo_array((values.reshape(-1), (rows.reshape(-1), cols.reshape(-1))),
+                           shape=(m, n))
+        return coo if fmt == "coo" else coo.tocsr()
+
+    def _to_scipy_dia(self, offsets, values):
+        import scipy.sparse as sp
+
+        m, n = self._shape
+        L = min(m, n)
+        t = np.arange(L)
+        dia_offsets, rows = [], []
+        for k, p in enumerate(offsets.tolist()):
+            if m >= n:
+                # entry ((t + p) % m, t): column t; no wrap while t + p < m (d = -p), the
+                # wrapped part t >= m - p has row t + p - m, so d = m - p.
+                split = min(L, m - p)
+                parts = [(-p, t[:split], t[:split]), (m - p, t[split:], t[split:])]
+            else:
+                # entry (t, (t + p) % n): column (t + p) % n; no wrap while t + p < n (d = p),
+                # the wrapped part has column t + p - n, so d = p - n.
+                split = min(L, n - p)
+                parts = [(p, t[:split], t[:split] + p), (p - n, t[split:], t[split:] + p - n)]
+            for d, pos, col in parts:
+                if pos.size:
+                    row = np.zeros(n, dtype=values.dtype)
+                    row[col] = values[k, pos]
+                    dia_offsets.append(d)
+                    rows.append(row)
+        order = np.argsort(np.asarray(dia_offsets, dtype=np.int64), kind="stable")
+        data = (np.stack(rows)[order] if rows else np.zeros((0, n), dtype=values.dtype))
+        return sp.dia_array((data, np.asarray(dia_offsets, dtype=np.int64)[order]),
+                            shape=(m, n))
+
+    @property
+    def T(self) -> "DiagMatrix":
+        """The transpose, shape ``(n, m)``, as a `DiagMatrix`.
+
+        Non-square: the same ``offsets`` and ``values`` arrays (shared, not copied): the
+        convention is symmetric under transposition. Square ``n x n``: diagonal ``p`` becomes
+        ``(n - p) % n`` with ``values_T[k', t] = values[k, (t - p) % n]`` (new arrays).
+        """
+        m, n = self._shape
+        if m != n:
+            return DiagMatrix._trusted(self._offsets, self._values, (n, m))
+        xp = self._xp()
+        new = (n - self._offsets) % n                      # offset of each old diagonal
+        order = xp.argsort(new)                            # new offsets must be sorted
+        new_offsets = xp.ascontiguousarray(new[order])
+        old_p = self._offsets[order].reshape(-1, 1)
+        t = xp.arange(n, dtype=xp.int64).reshape(1, -1)
+        idx = (t - old_p) % n                              # values_T[k', t] = values[k, t - p]
+        new_values = xp.take_along_axis(self._values[order], idx, axis=1)
+        return DiagMatrix._trusted(new_offsets, xp.ascontiguousarray(new_values), (n, m))
+
+    def to(self, device) -> "DiagMatrix":
+        """This matrix on ``device`` (``"cpu"`` or ``"cuda"``); ``self`` when already there."""
+        name = backend.resolve_device(device)
+        if name == self.device:
+            return self
+        return DiagMatrix._trusted(backend.to_device(self._offsets, name),
+                                   backend.to_device(self._values, name), self._shape)
+
+    def astype(self, dtype, copy=True) -> "DiagMatrix":
+        """The matrix with values cast to ``dtype`` (float32/float64); offsets are shared.
+
+        With ``copy=False`` and the same dtype, ``self`` is returned.
+        """
+        dt = _check_dtype(dtype)
+        if dt == self.dtype and not copy:
+            return self
+        return DiagMatrix._trusted(self._offsets, self._values.astype(dt, copy=True),
+                                   self._shape)
+
+    def copy(self) -> "DiagMatrix":
+        """A deep copy (new offsets and values arrays)."""
+        return DiagMatrix._trusted(self._offsets.copy(), self._values.copy(), self._shape)
+
+    # -- construction
+    @classmethod
+    def from_dense(cls, W, sparsity=None, k=None) -> "DiagMatrix":
+        """Keep the ``K`` wrap-around diagonals of ``W`` with the largest L2 norm.
+
+        Args:
+            W: ``(m, n)`` float32/float64 backend array (or Tensor, or nested list); the
+                result is on its device and has its dtype.
+            sparsity: target sparsity in ``[0, 1]``; ``K = max(1, ceil((1 - s) P))``.
+            k: number of diagonals to keep, in ``[1, P]``. Give at most one of ``sparsity``
+                and ``k``; with neither all ``P`` diagonals are kept (a lossless conversion).
+
+        Ties in the norm are broken towards the lowest offset; norms are compared as float64
+        sums of squares. Diagonals whose norm is NaN rank last.
+        """
+        W = _as_array(W, "W")
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D (m, n); got shape {tuple(W.shape)}")
+        if W.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"W must be float32 or float64; got dtype {W.dtype}")
+        shape = validate_shape(tuple(int(s) for s in W.shape), "W.shape")
+        K = resolve_num_diagonals(shape, sparsity, k)
+        xp = backend.get_array_module(W)
+        P = layout.num_diagonals(shape)
+        rows, cols = layout.diagonal_coordinates(shape, xp.arange(P), xp)
+        diags = W[rows, cols]                                        # (P, L)
+        sq = backend.to_numpy((diags.astype(np.float64) ** 2).sum(axis=1))
+        sq = np.where(np.isnan(sq), -np.inf, sq)                     # NaN ranks last
+        # lexsort: last key is primary; descending norm, then ascending offset
+        order = np.lexsort((np.arange(P), -sq))
+        keep = np.sort(order[:K])
+        keep_dev = xp.asarray(keep.astype(np.int64))
+        return cls._trusted(xp.ascontiguousarray(keep_dev),
+                            xp.ascontiguousarray(diags[keep_dev]), shape)
+
+    @classmethod
+    def random(cls, shape, sparsity=None, k=None, rng=None, dtype=np.float32,
+               device=None) -> "DiagMatrix":
+        """A matrix with ``K`` distinct random diagonals and uniform random values.
+
+        Args:
+            shape: ``(m, n)``.
+            sparsity, k: how many diagonals to keep, as in `from_dense` (neither: all).
+            rng: ``None`` (fresh entropy), an int seed, or a ``numpy.random.Generator``.
+                Everything is drawn on the CPU in float64 and then cast and moved, so a seed
+                gives the same matrix on every device (up to the dtype's rounding).
+            dtype: float32 (default) or float64.
+            device: ``"cpu"``/``"cuda"``; default `diagnet.backend.default_device()`.
+
+        The offsets are a uniformly random ``K``-subset of ``range(P)``, sorted. The values
+        are ``Uniform(-b, b)`` with ``b = 1 / sqrt(fan_in)``, the bound PyTorch's
+        ``nn.Linear`` uses, where ``fan_in = max(1, K * L / m)`` is the mean number of stored
+        entries per row of ``W`` (the inputs that feed one output): ``K`` for wide and square
+        matrices, ``K * n / m`` for tall ones.
+        """
+        shape = validate_shape(shape)
+        dt = _check_dtype(dtype)
+        K = resolve_num_diagonals(shape, sparsity, k)
+        if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
+            gen = np.random.default_rng(rng)
+        elif isinstance(rng, np.random.Generator):
+            gen = rng
+        else:
+            raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator; "
+                            f"got {type(rng).__name__}")
+        m, n = shape
+        P, L = max(m, n), min(m, n)
+        offsets = np.sort(gen.choice(P, size=K, replace=False)).astype(np.int64)
+        bound = 1.0 / math.sqrt(max(1.0, K * L / m))
+        values = gen.uniform(-bound, bound, size=(K, L)).astype(dt)
+        name = backend.resolve_device(device)
+        return cls._trusted(backend.to_device(offsets, name), backend.to_device(values, name),
+                            shape)
+
+    # -- products
+    def _check_operand(self, x, what):
+        x = _unwrap_operand(x, what)
+        if backend.device_of(x) != self.device:
+            raise ValueError(f"{what}: the operand is on {backend.device_of(x)} but the "
+                             f"DiagMatrix is on {self.device}; move one with .to(device)")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{what}: the operand has dtype {x.dtype} but the DiagMatrix has "
+                            f"dtype {self.dtype}; cast one with .astype()")
+        return x
+
+    def rmatmul(self, x):
+        """``x @ self`` for ``x`` of shape ``(..., m)`` (or ``(m,)``); returns ``(..., n)``.
+
+        With ``W`` an ``(out, in)`` weight, ``x @ W.T`` is the layer's forward pass and
+        ``dy @ W`` its input gradient; both run the diagonal kernels without forming a dense
+        matrix. ``x`` must be a NumPy/CuPy array with this matrix's dtype and device.
+        """
+        x = self._check_operand(x, "x @ DiagMatrix")
+        m, n = self._shape
+        if x.ndim == 0 or x.shape[-1] != m:
+            raise ValueError(f"x @ DiagMatrix: x must have shape (..., {m}) for a DiagMatrix "
+                             f"of shape {self._shape}; got {tuple(x.shape)}")
+        lead = tuple(x.shape[:-1])
+        xp = self._xp()
+        x2 = xp.ascontiguousarray(x.reshape(-1, m))
+        if self.K == 0:
+            out = xp.zeros((x2.shape[0], n), dtype=self.dtype)
+        else:
+            # x @ D is the input-gradient product dy @ W with W = D
+            out = dispatch.input_grad(x2, self._offsets, self._values, n)
+        return out.reshape(lead + (n,))
+
+    def matmul(self, x):
+        """``self @ x`` for ``x`` of shape ``(n,)``, ``(n, j)`` or ``(..., n, j)``.
+
+        Returns ``(m,)``, ``(m, j)`` or ``(..., m, j)``: NumPy's ``@`` rules with a 2-D left
+        operand. ``x`` must be a NumPy/CuPy array with this matrix's dtype and device.
+        """
+        x = self._check_operand(x, "DiagMatrix @ x")
+        m, n = self._shape
+        vec = x.ndim == 1
+        if x.ndim == 0 or (x.shape[0] if vec else x.shape[-2]) != n:
+            raise ValueError(f"DiagMatrix @ x: x must have shape ({n},) or (..., {n}, j) for a "
+                             f"DiagMatrix of shape {self._shape}; got {tuple(x.shape)}")
+        xp = self._xp()
+        xt = x.reshape(1, n) if vec else xp.swapaxes(x, -1, -2)   # (..., j, n)
+        lead = tuple(xt.shape[:-1])
+        x2 = xp.ascontiguousarray(xt.reshape(-1, n))
+        if self.K == 0:
+            out = xp.zeros((x2.shape[0], m), dtype=self.dtype)
+        else:
+            # D @ x = (x.T @ D.T).T, and x.T @ D.T is the forward product with W = D
+            out = dispatch.forward(x2, self._offsets, self._values, m)
+        out = out.reshape(lead + (m,))
+        return out.reshape(m) if vec else xp.swapaxes(out, -1, -2)
+
+    def __matmul__(self, other):
+        if isinstance(other, DiagMatrix):
+            return NotImplemented
+        return self.matmul(other)
+
+    def __rmatmul__(self, other):
+        if isinstance(other, DiagMatrix):
+            return NotImplemented
+        return self.rmatmul(other)
+
+
+def _unwrap_operand(x, what):
+    from .autograd import Tensor
+
+    if isinstance(x, Tensor):
+        raise TypeError(f"{what}: got a diagnet Tensor; DiagMatrix products work on NumPy/CuPy "
+                        "arrays (use diagnet.functional.diag_linear for a differentiable "
+                        "product)")
+    if not _is_backend_array(x):
+        raise TypeError(f"{what}: the operand must be a NumPy or CuPy array; got "
+                        f"{type(x).__name__}")
+    return x

@@ -1,0 +1,271 @@
+// SIMT emulation driver: runs one launch of a kernel from kernels/diag_linear.cu on the CPU.
+//
+//   harness PROBLEM_FILE RESULT_FILE
+//
+// The kernel source is #included as is (build with -I kernels -I tests/simt); tuning constants
+// come in as the same -D options the Python launcher gives NVRTC.
+//
+// PROBLEM_FILE (little endian), written by tests/test_cuda_kernels.py:
+//   "DIAGSIM1"  u32 name_length  name  u32 grid[3]  u32 block[3]  u32 nargs
+//   per argument: u8 kind, then
+//     'A' (device array): u8 dtype ('f' float32, 'd' float64, 'i' int32, 'q' int64),
+//                         u64 nbytes, nbytes of data
+//     'i' (int32 scalar): i32       'l' (int64 scalar): i64
+// RESULT_FILE: per output array: u32 argument index, u64 nbytes, data.
+//
+// Each kernel has a signature below; an argument of the wrong kind or dtype is an error, which
+// catches a launcher that passes a Python int (a 64-bit long long to CuPy) where the kernel
+// takes an int, or the wrong array dtype. Every array lives in its own heap block of exactly
+// its size, so an AddressSanitizer build reports any out-of-bounds access.
+//
+// Exit status: 0 ok, 2 usage/IO error, 3 bad launch (unknown kernel, signature mismatch,
+// invalid grid or block), 4 divergent __syncthreads.
+
+#include "cuda_shim.h"
+
+#include "diag_linear.cu"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// _Exit, not exit: fail may run on a worker thread while the rest of the team is blocked.
+[[noreturn]] void fail(int status, const std::string& message) {
+    std::fprintf(stderr, "simt harness: %s\n", message.c_str());
+    std::fflush(stderr);
+    std::_Exit(status);
+}
+
+struct Arg {
+    char kind = 0;    // 'A', 'i', 'l'
+    char dtype = 0;   // for arrays
+    std::vector<unsigned char> bytes;
+    std::int32_t i32 = 0;
+    std::int64_t i64 = 0;
+};
+
+struct Args {
+    std::vector<Arg> items;
+    template <typename T>
+    T* ptr(std::size_t i) { return reinterpret_cast<T*>(items[i].bytes.data()); }
+    int i32(std::size_t i) const { return items[i].i32; }
+    long long i64(std::size_t i) const { return items[i].i64; }
+};
+
+// Signature letters: F / O float array of the kernel's dtype (input / output), I int32 array
+// (input), i int32 scalar, l int64 scalar.
+struct Kernel {
+    const char* name;
+    const char* signature;
+    char float_dtype;
+    void (*call)(Args&);
+};
+
+#define SIMT_GATHER(NAME, T, DT)                                                             \
+    Kernel{#NAME, "FIFOiiii", DT, [](Args& a) {                                              \
+               NAME(a.ptr<const T>(0), a.ptr<const int>(1), a.ptr<const T>(2), a.ptr<T>(3), \
+                    a.i32(4), a.i32(5), a.i32(6), a.i32(7));                                 \
+           }}
+#define SIMT_VALUE_GRAD(NAME, T, DT)                                                         \
+    Kernel{#NAME, "FFIOiiiii", DT, [](Args& a) {                                             \
+               NAME(a.ptr<const T>(0), a.ptr<const T>(1), a.ptr<const int>(2), a.ptr<T>(3), \
+                    a.i32(4), a.i32(5), a.i32(6), a.i32(7), a.i32(8));                       \
+           }}
+#define SIMT_REDUCE(NAME, T, DT)                                                        \
+    Kernel{#NAME, "FOil", DT, [](Args& a) {                                             \
+               NAME(a.ptr<const T>(0), a.ptr<T>(1), a.i32(2), a.i64(3));                \
+           }}
+
+const Kernel kKernels[] = {
+#if DIAG_ENABLE_F32
+    SIMT_GATHER(diag_forward_f32, float, 'f'),
+    SIMT_GATHER(diag_input_grad_f32, float, 'f'),
+    SIMT_VALUE_GRAD(diag_value_grad_f32, float, 'f'),
+    SIMT_REDUCE(diag_value_grad_reduce_f32, float, 'f'),
+#endif
+#if DIAG_ENABLE_F64
+    SIMT_GATHER(diag_forward_f64, double, 'd'),
+    SIMT_GATHER(diag_input_grad_f64, double, 'd'),
+    SIMT_VALUE_GRAD(diag_value_grad_f64, double, 'd'),
+    SIMT_REDUCE(diag_value_grad_reduce_f64, double, 'd'),
+#endif
+};
+
+class Reader {
+public:
+    explicit Reader(const char* path) : file_(std::fopen(path, "rb")) {
+        if (!file_) fail(2, std::string("cannot open ") + path);
+    }
+    ~Reader() { std::fclose(file_); }
+    void read(void* dst, std::size_t n) {
+        if (n && std::fread(dst, 1, n, file_) != n) fail(2, "truncated problem file");
+    }
+    template <typename T>
+    T get() {
+        T v;
+        read(&v, sizeof v);
+        return v;
+    }
+
+private:
+    std::FILE* file_;
+};
+
+std::size_t dtype_size(char dtype) {
+    switch (dtype) {
+        case 'f': case 'i': return 4;
+        case 'd': case 'q': return 8;
+        default: fail(3, std::string("unknown array dtype '") + dtype + "'");
+    }
+}
+
+void check_signature(const Kernel& k, const Args& args) {
+    const std::size_t n = std::strlen(k.signature);
+    if (args.items.size() != n) {
+        fail(3, std::string(k.name) + " takes " + std::to_string(n) + " arguments; got " +
+                    std::to_string(args.items.size()));
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        const char want = k.signature[i];
+        const Arg& a = args.items[i];
+        bool ok = false;
+        switch (want) {
+            case 'F': case 'O': ok = a.kind == 'A' && a.dtype == k.float_dtype; break;
+            case 'I': ok = a.kind == 'A' && a.dtype == 'i'; break;
+            case 'i': ok = a.kind == 'i'; break;
+            case 'l': ok = a.kind == 'l'; break;
+        }
+        if (!ok) {
+            fail(3, std::string(k.name) + ": argument " + std::to_string(i) + " should be '" +
+                        want + "' (signature " + k.signature + "), got kind '" + a.kind +
+                        "' dtype '" + (a.dtype ? a.dtype : '-') + "'");
+        }
+    }
+}
+
+// Runs the blocks of the grid one after another, each on a team of std::threads, one per CUDA
+// thread, all running at once. The team is created once per launch and reused for every block:
+// after a block, each thread waits at a team barrier whose last arrival checks the block's
+// barrier counts and resets __syncthreads' barrier for the next block.
+void launch(const Kernel& k, dim3 grid, dim3 block, Args& args) {
+    if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 2147483647u || grid.y > 65535 ||
+        grid.z > 65535) {
+        fail(3, "invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
+                    ", " + std::to_string(grid.z) + ")");
+    }
+    const unsigned threads = block.x * block.y * block.z;
+    if (block.x < 1 || block.y < 1 || block.z < 1 || block.x > 1024 || block.y > 1024 ||
+        block.z > 64 || 1ull * block.x * block.y * block.z > 1024) {
+        fail(3, "invalid block (" + std::to_string(block.x) + ", " + std::to_string(block.y) +
+                    ", " + std::to_string(block.z) + ")");
+    }
+    const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+    if (blocks * threads > (1ull << 24)) fail(3, "launch too large to emulate");
+
+    gridDim = grid;
+    blockDim = block;
+    std::vector<unsigned long long> syncs(threads);
+    simt::Barrier sync_barrier(threads);  // __syncthreads within a block
+    simt::Barrier team_barrier(threads);  // between blocks
+    simt::block_barrier = &sync_barrier;
+    unsigned long long current = 0;       // block being checked, for the error message
+
+    auto check_block = [&] {
+        for (unsigned tid = 1; tid < threads; ++tid) {
+            if (syncs[tid] != syncs[0]) {
+                const unsigned long long b = current;
+                fail(4, std::string(k.name) + ": divergent __syncthreads in block (" +
+                            std::to_string(b % grid.x) + ", " +
+                            std::to_string(b / grid.x % grid.y) + ", " +
+                            std::to_string(b / grid.x / grid.y) + "): thread 0 passed " +
+                            std::to_string(syncs[0]) + " barriers, thread " +
+                            std::to_string(tid) + " passed " + std::to_string(syncs[tid]));
+            }
+        }
+        ++current;
+        sync_barrier.reset(threads);
+    };
+
+    std::vector<std::thread> team;
+    team.reserve(threads);
+    for (unsigned tid = 0; tid < threads; ++tid) {
+        team.emplace_back([&, tid] {
+            threadIdx = uint3{tid % block.x, tid / block.x % block.y, tid / block.x / block.y};
+            for (unsigned long long b = 0; b < blocks; ++b) {
+                blockIdx = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
+                                 unsigned(b / grid.x / grid.y)};
+                simt::sync_count = 0;
+                k.call(args);
+                syncs[tid] = simt::sync_count;
+                sync_barrier.arrive_and_drop();
+                team_barrier.arrive_and_wait(check_block);
+            }
+        });
+    }
+    for (std::thread& t : team) t.join();
+    simt::block_barrier = nullptr;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 3) fail(2, "usage: harness PROBLEM_FILE RESULT_FILE");
+    Reader in(argv[1]);
+    char magic[8];
+    in.read(magic, sizeof magic);
+    if (std::memcmp(magic, "DIAGSIM1", 8) != 0) fail(2, "not a DIAGSIM1 problem file");
+    std::string name(in.get<std::uint32_t>(), '\0');
+    in.read(name.data(), name.size());
+    dim3 grid, block;
+    grid.x = in.get<std::uint32_t>();
+    grid.y = in.get<std::uint32_t>();
+    grid.z = in.get<std::uint32_t>();
+    block.x = in.get<std::uint32_t>();
+    block.y = in.get<std::uint32_t>();
+    block.z = in.get<std::uint32_t>();
+
+    Args args;
+    args.items.resize(in.get<std::uint32_t>());
+    for (Arg& a : args.items) {
+        a.kind = in.get<char>();
+        if (a.kind == 'A') {
+            a.dtype = in.get<char>();
+            const auto nbytes = in.get<std::uint64_t>();
+            if (nbytes % dtype_size(a.dtype) != 0) fail(2, "array size is not a whole number of elements");
+            a.bytes.resize(nbytes);  // exactly nbytes, so ASan flags any overrun
+            in.read(a.bytes.data(), nbytes);
+        } else if (a.kind == 'i') {
+            a.i32 = in.get<std::int32_t>();
+        } else if (a.kind == 'l') {
+            a.i64 = in.get<std::int64_t>();
+        } else {
+            fail(2, std::string("unknown argument kind '") + a.kind + "'");
+        }
+    }
+
+    const Kernel* kernel = nullptr;
+    for (const Kernel& k : kKernels)
+        if (name == k.name) kernel = &k;
+    if (!kernel) fail(3, "no kernel named " + name + " in this build");
+    check_signature(*kernel, args);
+
+    launch(*kernel, grid, block, args);
+
+    std::FILE* out = std::fopen(argv[2], "wb");
+    if (!out) fail(2, std::string("cannot write ") + argv[2]);
+    for (std::uint32_t i = 0; i < args.items.size(); ++i) {
+        if (kernel->signature[i] != 'O') continue;
+        const std::uint64_t nbytes = args.items[i].bytes.size();
+        std::fwrite(&i, sizeof i, 1, out);
+        std::fwrite(&nbytes, sizeof nbytes, 1, out);
+        std::fwrite(args.items[i].bytes.data(), 1, nbytes, out);
+    }
+    if (std::fclose(out) != 0) fail(2, "write error");
+    return 0;
+}

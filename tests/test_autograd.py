@@ -1,0 +1,425 @@
+"""The autograd engine: graph recording, the backward walk, graph freeing and Tensor basics."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import numpy as np
+import pytest
+
+import diagnet
+from diagnet import Function, Tensor
+from diagnet import functional as F
+from diagnet.autograd import sum_to
+from helpers import t64
+
+
+class Counting(Function):
+    """Identity that counts how often its backward runs (to observe the walk)."""
+
+    calls = 0
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        type(self).calls += 1
+        return gy
+
+
+# ----------------------------------------------------------------------------- deep graphs
+
+def test_chain_of_10000_ops_backward_without_recursion():
+    assert sys.getrecursionlimit() < 10_000  # a recursive walk would overflow here
+    x = t64(0.5)
+    y = x
+    for i in range(10_000):
+        y = y * 1.0001 if i % 2 else y + 0.001
+    y.backward()
+    np.testing.assert_allclose(x.grad.item(), 1.0001 ** 5000, rtol=1e-12)
+    expected = 0.5
+    for i in range(10_000):
+        expected = expected * 1.0001 if i % 2 else expected + 0.001
+    np.testing.assert_allclose(y.item(), expected, rtol=1e-12)
+
+
+def test_deep_graph_is_deallocated_without_recursion_error():
+    x = diagnet.tensor(1.0, requires_grad=True)
+    y = x
+    for _ in range(20_000):
+        y = y + 1.0
+    ref = weakref.ref(y.creator)
+    del y  # tearing down a 20,000-deep chain of tensors and functions
+    gc.collect()
+    assert ref() is None
+
+
+# ----------------------------------------------------------------------------- grad mode
+
+def test_no_grad_records_nothing():
+    x = diagnet.tensor([1.0, 2.0], requires_grad=True)
+    with diagnet.no_grad():
+        assert not diagnet.is_grad_enabled()
+        y = x * 2 + 1
+        z = F.softmax(y)
+    assert diagnet.is_grad_enabled()
+    for t in (y, z):
+        assert not t.requires_grad and t.creator is None and t.is_leaf
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        z.sum().backward()
+
+
+def test_enable_grad_inside_no_grad_and_decorator_form():
+    x = diagnet.tensor([1.0], requires_grad=True)
+    with diagnet.no_grad():
+        with diagnet.enable_grad():
+            y = x * 2
+        w = x * 2
+    assert y.requires_grad and y.creator is not None
+    assert not w.requires_grad
+
+    @diagnet.no_grad()
+    def evaluate(t):
+        return t * 3
+
+    assert not evaluate(x).requires_grad
+    assert diagnet.is_grad_enabled()
+
+
+def test_no_grad_restores_mode_after_an_exception():
+    with pytest.raises(KeyError):
+        with diagnet.no_grad():
+            raise KeyError("boom")
+    assert diagnet.is_grad_enabled()
+
+
+def test_outputs_require_grad_only_when_an_input_does():
+    a = diagnet.tensor([1.0, 2.0])
+    b = diagnet.tensor([3.0, 4.0], requires_grad=True)
+    assert not (a * 2).requires_grad and (a * 2).creator is None
+    assert (a * b).requires_grad and not (a * b).is_leaf
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+def test_gradients_accumulate_across_backward_calls_until_zeroed():
+    x = t64([1.0, 2.0, 3.0])
+    (x * x).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 4.0, 6.0])
+    (x * 3.0).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [5.0, 7.0, 9.0])
+    x.zero_grad()
+    assert x.grad is None
+    (x * 3.0).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0, 3.0])
+
+
+def test_leaf_gradients_do_not_alias():
+    # Add hands the same array to both inputs; each leaf must own its gradient
+    a, b = t64([1.0, 2.0]), t64([3.0, 4.0])
+    (a + b).backward(np.array([1.0, 1.0]))
+    a.grad.data[0] = 100.0
+    assert b.grad.numpy()[0] == 1.0
+    seed = np.array([5.0, 6.0])
+    leaf = t64([0.0, 0.0])
+    leaf.backward(seed)
+    seed[0] = -1.0
+    assert leaf.grad.numpy()[0] == 5.0
+
+
+def test_broadcast_gradient_is_summed_to_the_leaf_shape():
+    w = t64(np.ones((1, 3)))
+    b = t64(2.0)
+    x = t64(np.arange(6.0).reshape(2, 3), requires_grad=False)
+    (x * w + b).sum().backward()
+    assert w.grad.shape == (1, 3) and b.grad.shape == ()
+    np.testing.assert_array_equal(w.grad.numpy(), [[3.0, 5.0, 7.0]])
+    assert b.grad.item() == 6.0
+
+
+def test_sum_to():
+    g = np.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(sum_to(np, g, (3, 4)), g.sum(0))
+    np.testing.assert_array_equal(sum_to(np, g, (3, 1)), g.sum(0).sum(1, keepdims=True))
+    np.testing.assert_array_equal(sum_to(np, g, (2, 1, 4)), g.sum(1, keepdims=True))
+    np.testing.assert_array_equal(sum_to(np, g, ()), g.sum())
+    assert sum_to(np, g, (2, 3, 4)) is g
+
+
+# ----------------------------------------------------------------------------- graph freeing
+
+def test_retain_graph_allows_a_second_backward():
+    x = t64([1.0, 2.0])
+    y = (x.exp() * x).sum()
+    y.backward(retain_graph=True)
+    first = x.grad.numpy()
+    y.backward()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * first, rtol=1e-15)
+
+
+def test_default_backward_frees_the_graph_and_a_second_backward_raises():
+    x = t64([1.0, 2.0])
+    y = (x * x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="already freed.*retain_graph=True"):
+        y.backward()
+    # a graph that shares a freed part with a new branch raises too
+    h = x * 2.0
+    h.sum().backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        (h * 3.0).sum().backward()
+
+
+def test_backward_releases_saved_arrays_and_intermediates():
+    x = t64(np.ones(4))
+    y = x * 2.0
+    fn = y.creator
+    y_ref = weakref.ref(y)
+    z = y.exp().sum()
+    del y
+    assert y_ref() is not None  # still held by the graph (z -> Exp -> inputs)
+    assert hasattr(fn, "saved")
+    z.backward()
+    assert not hasattr(fn, "saved") and not hasattr(fn, "inputs")
+    assert y_ref() is None  # freeing the graph released the intermediate tensor
+    np.testing.assert_allclose(x.grad.numpy(), 2 * np.exp(2.0), rtol=1e-15)
+
+
+def test_intermediate_tensors_get_no_grad():
+    x = t64([1.0, 2.0])
+    y = x * 3.0
+    z = y * y
+    z.sum().backward()
+    assert y.grad is None and z.grad is None
+    np.testing.assert_allclose(x.grad.numpy(), 18 * x.numpy(), rtol=1e-15)
+
+
+def test_retain_graph_keeps_saved_arrays():
+    x = t64([1.0, 2.0])
+    y = x * x
+    y.sum().backward(retain_graph=True)
+    assert hasattr(y.creator, "saved")
+
+
+def test_functions_hold_outputs_weakly():
+    x = t64([1.0, 2.0])
+    y = x * 2.0
+    fn = y.creator
+    y_ref = weakref.ref(y)
+    del y  # an unused branch: nothing else holds the output
+    assert y_ref() is None
+    assert fn.outputs[0]() is None
+
+
+def test_deleted_intermediate_is_still_backpropagated_through():
+    x = t64([0.5, -1.0])
+    y = x * 3.0
+    z = F.tanh(y)
+    w = z * y  # y used twice, then dropped by the user
+    del y, z
+    gc.collect()
+    w.sum().backward()
+    t = np.tanh(3 * x.numpy())
+    expected = 3 * ((1 - t ** 2) * 3 * x.numpy() + t)
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-14)
+
+
+# ----------------------------------------------------------------------------- graph shapes
+
+def test_diamond_graph_sums_gradients():
+    x = t64([1.0, -2.0])
+    a = x * x          # branch 1
+    b = x * 3.0        # branch 2
+    (a + b).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * x.numpy() + 3, rtol=1e-15)
+    x.zero_grad()
+    (x * x * x).sum().backward()  # same tensor twice in one op, then again
+    np.testing.assert_allclose(x.grad.numpy(), 3 * x.numpy() ** 2, rtol=1e-15)
+
+
+def test_topological_order_with_branches_of_different_depth():
+    Counting.calls = 0
+    x = t64([0.3, 0.7])
+    a = Counting()(x)                        # used by both branches below
+    long = ((a.exp() * 2.0).tanh() + 1.0) * a  # deep branch (uses a twice)
+    short = a * 5.0                          # shallow branch
+    out = (long + short).sum()
+    out.backward()
+    # `a`'s function runs once, after *both* branches delivered their gradient
+    assert Counting.calls == 1
+    xv = x.numpy()
+    t = np.tanh(2 * np.exp(xv))
+    expected = (1 - t ** 2) * 2 * np.exp(xv) * xv + t + 1 + 5
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-14)
+
+
+def test_multi_output_function_with_an_unused_output():
+    class Split(Function):
+        def forward(self, x):
+            return x[:2].copy(), x[2:].copy()
+
+        def backward(self, g1, g2):
+            return np.concatenate([g1, g2])
+
+    x = t64([1.0, 2.0, 3.0, 4.0])
+    first, _second = Split()(x)
+    (first * 10.0).sum().backward()
+    # the unused output's gradient arrives as zeros of its shape and dtype
+    np.testing.assert_array_equal(x.grad.numpy(), [10.0, 10.0, 0.0, 0.0])
+
+
+def test_backward_returning_the_wrong_number_of_gradients_raises():
+    class Bad(Function):
+        def forward(self, a, b):
+            return a + b
+
+        def backward(self, gy):
+            return gy
+
+    y = Bad()(t64([1.0]), t64([2.0]))
+    with pytest.raises(RuntimeError, match="returned 1 gradients for 2 inputs"):
+        y.backward()
+
+
+def test_only_inputs_that_require_grad_get_gradients():
+    a = t64([1.0, 2.0])
+    b = t64([3.0, 4.0], requires_grad=False)
+    (a * b).sum().backward()
+    assert b.grad is None
+    np.testing.assert_array_equal(a.grad.numpy(), [3.0, 4.0])
+
+
+# ----------------------------------------------------------------------------- backward args
+
+def test_non_scalar_backward_without_grad_raises():
+    y = t64([1.0, 2.0]) * 2.0
+    with pytest.raises(RuntimeError, match=r"one-element output; got shape \(2,\)"):
+        y.backward()
+
+
+def test_one_element_non_scalar_backward_defaults_to_ones():
+    x = t64([[3.0]])
+    (x * 2.0).backward()
+    assert x.grad.shape == (1, 1) and x.grad.item() == 2.0
+
+
+def test_backward_with_wrong_grad_shape_raises():
+    y = t64([1.0, 2.0]) * 2.0
+    with pytest.raises(ValueError, match=r"output's shape \(2,\); got \(3,\)"):
+        y.backward(np.ones(3))
+    with pytest.raises(ValueError, match="output's shape"):
+        y.backward(diagnet.tensor(np.ones((2, 1))))
+
+
+def test_backward_with_explicit_grad():
+    x = t64([1.0, 2.0])
+    (x * x).backward(diagnet.tensor([1.0, -1.0]))  # float32 seed is cast to the output dtype
+    assert x.grad.dtype == np.float64
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, -4.0])
+
+
+def test_backward_on_a_leaf():
+    x = t64([1.0, 2.0])
+    x.backward(np.array([3.0, 4.0]))
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 4.0])
+
+
+def test_backward_without_requires_grad_raises():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        diagnet.tensor(1.0).backward()
+
+
+# ----------------------------------------------------------------------------- Tensor basics
+
+def test_detach_cuts_the_graph_and_shares_data():
+    x = t64([1.0, 2.0])
+    y = x * 2.0
+    d = y.detach()
+    assert not d.requires_grad and d.is_leaf and d.creator is None
+    assert d.data is y.data
+    (d * x).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 4.0])  # nothing through d
+
+
+def test_item():
+    assert diagnet.tensor(2.5).item() == 2.5
+    assert isinstance(diagnet.tensor([[4.0]]).item(), float)
+    assert diagnet.tensor([7]).item() == 7 and isinstance(diagnet.tensor([7]).item(), int)
+    with pytest.raises(ValueError, match=r"one element; got shape \(2,\)"):
+        diagnet.tensor([1.0, 2.0]).item()
+
+
+def test_numpy_returns_a_copy():
+    x = diagnet.tensor([1.0, 2.0])
+    a = x.numpy()
+    a[0] = 99.0
+    assert x.numpy()[0] == 1.0
+    assert not np.shares_memory(x.numpy(), x.data)
+    assert x.tolist() == [1.0, 2.0]
+
+
+def test_tensor_constructor_copies_but_Tensor_wraps():
+    a = np.array([1.0, 2.0])
+    t = diagnet.tensor(a)
+    a[0] = 5.0
+    assert t.numpy()[0] == 1.0
+    src = diagnet.tensor([1.0, 2.0])
+    assert diagnet.tensor(src).data is not src.data
+
+
+def test_to_cpu():
+    x = diagnet.tensor([1.0, 2.0], requires_grad=True)
+    assert x.device == "cpu"
+    assert x.to("cpu") is x and x.cpu() is x
+    assert F.to_device(x, "CPU") is x
+
+
+def test_requires_grad_flag_and_leaf_properties():
+    x = diagnet.tensor([1.0, 2.0])
+    assert not x.requires_grad and x.is_leaf and x.grad is None
+    assert x.requires_grad_() is x and x.requires_grad
+    x.requires_grad_(False)
+    assert not x.requires_grad
+    assert x.shape == (2,) and x.ndim == 1 and x.size == 2 and len(x) == 2
+
+
+def test_comparisons_give_bool_tensors_without_grad():
+    x = t64([1.0, 2.0, 3.0])
+    for m in (x > 2.0, x >= 2.0, x < 2.0, x <= 2.0, x.eq(2.0), x > t64([0.0, 5.0, 1.0])):
+        assert m.dtype == bool and not m.requires_grad
+    np.testing.assert_array_equal((x > 1.5).numpy(), [False, True, True])
+
+
+def test_repr():
+    r = repr(t64([1.0, 2.0]))
+    assert r.startswith("tensor([1., 2.]") and "float64" in r and "requires_grad=True" in r
+
+
+def test_generation_increases_along_the_graph():
+    x = t64([1.0])
+    y = x * 2.0
+    z = y + x
+    assert x.generation == 0 and y.generation == 1 and z.generation == 2
+
+
+def test_custom_function_needs_input_grad():
+    seen = {}
+
+    class Probe(Function):
+        def forward(self, a, b):
+            return a * b
+
+        def backward(self, gy):
+            seen["needs"] = self.needs_input_grad
+            return gy, gy
+
+    Probe()(t64([1.0]), t64([2.0], requires_grad=False)).backward()
+    assert seen["needs"] == (True, False)
+
+
+def test_ndarray_on_the_left_of_an_operator_defers_to_tensor():
+    x = t64([1.0, 2.0])
+    for y in (np.array([1.0, 1.0]) + x, np.array([2.0, 2.0]) * x, np.ones((2, 2)) @ x):
+        assert isinstance(y, Tensor) and y.requires_grad

@@ -1,0 +1,208 @@
+"""Device selection and the NumPy/CuPy backend.
+
+The CPU tests hold on any machine: those about a missing CuPy simulate it (``cupy`` set to
+``None`` in ``sys.modules``, which makes ``import cupy`` raise ImportError), so they also
+pass where CuPy is installed. The GPU tests at the end run only with CuPy and a device.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import scipy.special as sp
+
+import diagnet
+from diagnet import backend
+from diagnet import functional as F
+from helpers import GRADCHECK_TOL, t64
+
+requires_gpu = pytest.mark.skipif(not diagnet.cuda_available(), reason="needs CuPy and a CUDA device")
+
+
+@pytest.fixture
+def no_env_device(monkeypatch):
+    monkeypatch.delenv(backend.ENV_DEVICE, raising=False)
+
+
+@pytest.fixture
+def without_cupy(monkeypatch, no_env_device):
+    """Behave as on a machine where CuPy is not installed."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    backend._cupy_probe.cache_clear()
+    yield
+    monkeypatch.undo()
+    backend._cupy_probe.cache_clear()
+
+
+# ----------------------------------------------------------------------------- device choice
+
+def test_default_device_on_this_machine(no_env_device):
+    expected = "cuda" if diagnet.cuda_available() else "cpu"
+    assert diagnet.default_device() == expected
+    assert diagnet.tensor([1.0]).device == expected
+
+
+def test_default_device_is_cpu_without_cupy(without_cupy):
+    assert not diagnet.cuda_available()
+    assert diagnet.default_device() == "cpu"
+    assert diagnet.tensor([1.0]).device == "cpu"
+    assert "CuPy is not installed" in backend.cuda_unavailable_reason()
+
+
+def test_env_cpu_is_respected(monkeypatch):
+    monkeypatch.setenv(backend.ENV_DEVICE, "cpu")
+    assert diagnet.default_device() == "cpu"
+    x = diagnet.tensor([1.0, 2.0])
+    assert x.device == "cpu" and isinstance(x.data, np.ndarray)
+    monkeypatch.setenv(backend.ENV_DEVICE, " CPU ")  # case and spaces are forgiven
+    assert diagnet.default_device() == "cpu"
+
+
+def test_env_cuda_without_cupy_raises_with_the_reason(without_cupy, monkeypatch):
+    monkeypatch.setenv(backend.ENV_DEVICE, "cuda")
+    with pytest.raises(RuntimeError, match="device 'cuda' was requested but is not available: "
+                                           "CuPy is not installed"):
+        diagnet.default_device()
+    with pytest.raises(RuntimeError, match="CuPy is not installed"):
+        diagnet.tensor([1.0])
+
+
+def test_explicit_cuda_without_cupy_raises_with_the_reason(without_cupy):
+    with pytest.raises(RuntimeError, match="CuPy is not installed"):
+        diagnet.tensor([1.0], device="cuda")
+    x = diagnet.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="CuPy is not installed"):
+        x.to("cuda")
+    with pytest.raises(RuntimeError, match="CuPy is not installed"):
+        x.cuda()
+    with pytest.raises(RuntimeError, match="CuPy is not installed"):
+        F.to_device(x, "cuda:0")
+
+
+@pytest.mark.skipif(diagnet.cuda_available(), reason="CUDA is available here")
+def test_cuda_unavailable_here_raises_runtime_error_naming_why(no_env_device):
+    reason = backend.cuda_unavailable_reason()
+    assert reason  # a non-empty explanation
+    with pytest.raises(RuntimeError, match="not available") as info:
+        diagnet.tensor([1.0]).to("cuda")
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda1", "", "mps"])
+def test_invalid_device_name_raises_value_error_naming_it(name, monkeypatch, no_env_device):
+    with pytest.raises(ValueError, match=f"one of \\('cpu', 'cuda'\\); got '{name}'"):
+        diagnet.tensor([1.0], device=name)
+    with pytest.raises(ValueError, match=f"got '{name}'"):
+        diagnet.tensor([1.0]).to(name)
+    if name:  # an empty variable counts as unset
+        monkeypatch.setenv(backend.ENV_DEVICE, name)
+        with pytest.raises(ValueError, match=f"got '{name}'"):
+            diagnet.default_device()
+
+
+def test_device_must_be_a_string():
+    with pytest.raises(TypeError, match="device must be a str.*got int"):
+        diagnet.tensor([1.0], device=0)
+
+
+def test_check_device_normalises_names():
+    assert backend.check_device("CPU") == "cpu"
+    assert backend.check_device("cuda:0") == "cuda"
+    assert backend.check_device("gpu") == "cuda"
+    assert backend.check_device("cuda") == "cuda"
+
+
+# ----------------------------------------------------------------------------- array modules
+
+def test_get_array_module_on_the_cpu():
+    a = np.zeros(3)
+    assert diagnet.get_array_module(a) is np
+    assert diagnet.get_array_module(diagnet.tensor(a)) is np
+    assert diagnet.get_array_module(a, diagnet.tensor([1.0]), 3.0, [1, 2]) is np
+    assert diagnet.get_array_module() is np
+
+
+def test_get_array_module_without_cupy(without_cupy):
+    assert diagnet.get_array_module(np.zeros(2), diagnet.tensor([1.0])) is np
+
+
+def test_cpu_helpers():
+    a = np.arange(3.0)
+    assert backend.device_of(a) == "cpu" and backend.device_of(1.0) == "cpu"
+    assert backend.to_device(a, "cpu") is a
+    assert backend.to_numpy(a) is a
+    assert backend.xp_for("cpu") is np
+    backend.synchronize("cpu")  # no-op
+    x = np.linspace(-3, 3, 13)
+    np.testing.assert_allclose(backend.erf(x), sp.erf(x), rtol=1e-15)
+
+
+def test_cuda_available_agrees_with_the_reason():
+    assert isinstance(diagnet.cuda_available(), bool)
+    assert diagnet.cuda_available() == (backend.cuda_unavailable_reason() == "")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_default_device_and_array_module(no_env_device):
+    import cupy
+
+    assert diagnet.default_device() == "cuda"
+    x = diagnet.tensor([1.0, 2.0])
+    assert x.device == "cuda" and isinstance(x.data, cupy.ndarray)
+    assert diagnet.get_array_module(x) is cupy and diagnet.get_array_module(x.data) is cupy
+    assert diagnet.get_array_module(np.zeros(1), x) is cupy
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_env_cpu_overrides(monkeypatch):
+    monkeypatch.setenv(backend.ENV_DEVICE, "cpu")
+    assert diagnet.tensor([1.0]).device == "cpu"
+    assert diagnet.tensor([1.0], device="cuda").device == "cuda"
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_to_device_round_trip_is_differentiable():
+    x = t64([1.0, -2.0, 3.0])
+    y = x.to("cuda")
+    assert y.device == "cuda" and y.requires_grad
+    z = (y * y).to("cpu")
+    assert z.device == "cpu"
+    z.sum().backward()
+    assert x.grad.device == "cpu"
+    np.testing.assert_allclose(x.grad.numpy(), 2 * x.numpy(), rtol=1e-15)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_ops_match_cpu_and_gradcheck():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    labels = np.array([0, 1, 0])
+
+    def model(p, q):
+        return F.cross_entropy(F.gelu(p @ q) * 2.0, labels, label_smoothing=0.1)
+
+    cpu = [t64(a), t64(b)]
+    gpu = [t64(a).detach().to("cuda").requires_grad_(), t64(b).detach().to("cuda").requires_grad_()]
+    lc, lg = model(*cpu), model(*gpu)
+    np.testing.assert_allclose(lg.item(), lc.item(), rtol=1e-12)
+    lc.backward()
+    lg.backward()
+    for c, g in zip(cpu, gpu):
+        assert g.grad.device == "cuda"
+        np.testing.assert_allclose(g.grad.numpy(), c.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert diagnet.gradcheck(model, *gpu, **GRADCHECK_TOL)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_mixed_devices_raise():
+    with pytest.raises(ValueError, match="different devices"):
+        diagnet.tensor([1.0], device="cuda") + diagnet.tensor([1.0], device="cpu")

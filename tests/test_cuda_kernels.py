@@ -1,0 +1,711 @@
+"""The CUDA kernels (kernels/*.cu) and their launcher (diagnet.diag.cuda), checked without a GPU.
+
+Three layers:
+
+* **nvcc** compiles every ``kernels/*.cu`` for sm_80 and sm_90 with warnings as errors and
+  ``ptxas -v``; the registers, spills and shared memory of each kernel are parsed and printed
+  (``pytest -s``), and a spill or stack frame fails the test. Skipped where nvcc is absent.
+* **SIMT emulation**: ``tests/simt/harness.cpp`` #includes the real ``kernels/diag_linear.cu``
+  after a shim that maps blocks to teams of std::threads (see ``tests/simt/cuda_shim.h``). The
+  tests swap CuPy for a small fake whose ``RawModule`` builds the harness with g++ (with the
+  launcher's own ``-D`` options, under AddressSanitizer and UBSan) and whose kernels run in it.
+  So the *real launcher* runs end to end: argument checks, int32/int64 scalar casts, the grid
+  from `launch_config`, the two-pass value grad. Results are compared with
+  `diagnet.diag.reference`. Skipped where g++ is absent.
+* **GPU** (marked ``gpu``): the same comparisons with real CuPy; skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diagnet import backend
+from diagnet.diag import cuda, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DIR = ROOT / "kernels"
+SIMT_DIR = Path(__file__).resolve().parent / "simt"
+KERNEL_SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
+
+NVCC = shutil.which("nvcc")
+GXX = shutil.which("g++")
+ARCHS = ("sm_80", "sm_90")
+
+# Entry points the launcher calls, per dtype.
+KERNEL_BASES = ("diag_forward", "diag_input_grad", "diag_value_grad", "diag_value_grad_reduce")
+EXPECTED_KERNELS = {f"{base}_{sfx}" for base in KERNEL_BASES for sfx in ("f32", "f64")}
+
+# Tiny tiles keep the emulated thread count low and make every shape ragged: odd rows per
+# thread, offset chunks smaller than K, a value-grad KPT that does not divide K, and batch
+# splits with the reduction pass from a few rows on.
+SMALL = cuda.KernelConfig(gather_block_x=8, gather_block_y=2, gather_rows=3, offset_chunk=3,
+                          min_blocks_per_sm=1, vg_block_x=8, vg_block_y=4, vg_kpt=3,
+                          reduce_block=16, vg_target_blocks=64, vg_min_batch_per_split=3)
+# The same compiled kernels with the grids capped at 2 blocks in y (and in the reduction), so
+# that the grid-stride loops over batch tiles, diagonal groups and partial sums run.
+STRIDED = dataclasses.replace(SMALL, max_grid_y=2, max_reduce_blocks=2)
+CONFIGS = {"small": SMALL, "strided": STRIDED, "default": cuda.DEFAULT_CONFIG}
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not on PATH")
+needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH: cannot build the SIMT emulation harness")
+
+
+# =====================================================================================
+# nvcc: compile, warnings as errors, registers and spills
+# =====================================================================================
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+
+
+def parse_ptxas(output: str) -> dict[str, dict[str, int]]:
+    """Per kernel: registers, spill stores/loads, stack frame and static shared memory."""
+    kernels: dict[str, dict[str, int]] = {}
+    current = None
+    for line in output.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = kernels.setdefault(m.group(1), {"arch": m.group(2)})
+        elif current is not None and (m := _PTXAS_FRAME.search(line)):
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                           spill_loads=int(m.group(3)))
+        elif current is not None and (m := _PTXAS_USED.search(line)):
+            current.update(registers=int(m.group(1)), barriers=int(m.group(2) or 0),
+                           smem=int(m.group(3) or 0))
+    return kernels
+
+
+def nvcc_compile(source: Path, arch: str, defines=(), outdir: Path | None = None):
+    outdir = Path(tempfile.mkdtemp()) if outdir is None else outdir
+    cmd = [NVCC, "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-Werror", "all-warnings",
+           *defines, "-o", str(outdir / f"{source.stem}.{arch}.cubin"), str(source)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return res, parse_ptxas(res.stdout + res.stderr)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def nvcc_build(request, tmp_path_factory):
+    """Every kernels/*.cu compiled once for one arch with the launcher's default constants."""
+    if NVCC is None:
+        pytest.skip("nvcc (CUDA toolkit) is not on PATH")
+    arch = request.param
+    outdir = tmp_path_factory.mktemp(f"nvcc_{arch}")
+    builds = {src.name: nvcc_compile(src, arch, cuda.DEFAULT_CONFIG.defines(), outdir)
+              for src in KERNEL_SOURCES}
+    return arch, builds
+
+
+def _report(arch, kernels) -> str:
+    rows = [f"{'arch':6} {'kernel':28} {'regs':>4} {'spill st':>8} {'spill ld':>8} "
+            f"{'stack':>5} {'smem':>6}"]
+    for name, k in sorted(kernels.items()):
+        rows.append(f"{arch:6} {name:28} {k.get('registers', -1):>4} {k.get('spill_stores', -1):>8} "
+                    f"{k.get('spill_loads', -1):>8} {k.get('stack', -1):>5} {k.get('smem', 0):>6}")
+    return "\n".join(rows)
+
+
+@needs_nvcc
+def test_kernel_sources_exist():
+    assert "diag_linear.cu" in [p.name for p in KERNEL_SOURCES]
+
+
+@needs_nvcc
+def test_nvcc_compiles_without_warnings(nvcc_build):
+    arch, builds = nvcc_build
+    for name, (res, _) in builds.items():
+        assert res.returncode == 0, f"nvcc -arch={arch} {name} failed:\n{res.stderr}"
+        assert "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+
+
+@needs_nvcc
+def test_nvcc_no_spills_and_resource_report(nvcc_build, record_property):
+    arch, builds = nvcc_build
+    kernels = {}
+    for _, (res, parsed) in builds.items():
+        assert res.returncode == 0, res.stderr
+        kernels.update(parsed)
+    print("\n" + _report(arch, kernels))
+    record_property(f"ptxas_{arch}", {k: dict(v) for k, v in kernels.items()})
+    assert EXPECTED_KERNELS <= set(kernels), f"missing entry points: {EXPECTED_KERNELS - set(kernels)}"
+    for name, k in kernels.items():
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{arch} {name} spills: {k}"
+        assert k["stack"] == 0, f"{arch} {name} uses a stack frame: {k}"
+        assert k["smem"] <= 48 * 1024, f"{arch} {name} needs more than 48 KiB static smem: {k}"
+    # __launch_bounds__(256, DIAG_MIN_BLOCKS_PER_SM) must hold the registers to 65536 / (256 * min)
+    cfg = cuda.DEFAULT_CONFIG
+    cap = 65536 // (cfg.gather_block_x * cfg.gather_block_y * cfg.min_blocks_per_sm)
+    for name in ("diag_forward", "diag_input_grad"):
+        for sfx in ("f32", "f64"):
+            assert kernels[f"{name}_{sfx}"]["registers"] <= cap
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nvcc_compiles_launcher_options(dtype, tmp_path):
+    """The exact per-dtype options the launcher gives NVRTC compile, for the test tiles too."""
+    src = KERNEL_DIR / cuda.KERNEL_FILE
+    config = SMALL if dtype is np.float32 else cuda.DEFAULT_CONFIG
+    res, parsed = nvcc_compile(src, "sm_90", cuda.compile_options(dtype, config), tmp_path)
+    assert res.returncode == 0, res.stderr
+    sfx = "f32" if dtype is np.float32 else "f64"
+    assert set(parsed) == {f"{base}_{sfx}" for base in KERNEL_BASES}
+
+
+def test_config_defaults_match_source():
+    """The #ifndef defaults in the .cu equal KernelConfig's defaults (and every one is passed)."""
+    text = (KERNEL_DIR / cuda.KERNEL_FILE).read_text()
+    defaults = {name: int(value) for name, value in
+                re.findall(r"#ifndef (DIAG_\w+)\s*\n#define \1 (\d+)", text)}
+    expected = {macro: getattr(cuda.DEFAULT_CONFIG, field) for field, macro in cuda.COMPILED_FIELDS.items()}
+    expected.update(DIAG_ENABLE_F32=1, DIAG_ENABLE_F64=1)
+    assert defaults == expected
+
+
+def test_launcher_has_no_direct_cupy_import():
+    src = (ROOT / "diagnet" / "diag" / "cuda.py").read_text()
+    assert not re.search(r"^\s*(import cupy|from cupy)", src, re.M)
+
+
+def test_import_and_clear_error_without_cupy():
+    if backend.cuda_available():
+        pytest.skip("CuPy and a GPU are present")
+    with pytest.raises(RuntimeError, match="CuPy"):
+        cuda.forward(np.zeros((1, 2), np.float32), np.zeros(1, np.int32),
+                     np.zeros((1, 2), np.float32), 2)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("B,m,n,K", [(1, 1, 1, 1), (3, 7, 5, 2), (10**6, 4096, 1024, 4096),
+                                     (2**21, 64, 4096, 4096), (5, 70000, 3, 70000),
+                                     (7, 3, 300000, 300000), (2**31 - 1, 16, 16, 16)])
+def test_launch_config_respects_cuda_limits_and_covers_outputs(config, B, m, n, K):
+    L = min(m, n)
+    for kind, n_out in (("forward", m), ("input_grad", n)):
+        p = cuda.launch_config(kind, B, m, n, K, config)
+        assert p.block == (config.gather_block_x, config.gather_block_y, 1)
+        assert 1 <= p.grid[0] <= cuda.MAX_GRID_X and 1 <= p.grid[1] <= config.max_grid_y
+        assert p.grid[2] == 1 and p.grid[0] * p.block[0] >= n_out
+        assert p.grid[0] * p.block[0] - n_out < p.block[0]  # no fully idle column blocks
+    p = cuda.launch_config("value_grad", B, m, n, K, config)
+    assert p.grid[0] * config.vg_block_x >= L and 1 <= p.grid[1] <= config.max_grid_y
+    assert 1 <= p.splits == p.grid[2] <= cuda.MAX_GRID_YZ
+    assert p.splits * p.batch_per_split >= B > (p.splits - 1) * p.batch_per_split
+    assert p.batch_per_split <= 2**31 - 1
+    if p.splits > 1:
+        assert 1 <= p.reduce_grid[0] <= config.max_reduce_blocks and p.reduce_block[0] <= 1024
+    with pytest.raises(ValueError):
+        cuda.launch_config("backward", B, m, n, K, config)
+
+
+def test_launch_config_rejects_sizes_the_kernels_cannot_index():
+    with pytest.raises(ValueError, match="m \\+ n must be < 2\\*\\*31"):
+        cuda.launch_config("forward", 1, 2**30, 2**30, 1)
+    with pytest.raises(ValueError, match="positive sizes"):
+        cuda.launch_config("value_grad", 0, 3, 3, 1)
+
+
+def test_kernel_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        cuda.KernelConfig(vg_block_y=6)
+    with pytest.raises(ValueError, match="1024"):
+        cuda.KernelConfig(gather_block_x=64, gather_block_y=32)
+    with pytest.raises(ValueError, match="positive"):
+        cuda.KernelConfig(offset_chunk=0)
+
+
+# =====================================================================================
+# SIMT emulation: g++ harness + a fake CuPy driving the real launcher
+# =====================================================================================
+
+_SANITIZERS = {
+    "asan": ["-g1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    "tsan": ["-g1", "-fsanitize=thread"],
+    "tsan-broken-sync": ["-g1", "-fsanitize=thread", "-DSIMT_BROKEN_SYNCTHREADS"],
+    "plain": [],
+}
+_SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=86",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    "TSAN_OPTIONS": "halt_on_error=0:exitcode=66",
+}
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+class HarnessBuilder:
+    """Builds tests/simt/harness.cpp once per (options, flavor), in parallel when asked."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self._lock = threading.Lock()
+        self._futures: dict = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+        self._count = 0
+        self.flavor = "asan"  # what the correctness tests use; "plain" where ASan cannot run
+
+    def command(self, options, flavor, out: Path):
+        for opt in options:
+            if not opt.startswith("-D"):
+                raise AssertionError(f"the launcher passed a non -D option {opt!r} to RawModule")
+        return [GXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror",
+                "-Wno-unknown-pragmas", *_SANITIZERS[flavor], f"-I{SIMT_DIR}", f"-I{KERNEL_DIR}",
+                *options, str(SIMT_DIR / "harness.cpp"), "-o", str(out)]
+
+    def _build(self, options, flavor):
+        with self._lock:
+            self._count += 1
+            out = self.workdir / f"harness_{flavor}_{self._count}"
+        res = subprocess.run(self.command(options, flavor, out), capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            raise HarnessError(f"g++ failed to build the harness ({flavor}):\n{res.stderr}")
+        return out
+
+    def submit(self, options, flavor="asan"):
+        key = (tuple(options), flavor)
+        with self._lock:
+            if key not in self._futures:
+                self._futures[key] = self._pool.submit(self._build, tuple(options), flavor)
+            return self._futures[key]
+
+    def build(self, options, flavor="asan") -> Path:
+        return self.submit(options, flavor).result()
+
+
+_DTYPE_CODE = {np.dtype(np.float32): b"f", np.dtype(np.float64): b"d",
+               np.dtype(np.int32): b"i", np.dtype(np.int64): b"q"}
+
+
+def run_harness(binary: Path, name: str, grid, block, args, workdir: Path):
+    """One emulated launch; returns {argument index: output bytes}."""
+    parts = [b"DIAGSIM1", struct.pack("<I", len(name)), name.encode(),
+             struct.pack("<6I", *grid, *block), struct.pack("<I", len(args))]
+    for i, a in enumerate(args):
+        if isinstance(a, np.ndarray):
+            if not a.flags.c_contiguous:
+                raise AssertionError(f"kernel argument {i} is not C-contiguous")
+            if a.dtype not in _DTYPE_CODE:
+                raise AssertionError(f"kernel argument {i} has unsupported dtype {a.dtype}")
+            parts += [b"A", _DTYPE_CODE[a.dtype], struct.pack("<Q", a.nbytes), a.tobytes()]
+        elif isinstance(a, np.int32):
+            parts += [b"i", struct.pack("<i", int(a))]
+        elif isinstance(a, np.int64):
+            parts += [b"l", struct.pack("<q", int(a))]
+        else:
+            # CuPy would pass a Python int as a 64-bit long long without checking it against
+            # the kernel's parameter types: the launcher must cast explicitly.
+            raise AssertionError(f"kernel argument {i} is {type(a).__name__} {a!r}; "
+                                 "pass np.int32/np.int64 scalars or arrays")
+    fd, problem = tempfile.mkstemp(dir=workdir, suffix=".prob")
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(parts))
+    result = problem[:-5] + ".out"
+    try:
+        res = subprocess.run([str(binary), problem, result], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, **_SANITIZER_ENV})
+        if res.returncode != 0:
+            raise HarnessError(f"{binary.name} {name} grid={grid} block={block} exited with "
+                               f"{res.returncode}:\n{res.stderr[-6000:]}")
+        data = Path(result).read_bytes()
+    finally:
+        for p in (problem, result):
+            if os.path.exists(p):
+                os.unlink(p)
+    outputs, pos = {}, 0
+    while pos < len(data):
+        index, nbytes = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        outputs[index] = data[pos:pos + nbytes]
+        pos += nbytes
+    return outputs
+
+
+class DeviceArray(np.ndarray):
+    """Stands for a ``cupy.ndarray``: a NumPy array the fake treats as GPU memory."""
+
+
+class FakeCupy:
+    """The part of CuPy the launcher may use; kernels run in the SIMT harness."""
+
+    ndarray = DeviceArray
+
+    def __init__(self, builder: HarnessBuilder, workdir: Path, flavor: str = "asan"):
+        self.builder, self.workdir, self.flavor = builder, workdir, flavor
+        self.launches: list[tuple[str, tuple, tuple]] = []
+        self.compiles: list[tuple[str, ...]] = []
+
+    @staticmethod
+    def _device(a):
+        return a if isinstance(a, DeviceArray) else a.view(DeviceArray)
+
+    def asarray(self, a, dtype=None):
+        return self._device(np.array(a, dtype=dtype, copy=True))
+
+    def ascontiguousarray(self, a, dtype=None):
+        return self._device(np.ascontiguousarray(a, dtype=dtype))
+
+    def empty(self, shape, dtype=np.float64):
+        a = np.empty(shape, dtype)
+        # GPU memory is not zeroed: poison it so that an output a kernel forgets is caught
+        a[...] = np.nan if a.dtype.kind == "f" else -12345
+        return self._device(a)
+
+    def zeros(self, shape, dtype=np.float64):
+        return self._device(np.zeros(shape, dtype))
+
+    def RawModule(self, code=None, options=(), **kwargs):  # noqa: N802 (CuPy's name)
+        unexpected = set(kwargs) - {"backend", "name_expressions", "jitify"}
+        assert not unexpected, f"unexpected RawModule arguments {unexpected}"
+        assert code == (KERNEL_DIR / cuda.KERNEL_FILE).read_text(), \
+            "the launcher must compile the shipped kernels/diag_linear.cu unchanged"
+        self.compiles.append(tuple(options))
+        return FakeModule(self, self.builder.build(tuple(options), self.flavor))
+
+
+class FakeModule:
+    def __init__(self, fake: FakeCupy, binary: Path):
+        self.fake, self.binary = fake, binary
+
+    def get_function(self, name):
+        return FakeKernel(self, name)
+
+
+class FakeKernel:
+    def __init__(self, module: FakeModule, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, grid, block, args, shared_mem=0, **kwargs):
+        assert shared_mem == 0 and not kwargs
+        for dims in (grid, block):
+            assert isinstance(dims, tuple) and len(dims) == 3
+            assert all(isinstance(d, int) and not isinstance(d, bool) for d in dims), dims
+        self.module.fake.launches.append((self.name, grid, block))
+        outputs = run_harness(self.module.binary, self.name, grid, block, args, self.module.fake.workdir)
+        for index, data in outputs.items():
+            a = args[index]
+            a[...] = np.frombuffer(data, dtype=a.dtype).reshape(a.shape)
+
+
+@pytest.fixture(scope="session")
+def harness_builder(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ is not on PATH: cannot build the SIMT emulation harness")
+    builder = HarnessBuilder(tmp_path_factory.mktemp("simt"))
+    # start every build the session needs at once (the cores compile in parallel)
+    for config in (SMALL, cuda.DEFAULT_CONFIG):
+        for dtype in (np.float32, np.float64):
+            builder.submit(cuda.compile_options(dtype, config), builder.flavor)
+    reason = _binary_unusable(builder, "asan")
+    if reason:
+        # Still emulate, just without out-of-bounds detection.
+        warnings.warn(f"SIMT harness runs without AddressSanitizer: {reason}")
+        builder.flavor = "plain"
+    yield builder
+    builder._pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def make_fake(harness_builder, tmp_path, monkeypatch):
+    """Install a FakeCupy as the launcher's CuPy; returns a factory taking the flavor."""
+    installed = []
+
+    def install(flavor="asan"):
+        fake = FakeCupy(harness_builder, tmp_path, flavor)
+        monkeypatch.setattr(cuda, "_cupy", lambda: fake)
+        cuda.clear_cache()
+        installed.append(fake)
+        return fake
+
+    yield install
+    cuda.clear_cache()
+
+
+@pytest.fixture
+def fake(make_fake, harness_builder):
+    return make_fake(harness_builder.flavor)
+
+
+# ---- problems ---------------------------------------------------------------------------
+
+# (m, n, B, K); K = None means all P diagonals.
+CASES = [
+    (1, 1, 1, 1),        # 1x1
+    (1, 9, 2, 4),        # one output: L = 1, wide
+    (9, 1, 3, None),     # one input: L = 1, tall, K = P
+    (5, 5, 4, None),     # square, K = P
+    (7, 3, 5, 2),        # tall
+    (3, 7, 5, 2),        # wide
+    (31, 31, 1, 1),      # batch 1, K = 1
+    (37, 53, 13, 11),    # primes, wide, ragged everywhere
+    (53, 37, 17, None),  # primes, tall, K = P
+    (16, 24, 24, 6),     # sizes that are multiples of the small tiles
+    (29, 29, 23, 9),     # square prime
+    (2, 64, 40, None),   # very wide, K = P = 64, value grad splits the batch
+]
+
+
+def case_id(case):
+    m, n, B, K = case
+    return f"{m}x{n}-B{B}-K{'P' if K is None else K}"
+
+
+def make_problem(case, dtype, seed=0):
+    m, n, B, K = case
+    P = max(m, n)
+    rng = np.random.default_rng([seed, m, n, B, P if K is None else K])
+    offsets = np.arange(P) if K is None else np.sort(rng.choice(P, size=K, replace=False))
+    K = len(offsets)
+    return dict(
+        m=m, n=n, B=B, K=K,
+        x=rng.standard_normal((B, n)).astype(dtype),
+        dy=rng.standard_normal((B, m)).astype(dtype),
+        offsets=offsets.astype(np.int64),
+        values=rng.standard_normal((K, min(m, n))).astype(dtype),
+    )
+
+
+def expected(kind, p):
+    if kind == "forward":
+        return reference.forward(p["x"], p["offsets"], p["values"], p["m"])
+    if kind == "input_grad":
+        return reference.input_grad(p["dy"], p["offsets"], p["values"], p["n"])
+    return reference.value_grad(p["dy"], p["x"], p["offsets"])
+
+
+def launch(kind, p, dev, config):
+    if kind == "forward":
+        return cuda.forward(dev(p["x"]), dev(p["offsets"]), dev(p["values"]), p["m"], config=config)
+    if kind == "input_grad":
+        return cuda.input_grad(dev(p["dy"]), dev(p["offsets"]), dev(p["values"]), p["n"], config=config)
+    return cuda.value_grad(dev(p["dy"]), dev(p["x"]), dev(p["offsets"]), config=config)
+
+
+def assert_matches(kind, got, p):
+    want = expected(kind, p)
+    got = backend.to_numpy(got) if not isinstance(got, np.ndarray) else np.asarray(got)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    terms = p["K"] if kind != "value_grad" else p["B"]
+    if want.dtype == np.float32:
+        rtol, atol = 2e-5, 1e-6 * terms
+    else:
+        rtol, atol = 1e-12, 1e-13 * terms
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+KINDS = ["forward", "input_grad", "value_grad"]
+DTYPES = [np.float32, np.float64]
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("config_name", ["small", "strided"])
+def test_emulated_kernel_matches_reference(fake, config_name, case, kind, dtype):
+    p = make_problem(case, dtype)
+    got = launch(kind, p, fake.asarray, CONFIGS[config_name])
+    assert isinstance(got, DeviceArray)
+    assert_matches(kind, got, p)
+    assert fake.launches, "nothing was launched"
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", [(53, 37, 130, 40), (37, 53, 20, None)], ids=case_id)
+def test_emulated_kernel_default_config(fake, case, kind, dtype):
+    """The real default tiles (256-thread blocks) and the default compile options."""
+    p = make_problem(case, dtype, seed=1)
+    got = launch(kind, p, fake.asarray, None)
+    assert_matches(kind, got, p)
+    assert fake.compiles == [cuda.compile_options(dtype)]
+    for _, grid, block in fake.launches:
+        assert block[0] * block[1] * block[2] == 256
+
+
+@needs_gxx
+def test_emulated_paths_are_exercised(fake):
+    """The cases above really hit the batch split + reduction and the grid-stride loops."""
+    p = make_problem((2, 64, 40, None), np.float64)
+    for config in (SMALL, STRIDED):
+        fake.launches.clear()
+        launch("value_grad", p, fake.asarray, config)
+        names = [name for name, _, _ in fake.launches]
+        assert names == ["diag_value_grad_f64", "diag_value_grad_reduce_f64"]
+        (_, grid, _), (_, rgrid, _) = fake.launches
+        assert grid[2] > 1
+        if config is STRIDED:
+            assert grid[1] == 2 and rgrid[0] == 2  # K = 64 > 2 * vg_kpt, K * L > 2 * 16
+    plan = cuda.launch_config("forward", 40, 2, 64, 64, STRIDED)
+    assert plan.grid[1] == 2 < 40 / (SMALL.gather_block_y * SMALL.gather_rows)
+    # the default split: 130 rows over 3 splits of 44
+    assert cuda.launch_config("value_grad", 130, 53, 37, 40).splits == 3
+
+
+@needs_gxx
+def test_emulated_empty_shapes_launch_nothing(fake):
+    x = fake.asarray(np.ones((0, 4), np.float32))
+    y = cuda.forward(x, np.array([0, 2]), fake.asarray(np.ones((2, 3), np.float32)), 3)
+    assert y.shape == (0, 3)
+    y = cuda.forward(fake.asarray(np.ones((2, 4), np.float32)), np.zeros(0, np.int64),
+                     fake.asarray(np.ones((0, 3), np.float32)), 3)
+    assert y.shape == (2, 3) and not np.asarray(y).any()
+    g = cuda.value_grad(fake.asarray(np.ones((0, 3))), fake.asarray(np.ones((0, 4))), np.array([1, 3]))
+    assert g.shape == (2, 3) and not np.asarray(g).any()
+    assert fake.launches == []
+
+
+@needs_gxx
+def test_emulated_noncontiguous_and_host_offsets(fake):
+    """Strided inputs are made contiguous; offsets may come from the host as any int type."""
+    p = make_problem((37, 53, 13, 11), np.float32)
+    x = fake.asarray(np.asfortranarray(p["x"]))
+    assert not x.flags.c_contiguous
+    wide = fake.asarray(np.repeat(p["values"], 2, axis=1))[:, ::2]
+    y = cuda.forward(x, p["offsets"].astype(np.int16), wide, 37, config=SMALL)
+    np.testing.assert_allclose(np.asarray(y), expected("forward", p), rtol=2e-5, atol=1e-5)
+    g = cuda.value_grad(fake.asarray(p["dy"]), x, list(p["offsets"]), config=SMALL)
+    np.testing.assert_allclose(np.asarray(g), expected("value_grad", p), rtol=2e-5, atol=1e-5)
+
+
+@needs_gxx
+def test_emulated_out_of_range_offsets_stay_in_bounds(fake):
+    """Offsets outside [0, P) are reduced modulo P by the kernels (ASan would catch a fault)."""
+    p = make_problem((7, 3, 5, 2), np.float64)
+    bad = p["offsets"] + np.array([7, -14])
+    for kind in KINDS:
+        q = dict(p, offsets=bad)
+        got = launch(kind, q, fake.asarray, SMALL)
+        assert_matches(kind, got, p)
+
+
+def test_launcher_argument_errors(monkeypatch, tmp_path):
+    """Clear TypeError/ValueError naming the argument (needs no compiler: nothing launches)."""
+    fake = FakeCupy(builder=None, workdir=tmp_path)
+    monkeypatch.setattr(cuda, "_cupy", lambda: fake)
+    dev = fake.asarray
+    x32, v32 = dev(np.ones((2, 4), np.float32)), dev(np.ones((1, 3), np.float32))
+    off = np.array([1])
+    with pytest.raises(TypeError, match=r"x must be a cupy.ndarray on the GPU; got numpy.ndarray"):
+        cuda.forward(np.ones((2, 4), np.float32), off, v32, 3)
+    with pytest.raises(TypeError, match=r"x must be float32 or float64; got dtype int64"):
+        cuda.forward(dev(np.ones((2, 4), np.int64)), off, v32, 3)
+    with pytest.raises(TypeError, match=r"values must have the dtype of x \(float64\); got float32"):
+        cuda.forward(dev(np.ones((2, 4))), off, v32, 3)
+    with pytest.raises(ValueError, match=r"values must have shape \(K, min\(m, n\)\) = \(1, 4\); got \(1, 3\)"):
+        cuda.forward(x32, off, v32, 5)
+    with pytest.raises(ValueError, match=r"x must be 2-D; got shape \(8,\)"):
+        cuda.forward(dev(np.ones(8, np.float32)), off, v32, 3)
+    with pytest.raises(ValueError, match="offsets must have length K"):
+        cuda.forward(x32, np.array([1, 2]), v32, 3)
+    with pytest.raises(TypeError, match="offsets must be integers"):
+        cuda.forward(x32, np.array([1.0]), v32, 3)
+    with pytest.raises(TypeError, match="offsets must have an integer dtype"):
+        cuda.forward(x32, dev(np.array([1.0])), v32, 3)
+    with pytest.raises(ValueError, match=r"m must be in \[0, 2\*\*31 - 1\]"):
+        cuda.forward(x32, off, v32, -3)
+    with pytest.raises(TypeError, match="n must be an int"):
+        cuda.input_grad(dev(np.ones((2, 3), np.float32)), off, v32, 4.0)
+    with pytest.raises(TypeError, match=r"x must have the dtype of dy \(float32\); got float64"):
+        cuda.value_grad(dev(np.ones((2, 3), np.float32)), dev(np.ones((2, 4))), off)
+    with pytest.raises(ValueError, match="same batch size"):
+        cuda.value_grad(dev(np.ones((2, 3))), dev(np.ones((3, 4))), off)
+    assert fake.launches == [] and fake.compiles == []
+
+
+# ---- the harness itself -----------------------------------------------------------------
+
+
+def _binary_unusable(builder, flavor) -> str:
+    """'' if a ``flavor`` build of the harness compiles and runs here, else why not."""
+    try:
+        binary = builder.build(cuda.compile_options(np.float32, SMALL), flavor)
+    except HarnessError as exc:
+        return f"g++ cannot build the {flavor} harness here: {str(exc)[-300:]}"
+    res = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **_SANITIZER_ENV})
+    if "usage" not in res.stderr:
+        return f"{flavor} binaries do not run here: {res.stderr[-300:]}"
+    return ""
+
+
+def _tsan_usable(builder) -> str:
+    return _binary_unusable(builder, "tsan")
+
+
+@needs_gxx
+def test_emulation_is_race_free_under_tsan(make_fake, harness_builder):
+    """ThreadSanitizer sees no data race on the shared arrays with the real barriers."""
+    reason = _tsan_usable(harness_builder)
+    if reason:
+        pytest.skip(reason)
+    fake = make_fake("tsan")
+    for kind in KINDS:
+        p = make_problem((37, 53, 13, 11), np.float32)
+        assert_matches(kind, launch(kind, p, fake.asarray, STRIDED), p)
+
+
+@needs_gxx
+def test_harness_detects_missing_syncthreads(make_fake, harness_builder):
+    """Self-test: with __syncthreads() a no-op, ThreadSanitizer reports the shared-memory races,
+    so the emulation above would catch a missing or misplaced barrier."""
+    reason = _tsan_usable(harness_builder)
+    if reason:
+        pytest.skip(reason)
+    fake = make_fake("tsan-broken-sync")
+    p = make_problem((37, 53, 13, 11), np.float32)
+    for kind in ("forward", "value_grad"):
+        with pytest.raises(HarnessError, match="ThreadSanitizer: data race"):
+            launch(kind, p, fake.asarray, SMALL)
+
+
+@needs_gxx
+def test_harness_rejects_wrong_scalar_types(harness_builder, tmp_path):
+    """A Python int would reach the kernel as long long: the harness refuses int64 for int."""
+    binary = harness_builder.build(cuda.compile_options(np.float32, SMALL), harness_builder.flavor)
+    x = np.ones((2, 4), np.float32)
+    args = (x, np.array([1], np.int32), np.ones((1, 3), np.float32), np.empty((2, 3), np.float32),
+            np.int32(2), np.int64(3), np.int32(4), np.int32(1))
+    with pytest.raises(HarnessError, match="argument 5 should be 'i'"):
+        run_harness(binary, "diag_forward_f32", (1, 1, 1), (8, 2, 1), args, tmp_path)
+    args = args[:5] + (np.int32(3),) + args[6:]
+    with pytest.raises(HarnessError, match="invalid block"):
+        run_harness(binary, "diag_forward_f32", (1, 1, 1), (64, 32, 1), args, tmp_path)
+    with pytest.raises(HarnessError, match="no kernel named diag_forward_f64"):
+        run_harness(binary, "diag_forward_f64", (1, 1, 1), (8, 2, 1), args, tmp_path)
+    out = run_harness(binary, "diag_forward_f32", (1, 1, 1), (8, 2, 1), args, tmp_path)
+    assert list(out) == [3]
+
+
+# =====================================================================================
+# real GPU (CuPy): skipped on machines without one
+# =====================================================================================
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.cuda_available(), reason=backend.cuda_unavailable_reason() or "no GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CASES + [(512, 384, 300, 77), (384, 1000, 1030, None)], ids=case_id)
+def test_gpu_kernel_matches_reference(case, kind, dtype):
+    cp = backend.cupy_or_none()
+    p = make_problem(case, dtype)
+    for config in CONFIGS.values():
+        got = launch(kind, p, cp.asarray, config)
+        assert isinstance(got, cp.ndarray)
+        assert_matches(kind, got, p)

@@ -1,0 +1,325 @@
+"""`diag_linear` (forward and gradients) and `diagonal_scores` against a dense reference.
+
+The dense weight is assembled by ``scipy.sparse.coo_array`` from (row, col, value) triples
+computed here from the convention's formulas, never through `diagnet.diag.layout`.
+
+Tolerances: every product is compared in float64 against ``scale``, the same product taken
+on absolute values (the magnitude each output element is accumulated from):
+``|got - want| <= rtol * scale`` with rtol 1e-10 for float64 and 1e-4 for float32. The bias
+gradient (a plain batch sum) uses the same rule. ``gradcheck`` uses its defaults
+(central differences in float64, ``eps=1e-6``, ``atol=1e-6``, ``rtol=1e-4``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+import diagnet
+import diagnet.functional as F
+from diagnet import Tensor, gradcheck, no_grad, tensor
+from diagnet.diag import dispatch
+from diagnet.ops.diagonal import DiagLinear
+
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+# ----------------------------------------------------------------------------- reference
+
+
+def positions(shape, p):
+    """(rows, cols) of diagonal ``p``, position t = 0..L-1, from the formulas."""
+    m, n = shape
+    t = np.arange(min(m, n))
+    return ((t + p) % m, t) if m >= n else (t, (t + p) % n)
+
+
+def dense_reference(shape, offsets, values):
+    rows, cols = zip(*(positions(shape, p) for p in np.asarray(offsets).tolist()))
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    return sp.coo_array((vals, (np.concatenate(rows), np.concatenate(cols))),
+                        shape=shape).toarray()
+
+
+def assert_close(got, want, scale, dtype):
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    bound = RTOL[np.dtype(dtype)] * (scale + np.finfo(np.float64).tiny)
+    err = np.abs(got - want)
+    assert np.all(err <= bound), (
+        f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g} "
+        f"(rtol {RTOL[np.dtype(dtype)]:g}, dtype {np.dtype(dtype)})")
+
+
+# ----------------------------------------------------------------------------- strategies
+
+SPECIAL_DIMS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 32, 61, 64, 97, 127, 128, 131, 197, 199, 200]
+dims = st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(13, 200), st.integers(1, 12))
+BATCHES = [(), (1,), (5,), (2, 3), (1, 2, 2)]
+# K: the extremes 1 and P, or uniform in [1, P] (Hypothesis' own integers favour the ends)
+K_RULES = st.sampled_from(["uniform", "one", "uniform", "all", "uniform"])
+# mostly free shapes (tall, wide and square), plus forced square and 1-wide ones
+SHAPE_KINDS = ["free"] * 6 + ["square", "one-column", "one-row"]
+
+
+@st.composite
+def layers(draw):
+    """A layer case: shape, offsets, values, bias (or None), x and dy, all from one seed."""
+    kind = draw(st.sampled_from(SHAPE_KINDS))
+    m = draw(dims)
+    n = {"square": m, "one-column": 1, "one-row": m}.get(kind) or draw(dims)
+    if kind == "one-row":
+        m = 1
+    P, L = max(m, n), min(m, n)
+    k_rule = draw(K_RULES)
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+    batch = draw(st.sampled_from(BATCHES))
+    with_bias = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    K = {"one": 1, "all": P}.get(k_rule) or int(rng.integers(1, P + 1))
+    offsets = np.sort(rng.choice(P, size=K, replace=False)).astype(np.int64)
+    values = rng.standard_normal((K, L)).astype(dtype)
+    bias = rng.standard_normal(m).astype(dtype) if with_bias else None
+    x = rng.standard_normal(batch + (n,)).astype(dtype)
+    dy = rng.standard_normal(batch + (m,)).astype(dtype)
+    return (m, n), offsets, values, bias, x, dy
+
+
+# ----------------------------------------------------------------------------- properties
+
+@given(layers())
+def test_forward_matches_dense(kernel_impl, use_kernels, case):
+    (m, n), offsets, values, bias, x, _ = case
+    W = dense_reference((m, n), offsets, values)
+    with use_kernels(kernel_impl):
+        y = F.diag_linear(tensor(x), offsets, tensor(values), m,
+                          None if bias is None else tensor(bias))
+    assert isinstance(y, Tensor) and y.dtype == values.dtype and y.shape == x.shape[:-1] + (m,)
+    x64 = x.astype(np.float64)
+    want = x64 @ W.T
+    scale = np.abs(x64) @ np.abs(W).T
+    if bias is not None:
+        want = want + bias
+        scale = scale + np.abs(bias.astype(np.float64))
+    assert_close(y.data, want, scale, values.dtype)
+
+
+@given(layers())
+def test_gradients_match_dense(kernel_impl, use_kernels, case):
+    (m, n), offsets, values, bias, x, dy = case
+    W = dense_reference((m, n), offsets, values)
+    xt = tensor(x, requires_grad=True)
+    vt = tensor(values, requires_grad=True)
+    bt = None if bias is None else tensor(bias, requires_grad=True)
+    with use_kernels(kernel_impl):
+        y = F.diag_linear(xt, offsets, vt, m, bt)
+        y.backward(dy)
+    dtype = values.dtype
+    x2 = x.reshape(-1, n).astype(np.float64)
+    d2 = dy.reshape(-1, m).astype(np.float64)
+    # input grad: dy @ W
+    assert xt.grad.shape == x.shape and xt.grad.dtype == dtype
+    assert_close(xt.grad.data.reshape(-1, n), d2 @ W, np.abs(d2) @ np.abs(W), dtype)
+    # value grad: dense dy.T @ x gathered at each stored position
+    G, Gabs = d2.T @ x2, np.abs(d2).T @ np.abs(x2)
+    want = np.stack([G[positions((m, n), p)] for p in offsets.tolist()])
+    scale = np.stack([Gabs[positions((m, n), p)] for p in offsets.tolist()])
+    assert vt.grad.shape == values.shape and vt.grad.dtype == dtype
+    assert_close(vt.grad.data, want, scale, dtype)
+    if bias is not None:
+        assert bt.grad.shape == (m,)
+        assert_close(bt.grad.data, d2.sum(axis=0), np.abs(d2).sum(axis=0), dtype)
+
+
+@given(layers())
+def test_diagonal_scores_match_dense(kernel_impl, use_kernels, case):
+    (m, n), _, values, _, x, dy = case
+    with use_kernels(kernel_impl):
+        scores = F.diagonal_scores(tensor(x), dy, m)
+    P = max(m, n)
+    assert isinstance(scores, np.ndarray) and scores.shape == (P,) and scores.dtype == x.dtype
+    x2 = x.reshape(-1, n).astype(np.float64)
+    d2 = dy.reshape(-1, m).astype(np.float64)
+    G, Gabs = d2.T @ x2, np.abs(d2).T @ np.abs(x2)
+    want = np.array([np.linalg.norm(G[positions((m, n), p)]) for p in range(P)])
+    # each entry is within rtol * Gabs, so each norm is within rtol * ||Gabs on the diagonal||
+    scale = np.array([np.linalg.norm(Gabs[positions((m, n), p)]) for p in range(P)])
+    assert_close(scores, want, scale, x.dtype)
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5), (6, 1), (1, 6), (3, 3)])
+@pytest.mark.parametrize("K", ["one", "half", "all"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck(kernel_impl, use_kernels, shape, K, with_bias):
+    m, n = shape
+    P, L = max(shape), min(shape)
+    k = {"one": 1, "half": max(1, P // 2), "all": P}[K]
+    rng = np.random.default_rng(m * 100 + n * 10 + k)
+    offsets = np.sort(rng.choice(P, size=k, replace=False))
+    x = tensor(rng.standard_normal((2, 3, n)), dtype=np.float64, requires_grad=True)
+    values = tensor(rng.standard_normal((k, L)), dtype=np.float64, requires_grad=True)
+    inputs = [x, values]
+    if with_bias:
+        inputs.append(tensor(rng.standard_normal(m), dtype=np.float64, requires_grad=True))
+    with use_kernels(kernel_impl):
+        assert gradcheck(lambda *a: F.diag_linear(a[0], offsets, a[1], m,
+                                                  a[2] if len(a) > 2 else None), *inputs)
+
+
+def test_gradcheck_through_a_composite_graph(kernel_impl, use_kernels):
+    """Two stacked layers, tanh in between, a scalar loss; offsets given as a Tensor."""
+    rng = np.random.default_rng(7)
+    x = tensor(rng.standard_normal((4, 6)), dtype=np.float64, requires_grad=True)
+    v1 = tensor(rng.standard_normal((3, 6)), dtype=np.float64, requires_grad=True)
+    v2 = tensor(rng.standard_normal((2, 5)), dtype=np.float64, requires_grad=True)
+    o1 = tensor(np.array([0, 4, 8]))
+    o2 = np.array([1, 5])
+
+    def net(x, v1, v2):
+        h = F.diag_linear(x, o1, v1, 9).tanh()            # (4, 6) -> (4, 9), tall
+        return F.diag_linear(h, o2, v2, 5)                # (4, 9) -> (4, 5), wide
+
+    with use_kernels(kernel_impl):
+        assert gradcheck(net, x, v1, v2)
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+def test_only_requested_gradients_are_computed(monkeypatch):
+    calls = []
+    for name in ("input_grad", "value_grad"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    rng = np.random.default_rng(0)
+    offsets = np.array([0, 2])
+    x = tensor(rng.standard_normal((3, 4)))
+    v = tensor(rng.standard_normal((2, 4)), requires_grad=True)
+    F.diag_linear(x, offsets, v, 5).sum().backward()
+    assert calls == ["value_grad"] and x.grad is None and v.grad is not None
+    calls.clear()
+    x.requires_grad_()
+    v.requires_grad_(False)
+    F.diag_linear(x, offsets, v, 5).sum().backward()
+    assert calls == ["input_grad"] and x.grad is not None
+    calls.clear()
+    b = tensor(np.zeros(5), requires_grad=True)
+    x.requires_grad_(False)
+    F.diag_linear(x, offsets, v, 5, b).sum().backward()
+    assert calls == [] and np.all(b.grad.data == 3)
+
+
+def test_no_graph_under_no_grad_and_without_grad_inputs():
+    v = tensor(np.ones((1, 3)), requires_grad=True)
+    with no_grad():
+        y = F.diag_linear(tensor(np.ones((2, 3))), [0], v, 3)
+    assert not y.requires_grad and y.creator is None
+    y = F.diag_linear(tensor(np.ones((2, 3))), [0], tensor(np.ones((1, 3))), 3)
+    assert not y.requires_grad
+    y = F.diag_linear(tensor(np.ones((2, 3))), [0], v, 3)
+    assert y.requires_grad and isinstance(y.creator, DiagLinear)
+
+
+def test_one_dimensional_input_and_constant_arrays():
+    rng = np.random.default_rng(1)
+    offsets, values = np.array([1, 3]), rng.standard_normal((2, 4)).astype(np.float32)
+    W = dense_reference((6, 4), offsets, values)
+    x = rng.standard_normal(4).astype(np.float32)
+    y = F.diag_linear(tensor(x), offsets, values, 6)          # values as a plain array
+    assert y.shape == (6,)
+    np.testing.assert_allclose(y.data, W @ x, rtol=1e-5, atol=1e-6)
+    y2 = F.diag_linear(x, offsets, tensor(values), 6, bias=[1, 2, 3, 4, 5, 6])
+    np.testing.assert_allclose(y2.data, W @ x + np.arange(1, 7), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_offsets_give_zero_output_and_grads():
+    x = tensor(np.ones((2, 4)), requires_grad=True)
+    v = tensor(np.zeros((0, 3)), requires_grad=True)
+    y = F.diag_linear(x, np.zeros(0, dtype=np.int64), v, 3)
+    assert y.shape == (2, 3) and np.all(y.data == 0)
+    y.sum().backward()
+    assert np.all(x.grad.data == 0) and v.grad.shape == (0, 3)
+
+
+def test_agrees_with_diagmatrix_products():
+    W = diagnet.DiagMatrix.random((11, 7), k=4, rng=2, dtype=np.float64)
+    x = np.random.default_rng(3).standard_normal((5, 7))
+    y = F.diag_linear(tensor(x), W.offsets, tensor(W.values), 11)
+    np.testing.assert_allclose(y.data, x @ W.T, rtol=1e-12, atol=1e-12)
+
+
+def test_exports():
+    from diagnet import ops
+
+    assert F.diag_linear is ops.diag_linear
+    assert F.diagonal_scores is ops.diagonal_scores
+    assert "diag_linear" in F.__all__ and "diagonal_scores" in F.__all__
+    assert ops.DiagLinear is DiagLinear
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _args(**over):
+    rng = np.random.default_rng(0)
+    args = dict(x=tensor(rng.standard_normal((3, 4)), dtype=np.float32), offsets=np.array([0, 2]),
+                values=tensor(rng.standard_normal((2, 4)), dtype=np.float32, requires_grad=True),
+                out_features=6, bias=None)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, message", [
+    (dict(offsets=np.array([2, 0])), ValueError,
+     r"offsets must be sorted in increasing order; got offsets\[0\] = 2 before offsets\[1\] = 0"),
+    (dict(offsets=np.array([2, 2])), ValueError, r"offsets must be unique; got the value 2 twice"),
+    (dict(offsets=np.array([0, 6])), ValueError,
+     r"offsets must lie in \[0, P\) = \[0, 6\) for shape \(6, 4\).*got offsets\[1\] = 6"),
+    (dict(offsets=np.array([0.0, 2.0])), TypeError,
+     r"offsets must have an integer dtype.*got dtype float64"),
+    (dict(values=tensor(np.ones((2, 3)), dtype=np.float32)), ValueError,
+     r"values must have shape \(K, L\) = \(2, 4\).*got shape \(2, 3\)"),
+    (dict(values=tensor(np.ones((3, 4)), dtype=np.float32)), ValueError,
+     r"values must have shape \(K, L\) = \(2, 4\).*got shape \(3, 4\)"),
+    (dict(values=tensor(np.ones((2, 4)), dtype=np.float64)), TypeError,
+     r"diag_linear: x has dtype float32 but values has dtype float64"),
+    (dict(bias=tensor(np.ones(6), dtype=np.float64)), TypeError,
+     r"diag_linear: bias has dtype float64 but values has dtype float32"),
+    (dict(bias=tensor(np.ones(4), dtype=np.float32)), ValueError,
+     r"bias must have shape \(out_features,\) = \(6,\); got \(4,\)"),
+    (dict(x=tensor(np.ones((3, 4)), dtype=np.int64)), TypeError,
+     r"diag_linear: x must be float32 or float64; got dtype int64"),
+    (dict(out_features=0), ValueError, r"out_features must be a positive int; got 0"),
+    (dict(out_features=6.0), TypeError, r"out_features must be a positive int; got float 6.0"),
+    (dict(offsets=np.array([[0, 2]])), ValueError, r"offsets must be 1-D with shape \(K,\)"),
+    (dict(x=tensor(np.ones((3, 4)), dtype=np.float32), values=np.ones((2, 4), dtype=np.int64)),
+     TypeError, r"values must be float32 or float64; got dtype int64"),
+])
+def test_validation_messages(over, exc, message):
+    with pytest.raises(exc, match=message):
+        F.diag_linear(**_args(**over))
+
+
+def test_wrong_in_features():
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in_features\) = "
+                                         r"\(\.\.\., 5\); got x of shape \(3, 4\)"):
+        F.diag_linear(**_args(), in_features=5)
+    # without in_features, a wrong x width shows up as a values shape error naming the shape
+    with pytest.raises(ValueError, match=r"values must have shape \(K, L\) = \(2, 3\).*"
+                                         r"for shape \(6, 3\)"):
+        F.diag_linear(**_args(x=tensor(np.ones((3, 3)), dtype=np.float32)))
+
+
+def test_diagonal_scores_validation():
+    x, dy = np.ones((2, 3, 4)), np.ones((2, 3, 5))
+    assert F.diagonal_scores(x, dy).shape == (5,)
+    with pytest.raises(ValueError, match="must share their leading dims"):
+        F.diagonal_scores(x, np.ones((3, 5)))
+    with pytest.raises(ValueError, match=r"dy must have shape \(\.\.\., out_features\) = "
+                                         r"\(\.\.\., 6\)"):
+        F.diagonal_scores(x, dy, 6)
+    with pytest.raises(TypeError, match="x has dtype float32 but dy has dtype float64"):
+        F.diagonal_scores(x.astype(np.float32), dy)

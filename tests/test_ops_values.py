@@ -1,0 +1,528 @@
+"""Forward values against NumPy/SciPy and analytic gradients, as hypothesis properties.
+
+Shapes are random (including 0-d and size-1 dims) and binary ops get random mutually
+broadcastable shape pairs. Float64 results are compared with ``F64_TOL``; float32 results
+with ``F32_TOL`` (values) and ``F32_GRAD_TOL`` (gradients), both against a float64
+reference computed from the same float32 inputs. Gradients of broadcast operands must have
+the operand's shape and equal the analytic gradient summed over the broadcast dimensions
+(``helpers.reduce_to``). The dtype policy of the module docstring of `diagnet.autograd` is
+checked at the end.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import scipy.special as sp
+from hypothesis import given, settings
+
+import diagnet
+from diagnet import functional as F
+from helpers import F32_GRAD_TOL, F32_TOL, F64_TOL, GRADCHECK_TOL, reduce_to
+
+DTYPES = [np.float64, np.float32]
+# float64 gradients: sums over broadcast dims may run in another order than the reference
+F64_GRAD_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def tol(dtype, grad=False):
+    if dtype == np.float64:
+        return F64_GRAD_TOL if grad else F64_TOL
+    return F32_GRAD_TOL if grad else F32_TOL
+
+
+def floats(dtype, lo, hi):
+    width = 32 if dtype == np.float32 else 64
+    return st.floats(lo, hi, width=width, allow_nan=False, allow_infinity=False)
+
+
+def nonzero_floats(dtype, lo=0.5, hi=10.0):
+    return st.one_of(floats(dtype, lo, hi), floats(dtype, -hi, -lo))
+
+
+def arrays(dtype, shape, elements):
+    return hnp.arrays(dtype, shape, elements=elements)
+
+
+def tensor(array, requires_grad=True):
+    array = np.asarray(array)
+    return diagnet.tensor(array, dtype=array.dtype, requires_grad=requires_grad)
+
+
+def ref64(array):
+    return np.asarray(array, dtype=np.float64)
+
+
+shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=4)
+pair_shapes = hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=4, max_side=4)
+
+
+# ----------------------------------------------------------------------------- binary ops
+
+def _binary(name):
+    """(diagnet op, numpy op, gradient formula on broadcast float64 arrays, operand domains)."""
+    real = (-10.0, 10.0)
+    table = {
+        "add": (operator.add, np.add, lambda a, b, g: (g, g), None),
+        "sub": (operator.sub, np.subtract, lambda a, b, g: (g, -g), None),
+        "mul": (operator.mul, np.multiply, lambda a, b, g: (g * b, g * a), None),
+        "div": (operator.truediv, np.divide, lambda a, b, g: (g / b, -g * a / b ** 2), "b_nonzero"),
+        "pow": (operator.pow, np.power,
+                lambda a, b, g: (g * b * a ** (b - 1), g * a ** b * np.log(a)), "pow"),
+        "maximum": (F.maximum, np.maximum, lambda a, b, g: (g * (a >= b), g * (a < b)), None),
+        "minimum": (F.minimum, np.minimum, lambda a, b, g: (g * (a <= b), g * (a > b)), None),
+    }
+    return table[name] + (real,)
+
+
+@settings(deadline=None)
+@given(name=st.sampled_from(["add", "sub", "mul", "div", "pow", "maximum", "minimum"]),
+       dtype=st.sampled_from(DTYPES), shapes=pair_shapes, data=st.data())
+def test_binary_broadcast_values_and_grads(name, dtype, shapes, data):
+    op, np_op, grad_fn, domain, real = _binary(name)
+    sa, sb = shapes.input_shapes
+    ea = eb = floats(dtype, *real)
+    if domain == "b_nonzero":
+        eb = nonzero_floats(dtype)
+    elif domain == "pow":
+        ea, eb = floats(dtype, 0.5, 3.0), floats(dtype, -2.0, 2.0)
+    a = data.draw(arrays(dtype, sa, ea), label="a")
+    b = data.draw(arrays(dtype, sb, eb), label="b")
+    g = data.draw(arrays(dtype, shapes.result_shape, floats(dtype, -1.0, 1.0)), label="g")
+
+    ta, tb = tensor(a), tensor(b)
+    out = op(ta, tb)
+    assert out.shape == shapes.result_shape and out.dtype == dtype
+    np.testing.assert_allclose(out.numpy(), np_op(ref64(a), ref64(b)), **tol(dtype))
+
+    out.backward(tensor(g, requires_grad=False))
+    a64, b64 = np.broadcast_arrays(ref64(a), ref64(b))
+    ga, gb = grad_fn(a64, b64, ref64(g))
+    for t, expected in ((ta, ga), (tb, gb)):
+        assert t.grad.shape == t.shape and t.grad.dtype == dtype
+        np.testing.assert_allclose(t.grad.numpy(), reduce_to(expected, t.shape), **tol(dtype, True))
+
+
+@settings(deadline=None)
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=3, min_dims=0, max_dims=3, max_side=4),
+       data=st.data())
+def test_where_broadcast(shapes, data):
+    sc, sa, sb = shapes.input_shapes
+    cond = data.draw(hnp.arrays(bool, sc), label="cond")
+    a = data.draw(arrays(np.float64, sa, floats(np.float64, -5, 5)), label="a")
+    b = data.draw(arrays(np.float64, sb, floats(np.float64, -5, 5)), label="b")
+    ta, tb = tensor(a), tensor(b)
+    out = F.where(diagnet.tensor(cond), ta, tb)
+    np.testing.assert_array_equal(out.numpy(), np.where(cond, a, b))
+    g = np.random.default_rng(0).standard_normal(shapes.result_shape)
+    out.backward(g)
+    c = np.broadcast_to(cond, shapes.result_shape)
+    np.testing.assert_allclose(ta.grad.numpy(), reduce_to(np.where(c, g, 0.0), sa), **F64_GRAD_TOL)
+    np.testing.assert_allclose(tb.grad.numpy(), reduce_to(np.where(c, 0.0, g), sb), **F64_GRAD_TOL)
+
+
+@settings(deadline=None)
+@given(shapes=hnp.mutually_broadcastable_shapes(
+    signature=np.matmul.signature, max_dims=3, max_side=3), data=st.data())
+def test_matmul_values_and_gradcheck(shapes, data):
+    sa, sb = shapes.input_shapes
+    a = data.draw(arrays(np.float64, sa, floats(np.float64, -3, 3)), label="a")
+    b = data.draw(arrays(np.float64, sb, floats(np.float64, -3, 3)), label="b")
+    ta, tb = tensor(a), tensor(b)
+    out = ta @ tb
+    np.testing.assert_allclose(out.numpy(), np.matmul(a, b), rtol=1e-12, atol=1e-12)
+    assert diagnet.gradcheck(F.matmul, ta, tb, **GRADCHECK_TOL)
+    assert ta.grad.shape == sa and tb.grad.shape == sb
+
+
+def test_matmul_float32_matches_float64():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    b = rng.standard_normal((5, 2)).astype(np.float32)
+    out = tensor(a) @ tensor(b)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.numpy(), ref64(a) @ ref64(b), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- unary ops
+
+def _gelu_erf(x):
+    return x * 0.5 * (1 + sp.erf(x / np.sqrt(2)))
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _gelu_erf_grad(x):
+    return 0.5 * (1 + sp.erf(x / np.sqrt(2))) + x * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+
+
+def _gelu_tanh_grad(x):
+    u = np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)
+    du = np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x ** 2)
+    return 0.5 * (1 + np.tanh(u)) + 0.5 * x * (1 - np.tanh(u) ** 2) * du
+
+
+# name: (diagnet op, reference, reference derivative, domain)
+UNARY = {
+    "neg": (F.neg, np.negative, lambda x: -np.ones_like(x), (-10, 10)),
+    "exp": (F.exp, np.exp, np.exp, (-10, 10)),
+    "log": (F.log, np.log, lambda x: 1 / x, (0.0625, 100)),
+    "sqrt": (F.sqrt, np.sqrt, lambda x: 0.5 / np.sqrt(x), (0.0625, 100)),
+    "tanh": (F.tanh, np.tanh, lambda x: 1 - np.tanh(x) ** 2, (-10, 10)),
+    "sigmoid": (F.sigmoid, sp.expit, lambda x: sp.expit(x) * (1 - sp.expit(x)), (-30, 30)),
+    "relu": (F.relu, lambda x: np.maximum(x, 0), lambda x: (x > 0) * 1.0, (-10, 10)),
+    "abs": (F.abs, np.abs, np.sign, (-10, 10)),
+    "gelu": (F.gelu, _gelu_erf, _gelu_erf_grad, (-8, 8)),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), _gelu_tanh, _gelu_tanh_grad, (-8, 8)),
+    "square": (lambda x: x ** 2, np.square, lambda x: 2 * x, (-10, 10)),
+    "clip": (lambda x: F.clip(x, -1.0, 2.0), lambda x: np.clip(x, -1, 2),
+             lambda x: ((x >= -1) & (x <= 2)) * 1.0, (-5, 5)),
+}
+
+
+@settings(deadline=None)
+@given(name=st.sampled_from(sorted(UNARY)), dtype=st.sampled_from(DTYPES), shape=shapes,
+       data=st.data())
+def test_unary_values_and_grads(name, dtype, shape, data):
+    op, ref, dref, (lo, hi) = UNARY[name]
+    x = data.draw(arrays(dtype, shape, floats(dtype, lo, hi)), label="x")
+    g = data.draw(arrays(dtype, shape, floats(dtype, -1, 1)), label="g")
+    tx = tensor(x)
+    out = op(tx)
+    assert out.shape == shape and out.dtype == dtype
+    np.testing.assert_allclose(out.numpy(), ref(ref64(x)), **tol(dtype))
+    out.backward(g)
+    assert tx.grad.dtype == dtype
+    # float64 derivatives: the formulas differ from the implementation's (e.g. through the
+    # input instead of the output), so allow a few ulps relative
+    gtol = dict(rtol=1e-9, atol=1e-12) if dtype == np.float64 else F32_GRAD_TOL
+    np.testing.assert_allclose(tx.grad.numpy(), ref64(g) * dref(ref64(x)), **gtol)
+
+
+def test_sigmoid_is_accurate_in_both_tails():
+    for dtype in DTYPES:
+        x = np.array([-80.0, -50.0, -20.0, -5.0, 0.0, 5.0, 20.0, 50.0, 80.0], dtype=dtype)
+        y = F.sigmoid(tensor(x, requires_grad=False)).numpy()
+        assert np.all(np.isfinite(y))
+        np.testing.assert_allclose(y, sp.expit(ref64(x)), rtol=1e-6 if dtype == np.float32 else 1e-14,
+                                   atol=0)
+
+
+# ----------------------------------------------------------------------------- softmax family
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from(DTYPES), shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=5),
+       data=st.data())
+def test_softmax_log_softmax_match_scipy(dtype, shape, data):
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    x = data.draw(arrays(dtype, shape, floats(dtype, -30, 30)), label="x")
+    shift = data.draw(st.sampled_from([0.0, 1e3, -1e3]), label="shift")  # stability
+    x = (x + dtype(shift)).astype(dtype)
+    tx = tensor(x, requires_grad=False)
+    sm = F.softmax(tx, axis=axis).numpy()
+    lsm = F.log_softmax(tx, axis=axis).numpy()
+    assert sm.dtype == lsm.dtype == dtype
+    np.testing.assert_allclose(sm, sp.softmax(ref64(x), axis=axis), **tol(dtype))
+    # log_softmax magnitudes reach ~60: float32 keeps ~1e-7 relative of the shifted logits
+    ltol = F64_TOL if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lsm, sp.log_softmax(ref64(x), axis=axis), **ltol)
+    # x - log_softmax(x) is logsumexp(x), constant along the axis
+    lse = sp.logsumexp(ref64(x), axis=axis, keepdims=True)
+    np.testing.assert_allclose(ref64(x) - lsm, np.broadcast_to(lse, x.shape),
+                               rtol=1e-12 if dtype == np.float64 else 1e-6, atol=ltol["atol"])
+
+
+@settings(deadline=None)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=4), data=st.data())
+def test_softmax_grads_match_jacobian(shape, data):
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    x = data.draw(arrays(np.float64, shape, floats(np.float64, -5, 5)), label="x")
+    g = np.random.default_rng(1).standard_normal(shape)
+    s = sp.softmax(x, axis=axis)
+    for op, expected in ((F.softmax, s * (g - (g * s).sum(axis=axis, keepdims=True))),
+                         (F.log_softmax, g - s * g.sum(axis=axis, keepdims=True))):
+        tx = tensor(x)
+        op(tx, axis=axis).backward(g)
+        np.testing.assert_allclose(tx.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def _ce_reference(z, labels, smoothing):
+    z = ref64(z)
+    c = z.shape[-1]
+    q = np.full(z.shape, smoothing / c)
+    np.put_along_axis(q, labels[..., None], 1 - smoothing + smoothing / c, axis=-1)
+    return -(q * sp.log_softmax(z, axis=-1)).sum(axis=-1), q
+
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from(DTYPES), lead=hnp.array_shapes(min_dims=0, max_dims=2, max_side=4),
+       classes=st.integers(1, 6), smoothing=st.sampled_from([0.0, 0.1, 0.5]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), data=st.data())
+def test_cross_entropy_matches_reference(dtype, lead, classes, smoothing, reduction, data):
+    z = data.draw(arrays(dtype, lead + (classes,), floats(dtype, -20, 20)), label="logits")
+    labels = data.draw(hnp.arrays(np.int64, lead, elements=st.integers(0, classes - 1)),
+                       label="labels")
+    tz = tensor(z)
+    loss = F.cross_entropy(tz, labels, label_smoothing=smoothing, reduction=reduction)
+    per, q = _ce_reference(z, labels, smoothing)
+    n = max(per.size, 1)
+    expected = {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
+    assert loss.dtype == dtype and loss.shape == np.shape(expected)
+    ctol = F64_TOL if dtype == np.float64 else dict(rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(loss.numpy(), expected, **ctol)
+    if smoothing == 0.0:  # the textbook form: logsumexp(z) - z[label]
+        z_label = np.take_along_axis(ref64(z), labels[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(per, sp.logsumexp(ref64(z), axis=-1) - z_label, rtol=1e-12, atol=1e-12)
+    g = np.ones(loss.shape, dtype=dtype)
+    loss.backward(g)
+    scale = {"mean": 1.0 / n, "sum": 1.0, "none": 1.0}[reduction]
+    expected_grad = (sp.softmax(ref64(z), axis=-1) - q) * scale
+    np.testing.assert_allclose(tz.grad.numpy(), expected_grad, **tol(dtype, True))
+
+
+def test_cross_entropy_huge_logits_are_finite():
+    z = tensor(np.array([[1e4, 0.0, -1e4], [0.0, 1e4, 1e4]]))
+    loss = F.cross_entropy(z, np.array([0, 2]), reduction="none")
+    np.testing.assert_allclose(loss.numpy(), [0.0, np.log(2.0)], atol=1e-12)
+    loss.sum().backward()
+    assert np.all(np.isfinite(z.grad.numpy()))
+
+
+# ----------------------------------------------------------------------------- reductions
+
+@st.composite
+def axis_choice(draw, ndim):
+    kind = draw(st.sampled_from(["none", "int", "tuple"]))
+    if kind == "none" or ndim == 0:
+        return None
+    if kind == "int":
+        return draw(st.integers(-ndim, ndim - 1))
+    axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    return tuple(a - ndim if draw(st.booleans()) else a for a in axes)  # mix negative axes
+
+
+@settings(deadline=None)
+@given(name=st.sampled_from(["sum", "mean", "max"]), dtype=st.sampled_from(DTYPES), shape=shapes,
+       keepdims=st.booleans(), data=st.data())
+def test_reductions_match_numpy(name, dtype, shape, keepdims, data):
+    axis = data.draw(axis_choice(len(shape)), label="axis")
+    # unique values for max, so that the gradient is one-hot (ties are tested elsewhere)
+    x = data.draw(hnp.arrays(dtype, shape, elements=floats(dtype, -100, 100),
+                             unique=name == "max"), label="x")
+    tx = tensor(x)
+    out = getattr(tx, name)(axis=axis, keepdims=keepdims)
+    expected = getattr(np, name)(ref64(x), axis=axis, keepdims=keepdims)
+    assert out.shape == expected.shape and out.dtype == dtype
+    rtol = tol(dtype)
+    if dtype == np.float32 and name != "max":
+        rtol = dict(rtol=1e-5, atol=1e-4)  # float32 sums of up to 256 terms of size 100
+    np.testing.assert_allclose(out.numpy(), expected, **rtol)
+
+    g = np.random.default_rng(2).uniform(-1, 1, expected.shape).astype(dtype)
+    out.backward(g)
+    axes = tuple(range(x.ndim)) if axis is None else tuple(np.atleast_1d(axis) % max(x.ndim, 1))
+    gk = ref64(g) if keepdims else np.expand_dims(ref64(g), axes) if x.ndim else ref64(g)
+    if name == "sum":
+        expected_grad = np.broadcast_to(gk, x.shape)
+    elif name == "mean":
+        expected_grad = np.broadcast_to(gk, x.shape) / max(int(np.prod([x.shape[a] for a in axes])), 1)
+    else:
+        expected_grad = (ref64(x) == np.max(ref64(x), axis=axes, keepdims=True)) * gk
+    np.testing.assert_allclose(tx.grad.numpy(), expected_grad, **tol(dtype, True))
+
+
+# ----------------------------------------------------------------------------- shape ops
+
+@settings(deadline=None)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=4), data=st.data())
+def test_basic_indexing_matches_numpy(shape, data):
+    index = data.draw(hnp.basic_indices(shape, allow_newaxis=True, allow_ellipsis=True), label="index")
+    x = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    tx = tensor(x)
+    out = tx[index]
+    expected = x[index]
+    np.testing.assert_array_equal(out.numpy(), expected)
+    g = np.random.default_rng(3).standard_normal(expected.shape)
+    out.backward(g)
+    ref = np.zeros(shape)
+    ref[index] = g  # basic indices select each element at most once
+    np.testing.assert_array_equal(tx.grad.numpy(), ref)
+
+
+@settings(deadline=None)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=4), data=st.data())
+def test_integer_array_indexing_accumulates_repeats(shape, data):
+    index = data.draw(hnp.integer_array_indices(shape, result_shape=hnp.array_shapes(max_dims=2, max_side=5)),
+                      label="index")
+    x = np.random.default_rng(4).standard_normal(shape)
+    tx = tensor(x)
+    out = tx[index]
+    np.testing.assert_array_equal(out.numpy(), x[index])
+    g = np.random.default_rng(5).standard_normal(out.shape)
+    out.backward(g)
+    ref = np.zeros(shape)
+    np.add.at(ref, index, g)
+    np.testing.assert_allclose(tx.grad.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_boolean_mask_indexing():
+    x = np.arange(12.0).reshape(3, 4)
+    mask = x % 3 == 0
+    tx = tensor(x)
+    out = tx[mask]
+    np.testing.assert_array_equal(out.numpy(), x[mask])
+    out.backward(np.arange(mask.sum(), dtype=np.float64) + 1)
+    ref = np.zeros_like(x)
+    ref[mask] = np.arange(mask.sum()) + 1
+    np.testing.assert_array_equal(tx.grad.numpy(), ref)
+
+
+@settings(deadline=None)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=4), data=st.data())
+def test_reshape_transpose_match_numpy(shape, data):
+    x = np.random.default_rng(6).standard_normal(shape)
+    perm = data.draw(st.permutations(range(len(shape))), label="perm")
+    tx = tensor(x)
+    t = tx.permute(*perm)
+    np.testing.assert_array_equal(t.numpy(), x.transpose(perm))
+    flat = t.reshape(-1)
+    np.testing.assert_array_equal(flat.numpy(), x.transpose(perm).reshape(-1))
+    g = np.arange(flat.size, dtype=np.float64)
+    flat.backward(g)
+    # the gradient of a permutation of the elements is the inverse permutation of g
+    np.testing.assert_array_equal(tx.grad.numpy(), g.reshape(x.transpose(perm).shape).transpose(np.argsort(perm)))
+    np.testing.assert_array_equal(tensor(x).T.numpy(), x.T)
+
+
+@settings(deadline=None)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=4), n=st.integers(1, 3), data=st.data())
+def test_concatenate_stack_match_numpy(shape, n, data):
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    rng = np.random.default_rng(7)
+    sizes = [data.draw(st.integers(1, 3), label="size") for _ in range(n)]
+    parts = []
+    for s in sizes:
+        sh = list(shape)
+        sh[axis] = s
+        parts.append(rng.standard_normal(sh))
+    ts = [tensor(p) for p in parts]
+    cat = F.concatenate(ts, axis=axis)
+    np.testing.assert_array_equal(cat.numpy(), np.concatenate(parts, axis=axis))
+    g = rng.standard_normal(cat.shape)
+    cat.backward(g)
+    for t, gp in zip(ts, np.split(g, np.cumsum(sizes)[:-1], axis=axis)):
+        np.testing.assert_array_equal(t.grad.numpy(), gp)
+
+    same = [rng.standard_normal(shape) for _ in range(n)]
+    ts = [tensor(p) for p in same]
+    st_axis = data.draw(st.integers(-len(shape) - 1, len(shape)), label="stack_axis")
+    stacked = F.stack(ts, axis=st_axis)
+    np.testing.assert_array_equal(stacked.numpy(), np.stack(same, axis=st_axis))
+    g = rng.standard_normal(stacked.shape)
+    stacked.backward(g)
+    for i, t in enumerate(ts):
+        np.testing.assert_array_equal(t.grad.numpy(), np.take(g, i, axis=st_axis))
+
+
+# ----------------------------------------------------------------------------- nn ops
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from(DTYPES), lead=hnp.array_shapes(min_dims=0, max_dims=2, max_side=3),
+       norm=hnp.array_shapes(min_dims=1, max_dims=2, min_side=2, max_side=5),
+       affine=st.booleans(), data=st.data())
+def test_layer_norm_matches_numpy(dtype, lead, norm, affine, data):
+    x = data.draw(arrays(dtype, lead + norm, floats(dtype, -10, 10)), label="x")
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal(norm).astype(dtype) if affine else None
+    b = rng.standard_normal(norm).astype(dtype) if affine else None
+    out = F.layer_norm(tensor(x), norm, None if w is None else tensor(w),
+                       None if b is None else tensor(b))
+    axes = tuple(range(-len(norm), 0))
+    x64 = ref64(x)
+    mu = x64.mean(axis=axes, keepdims=True)
+    var = x64.var(axis=axes, keepdims=True)
+    expected = (x64 - mu) / np.sqrt(var + 1e-5)
+    if affine:
+        expected = expected * w + b
+    assert out.dtype == dtype and out.shape == x.shape
+    # Conditioning: rounding x - mean costs ~u * |x|, which the division by
+    # sqrt(var + eps) magnifies by up to |x| / sqrt(var + eps) (large for near-constant
+    # rows: x = 4.2 everywhere gives 1.5e-4 in float32 where the exact answer is 0).
+    u = np.finfo(dtype).eps
+    cond = np.abs(x64).max() / np.sqrt(var.min() + 1e-5) * (1 if w is None else np.abs(w).max())
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=16 * u * cond + 16 * u)
+
+
+def test_mse_loss_values():
+    rng = np.random.default_rng(9)
+    p, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    tp = tensor(p)
+    loss = F.mse_loss(tp, tensor(t, requires_grad=False))
+    np.testing.assert_allclose(loss.item(), ((p - t) ** 2).mean(), rtol=1e-14)
+    loss.backward()
+    np.testing.assert_allclose(tp.grad.numpy(), 2 * (p - t) / p.size, rtol=1e-14)
+    np.testing.assert_allclose(F.mse_loss(tp, t, reduction="sum").item(), ((p - t) ** 2).sum(), rtol=1e-14)
+    np.testing.assert_allclose(F.mse_loss(tp, t, reduction="none").numpy(), (p - t) ** 2, rtol=1e-14)
+
+
+# ----------------------------------------------------------------------------- dtype policy
+
+def test_python_floats_and_lists_default_to_float32():
+    assert diagnet.tensor(1.5).dtype == np.float32
+    assert diagnet.tensor([1.0, 2.0]).dtype == np.float32
+    assert diagnet.tensor([[1, 2.5]]).dtype == np.float32
+    assert diagnet.Tensor((0.5,)).dtype == np.float32
+    assert diagnet.tensor([1, 2]).dtype.kind == "i"  # integers stay integers
+
+
+def test_float64_is_preserved_on_request():
+    assert diagnet.tensor([1.0], dtype="float64").dtype == np.float64
+    assert diagnet.tensor([1.0], dtype=np.float64).dtype == np.float64
+    assert diagnet.tensor(np.zeros(3)).dtype == np.float64  # a float64 array keeps its dtype
+    assert diagnet.tensor(np.float64(2.5)).dtype == np.float64  # so does a NumPy scalar
+    assert diagnet.tensor(np.zeros(3, dtype=np.float16)).dtype == np.float32  # unsupported -> f32
+    x = diagnet.tensor([1.0, 2.0], dtype="float64", requires_grad=True)
+    y = F.softmax(F.exp(x * 2.0) + 1.0) @ x
+    assert y.dtype == np.float64
+    y.backward()
+    assert x.grad.dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scalar", [2.5, 2, np.float64(2.5), np.float32(0.5), True, np.int64(3)])
+def test_scalars_adopt_the_tensor_dtype(dtype, scalar):
+    x = diagnet.tensor([1.0, 2.0], dtype=dtype, requires_grad=True)
+    for out in (x * scalar, scalar * x, x + scalar, scalar - x, x / scalar, scalar / x,
+                x ** 2, F.maximum(x, scalar), F.where(x > 1.5, scalar, x)):
+        assert out.dtype == dtype, out
+    assert (x * np.array([2.0, 3.0])).dtype == dtype  # NumPy arrays too
+    assert (np.array([2.0, 3.0]) * x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_tensor_with_float_tensor_adopts_float_dtype(dtype):
+    i = diagnet.tensor([1, 2, 3])
+    b = diagnet.tensor([True, False, True])
+    x = diagnet.tensor([0.5, 1.5, 2.5], dtype=dtype, requires_grad=True)
+    for out in (i + x, x + i, x * i, i / x, x - b, F.maximum(i, x), F.where(b, i, x), x ** i):
+        assert out.dtype == dtype
+    (i * x + b * x).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0, 4.0])
+    assert x.grad.dtype == dtype
+    # integer-only arithmetic stays integer
+    assert (i + i).dtype.kind == "i"
+
+
+def test_float32_tensor_times_scalar_stays_float32_through_a_graph():
+    x = diagnet.tensor([1.0, -2.0], requires_grad=True)
+    y = (F.sigmoid(x * 2.5) - 0.5) ** 2 / 3 + F.gelu(x) * np.float64(1.5)
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32

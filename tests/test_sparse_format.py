@@ -1,0 +1,490 @@
+"""`DiagMatrix` against a dense reference built independently from the convention.
+
+The reference never goes through `diagnet.diag.layout`: the (row, col, value) triples are
+computed here from the definition (position ``t`` of diagonal ``p`` is
+``((t + p) % m, t)`` when ``m >= n`` and ``(t, (t + p) % n)`` when ``m < n``) and turned
+into a dense matrix by ``scipy.sparse.coo_array(...).toarray()``.
+
+Tolerances: conversions (to_dense, to_scipy, transpose, from_dense) are pure data movement
+and must be exact. Products are compared in float64 against ``scale = |a| @ |b|`` (the
+sum of magnitudes each output element is accumulated from): ``|got - want| <= rtol * scale``
+with rtol 1e-10 for float64 and 1e-4 for float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+import diagnet
+from diagnet import DiagMatrix
+from diagnet.sparse import resolve_num_diagonals
+
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+# ----------------------------------------------------------------------------- reference
+
+
+def triples(shape, offsets, values):
+    """(rows, cols, vals) of every stored entry, straight from the convention's formulas."""
+    m, n = shape
+    t = np.arange(min(m, n))
+    rows, cols = [], []
+    for p in np.asarray(offsets).tolist():
+        if m >= n:
+            rows.append((t + p) % m)
+            cols.append(t)
+        else:
+            rows.append(t)
+            cols.append((t + p) % n)
+    if not rows:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    return (np.concatenate(rows), np.concatenate(cols),
+            np.asarray(values, dtype=np.float64).reshape(-1))
+
+
+def dense_reference(shape, offsets, values):
+    """The dense float64 matrix, assembled by SciPy from the triples (duplicates would add)."""
+    r, c, v = triples(shape, offsets, values)
+    return sp.coo_array((v, (r, c)), shape=shape).toarray()
+
+
+def assert_product_close(got, want, scale, dtype):
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape
+    bound = RTOL[np.dtype(dtype)] * (scale + np.finfo(np.float64).tiny)
+    err = np.abs(got - want)
+    assert np.all(err <= bound), (
+        f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g} "
+        f"(rtol {RTOL[np.dtype(dtype)]:g}, dtype {np.dtype(dtype)})")
+
+
+# ----------------------------------------------------------------------------- strategies
+
+SPECIAL_DIMS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 32, 61, 64, 97, 127, 128, 131, 197, 199, 200]
+dims = st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(13, 200), st.integers(1, 12))
+BATCHES = [(), (1,), (5,), (2, 3), (1, 2, 2)]
+# K: the extremes 1 and P, or uniform in [1, P] (Hypothesis' own integers favour the ends)
+K_RULES = st.sampled_from(["uniform", "one", "uniform", "all", "uniform"])
+
+
+# mostly free shapes (tall, wide and square), plus forced square and 1-wide ones
+SHAPE_KINDS = ["free"] * 6 + ["square", "one-column", "one-row"]
+
+
+@st.composite
+def shapes(draw):
+    kind = draw(st.sampled_from(SHAPE_KINDS))
+    m = draw(dims)
+    if kind == "square":
+        return m, m
+    if kind == "one-column":
+        return m, 1
+    if kind == "one-row":
+        return 1, m
+    return m, draw(dims)
+
+
+@st.composite
+def diag_matrices(draw, dtypes=(np.float32, np.float64)):
+    """(offsets, values, shape, seed): K from 1 to P, random distinct offsets and values."""
+    shape = draw(shapes())
+    P, L = max(shape), min(shape)
+    k_rule = draw(K_RULES)
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    K = {"one": 1, "all": P}.get(k_rule) or int(rng.integers(1, P + 1))
+    offsets = np.sort(rng.choice(P, size=K, replace=False)).astype(np.int64)
+    values = rng.standard_normal((K, L)).astype(dtype)
+    return offsets, values, shape, seed
+
+
+# ----------------------------------------------------------------------------- the format
+
+@given(shapes())
+def test_reference_diagonals_partition_the_matrix(shape):
+    """Sanity of the reference itself: all P diagonals hit every entry exactly once."""
+    P, L = max(shape), min(shape)
+    r, c, _ = triples(shape, np.arange(P), np.ones((P, L)))
+    counts = np.zeros(shape, dtype=np.int64)
+    np.add.at(counts, (r, c), 1)
+    assert np.all(counts == 1)
+
+
+@given(diag_matrices())
+def test_to_dense_matches_reference(case):
+    offsets, values, shape, _ = case
+    W = DiagMatrix(offsets, values, shape)
+    dense = W.to_dense()
+    assert isinstance(dense, np.ndarray)
+    assert dense.shape == shape and dense.dtype == values.dtype
+    np.testing.assert_array_equal(dense, dense_reference(shape, offsets, values))
+
+
+@given(diag_matrices(), st.sampled_from(["csr", "coo", "dia"]))
+def test_to_scipy_matches_reference(case, fmt):
+    offsets, values, shape, _ = case
+    W = DiagMatrix(offsets, values, shape)
+    S = W.to_scipy(fmt)
+    assert S.format == fmt
+    assert S.shape == shape and S.dtype == values.dtype
+    np.testing.assert_array_equal(S.toarray(), dense_reference(shape, offsets, values))
+    if fmt == "coo":
+        assert S.nnz == W.nnz  # one stored entry per (diagonal, position)
+    if fmt == "dia":
+        d = np.asarray(S.offsets)
+        assert len(np.unique(d)) == len(d)
+        # every wrap-around diagonal becomes at most two SciPy diagonals
+        assert len(offsets) <= len(d) <= 2 * len(offsets)
+        # SciPy's layout: data[k, j] is the entry (j - d_k, j); check it explicitly
+        ref = dense_reference(shape, offsets, values)
+        m, n = shape
+        for k, dk in enumerate(d.tolist()):
+            j = np.arange(n)
+            i = j - dk
+            inside = (i >= 0) & (i < m)
+            np.testing.assert_array_equal(S.data[k, j[inside]], ref[i[inside], j[inside]])
+
+
+@given(diag_matrices())
+def test_transpose_matches_dense_transpose(case):
+    offsets, values, shape, _ = case
+    W = DiagMatrix(offsets, values, shape)
+    WT = W.T
+    assert isinstance(WT, DiagMatrix)
+    assert WT.shape == shape[::-1] and WT.K == W.K and WT.dtype == W.dtype
+    # the transposed storage is itself valid (sorted unique offsets, (K, L) values)
+    DiagMatrix(WT.offsets, WT.values, WT.shape)
+    np.testing.assert_array_equal(WT.to_dense(), dense_reference(shape, offsets, values).T)
+    back = WT.T
+    np.testing.assert_array_equal(back.offsets, offsets)
+    np.testing.assert_array_equal(back.values, values)
+
+
+def test_transpose_worked_examples():
+    # square: diagonal p -> (n - p) % n, values rotated by p
+    W = DiagMatrix([1], np.array([[1.0, 2.0, 3.0, 4.0]]), (4, 4))
+    # diagonal 1 of a 4x4: entries (1,0)=1, (2,1)=2, (3,2)=3, (0,3)=4
+    assert W.to_dense()[1, 0] == 1 and W.to_dense()[0, 3] == 4
+    WT = W.T
+    assert WT.offsets.tolist() == [3]
+    # transposed entries: (0,1)=1, (1,2)=2, (2,3)=3, (3,0)=4; diagonal 3 starts at (3, 0)
+    assert WT.values.tolist() == [[4.0, 1.0, 2.0, 3.0]]
+    # non-square: same storage, shared
+    V = DiagMatrix([0, 2], np.ones((2, 3)), (5, 3))
+    assert V.T.offsets is V.offsets and V.T.values is V.values and V.T.shape == (3, 5)
+
+
+# ----------------------------------------------------------------------------- products
+
+@given(diag_matrices(), st.sampled_from(BATCHES), st.integers(0, 2**32 - 1))
+def test_x_at_WT_is_the_forward_product(kernel_impl, use_kernels, case, batch, seed):
+    offsets, values, shape, _ = case
+    m, n = shape
+    W = DiagMatrix(offsets, values, shape)
+    x = np.random.default_rng(seed).standard_normal(batch + (n,)).astype(values.dtype)
+    ref = dense_reference(shape, offsets, values)
+    with use_kernels(kernel_impl):
+        y = x @ W.T
+    assert isinstance(y, np.ndarray) and y.dtype == values.dtype and y.shape == batch + (m,)
+    x64 = x.astype(np.float64)
+    assert_product_close(y, x64 @ ref.T, np.abs(x64) @ np.abs(ref).T, values.dtype)
+
+
+@given(diag_matrices(), st.sampled_from(BATCHES), st.integers(0, 2**32 - 1))
+def test_dy_at_W_is_the_input_gradient_product(kernel_impl, use_kernels, case, batch, seed):
+    offsets, values, shape, _ = case
+    m, n = shape
+    W = DiagMatrix(offsets, values, shape)
+    dy = np.random.default_rng(seed).standard_normal(batch + (m,)).astype(values.dtype)
+    ref = dense_reference(shape, offsets, values)
+    with use_kernels(kernel_impl):
+        dx = dy @ W
+    assert dx.dtype == values.dtype and dx.shape == batch + (n,)
+    d64 = dy.astype(np.float64)
+    assert_product_close(dx, d64 @ ref, np.abs(d64) @ np.abs(ref), values.dtype)
+
+
+@given(diag_matrices(), st.sampled_from([None, (), (3,), (2,)]), st.integers(0, 2**32 - 1))
+def test_W_at_x_left_product(kernel_impl, use_kernels, case, lead, seed):
+    """``W @ v`` for a vector and ``W @ X`` for (n, j) and batched (..., n, j) operands."""
+    offsets, values, shape, _ = case
+    m, n = shape
+    W = DiagMatrix(offsets, values, shape)
+    xshape = (n,) if lead is None else lead + (n, 4)
+    x = np.random.default_rng(seed).standard_normal(xshape).astype(values.dtype)
+    ref = dense_reference(shape, offsets, values)
+    with use_kernels(kernel_impl):
+        y = W @ x
+    x64 = x.astype(np.float64)
+    assert y.shape == (ref @ x64).shape
+    assert_product_close(y, ref @ x64, np.abs(ref) @ np.abs(x64), values.dtype)
+
+
+def test_products_reject_bad_operands():
+    W = DiagMatrix.random((6, 4), k=2, rng=0, dtype=np.float64)
+    with pytest.raises(TypeError, match=r"dtype float32 but the DiagMatrix has dtype float64"):
+        np.ones((3, 4), dtype=np.float32) @ W.T
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\).*got \(3, 6\)"):
+        np.ones((3, 6)) @ W.T
+    with pytest.raises(ValueError, match=r"x must have shape \(4,\) or \(\.\.\., 4, j\)"):
+        W @ np.ones(6)
+    with pytest.raises(TypeError, match="diag_linear"):
+        W.rmatmul(diagnet.tensor(np.ones((2, 6))))
+    with pytest.raises(TypeError, match="NumPy or CuPy array"):
+        W.matmul([1.0, 2.0, 3.0, 4.0])
+
+
+# ----------------------------------------------------------------------------- from_dense
+
+@given(shapes(), st.integers(0, 2**32 - 1), st.data())
+def test_from_dense_keeps_the_largest_norm_diagonals(shape, seed, data):
+    m, n = shape
+    P, L = max(shape), min(shape)
+    k = data.draw(st.integers(1, P))
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal(shape)
+    # norms of all P diagonals from the formulas
+    norms = np.array([np.sqrt(np.sum(W[triples(shape, [p], np.zeros((1, L)))[:2]] ** 2))
+                      for p in range(P)])
+    D = DiagMatrix.from_dense(W, k=k)
+    assert D.K == k and D.shape == shape and D.dtype == W.dtype
+    assert np.all(np.diff(D.offsets) > 0)
+    kept = set(D.offsets.tolist())
+    dropped = [p for p in range(P) if p not in kept]
+    if dropped:
+        assert norms[sorted(kept)].min() >= norms[dropped].max()
+    # the kept values are exactly W's entries on those diagonals
+    np.testing.assert_array_equal(D.to_dense(), np.where(
+        dense_reference(shape, D.offsets, np.ones((k, L))) == 1, W, 0.0))
+
+
+@given(diag_matrices())
+def test_from_dense_round_trips_all_diagonals(case):
+    offsets, values, shape, _ = case
+    dense = dense_reference(shape, offsets, values).astype(values.dtype)
+    full = DiagMatrix.from_dense(dense)
+    assert full.K == max(shape)
+    np.testing.assert_array_equal(full.to_dense(), dense)
+    kept = DiagMatrix.from_dense(dense, k=len(offsets))
+    # generic random values: the stored diagonals are the nonzero ones
+    if np.all(values != 0):
+        np.testing.assert_array_equal(kept.offsets, offsets)
+        np.testing.assert_array_equal(kept.values, values)
+
+
+def test_from_dense_breaks_ties_towards_lowest_offset():
+    W = np.ones((6, 4))                       # every diagonal has the same norm
+    assert DiagMatrix.from_dense(W, k=3).offsets.tolist() == [0, 1, 2]
+    W[5, 0] = 2.0                             # (5, 0) is on diagonal 5
+    assert DiagMatrix.from_dense(W, k=3).offsets.tolist() == [0, 1, 5]
+    W2 = np.zeros((3, 7))                     # wide; all-zero ties too
+    assert DiagMatrix.from_dense(W2, k=2).offsets.tolist() == [0, 1]
+    W2[0, 6] = -1.0                           # (0, 6) is on diagonal (6 - 0) % 7 = 6
+    assert DiagMatrix.from_dense(W2, k=2).offsets.tolist() == [0, 6]
+
+
+def test_from_dense_sparsity_and_errors():
+    W = np.arange(40, dtype=np.float32).reshape(10, 4)
+    D = DiagMatrix.from_dense(W, sparsity=0.75)
+    assert D.K == 3 and D.dtype == np.float32          # ceil(0.25 * 10) = 3
+    with pytest.raises(ValueError, match="either sparsity or k, not both"):
+        DiagMatrix.from_dense(W, sparsity=0.5, k=2)
+    with pytest.raises(ValueError, match=r"k must be in \[1, P\] = \[1, 10\].*got 11"):
+        DiagMatrix.from_dense(W, k=11)
+    with pytest.raises(TypeError, match="W must be float32 or float64; got dtype int64"):
+        DiagMatrix.from_dense(np.ones((3, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"W must be 2-D \(m, n\); got shape \(3,\)"):
+        DiagMatrix.from_dense(np.ones(3))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+@pytest.mark.parametrize("shape, sparsity, K", [
+    ((10, 4), 0.9, 1), ((10, 4), 0.0, 10), ((10, 4), 1.0, 1), ((4, 10), 0.5, 5),
+    ((7, 7), 0.5, 4), ((1, 1), 0.99, 1), ((200, 13), 0.95, 10), ((64, 128), 0.875, 16),
+])
+def test_sparsity_density_nnz(shape, sparsity, K):
+    W = DiagMatrix.random(shape, sparsity=sparsity, rng=0)
+    P, L = max(shape), min(shape)
+    assert (W.K, W.P, W.L) == (K, P, L)
+    assert W.nnz == K * L
+    assert W.density == pytest.approx(K / P)
+    assert W.sparsity == pytest.approx(1 - K / P)
+    # the realised sparsity matches the fraction of zeros in the dense matrix
+    zeros = np.count_nonzero(W.to_dense() == 0) / (shape[0] * shape[1])
+    assert zeros == pytest.approx(W.sparsity)
+    assert resolve_num_diagonals(shape, sparsity=sparsity) == K
+    assert f"K={K}" in repr(W) and f"shape={shape}" in repr(W)
+
+
+def test_resolve_num_diagonals_errors():
+    assert resolve_num_diagonals((5, 3)) == 5
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+        resolve_num_diagonals((5, 3), sparsity=1.5)
+    with pytest.raises(TypeError, match="k must be an int"):
+        resolve_num_diagonals((5, 3), k=2.0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, P\]"):
+        resolve_num_diagonals((5, 3), k=0)
+
+
+# ----------------------------------------------------------------------------- random
+
+def test_random_is_reproducible_with_a_seed():
+    a = DiagMatrix.random((37, 11), sparsity=0.7, rng=123)
+    b = DiagMatrix.random((37, 11), sparsity=0.7, rng=123)
+    c = DiagMatrix.random((37, 11), sparsity=0.7, rng=124)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert not (np.array_equal(a.offsets, c.offsets) and np.array_equal(a.values, c.values))
+    g1 = DiagMatrix.random((8, 8), k=3, rng=np.random.default_rng(5))
+    g2 = DiagMatrix.random((8, 8), k=3, rng=np.random.default_rng(5))
+    np.testing.assert_array_equal(g1.values, g2.values)
+    # the same seed gives the same matrix in both dtypes, up to rounding
+    d = DiagMatrix.random((37, 11), sparsity=0.7, rng=123, dtype=np.float64)
+    np.testing.assert_array_equal(a.offsets, d.offsets)
+    np.testing.assert_array_equal(a.values, d.values.astype(np.float32))
+
+
+@given(shapes(), st.integers(0, 2**32 - 1), st.data())
+def test_random_offsets_and_value_bound(shape, seed, data):
+    m, n = shape
+    P, L = max(shape), min(shape)
+    k = data.draw(st.integers(1, P))
+    W = DiagMatrix.random(shape, k=k, rng=seed, dtype=np.float64)
+    assert W.offsets.dtype == np.int64 and W.values.shape == (k, L)
+    assert np.all(np.diff(W.offsets) > 0) and 0 <= W.offsets[0] and W.offsets[-1] < P
+    bound = 1 / math.sqrt(max(1.0, k * L / m))
+    assert np.all(np.abs(W.values) <= bound)
+
+
+def test_random_errors():
+    with pytest.raises(TypeError, match="dtype must be float32 or float64; got int32"):
+        DiagMatrix.random((3, 3), dtype=np.int32)
+    with pytest.raises(TypeError, match="rng must be None, an int seed"):
+        DiagMatrix.random((3, 3), rng="seed")
+    with pytest.raises(ValueError, match="device must be one of"):
+        DiagMatrix.random((3, 3), device="tpu")
+
+
+# ----------------------------------------------------------------------------- validation
+
+GOOD_VALUES = np.zeros((2, 4))
+
+
+@pytest.mark.parametrize("offsets, exc, message", [
+    ([3, 1], ValueError, r"offsets must be sorted in increasing order; got offsets\[0\] = 3 "
+                         r"before offsets\[1\] = 1"),
+    ([2, 2], ValueError, r"offsets must be unique; got the value 2 twice \(at indices 0 and 1\)"),
+    ([1, 6], ValueError, r"offsets must lie in \[0, P\) = \[0, 6\) for shape \(6, 4\) "
+                         r"\(P = max\(m, n\)\); got offsets\[1\] = 6"),
+    ([-1, 2], ValueError, r"offsets must lie in \[0, P\).*got offsets\[0\] = -1"),
+    (np.array([0.0, 1.0]), TypeError, r"offsets must have an integer dtype.*got dtype float64"),
+    (np.array([True, False]), TypeError, r"offsets must have an integer dtype.*got dtype bool"),
+    (np.array([[0, 1]]), ValueError, r"offsets must be 1-D with shape \(K,\); got shape \(1, 2\)"),
+    ([[0], [1, 2]], TypeError, r"offsets must be an array"),
+])
+def test_bad_offsets_are_rejected_with_a_clear_message(offsets, exc, message):
+    with pytest.raises(exc, match=message):
+        DiagMatrix(offsets, GOOD_VALUES, (6, 4))
+
+
+@pytest.mark.parametrize("values, shape, exc, message", [
+    (np.zeros((2, 5)), (6, 4), ValueError,
+     r"values must have shape \(K, L\) = \(2, 4\) \(K = number of offsets, L = min\(m, n\) "
+     r"for shape \(6, 4\)\); got shape \(2, 5\)"),
+    (np.zeros((3, 4)), (6, 4), ValueError, r"values must have shape \(K, L\) = \(2, 4\)"),
+    (np.zeros(8), (6, 4), ValueError, r"got shape \(8,\)"),
+    (np.zeros((2, 4), dtype=np.float16), (6, 4), TypeError,
+     "values must be float32 or float64; got dtype float16"),
+    (np.zeros((2, 4), dtype=np.int64), (6, 4), TypeError,
+     "values must be float32 or float64; got dtype int64"),
+    (GOOD_VALUES, (6, 0), ValueError, r"shape must be two positive ints; got \(6, 0\)"),
+    (GOOD_VALUES, (6, 4, 1), ValueError, "shape must be a tuple \\(m, n\\).*got 3 entries"),
+    (GOOD_VALUES, (6.0, 4), TypeError, r"shape\[0\] must be an int; got float 6.0"),
+    (GOOD_VALUES, (True, 4), TypeError, r"shape\[0\] must be an int; got bool"),
+    (GOOD_VALUES, 6, TypeError, "shape must be a tuple"),
+])
+def test_bad_values_and_shape_are_rejected(values, shape, exc, message):
+    with pytest.raises(exc, match=message):
+        DiagMatrix([0, 1], values, shape)
+
+
+def test_check_finite_is_opt_in():
+    vals = np.array([[1.0, np.nan, 2.0], [np.inf, 0.0, 1.0]])
+    W = DiagMatrix([0, 1], vals, (3, 3))           # allowed by default
+    assert np.isnan(W.to_dense()).sum() == 1
+    with pytest.raises(ValueError, match=r"values must be finite \(check_finite=True\); "
+                                         r"got 2 NaN or infinite entries"):
+        DiagMatrix([0, 1], vals, (3, 3), check_finite=True)
+    DiagMatrix([0, 1], np.ones((2, 3)), (3, 3), check_finite=True)
+
+
+# ----------------------------------------------------------------------------- utilities
+
+def test_accepted_inputs_and_storage():
+    vals = np.ones((2, 3), dtype=np.float32)
+    W = DiagMatrix(np.array([0, 2], dtype=np.int32), vals, (3, 5))
+    assert W.offsets.dtype == np.int64 and W.offsets.flags.c_contiguous
+    assert W.values is vals                         # referenced, not copied
+    assert DiagMatrix([0, 2], vals, (3, 5), copy=True).values is not vals
+    assert DiagMatrix(np.array([0, 2], dtype=np.uint8), vals, (3, 5)).offsets.tolist() == [0, 2]
+    t = diagnet.tensor(vals)
+    assert DiagMatrix([0, 2], t, (3, 5)).values is t.data   # Tensors are unwrapped
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    assert DiagMatrix([0, 2], fortran, (3, 5)).values.flags.c_contiguous
+    assert W.device == "cpu" and W.ndim == 2 and W.shape == (3, 5)
+
+
+def test_astype_copy_to_and_repr():
+    W = DiagMatrix.random((9, 4), k=3, rng=1)
+    W64 = W.astype(np.float64)
+    assert W64.dtype == np.float64 and W64.offsets is W.offsets
+    np.testing.assert_array_equal(W64.values, W.values.astype(np.float64))
+    assert W.astype(np.float32, copy=False) is W
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        W.astype(np.int64)
+    C = W.copy()
+    C.values[0, 0] = 99.0
+    assert W.values[0, 0] != 99.0 and C.offsets is not W.offsets
+    assert W.to("cpu") is W
+    assert repr(W) == ("DiagMatrix(shape=(9, 4), K=3, P=9, L=4, density=0.3333, "
+                       "dtype=float32, device='cpu')")
+    assert diagnet.sparse.DiagMatrix is DiagMatrix
+
+
+def test_empty_matrix_k_zero():
+    W = DiagMatrix(np.zeros(0, dtype=np.int64), np.zeros((0, 3)), (5, 3))
+    assert W.nnz == 0 and W.density == 0.0 and W.sparsity == 1.0
+    np.testing.assert_array_equal(W.to_dense(), np.zeros((5, 3)))
+    np.testing.assert_array_equal((np.ones((2, 3)) @ W.T), np.zeros((2, 5)))
+    np.testing.assert_array_equal((np.ones((2, 5)) @ W), np.zeros((2, 3)))
+    assert W.to_scipy("dia").toarray().shape == (5, 3)
+    assert W.to_scipy("csr").nnz == 0
+    with pytest.raises(ValueError, match="format must be one of"):
+        W.to_scipy("bsr")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not diagnet.cuda_available(), reason="needs CuPy and a CUDA device")
+def test_cuda_round_trip_and_products():
+    W = DiagMatrix.random((33, 20), k=7, rng=3, dtype=np.float64)
+    G = W.to("cuda")
+    assert G.device == "cuda" and G.offsets is not W.offsets
+    np.testing.assert_array_equal(diagnet.backend.to_numpy(G.to_dense()), W.to_dense())
+    np.testing.assert_array_equal(G.to_scipy("csr").toarray(), W.to_dense())
+    np.testing.assert_array_equal(diagnet.backend.to_numpy(G.T.to_dense()), W.to_dense().T)
+    x = np.random.default_rng(0).standard_normal((4, 20))
+    xg = diagnet.backend.to_device(x, "cuda")
+    np.testing.assert_allclose(diagnet.backend.to_numpy(xg @ G.T), x @ W.to_dense().T,
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="same device"):
+        DiagMatrix(G.offsets, W.values, W.shape)
+    np.testing.assert_array_equal(G.to("cpu").values, W.values)
