@@ -14,25 +14,29 @@ around at most once. Copying the batch row once into a scratch row that repeats 
 ``ext[p : p + L]``. Every inner loop is then an element-wise update of contiguous vectors,
 which LLVM compiles to SIMD (AVX-512 / AVX2) code.
 
-**Gather into the short side, 4 diagonals x 4 batch rows per pass.** When the output is
+**Gather into the short side, 8 diagonals x 4 batch rows per pass.** When the output is
 indexed by ``t`` (forward of a wide weight, input grad of a tall or square one),
 ``out[b, t] = sum_k values[k, t] * ext[b, t + p_k]``: all diagonals add into the same output
-row, so a pass of the inner loop takes 4 diagonals and a *tile* of 4 batch rows. Per SIMD
-step it loads 4 ``values`` vectors (each used for 4 rows), 16 shifted input vectors and 4
-output vectors, and stores 4, for 16 multiply-adds. A loop over one diagonal and one row
-would load 3 vectors and store 1 per multiply-add. Loads are what limit these loops (about
-one 64-byte vector per cycle on AMD Zen 4); the shifted input loads, one per multiply-add and
-all different, are the floor that remains. Measured per multiply-add, the fused loop is ~1.5x
-faster than the one-diagonal loop.
+row, so a pass of the inner loop takes 8 diagonals and a *tile* of 4 batch rows. Per SIMD
+step it loads 8 ``values`` vectors (each used for 4 rows), 32 shifted input vectors and 4
+output vectors, and stores 4, for 32 multiply-adds (4- and 1-diagonal versions take the rest
+of ``K``). A loop over one diagonal and one row would load 3 vectors and store 1 per
+multiply-add. Loads are what limit these loops (about one 64-byte vector per cycle on AMD
+Zen 4); the shifted input loads, one per multiply-add and all different, are the floor that
+remains. Measured per multiply-add, the fused loop is ~1.6x faster than the one-diagonal
+loop; 8 diagonals gained 5-8% over 4.
 
 **Tiles** keep the 4 rows in one scratch array at a fixed, compile-time stride (see the
 comment above `_marker`), so the loop needs one pointer per diagonal instead of one per
 (row, diagonal); with 2-D scratch arrays the loop ran out of registers (10-25% slower).
+Batch rows left over after the last full tile (``B % 4``) go through one-row versions of the
+loops, so a batch of 1 does not pay for 4.
 
 **When the output is the long side** (forward of a tall or square weight, input grad of a wide
 one), outputs are indexed by ``(t + p) % P``. For a square weight each diagonal is rotated into
 output order once per call (``K * L`` copies) and the same gather runs. For a rectangular
-weight the rotated diagonals would be ``P - L`` zeros out of ``P``, so we scatter instead:
+weight the rotated diagonals would be ``P - L`` zeros out of ``P`` (and for fewer than 4 batch
+rows the rotation costs as much as the product), so we scatter instead:
 ``acc[b, t + p] += values[k, t] * in[b, t]`` for a tile of 4 rows sharing each ``values``
 load, then the wrapped tail ``acc[b, P:]`` is folded back onto the start.
 
@@ -42,7 +46,9 @@ rows and 4 diagonals: each ``a`` load serves 4 diagonals, each ``dvalues`` eleme
 and stored once per 4 rows.
 
 **Threads.** Forward and input grad give each task a block of batch rows (several tasks per
-thread, so uneven batches still balance). The value grad gives each thread its own diagonals
+thread, so uneven batches still balance). The square forward gives each thread one block and
+its own rotated copy of the diagonals, because reading a copy that the other core just wrote
+cost more than rotating twice. The value grad gives each thread its own diagonals
 (its own rows of ``dvalues``: no reduction); only when there are too few diagonals for that
 is the batch split too, with per-split partial results added at the end. Calls with little
 work (``B * K * L`` below ``_SERIAL_WORK``) run on the calling thread: waking the pool would
@@ -120,35 +126,30 @@ def _stride(marker):
 
 @_jit
 def _load_tile(tile, src, b_start, nrows, width, marker):
-    """Tile row ``r < nrows``: ``tile[r*S + j] = src[b_start + r, j % W]`` for ``j < width``.
+    """``tile[r*S + j] = src[b_start + r, j % W]`` for rows ``r < nrows`` and ``j < width``.
 
     ``W = src.shape[1]``; with ``width > W`` the row repeats (an extended row, see the module
-    docstring). Rows ``nrows ..`` are zeroed: phantom rows that pad the last tile of a batch
-    must contribute exact zeros.
+    docstring).
     """
     S = _stride(marker)
     W = _u(src.shape[1])
     total = _u(width)
-    for r in range(_u(_TILE_ROWS)):
+    for r in range(_u(nrows)):
         base = r * S
-        if r < _u(nrows):
-            b = _u(b_start) + r
-            start = _u(0)
-            while start < total:
-                n = min(W, total - start)
-                for j in range(n):
-                    tile[base + start + j] = src[b, j]
-                start += n
-        else:
-            for j in range(total):
-                tile[base + j] = 0
+        b = _u(b_start) + r
+        start = _u(0)
+        while start < total:
+            n = min(W, total - start)
+            for j in range(n):
+                tile[base + start + j] = src[b, j]
+            start += n
 
 
 @_jit
-def _zero_tile(tile, width, marker):
-    """``tile[r*S + j] = 0`` for all rows and ``j < width``."""
+def _zero_tile(tile, nrows, width, marker):
+    """``tile[r*S + j] = 0`` for rows ``r < nrows`` and ``j < width``."""
     S = _stride(marker)
-    for r in range(_u(_TILE_ROWS)):
+    for r in range(_u(nrows)):
         for j in range(_u(width)):
             tile[r * S + j] = 0
 
@@ -194,28 +195,30 @@ def _gather_4rows_8diags(acc, ext, vals, k, shifts, marker):
     S1 = _stride(marker)
     S2 = S1 + S1
     S3 = S2 + S1
-    k0 = _u(k)
-    s0, s1, s2, s3 = _u(shifts[k]), _u(shifts[k + 1]), _u(shifts[k + 2]), _u(shifts[k + 3])
-    s4, s5, s6, s7 = _u(shifts[k + 4]), _u(shifts[k + 5]), _u(shifts[k + 6]), _u(shifts[k + 7])
+    k0, k1, k2, k3 = _u(k), _u(k + 1), _u(k + 2), _u(k + 3)
+    k4, k5, k6, k7 = _u(k + 4), _u(k + 5), _u(k + 6), _u(k + 7)
+    s0, s1, s2, s3 = _u(shifts[k0]), _u(shifts[k1]), _u(shifts[k2]), _u(shifts[k3])
+    s4, s5, s6, s7 = _u(shifts[k4]), _u(shifts[k5]), _u(shifts[k6]), _u(shifts[k7])
     for i in range(_u(vals.shape[1])):
-        w0, w1, w2, w3 = vals[k0, i], vals[k0 + _u(1), i], vals[k0 + _u(2), i], vals[k0 + _u(3), i]
-        w4, w5, w6, w7 = vals[k0 + _u(4), i], vals[k0 + _u(5), i], vals[k0 + _u(6), i], vals[k0 + _u(7), i]
-        for r in (_u(0), S1, S2, S3):
+        w0, w1, w2, w3 = vals[k0, i], vals[k1, i], vals[k2, i], vals[k3, i]
+        w4, w5, w6, w7 = vals[k4, i], vals[k5, i], vals[k6, i], vals[k7, i]
+        for r in (_u(0), S1, S2, S3):  # unrolled: a constant-length tuple
             j = i + r
-            acc[j] += ((w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])) + (
-                (w4 * ext[j + s4] + w5 * ext[j + s5]) + (w6 * ext[j + s6] + w7 * ext[j + s7]))
+            lo = (w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])
+            hi = (w4 * ext[j + s4] + w5 * ext[j + s5]) + (w6 * ext[j + s6] + w7 * ext[j + s7])
+            acc[j] += lo + hi
 
 
 @_jit
 def _gather_4rows_4diags(acc, ext, vals, k, shifts, marker):
-    """As `_gather_4rows_8diags` with 4 diagonals (for ``K % 8 >= 4``)."""
+    """As `_gather_4rows_8diags` with 4 diagonals (when ``K % 8 >= 4``)."""
     S1 = _stride(marker)
     S2 = S1 + S1
     S3 = S2 + S1
-    k0 = _u(k)
-    s0, s1, s2, s3 = _u(shifts[k]), _u(shifts[k + 1]), _u(shifts[k + 2]), _u(shifts[k + 3])
+    k0, k1, k2, k3 = _u(k), _u(k + 1), _u(k + 2), _u(k + 3)
+    s0, s1, s2, s3 = _u(shifts[k0]), _u(shifts[k1]), _u(shifts[k2]), _u(shifts[k3])
     for i in range(_u(vals.shape[1])):
-        w0, w1, w2, w3 = vals[k0, i], vals[k0 + _u(1), i], vals[k0 + _u(2), i], vals[k0 + _u(3), i]
+        w0, w1, w2, w3 = vals[k0, i], vals[k1, i], vals[k2, i], vals[k3, i]
         for r in (_u(0), S1, S2, S3):
             j = i + r
             acc[j] += (w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])
@@ -236,29 +239,77 @@ def _gather_4rows_1diag(acc, ext, vals, k, shifts, marker):
 
 
 @_jit
-def _gather_block(out, inp, vals, shifts, b_start, b_stop, marker):
-    """Rows ``b_start .. b_stop-1`` of `_gather`, one tile of 4 rows at a time."""
-    W = out.shape[1]
+def _gather_1row_8diags(acc, ext, vals, k, shifts):
+    """``acc[i] += sum_{d<8} vals[k+d, i] * ext[i + shifts[k+d]]``: one row (batch leftovers)."""
+    k0, k1, k2, k3 = _u(k), _u(k + 1), _u(k + 2), _u(k + 3)
+    k4, k5, k6, k7 = _u(k + 4), _u(k + 5), _u(k + 6), _u(k + 7)
+    s0, s1, s2, s3 = _u(shifts[k0]), _u(shifts[k1]), _u(shifts[k2]), _u(shifts[k3])
+    s4, s5, s6, s7 = _u(shifts[k4]), _u(shifts[k5]), _u(shifts[k6]), _u(shifts[k7])
+    for i in range(_u(vals.shape[1])):
+        lo = (vals[k0, i] * ext[i + s0] + vals[k1, i] * ext[i + s1]) + (
+            vals[k2, i] * ext[i + s2] + vals[k3, i] * ext[i + s3])
+        hi = (vals[k4, i] * ext[i + s4] + vals[k5, i] * ext[i + s5]) + (
+            vals[k6, i] * ext[i + s6] + vals[k7, i] * ext[i + s7])
+        acc[i] += lo + hi
+
+
+@_jit
+def _gather_1row_1diag(acc, ext, vals, k, shifts):
+    """``acc[i] += vals[k, i] * ext[i + shifts[k]]``: one row, one diagonal."""
+    k0 = _u(k)
+    s0 = _u(shifts[k])
+    for i in range(_u(vals.shape[1])):
+        acc[i] += vals[k0, i] * ext[i + s0]
+
+
+@_jit
+def _gather_tile(acc, ext, vals, shifts, marker):
+    """All diagonals into a tile of 4 rows (``acc`` zeroed by the caller)."""
     K = vals.shape[0]
+    k = 0
+    while k + 8 <= K:
+        _gather_4rows_8diags(acc, ext, vals, k, shifts, marker)
+        k += 8
+    if k + 4 <= K:
+        _gather_4rows_4diags(acc, ext, vals, k, shifts, marker)
+        k += 4
+    while k < K:
+        _gather_4rows_1diag(acc, ext, vals, k, shifts, marker)
+        k += 1
+
+
+@_jit
+def _gather_row(acc, ext, vals, shifts):
+    """All diagonals into one row (``acc`` zeroed by the caller)."""
+    K = vals.shape[0]
+    k = 0
+    while k + 8 <= K:
+        _gather_1row_8diags(acc, ext, vals, k, shifts)
+        k += 8
+    while k < K:
+        _gather_1row_1diag(acc, ext, vals, k, shifts)
+        k += 1
+
+
+@_jit
+def _gather_block(out, inp, vals, shifts, b_start, b_stop, marker):
+    """Rows ``b_start .. b_stop-1`` of `_gather`: tiles of 4 rows, then single rows."""
+    W = out.shape[1]
     ext_width = W + inp.shape[1] - 1
     size = _TILE_ROWS * _stride(marker)
     ext = np.empty(size, dtype=out.dtype)
     acc = np.empty(size, dtype=out.dtype)
-    for b in range(b_start, b_stop, _TILE_ROWS):
-        nrows = min(_TILE_ROWS, b_stop - b)
-        _load_tile(ext, inp, b, nrows, ext_width, marker)
-        _zero_tile(acc, W, marker)
-        k = 0
-        while k + 8 <= K:
-            _gather_4rows_8diags(acc, ext, vals, k, shifts, marker)
-            k += 8
-        if k + 4 <= K:
-            _gather_4rows_4diags(acc, ext, vals, k, shifts, marker)
-            k += 4
-        while k < K:
-            _gather_4rows_1diag(acc, ext, vals, k, shifts, marker)
-            k += 1
-        _store_tile(out, acc, b, nrows, marker)
+    tiles_stop = b_start + (b_stop - b_start) // _TILE_ROWS * _TILE_ROWS
+    for b in range(b_start, tiles_stop, _TILE_ROWS):
+        _load_tile(ext, inp, b, _TILE_ROWS, ext_width, marker)
+        _zero_tile(acc, _TILE_ROWS, W, marker)
+        _gather_tile(acc, ext, vals, shifts, marker)
+        _store_tile(out, acc, b, _TILE_ROWS, marker)
+    for b in range(tiles_stop, b_stop):
+        _load_tile(ext, inp, b, 1, ext_width, marker)
+        _zero_tile(acc, 1, W, marker)
+        _gather_row(acc, ext, vals, shifts)
+        _store_tile(out, acc, b, 1, marker)
 
 
 @_pjit
@@ -294,6 +345,23 @@ def _rotate_square(values, offsets):
     return rot, shifts
 
 
+@_pjit
+def _gather_rotated_parallel(out, inp, values, offsets, n_chunks, marker):
+    """`_gather_block` of the rotated diagonals of a square weight, one batch chunk per thread.
+
+    Each thread rotates its own copy of the diagonals: a copy written by one core and read by
+    another costs more than rotating twice (~25 us for 768 x 77 on the 2-core test machine).
+    """
+    B = out.shape[0]
+    tiles = (B + _TILE_ROWS - 1) // _TILE_ROWS
+    for c in numba.prange(n_chunks):
+        b_start = min(B, _TILE_ROWS * (tiles * c // n_chunks))
+        b_stop = min(B, _TILE_ROWS * (tiles * (c + 1) // n_chunks))
+        if b_start < b_stop:
+            rot, shifts = _rotate_square(values, offsets)
+            _gather_block(out, inp, rot, shifts, b_start, b_stop, marker)
+
+
 # --------------------------------------------------------------------------------------
 # Scatter: out[b, (t + offsets[k]) % P] = sum_k vals[k, t] * inp[b, t]
 # --------------------------------------------------------------------------------------
@@ -314,21 +382,36 @@ def _scatter_4rows_1diag(acc, x, vals, k, p, marker):
 
 
 @_jit
+def _scatter_1row_1diag(acc, x, vals, k, p):
+    """``acc[t + p] += vals[k, t] * x[t]``: one row (batch leftovers)."""
+    k0 = _u(k)
+    pu = _u(p)
+    for t in range(_u(vals.shape[1])):
+        acc[t + pu] += vals[k0, t] * x[t]
+
+
+@_jit
 def _scatter_block(out, inp, vals, offsets, b_start, b_stop, marker):
-    """Rows ``b_start .. b_stop-1`` of `_scatter`, one tile of 4 rows at a time."""
+    """Rows ``b_start .. b_stop-1`` of `_scatter`: tiles of 4 rows, then single rows."""
     P = out.shape[1]
     K, L = vals.shape
     width = P + L - 1  # t + p < P + L - 1; entries past P wrap, folded back by the store
     size = _TILE_ROWS * _stride(marker)
     x = np.empty(size, dtype=out.dtype)
     acc = np.empty(size, dtype=out.dtype)
-    for b in range(b_start, b_stop, _TILE_ROWS):
-        nrows = min(_TILE_ROWS, b_stop - b)
-        _load_tile(x, inp, b, nrows, L, marker)
-        _zero_tile(acc, width, marker)
+    tiles_stop = b_start + (b_stop - b_start) // _TILE_ROWS * _TILE_ROWS
+    for b in range(b_start, tiles_stop, _TILE_ROWS):
+        _load_tile(x, inp, b, _TILE_ROWS, L, marker)
+        _zero_tile(acc, _TILE_ROWS, width, marker)
         for k in range(K):
             _scatter_4rows_1diag(acc, x, vals, k, offsets[k], marker)
-        _store_tile_folded(out, acc, b, nrows, width, marker)
+        _store_tile_folded(out, acc, b, _TILE_ROWS, width, marker)
+    for b in range(tiles_stop, b_stop):
+        _load_tile(x, inp, b, 1, L, marker)
+        _zero_tile(acc, 1, width, marker)
+        for k in range(K):
+            _scatter_1row_1diag(acc, x, vals, k, offsets[k])
+        _store_tile_folded(out, acc, b, 1, width, marker)
 
 
 @_pjit
@@ -356,17 +439,17 @@ def _vgrad_4rows_4diags(g, a, ext, k, offsets, marker):
     S1 = _stride(marker)
     S2 = S1 + S1
     S3 = S2 + S1
-    k0 = _u(k)
-    p0, p1, p2, p3 = _u(offsets[k]), _u(offsets[k + 1]), _u(offsets[k + 2]), _u(offsets[k + 3])
+    k0, k1, k2, k3 = _u(k), _u(k + 1), _u(k + 2), _u(k + 3)
+    p0, p1, p2, p3 = _u(offsets[k0]), _u(offsets[k1]), _u(offsets[k2]), _u(offsets[k3])
     for t in range(_u(g.shape[1])):
         a0, a1, a2, a3 = a[t], a[t + S1], a[t + S2], a[t + S3]
         g[k0, t] += (a0 * ext[t + p0] + a1 * ext[t + S1 + p0]) + (
             a2 * ext[t + S2 + p0] + a3 * ext[t + S3 + p0])
-        g[k0 + _u(1), t] += (a0 * ext[t + p1] + a1 * ext[t + S1 + p1]) + (
+        g[k1, t] += (a0 * ext[t + p1] + a1 * ext[t + S1 + p1]) + (
             a2 * ext[t + S2 + p1] + a3 * ext[t + S3 + p1])
-        g[k0 + _u(2), t] += (a0 * ext[t + p2] + a1 * ext[t + S1 + p2]) + (
+        g[k2, t] += (a0 * ext[t + p2] + a1 * ext[t + S1 + p2]) + (
             a2 * ext[t + S2 + p2] + a3 * ext[t + S3 + p2])
-        g[k0 + _u(3), t] += (a0 * ext[t + p3] + a1 * ext[t + S1 + p3]) + (
+        g[k3, t] += (a0 * ext[t + p3] + a1 * ext[t + S1 + p3]) + (
             a2 * ext[t + S2 + p3] + a3 * ext[t + S3 + p3])
 
 
@@ -384,23 +467,56 @@ def _vgrad_4rows_1diag(g, a, ext, k, offsets, marker):
 
 
 @_jit
+def _vgrad_1row_4diags(g, a, ext, k, offsets):
+    """``g[k+d, t] += a[t] * ext[t + offsets[k+d]]`` for d = 0..3: one row (batch leftovers)."""
+    k0, k1, k2, k3 = _u(k), _u(k + 1), _u(k + 2), _u(k + 3)
+    p0, p1, p2, p3 = _u(offsets[k0]), _u(offsets[k1]), _u(offsets[k2]), _u(offsets[k3])
+    for t in range(_u(g.shape[1])):
+        a0 = a[t]
+        g[k0, t] += a0 * ext[t + p0]
+        g[k1, t] += a0 * ext[t + p1]
+        g[k2, t] += a0 * ext[t + p2]
+        g[k3, t] += a0 * ext[t + p3]
+
+
+@_jit
+def _vgrad_1row_1diag(g, a, ext, k, offsets):
+    """``g[k, t] += a[t] * ext[t + offsets[k]]``: one row, one diagonal."""
+    k0 = _u(k)
+    p0 = _u(offsets[k])
+    for t in range(_u(g.shape[1])):
+        g[k0, t] += a[t] * ext[t + p0]
+
+
+@_jit
 def _vgrad_block(g, short, long, offsets, k_start, k_stop, b_start, b_stop, marker):
     """``g[k] +=`` the value grad of diagonals ``k_start .. k_stop-1`` over batch rows
-    ``b_start .. b_stop-1``, one tile of 4 rows at a time."""
+    ``b_start .. b_stop-1``: tiles of 4 rows, then single rows."""
     L = short.shape[1]
+    ext_width = L + long.shape[1] - 1
     size = _TILE_ROWS * _stride(marker)
     a = np.empty(size, dtype=g.dtype)
     ext = np.empty(size, dtype=g.dtype)
-    for b in range(b_start, b_stop, _TILE_ROWS):
-        nrows = min(_TILE_ROWS, b_stop - b)
-        _load_tile(a, short, b, nrows, L, marker)
-        _load_tile(ext, long, b, nrows, L + long.shape[1] - 1, marker)
+    tiles_stop = b_start + (b_stop - b_start) // _TILE_ROWS * _TILE_ROWS
+    for b in range(b_start, tiles_stop, _TILE_ROWS):
+        _load_tile(a, short, b, _TILE_ROWS, L, marker)
+        _load_tile(ext, long, b, _TILE_ROWS, ext_width, marker)
         k = k_start
         while k + 4 <= k_stop:
             _vgrad_4rows_4diags(g, a, ext, k, offsets, marker)
             k += 4
         while k < k_stop:
             _vgrad_4rows_1diag(g, a, ext, k, offsets, marker)
+            k += 1
+    for b in range(tiles_stop, b_stop):
+        _load_tile(a, short, b, 1, L, marker)
+        _load_tile(ext, long, b, 1, ext_width, marker)
+        k = k_start
+        while k + 4 <= k_stop:
+            _vgrad_1row_4diags(g, a, ext, k, offsets)
+            k += 4
+        while k < k_stop:
+            _vgrad_1row_1diag(g, a, ext, k, offsets)
             k += 1
 
 
@@ -472,12 +588,17 @@ def _scatter(out, inp, vals, offsets):
 
 def _to_long_side(out, short, values, offsets):
     """The product whose output is the long side of the weight (index ``(t + p) % P``)."""
-    if short.shape[1] == out.shape[1]:
+    B = out.shape[0]
+    if short.shape[1] != out.shape[1] or B < _TILE_ROWS:
+        # rectangular, or too few rows to pay for rotating the diagonals: scatter
+        _scatter(out, short, values, offsets)
+    elif _serial(B, *values.shape):
         # square: rotate the diagonals into output order, then the faster gather applies
         rot, shifts = _rotate_square(values, offsets)
-        _gather(out, short, rot, shifts)
+        _gather_block(out, short, rot, shifts, 0, B, _marker(2 * out.shape[1] - 1))
     else:
-        _scatter(out, short, values, offsets)
+        _gather_rotated_parallel(out, short, values, offsets, _threads(),
+                                 _marker(2 * out.shape[1] - 1))
 
 
 def _value_grad(short, long, offsets):

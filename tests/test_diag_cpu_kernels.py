@@ -1,0 +1,234 @@
+"""The compiled CPU kernels (`diagnet.diag.cpu`) against the NumPy reference.
+
+Every test compares ``cpu.forward``, ``cpu.input_grad`` and ``cpu.value_grad`` with
+`diagnet.diag.reference` on the same inputs.
+
+Tolerance: the kernels add the same products as the reference in a different order (fused
+groups of diagonals and batch rows, FMA), so each output may differ by a few roundings of
+the *terms* it sums, not of its (possibly cancelling) result. We therefore bound the error
+of every element by ``rtol * S`` where ``S`` is the same quantity computed on absolute
+values (``|x|``, ``|values|``, ``|dy|``): ``rtol = 1e-12`` in float64 and ``1e-5`` in
+float32. A sum of ``n`` terms in precision ``u`` (1.1e-16, 6e-8) errs by at most about
+``n * u * S`` and typically ``sqrt(n) * u * S``; the longest sums here have 257 terms, so
+float64 has a 30x margin even in the worst case, and float32 a 10x margin on the typical
+error (the float32 worst case, 1.5e-5, is not approached by the fused, partly pairwise sums).
+
+The kernels work in tiles: 4 batch rows (leftover rows one at a time), groups of 8, 4 and 1
+diagonals, batch blocks per thread, diagonal chunks per thread, scratch strides that depend on
+the layer size, and a serial path below a work threshold. The shapes below are chosen to be
+ragged against all of them, and the ``parallel`` fixture variant forces the threaded path
+(with an odd thread count, so the work splits unevenly) on small shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diagnet.diag import cpu, reference
+
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def path(request, monkeypatch):
+    """Run a test once on the serial path and once on the forced threaded path."""
+    if request.param == "parallel":
+        monkeypatch.setattr(cpu, "_SERIAL_WORK", 0)
+        # three "threads" split rows and diagonals unevenly; numba runs the tasks on however
+        # many threads it really has, so this checks the chunking on any machine
+        monkeypatch.setattr(cpu, "_threads", lambda: 3)
+    return request.param
+
+
+def make_case(rng, B, m, n, K, dtype):
+    """Random inputs of one layout: ``x``, ``dy``, sorted ``offsets`` and ``values``."""
+    P, L = max(m, n), min(m, n)
+    offsets = np.sort(rng.choice(P, size=K, replace=False)).astype(np.int64)
+    values = rng.standard_normal((K, L)).astype(dtype)
+    x = rng.standard_normal((B, n)).astype(dtype)
+    dy = rng.standard_normal((B, m)).astype(dtype)
+    return x, dy, offsets, values
+
+
+def assert_close(actual, expected, scale, dtype):
+    """``|actual - expected| <= rtol * scale`` element-wise (``scale``: sum of |terms|)."""
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    tol = RTOL[dtype] * (np.asarray(scale, dtype=np.float64) + np.finfo(dtype).tiny)
+    err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    bad = err > tol
+    assert not bad.any(), (
+        f"{bad.sum()} of {bad.size} elements off; worst error {err.max():.3g}, "
+        f"error / scale up to {(err / tol).max() * RTOL[dtype]:.3g}")
+
+
+def check_all(x, dy, offsets, values):
+    """All three kernels against the reference (in float64 for the reference and scale)."""
+    dtype = x.dtype.type
+    m, n = dy.shape[1], x.shape[1]
+    x64, dy64, v64 = (a.astype(np.float64) for a in (x, dy, values))
+    ax, ady, av = np.abs(x64), np.abs(dy64), np.abs(v64)
+
+    assert_close(cpu.forward(x, offsets, values, m), reference.forward(x64, offsets, v64, m),
+                 reference.forward(ax, offsets, av, m), dtype)
+    assert_close(cpu.input_grad(dy, offsets, values, n),
+                 reference.input_grad(dy64, offsets, v64, n),
+                 reference.input_grad(ady, offsets, av, n), dtype)
+    assert_close(cpu.value_grad(dy, x, offsets), reference.value_grad(dy64, x64, offsets),
+                 reference.value_grad(ady, ax, offsets), dtype)
+
+
+# (m, n) = (out_features, in_features): square, tall, wide, one-wide, primes, and sizes
+# that are not multiples of the SIMD width (16 float32 / 8 float64) or of the tile sizes.
+SHAPES = [
+    (1, 1), (1, 7), (7, 1), (2, 3), (3, 2), (5, 5), (16, 16), (17, 17), (13, 31), (31, 13),
+    (64, 48), (48, 64), (97, 89), (89, 97), (100, 37), (37, 100), (128, 33), (33, 128),
+]
+
+
+def k_values(P):
+    """Diagonal counts: 1, around the fused group sizes (4 and 8), odd, and all P."""
+    return sorted({k for k in (1, 2, 3, 4, 5, 7, 8, 9, P // 2 + 1, P - 1, P) if 1 <= k <= P})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
+def test_shapes_against_reference(shape, dtype, path):
+    m, n = shape
+    rng = np.random.default_rng(m * 1000 + n)
+    for K in k_values(max(m, n)):
+        for B in (1, 2, 3, 5, 8, 13):
+            check_all(*make_case(rng, B, m, n, K, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(768, 768), (300, 77), (77, 300)], ids=str)
+def test_large_batches_use_several_tasks(shape, dtype):
+    """Sizes where the default (unforced) dispatch goes parallel with several tasks per thread."""
+    m, n = shape
+    rng = np.random.default_rng(7)
+    for B, K in ((257, 39), (67, 21)):
+        check_all(*make_case(rng, B, m, n, K, dtype))
+
+
+@given(
+    B=st.integers(1, 40),
+    m=st.integers(1, 60),
+    n=st.integers(1, 60),
+    k_frac=st.floats(0.0, 1.0),
+    f64=st.booleans(),
+    parallel=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_random_shapes(B, m, n, k_frac, f64, parallel, seed):
+    dtype = np.float64 if f64 else np.float32
+    P = max(m, n)
+    K = 1 + int(k_frac * (P - 1))
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, B, m, n, K, dtype)
+    saved = cpu._SERIAL_WORK, cpu._threads
+    if parallel:  # (not the fixture: Hypothesis runs every example inside one test call)
+        cpu._SERIAL_WORK, cpu._threads = 0, (lambda: 2)
+    try:
+        check_all(*case)
+    finally:
+        cpu._SERIAL_WORK, cpu._threads = saved
+
+
+def test_thread_count_does_not_change_results():
+    """One thread and all threads give results equal to rounding (the split is by rows/diagonals,
+    so the per-element summation order is in fact the same)."""
+    import numba
+
+    rng = np.random.default_rng(3)
+    x, dy, offsets, values = make_case(rng, 96, 200, 120, 50, np.float64)
+    before = numba.get_num_threads()
+    results = []
+    for threads in sorted({1, before}):
+        numba.set_num_threads(threads)
+        try:
+            results.append((cpu.forward(x, offsets, values, 200),
+                            cpu.input_grad(dy, offsets, values, 120),
+                            cpu.value_grad(dy, x, offsets)))
+        finally:
+            numba.set_num_threads(before)
+    for a, b in zip(results[0], results[-1]):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_input_conversions(dtype):
+    """Non-contiguous inputs, int32 / uint16 / list offsets, mixed value dtype."""
+    rng = np.random.default_rng(11)
+    m, n, B, K = 23, 41, 9, 6
+    x, dy, offsets, values = make_case(rng, B, m, n, K, dtype)
+    want = (reference.forward(x, offsets, values, m),
+            reference.input_grad(dy, offsets, values, n),
+            reference.value_grad(dy, x, offsets))
+    # Fortran-ordered and strided views of the same numbers
+    x_f = np.asfortranarray(x)
+    dy_s = np.repeat(dy, 2, axis=1)[:, ::2]
+    v_s = np.repeat(values, 3, axis=0)[::3]
+    assert not dy_s.flags.c_contiguous and not v_s.flags.c_contiguous
+    for offs in (offsets.astype(np.int32), offsets.astype(np.uint16), offsets.tolist(),
+                 np.repeat(offsets, 2)[::2]):
+        got = (cpu.forward(x_f, offs, v_s, m), cpu.input_grad(dy_s, offs, v_s, n),
+               cpu.value_grad(dy_s, x_f, offs))
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            np.testing.assert_allclose(g, w, rtol=RTOL[dtype], atol=RTOL[dtype] * 10)
+    # values of the other float dtype are converted to the input's dtype
+    other = np.float64 if dtype == np.float32 else np.float32
+    y = cpu.forward(x, offsets, values.astype(other), m)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_nan_and_inf_propagate_like_the_reference(path):
+    """fastmath is limited to contract/reassoc, so NaN and inf reach the same outputs."""
+    rng = np.random.default_rng(5)
+    for m, n in ((30, 30), (40, 17), (17, 40)):
+        x, dy, offsets, values = make_case(rng, 6, m, n, 9, np.float64)
+        x[2, 3] = np.nan
+        x[4, 0] = np.inf
+        dy[1, 5] = -np.inf
+        values[1, 2] = np.nan
+        pairs = [(cpu.forward(x, offsets, values, m), reference.forward(x, offsets, values, m)),
+                 (cpu.input_grad(dy, offsets, values, n),
+                  reference.input_grad(dy, offsets, values, n)),
+                 (cpu.value_grad(dy, x, offsets), reference.value_grad(dy, x, offsets))]
+        for got, want in pairs:
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+            np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+            finite = np.isfinite(want)
+            np.testing.assert_allclose(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch_and_no_diagonals():
+    x = np.zeros((0, 5), np.float32)
+    assert cpu.forward(x, np.array([1]), np.ones((1, 5), np.float32), 8).shape == (0, 8)
+    assert cpu.input_grad(np.zeros((0, 8)), [1], np.ones((1, 5)), 5).shape == (0, 5)
+    assert cpu.value_grad(np.zeros((0, 8)), np.zeros((0, 5)), [0, 3]).tolist() == [[0.0] * 5] * 2
+    x = np.ones((3, 5))
+    none = np.zeros(0, np.int64)
+    np.testing.assert_array_equal(cpu.forward(x, none, np.zeros((0, 5)), 8), np.zeros((3, 8)))
+    np.testing.assert_array_equal(cpu.input_grad(np.ones((3, 8)), none, np.zeros((0, 5)), 5),
+                                  np.zeros((3, 5)))
+    assert cpu.value_grad(np.ones((3, 8)), x, none).shape == (0, 5)
+
+
+def test_bad_arguments():
+    x = np.ones((2, 5), np.float32)
+    with pytest.raises(ValueError):  # values not (K, min(m, n))
+        cpu.forward(x, np.array([0, 1]), np.ones((2, 4), np.float32), 8)
+    with pytest.raises(ValueError):  # offset out of range
+        cpu.forward(x, np.array([0, 8]), np.ones((2, 5), np.float32), 8)
+    with pytest.raises(TypeError):  # integer data
+        cpu.forward(np.ones((2, 5), np.int64), np.array([0]), np.ones((1, 5)), 8)
+    with pytest.raises(ValueError):  # batch mismatch
+        cpu.value_grad(np.ones((3, 8)), np.ones((2, 5)), np.array([0]))
