@@ -1,20 +1,21 @@
 """`diag_linear` (forward and gradients) and `diagonal_scores` against a dense reference.
 
-The dense weight is assembled by ``scipy.sparse.coo_array`` from (row, col, value) triples
-computed here from the convention's formulas, never through `diagnet.diag.layout`.
+The dense weight comes from ``tests/dense_reference.py`` (shared with
+``test_sparse_format.py``): ``scipy.sparse.coo_array`` assembles it from (row, col, value)
+triples computed from the convention's formulas, never through `diagnet.diag.layout`.
 
 Tolerances: every product is compared in float64 against ``scale``, the same product taken
 on absolute values (the magnitude each output element is accumulated from):
-``|got - want| <= rtol * scale`` with rtol 1e-10 for float64 and 1e-4 for float32. The bias
-gradient (a plain batch sum) uses the same rule. ``gradcheck`` uses its defaults
-(central differences in float64, ``eps=1e-6``, ``atol=1e-6``, ``rtol=1e-4``).
+``|got - want| <= rtol * scale`` with rtol 1e-10 for float64 and 1e-4 for float32 (the rule
+of ``dense_reference.assert_close``). The bias gradient (a plain batch sum) uses the same
+rule. ``gradcheck`` uses its defaults (central differences in float64, ``eps=1e-6``,
+``atol=1e-6``, ``rtol=1e-4``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,55 +24,15 @@ import diagnet.functional as F
 from diagnet import Tensor, gradcheck, no_grad, tensor
 from diagnet.diag import dispatch
 from diagnet.ops.diagonal import DiagLinear
-
-RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
-
-# ----------------------------------------------------------------------------- reference
-
-
-def positions(shape, p):
-    """(rows, cols) of diagonal ``p``, position t = 0..L-1, from the formulas."""
-    m, n = shape
-    t = np.arange(min(m, n))
-    return ((t + p) % m, t) if m >= n else (t, (t + p) % n)
-
-
-def dense_reference(shape, offsets, values):
-    rows, cols = zip(*(positions(shape, p) for p in np.asarray(offsets).tolist()))
-    vals = np.asarray(values, dtype=np.float64).reshape(-1)
-    return sp.coo_array((vals, (np.concatenate(rows), np.concatenate(cols))),
-                        shape=shape).toarray()
-
-
-def assert_close(got, want, scale, dtype):
-    got = np.asarray(got, dtype=np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    bound = RTOL[np.dtype(dtype)] * (scale + np.finfo(np.float64).tiny)
-    err = np.abs(got - want)
-    assert np.all(err <= bound), (
-        f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g} "
-        f"(rtol {RTOL[np.dtype(dtype)]:g}, dtype {np.dtype(dtype)})")
-
+from dense_reference import BATCHES, K_RULES, assert_close, dense_reference, positions, shapes
 
 # ----------------------------------------------------------------------------- strategies
-
-SPECIAL_DIMS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 32, 61, 64, 97, 127, 128, 131, 197, 199, 200]
-dims = st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(13, 200), st.integers(1, 12))
-BATCHES = [(), (1,), (5,), (2, 3), (1, 2, 2)]
-# K: the extremes 1 and P, or uniform in [1, P] (Hypothesis' own integers favour the ends)
-K_RULES = st.sampled_from(["uniform", "one", "uniform", "all", "uniform"])
-# mostly free shapes (tall, wide and square), plus forced square and 1-wide ones
-SHAPE_KINDS = ["free"] * 6 + ["square", "one-column", "one-row"]
 
 
 @st.composite
 def layers(draw):
     """A layer case: shape, offsets, values, bias (or None), x and dy, all from one seed."""
-    kind = draw(st.sampled_from(SHAPE_KINDS))
-    m = draw(dims)
-    n = {"square": m, "one-column": 1, "one-row": m}.get(kind) or draw(dims)
-    if kind == "one-row":
-        m = 1
+    m, n = draw(shapes())
     P, L = max(m, n), min(m, n)
     k_rule = draw(K_RULES)
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))

@@ -1,14 +1,15 @@
 """`DiagMatrix` against a dense reference built independently from the convention.
 
-The reference never goes through `diagnet.diag.layout`: the (row, col, value) triples are
-computed here from the definition (position ``t`` of diagonal ``p`` is
-``((t + p) % m, t)`` when ``m >= n`` and ``(t, (t + p) % n)`` when ``m < n``) and turned
-into a dense matrix by ``scipy.sparse.coo_array(...).toarray()``.
+The reference (``tests/dense_reference.py``, shared with ``test_diag_linear.py``) never
+goes through `diagnet.diag.layout`: the (row, col, value) triples are computed from the
+definition (position ``t`` of diagonal ``p`` is ``((t + p) % m, t)`` when ``m >= n`` and
+``(t, (t + p) % n)`` when ``m < n``) and turned into a dense matrix by
+``scipy.sparse.coo_array(...).toarray()``.
 
 Tolerances: conversions (to_dense, to_scipy, transpose, from_dense) are pure data movement
 and must be exact. Products are compared in float64 against ``scale = |a| @ |b|`` (the
 sum of magnitudes each output element is accumulated from): ``|got - want| <= rtol * scale``
-with rtol 1e-10 for float64 and 1e-4 for float32.
+with rtol 1e-10 for float64 and 1e-4 for float32 (``dense_reference.assert_close``).
 """
 
 from __future__ import annotations
@@ -17,78 +18,15 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
 import diagnet
 from diagnet import DiagMatrix
 from diagnet.sparse import resolve_num_diagonals
-
-RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
-
-# ----------------------------------------------------------------------------- reference
-
-
-def triples(shape, offsets, values):
-    """(rows, cols, vals) of every stored entry, straight from the convention's formulas."""
-    m, n = shape
-    t = np.arange(min(m, n))
-    rows, cols = [], []
-    for p in np.asarray(offsets).tolist():
-        if m >= n:
-            rows.append((t + p) % m)
-            cols.append(t)
-        else:
-            rows.append(t)
-            cols.append((t + p) % n)
-    if not rows:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0)
-    return (np.concatenate(rows), np.concatenate(cols),
-            np.asarray(values, dtype=np.float64).reshape(-1))
-
-
-def dense_reference(shape, offsets, values):
-    """The dense float64 matrix, assembled by SciPy from the triples (duplicates would add)."""
-    r, c, v = triples(shape, offsets, values)
-    return sp.coo_array((v, (r, c)), shape=shape).toarray()
-
-
-def assert_product_close(got, want, scale, dtype):
-    got = np.asarray(got, dtype=np.float64)
-    assert got.shape == want.shape
-    bound = RTOL[np.dtype(dtype)] * (scale + np.finfo(np.float64).tiny)
-    err = np.abs(got - want)
-    assert np.all(err <= bound), (
-        f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g} "
-        f"(rtol {RTOL[np.dtype(dtype)]:g}, dtype {np.dtype(dtype)})")
-
+from dense_reference import BATCHES, K_RULES, assert_close, dense_reference, shapes, triples
 
 # ----------------------------------------------------------------------------- strategies
-
-SPECIAL_DIMS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 32, 61, 64, 97, 127, 128, 131, 197, 199, 200]
-dims = st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(13, 200), st.integers(1, 12))
-BATCHES = [(), (1,), (5,), (2, 3), (1, 2, 2)]
-# K: the extremes 1 and P, or uniform in [1, P] (Hypothesis' own integers favour the ends)
-K_RULES = st.sampled_from(["uniform", "one", "uniform", "all", "uniform"])
-
-
-# mostly free shapes (tall, wide and square), plus forced square and 1-wide ones
-SHAPE_KINDS = ["free"] * 6 + ["square", "one-column", "one-row"]
-
-
-@st.composite
-def shapes(draw):
-    kind = draw(st.sampled_from(SHAPE_KINDS))
-    m = draw(dims)
-    if kind == "square":
-        return m, m
-    if kind == "one-column":
-        return m, 1
-    if kind == "one-row":
-        return 1, m
-    return m, draw(dims)
 
 
 @st.composite
@@ -195,7 +133,7 @@ def test_x_at_WT_is_the_forward_product(kernel_impl, use_kernels, case, batch, s
         y = x @ W.T
     assert isinstance(y, np.ndarray) and y.dtype == values.dtype and y.shape == batch + (m,)
     x64 = x.astype(np.float64)
-    assert_product_close(y, x64 @ ref.T, np.abs(x64) @ np.abs(ref).T, values.dtype)
+    assert_close(y, x64 @ ref.T, np.abs(x64) @ np.abs(ref).T, values.dtype)
 
 
 @given(diag_matrices(), st.sampled_from(BATCHES), st.integers(0, 2**32 - 1))
@@ -209,7 +147,7 @@ def test_dy_at_W_is_the_input_gradient_product(kernel_impl, use_kernels, case, b
         dx = dy @ W
     assert dx.dtype == values.dtype and dx.shape == batch + (n,)
     d64 = dy.astype(np.float64)
-    assert_product_close(dx, d64 @ ref, np.abs(d64) @ np.abs(ref), values.dtype)
+    assert_close(dx, d64 @ ref, np.abs(d64) @ np.abs(ref), values.dtype)
 
 
 @given(diag_matrices(), st.sampled_from([None, (), (3,), (2,)]), st.integers(0, 2**32 - 1))
@@ -225,7 +163,7 @@ def test_W_at_x_left_product(kernel_impl, use_kernels, case, lead, seed):
         y = W @ x
     x64 = x.astype(np.float64)
     assert y.shape == (ref @ x64).shape
-    assert_product_close(y, ref @ x64, np.abs(ref) @ np.abs(x64), values.dtype)
+    assert_close(y, ref @ x64, np.abs(ref) @ np.abs(x64), values.dtype)
 
 
 def test_products_reject_bad_operands():

@@ -282,50 +282,43 @@ def _check_sizes(**sizes) -> None:
 
 def forward(x, offsets, values, m, *, config: KernelConfig | None = None):
     """``y = x @ W.T`` for the diagonal weight ``W`` of shape ``(m, x.shape[1])``; ``(B, m)``."""
-    cp = _cupy()
-    cfg = DEFAULT_CONFIG if config is None else config
-    x = _float_array(cp, "x", x, 2)
-    values = _float_array(cp, "values", values, 2, x.dtype, "x")
-    m = _dim("m", m)
-    B, n = x.shape
-    K = values.shape[0]
-    offsets = _offsets(cp, offsets, K)
-    if values.shape[1] != min(m, n):
-        raise ValueError(f"values must have shape (K, min(m, n)) = ({K}, {min(m, n)}); "
-                         f"got {tuple(values.shape)}")
-    _check_sizes(B=B, n=n, K=K)
-    if min(B, m, n, K) == 0:
-        return cp.zeros((B, m), dtype=x.dtype)
-    y = cp.empty((B, m), dtype=x.dtype)
-    plan = launch_config("forward", B, m, n, K, cfg)
-    _kernel(plan.kernel, x.dtype, cfg)(
-        plan.grid, plan.block,
-        (x, offsets, values, y, np.int32(B), np.int32(m), np.int32(n), np.int32(K)))
-    return y
+    return _launch_gather("forward", x, "x", offsets, values, m, "m", config)
 
 
 def input_grad(dy, offsets, values, n, *, config: KernelConfig | None = None):
     """``dx = dy @ W`` for the diagonal weight of shape ``(dy.shape[1], n)``; ``(B, n)``."""
+    return _launch_gather("input_grad", dy, "dy", offsets, values, n, "n", config)
+
+
+def _launch_gather(kind: str, inp, inp_name: str, offsets, values, n_out, out_name: str,
+                   config: KernelConfig | None):
+    """The body of `forward` (``out_name`` ``"m"``) and `input_grad` (``out_name`` ``"n"``).
+
+    ``inp`` is the ``(B, n_in)`` operand, named ``inp_name`` in error messages; ``n_out`` is
+    the output width (the other dimension of the weight); the result is ``(B, n_out)``.
+    """
     cp = _cupy()
     cfg = DEFAULT_CONFIG if config is None else config
-    dy = _float_array(cp, "dy", dy, 2)
-    values = _float_array(cp, "values", values, 2, dy.dtype, "dy")
-    n = _dim("n", n)
-    B, m = dy.shape
+    inp = _float_array(cp, inp_name, inp, 2)
+    values = _float_array(cp, "values", values, 2, inp.dtype, inp_name)
+    n_out = _dim(out_name, n_out)
+    B, n_in = inp.shape
     K = values.shape[0]
     offsets = _offsets(cp, offsets, K)
+    m, n = (n_out, n_in) if out_name == "m" else (n_in, n_out)
     if values.shape[1] != min(m, n):
         raise ValueError(f"values must have shape (K, min(m, n)) = ({K}, {min(m, n)}); "
                          f"got {tuple(values.shape)}")
-    _check_sizes(B=B, m=m, K=K)
+    in_name = "n" if out_name == "m" else "m"
+    _check_sizes(**{"B": B, in_name: n_in, "K": K})
     if min(B, m, n, K) == 0:
-        return cp.zeros((B, n), dtype=dy.dtype)
-    dx = cp.empty((B, n), dtype=dy.dtype)
-    plan = launch_config("input_grad", B, m, n, K, cfg)
-    _kernel(plan.kernel, dy.dtype, cfg)(
+        return cp.zeros((B, n_out), dtype=inp.dtype)
+    out = cp.empty((B, n_out), dtype=inp.dtype)
+    plan = launch_config(kind, B, m, n, K, cfg)
+    _kernel(plan.kernel, inp.dtype, cfg)(
         plan.grid, plan.block,
-        (dy, offsets, values, dx, np.int32(B), np.int32(m), np.int32(n), np.int32(K)))
-    return dx
+        (inp, offsets, values, out, np.int32(B), np.int32(m), np.int32(n), np.int32(K)))
+    return out
 
 
 def value_grad(dy, x, offsets, *, config: KernelConfig | None = None):
