@@ -157,6 +157,16 @@ def erf(x):
     return _erf(x)
 
 
+def scatter_add(target, index, values) -> None:
+    """``target[index] += values`` in place, accumulating repeated indices (``np.add.at``)."""
+    if get_array_module(target) is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+
 def synchronize(device: str = "cuda") -> None:
     """Wait for all queued GPU work (no-op on the CPU); for timing."""
     if device == "cuda" and cuda_available():

@@ -55,12 +55,8 @@ class GetItem(Function):
     def backward(self, gy):
         xp = _xp(gy)
         gx = xp.zeros(self.in_shape, dtype=gy.dtype)
-        # add.at accumulates repeated integer indices (x[[0, 0]] sends two gradients to x[0])
-        if hasattr(xp, "add") and hasattr(xp.add, "at"):
-            xp.add.at(gx, self.index, gy)
-        else:  # pragma: no cover - CuPy without ufunc.at
-            import cupyx  # noqa: F401  (only reached on the GPU backend)
-            cupyx.scatter_add(gx, self.index, gy)
+        # accumulate, so that repeated integer indices (x[[0, 0]]) add their gradients
+        backend.scatter_add(gx, self.index, gy)
         return gx
 
 
