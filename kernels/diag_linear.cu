@@ -96,6 +96,24 @@ __device__ __forceinline__ int diag_wrap_offset(int offset, int P)
     return o < 0 ? o + P : o;
 }
 
+// First k in [0, K) with wrap(offsets[k]) >= x, or K (std::lower_bound). Every probe is an
+// index in [0, K), so this stays in bounds whatever the offsets hold; the answer is only
+// meaningful when the wrapped offsets are sorted, as validated callers guarantee.
+__device__ __forceinline__ int diag_lower_bound(const int* __restrict__ offsets, int K, int P,
+                                                int x)
+{
+    int lo = 0;
+    int hi = K;
+    while (lo < hi) {
+        const int mid = lo + ((hi - lo) >> 1);
+        if (diag_wrap_offset(offsets[mid], P) < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 // ---- forward and input grad: one gather body --------------------------------------------
 //
 // Both products read a (B, n_in) operand and write a (B, n_out) result, and for one output
@@ -109,6 +127,17 @@ __device__ __forceinline__ int diag_wrap_offset(int offset, int P)
 //
 // Gathering (one thread owns each output element and sums its K terms in registers) needs
 // no atomics, is deterministic, and writes every output exactly once (so no zero-fill).
+//
+// In the !OUT_IS_SHORT case, column i only meets offsets p in the cyclic range
+// (i - n_in, i] mod n_out, so a block of columns i0..i_hi only meets (i0 - n_in, i_hi]: at
+// most two runs of the sorted offsets array: [0, k_a) and [k_b, K) when the range wraps past
+// 0, else one run [k_lo, k_a). The block finds them by binary search and walks only those,
+// in ascending k, so the terms are summed in the same order as a walk over all K (the skipped
+// offsets contributed nothing). The runs depend on blockIdx only: every thread of the block
+// walks the same chunks and reaches the same barriers. This relies on the wrapped offsets
+// being sorted (validated callers pass sorted unique offsets in [0, P)); for unsorted ones
+// the runs may miss terms, but every access stays in bounds. The per-thread t < n_in check
+// still decides which of the walked offsets count, column by column.
 template <typename T, bool OUT_IS_SHORT>
 __device__ __forceinline__ void diag_gather(const T* __restrict__ in,
                                             const int* __restrict__ offsets,
@@ -141,35 +170,72 @@ __device__ __forceinline__ void diag_gather(const T* __restrict__ in,
             acc[r] = T(0);
         }
 
-        for (int k0 = 0; k0 < K; k0 += DIAG_OFFSET_CHUNK) {
-            const int kc = (K - k0 < DIAG_OFFSET_CHUNK) ? K - k0 : DIAG_OFFSET_CHUNK;
-            __syncthreads();  // everyone is done reading the previous chunk
-            for (int j = tid; j < kc; j += DIAG_GATHER_THREADS) {
-                s_off[j] = diag_wrap_offset(offsets[k0 + j], P);
-            }
-            __syncthreads();
-
-            if (i_ok) {
-                const T* vals = values + (long long)k0 * L;  // 64-bit: K * L may exceed 2^31
-#pragma unroll 4
-                for (int kk = 0; kk < kc; ++kk) {
-                    const int off = s_off[kk];  // same address for the whole warp: broadcast
-                    int t;
-                    int col;
-                    if (OUT_IS_SHORT) {
-                        t = i;
-                        col = i + off;  // < n_out + P <= 2 * n_in: one subtraction wraps it
-                        if (col >= n_in) col -= n_in;
-                    } else {
-                        t = i - off;
-                        if (t < 0) t += n_out;
-                        if (t >= n_in) continue;  // this diagonal misses output column i
-                        col = t;
+        // The runs of offsets [seg0_begin, seg0_end) and [seg1_begin, seg1_end) that this block
+        // walks: all K unless the output is on the long side and the block's cyclic range
+        // (i0 - n_in, i_hi] is shorter than n_out. Recomputed per batch tile (two binary
+        // searches of broadcast, cached loads): hoisted out of the batch loop, the three bounds
+        // stayed live across it and ptxas spilled under the 64-register cap.
+        int seg0_begin = 0;
+        int seg0_end = K;
+        int seg1_begin = K;
+        const int seg1_end = K;
+        if (!OUT_IS_SHORT) {
+            const int i0 = (int)blockIdx.x * DIAG_GATHER_BLOCK_X;
+            if (i0 < n_out) {
+                // No overflow: i_hi - i0 < BLOCK_X, and the launcher keeps n_in + n_out < 2^31.
+                const int i_hi = (n_out - 1 - i0 < DIAG_GATHER_BLOCK_X - 1)
+                                     ? n_out - 1
+                                     : i0 + DIAG_GATHER_BLOCK_X - 1;
+                if (i_hi - i0 + n_in < n_out) {  // the range has fewer than n_out = P offsets
+                    const int lo = i0 - n_in + 1;  // in (-n_in, n_out); hi = i_hi in [0, n_out)
+                    const int k_a = diag_lower_bound(offsets, K, n_out, i_hi + 1);
+                    if (lo >= 0) {  // one run: offsets in [lo, i_hi]
+                        seg0_begin = diag_lower_bound(offsets, K, n_out, lo);
+                        seg0_end = k_a;
+                    } else {  // wraps: offsets in [0, i_hi] and in [lo + n_out, n_out)
+                        seg0_end = k_a;
+                        seg1_begin = diag_lower_bound(offsets, K, n_out, lo + n_out);
+                        // Sorted offsets give k_a <= seg1_begin; keep the runs disjoint anyway.
+                        if (seg1_begin < k_a) seg1_begin = k_a;
                     }
-                    const T v = vals[(long long)kk * L + t];
+                }
+            } else {
+                seg0_end = 0;  // no column of this block exists (the launcher never does this)
+            }
+        }
+
+        for (int seg = 0; seg < 2; ++seg) {
+            const int k_end = seg ? seg1_end : seg0_end;
+            for (int k0 = seg ? seg1_begin : seg0_begin; k0 < k_end; k0 += DIAG_OFFSET_CHUNK) {
+                const int kc = (k_end - k0 < DIAG_OFFSET_CHUNK) ? k_end - k0 : DIAG_OFFSET_CHUNK;
+                __syncthreads();  // everyone is done reading the previous chunk
+                for (int j = tid; j < kc; j += DIAG_GATHER_THREADS) {
+                    s_off[j] = diag_wrap_offset(offsets[k0 + j], P);
+                }
+                __syncthreads();
+
+                if (i_ok) {
+                    const T* vals = values + (long long)k0 * L;  // 64-bit: K * L may exceed 2^31
+#pragma unroll 4
+                    for (int kk = 0; kk < kc; ++kk) {
+                        const int off = s_off[kk];  // same address for the whole warp: broadcast
+                        int t;
+                        int col;
+                        if (OUT_IS_SHORT) {
+                            t = i;
+                            col = i + off;  // < n_out + P <= 2 * n_in: one subtraction wraps it
+                            if (col >= n_in) col -= n_in;
+                        } else {
+                            t = i - off;
+                            if (t < 0) t += n_out;
+                            if (t >= n_in) continue;  // this diagonal misses output column i
+                            col = t;
+                        }
+                        const T v = vals[(long long)kk * L + t];
 #pragma unroll
-                    for (int r = 0; r < DIAG_GATHER_ROWS; ++r) {
-                        acc[r] += v * rows[r][col];
+                        for (int r = 0; r < DIAG_GATHER_ROWS; ++r) {
+                            acc[r] += v * rows[r][col];
+                        }
                     }
                 }
             }

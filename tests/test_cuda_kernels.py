@@ -594,6 +594,58 @@ def test_emulated_out_of_range_offsets_stay_in_bounds(fake):
         assert_matches(kind, got, p)
 
 
+# Output on the long side (forward with m > n, input grad with m < n): each column block only
+# walks the runs of sorted offsets in its cyclic range (i0 - L, i_hi] mod P. Offsets that
+# cluster, sit at the ends or straddle the wrap-around 0 / P - 1 exercise both runs and the
+# empty runs; (P, L) = (97, 13) keeps that range shorter than P for every tile config.
+RUN_OFFSETS = {
+    "cluster-mid": [40, 41, 42, 43, 44],
+    "cluster-end": [90, 91, 92, 93, 94, 95, 96],
+    "straddle-wrap": [0, 1, 2, 94, 95, 96],
+    "ends-only": [0, 96],
+    "K1-at-0": [0],
+    "K1-at-P-1": [96],
+    "spread": [3, 17, 18, 30, 52, 53, 54, 71, 88, 96],
+}
+
+
+def make_offsets_problem(m, n, B, offsets, dtype, seed=2):
+    rng = np.random.default_rng([seed, m, n, B, len(offsets)])
+    offsets = np.asarray(offsets, dtype=np.int64)
+    return dict(
+        m=m, n=n, B=B, K=len(offsets),
+        x=rng.standard_normal((B, n)).astype(dtype),
+        dy=rng.standard_normal((B, m)).astype(dtype),
+        offsets=offsets,
+        values=rng.standard_normal((len(offsets), min(m, n))).astype(dtype),
+    )
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("config_name", ["small", "strided", "default"])
+@pytest.mark.parametrize("offsets", list(RUN_OFFSETS.values()), ids=list(RUN_OFFSETS))
+def test_emulated_long_side_offset_runs(fake, offsets, config_name, dtype):
+    """The per-block offset runs of the long-side gather: tall forward and wide input grad."""
+    for kind, (m, n) in (("forward", (97, 13)), ("input_grad", (13, 97))):
+        p = make_offsets_problem(m, n, 5, offsets, dtype)
+        assert_matches(kind, launch(kind, p, fake.asarray, CONFIGS[config_name]), p)
+
+
+@needs_gxx
+def test_emulated_long_side_runs_with_unwrapped_or_unsorted_offsets(fake):
+    """The runs are found on the offsets reduced modulo P: out-of-range offsets whose wrapped
+    values are sorted still give exact results; unsorted offsets may give wrong numbers but
+    every access stays in bounds (ASan) and every output is written (no NaN fill left)."""
+    for kind, (m, n) in (("forward", (97, 13)), ("input_grad", (13, 97))):
+        p = make_offsets_problem(m, n, 5, RUN_OFFSETS["straddle-wrap"], np.float64)
+        bad = p["offsets"] + 97 * np.array([1, -1, 0, 2, -3, 0])
+        assert_matches(kind, launch(kind, dict(p, offsets=bad), fake.asarray, SMALL), p)
+        for unsorted in ([96, 0, 50, 3, 95, 40], [5, 4, 3, 2, 1, 0]):
+            got = launch(kind, dict(p, offsets=np.array(unsorted)), fake.asarray, SMALL)
+            assert np.isfinite(np.asarray(got)).all()
+
+
 def test_launcher_argument_errors(monkeypatch, tmp_path):
     """Clear TypeError/ValueError naming the argument (needs no compiler: nothing launches)."""
     fake = FakeCupy(builder=None, workdir=tmp_path)

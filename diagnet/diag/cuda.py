@@ -244,9 +244,11 @@ def _offsets(cp, offsets, K: int | None):
     """``offsets`` as a contiguous int32 CuPy array of length ``K``.
 
     Host arrays and sequences are accepted and uploaded (``K`` ints; the reference accepts
-    them too). Values are not range-checked here (that would synchronise with the GPU); the
-    kernels reduce them modulo ``P``, so an out-of-range offset gives wrong numbers but never
-    an out-of-bounds access.
+    them too). Values are not range-checked or sort-checked here (that would synchronise with
+    the GPU); the kernels reduce them modulo ``P``, so an out-of-range offset gives wrong
+    numbers but never an out-of-bounds access. The long-side gather also relies on the reduced
+    offsets being sorted (it binary-searches them); unsorted ones likewise give wrong numbers,
+    never an out-of-bounds access.
     """
     if not isinstance(offsets, cp.ndarray):
         host = np.asarray(offsets)
