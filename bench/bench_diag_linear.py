@@ -458,7 +458,7 @@ def header(device, args, env_note, gpu_name=None):
     if env_note:
         lines.append(f"* {env_note}")
     lines += [
-        f"* Load average at start / end: {{load_start}} / {{load_end}} (other processes on the"
+        "* Load average at start / end: {load_start} / {load_end} (other processes on the"
         " machine make threaded timings noisy)",
         "",
         "How to read the tables: each ratio is `baseline time / our time` in float32, so above",

@@ -401,9 +401,6 @@ class Function:
                 delattr(self, key)
         self.freed = True
 
-    def __lt__(self, other):  # heap tie-break never reaches here; see _run_backward
-        return False
-
 
 def _check_float_dtypes(op_name, tensors):
     floats = {t.dtype for t in tensors if t.dtype in FLOAT_DTYPES}

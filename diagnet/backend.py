@@ -126,6 +126,14 @@ def _cupy_imported() -> bool:
     return "cupy" in sys.modules
 
 
+def is_array(a) -> bool:
+    """True for a NumPy or CuPy ndarray (not a Tensor, list or scalar)."""
+    if isinstance(a, np.ndarray):
+        return True
+    xp = get_array_module(a)
+    return xp is not np and isinstance(a, xp.ndarray)
+
+
 def device_of(array) -> str:
     """``"cuda"`` for a CuPy array, ``"cpu"`` for anything else."""
     return "cuda" if get_array_module(array) is not np else "cpu"

@@ -82,17 +82,10 @@ def _unwrap(a):
     return a.data if isinstance(a, Tensor) else a
 
 
-def _is_backend_array(a) -> bool:
-    if isinstance(a, np.ndarray):
-        return True
-    xp = backend.get_array_module(a)
-    return xp is not np and isinstance(a, xp.ndarray)
-
-
 def _as_array(a, name, xp=None):
     """``a`` as a backend array; non-arrays (lists, scalars) become arrays of ``xp``."""
     a = _unwrap(a)
-    if _is_backend_array(a):
+    if backend.is_array(a):
         return a
     try:
         arr = np.asarray(a)
@@ -107,6 +100,21 @@ def _as_array(a, name, xp=None):
     return arr
 
 
+def check_int(v, name, what="an int"):
+    """``v`` as a Python int; `TypeError` naming ``name`` unless it is an integer (not a bool)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be {what}; got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def check_positive_int(v, name):
+    """``v`` as a Python int; `TypeError`/`ValueError` naming ``name`` unless an int > 0."""
+    v = check_int(v, name, "a positive int")
+    if v <= 0:
+        raise ValueError(f"{name} must be a positive int; got {v!r}")
+    return v
+
+
 def validate_shape(shape, name="shape"):
     """Check a matrix shape and return it as a tuple ``(m, n)`` of Python ints.
 
@@ -119,10 +127,7 @@ def validate_shape(shape, name="shape"):
     if len(shape) != 2:
         raise ValueError(f"{name} must be a tuple (m, n) of two positive ints; "
                          f"got {len(shape)} entries: {tuple(shape)!r}")
-    for i, s in enumerate(shape):
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
-            raise TypeError(f"{name}[{i}] must be an int; got {type(s).__name__} {s!r}")
-    m, n = int(shape[0]), int(shape[1])
+    m, n = (check_int(s, f"{name}[{i}]") for i, s in enumerate(shape))
     if m <= 0 or n <= 0:
         raise ValueError(f"{name} must be two positive ints; got ({m}, {n})")
     return m, n
@@ -240,9 +245,8 @@ def resolve_num_diagonals(shape, sparsity=None, k=None):
         raise ValueError(f"give either sparsity or k, not both; got sparsity={sparsity!r}, "
                          f"k={k!r}")
     if k is not None:
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int; got {type(k).__name__} {k!r}")
-        if not 1 <= int(k) <= P:
+        k = check_int(k, "k")
+        if not 1 <= k <= P:
             raise ValueError(f"k must be in [1, P] = [1, {P}] for shape {tuple(shape)}; "
                              f"got {int(k)}")
         return int(k)
@@ -298,11 +302,11 @@ class DiagMatrix:
     def __init__(self, offsets, values, shape, *, check_finite=False, copy=False):
         shape = validate_shape(shape)
         offsets, values = _unwrap(offsets), _unwrap(values)
-        if _is_backend_array(offsets) and _is_backend_array(values):
+        if backend.is_array(offsets) and backend.is_array(values):
             check_same_device(offsets=offsets, values=values)
         xp = None
         for a in (values, offsets):
-            if _is_backend_array(a):
+            if backend.is_array(a):
                 xp = backend.get_array_module(a)
                 break
         offsets = validate_offsets(offsets, shape, "offsets", xp)
@@ -663,7 +667,7 @@ def _unwrap_operand(x, what):
         raise TypeError(f"{what}: got a diagnet Tensor; DiagMatrix products work on NumPy/CuPy "
                         "arrays (use diagnet.functional.diag_linear for a differentiable "
                         "product)")
-    if not _is_backend_array(x):
+    if not backend.is_array(x):
         raise TypeError(f"{what}: the operand must be a NumPy or CuPy array; got "
                         f"{type(x).__name__}")
     return x

@@ -394,11 +394,4 @@ def to_device(x, device):
     return ToDevice(device)(x)
 
 
-# ----------------------------------------------------------------------------- erf helper
-
-def erf_array(x):
-    """Element-wise error function of a backend array (SciPy on CPU, cupyx on GPU)."""
-    return backend.erf(x)
-
-
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

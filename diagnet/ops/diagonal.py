@@ -16,14 +16,13 @@ mask-update steps of dynamic sparse training use to pick diagonals to grow.
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
 from .. import backend
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..diag import dispatch
-from ..sparse import (_is_backend_array, check_same_device, validate_offsets, validate_shape,
+from ..sparse import (check_positive_int, check_same_device, validate_offsets, validate_shape,
                       validate_values)
 
 
@@ -86,7 +85,7 @@ def _as_tensor(a, ref_dtype=None, xp=None):
     """
     if isinstance(a, Tensor):
         return a
-    if _is_backend_array(a):
+    if backend.is_array(a):
         arr = a
     else:
         arr = np.asarray(a)
@@ -95,14 +94,6 @@ def _as_tensor(a, ref_dtype=None, xp=None):
     if arr.dtype.kind != "f" and ref_dtype is not None:
         arr = arr.astype(ref_dtype)
     return Tensor._wrap(arr)
-
-
-def _check_positive_int(v, name):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int; got {type(v).__name__} {v!r}")
-    if v <= 0:
-        raise ValueError(f"{name} must be a positive int; got {v!r}")
-    return int(v)
 
 
 def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None):
@@ -130,7 +121,7 @@ def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None
             are on different devices.
         TypeError: non-float or mismatched dtypes, non-integer ``offsets``.
     """
-    m = _check_positive_int(out_features, "out_features")
+    m = check_positive_int(out_features, "out_features")
     vref = values.data if isinstance(values, Tensor) else values
     xp = backend.get_array_module(vref, x)
     values = _as_tensor(values, xp=xp)
@@ -140,13 +131,13 @@ def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None
     # a sequence of offsets (no device of its own) is placed on the device of values below
     offsets_arr = offsets.data if isinstance(offsets, Tensor) else offsets
     check_same_device(x=x, values=values, bias=bias,
-                      offsets=offsets_arr if _is_backend_array(offsets_arr) else None)
+                      offsets=offsets_arr if backend.is_array(offsets_arr) else None)
 
     if x.ndim == 0:
         raise ValueError("diag_linear: x must have shape (..., in_features); got a 0-d tensor")
     n = int(x.shape[-1])
     if in_features is not None:
-        in_features = _check_positive_int(in_features, "in_features")
+        in_features = check_positive_int(in_features, "in_features")
         if n != in_features:
             raise ValueError(f"diag_linear: x must have shape (..., in_features) = "
                              f"(..., {in_features}); got x of shape {x.shape}")
@@ -201,7 +192,7 @@ def diagonal_scores(x, dy, out_features=None):
                          f"must share their leading dims; got x {tuple(xa.shape)} and dy "
                          f"{tuple(da.shape)}")
     if out_features is not None:
-        out_features = _check_positive_int(out_features, "out_features")
+        out_features = check_positive_int(out_features, "out_features")
         if da.shape[-1] != out_features:
             raise ValueError(f"diagonal_scores: dy must have shape (..., out_features) = "
                              f"(..., {out_features}); got {tuple(da.shape)}")

@@ -41,7 +41,7 @@ class GELU(Function):
         if self.approximate == "tanh":
             self.th = xp.tanh(basic.SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
             return 0.5 * x * (1 + self.th)
-        self.cdf = 0.5 * (1 + basic.erf_array(x / math.sqrt(2.0)))
+        self.cdf = 0.5 * (1 + backend.erf(x / math.sqrt(2.0)))
         return x * self.cdf
 
     def backward(self, gy):
