@@ -112,8 +112,9 @@ def get_array_module(*arrays):
     if cp is None:
         return np
     for a in arrays:
-        a = getattr(a, "data", a)
-        if isinstance(a, cp.ndarray):
+        # A Tensor is unwrapped through ``.data``; a CuPy array's own ``.data`` is a
+        # MemoryPointer, so the array itself must be tested first.
+        if isinstance(a, cp.ndarray) or isinstance(getattr(a, "data", None), cp.ndarray):
             return cp
     return np
 
@@ -132,6 +133,18 @@ def is_array(a) -> bool:
         return True
     xp = get_array_module(a)
     return xp is not np and isinstance(a, xp.ndarray)
+
+
+def unwrap(a):
+    """The backend array held by an array container (a diagnet Tensor), else ``a`` itself.
+
+    A container is recognised by a ``data`` attribute that is a NumPy/CuPy array; arrays are
+    returned as they are (a NumPy array's ``data`` is a memoryview, a CuPy array's a pointer).
+    """
+    if is_array(a):
+        return a
+    inner = getattr(a, "data", None)
+    return inner if is_array(inner) else a
 
 
 def device_of(array) -> str:
@@ -166,13 +179,11 @@ def erf(x):
 
 
 def scatter_add(target, index, values) -> None:
-    """``target[index] += values`` in place, accumulating repeated indices (``np.add.at``)."""
-    if get_array_module(target) is np:
-        np.add.at(target, index, values)
-    else:
-        import cupyx
+    """``target[index] += values`` in place, accumulating repeated indices (``add.at``).
 
-        cupyx.scatter_add(target, index, values)
+    NumPy and CuPy (>= 12.1) both have ``add.at``; CuPy 14 deprecates ``cupyx.scatter_add``.
+    """
+    get_array_module(target).add.at(target, index, values)
 
 
 def synchronize(device: str = "cuda") -> None:

@@ -13,6 +13,21 @@ kernel implementation, ``"reference"`` (NumPy, `diagnet.diag.reference`) and ``"
 (`diagnet.diag.cpu`, the dispatch default), the latter skipped while that module does not
 exist. Inside the test, ``with use_kernels(kernel_impl):`` (the session fixture
 ``use_kernels``) routes `diagnet.diag.dispatch` to that implementation.
+
+Devices and GPU tests:
+
+* A test that needs CUDA carries ``@pytest.mark.gpu`` and nothing else: where CUDA is not
+  available, `pytest_collection_modifyitems` skips it with the reason from
+  ``diagnet.backend.cuda_unavailable_reason()``.
+* Tests not marked ``gpu`` run with the default device pinned to the CPU
+  (``DIAGNET_DEVICE=cpu``) unless the user set ``DIAGNET_DEVICE``: they compare results with
+  NumPy, which must not depend on whether the machine has a GPU. Tests marked ``gpu`` see the
+  machine's own default (``cuda`` where it is available), as a user of a GPU machine does.
+  Tests about default-device selection clear the variable themselves.
+* ``--fake-cupy`` installs the CuPy stand-in of ``tests/simt/fake_cupy.py`` as ``cupy`` (and
+  ``cupyx``) before diagnet probes for CuPy, so CUDA is "available" and every ``gpu`` test
+  runs the CuPy code path on the CPU, with the CUDA kernels emulated from their real source
+  by the SIMT harness: ``python -m pytest -q -m gpu --fake-cupy``.
 """
 
 from __future__ import annotations
@@ -23,6 +38,11 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from diagnet.backend import ENV_DEVICE
+
+# The user's own choice of default device, read before this file pins it for the CPU tests.
+_USER_DEVICE = os.environ.get(ENV_DEVICE) or None
 
 settings.register_profile(
     "default",
@@ -82,3 +102,76 @@ def _use_kernels(name):
 def use_kernels():
     """The context manager ``use_kernels(name)`` (session-scoped, so Hypothesis-safe)."""
     return _use_kernels
+
+
+# ----------------------------------------------------------------------------- devices, gpu
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fake-cupy", action="store_true", default=False,
+        help="install the CuPy stand-in of tests/simt/fake_cupy.py as cupy/cupyx, so that the "
+             "tests marked gpu run the CuPy code path on the CPU (CUDA kernels emulated by the "
+             "SIMT harness; needs g++)")
+
+
+def pytest_configure(config):
+    if _USER_DEVICE is None:
+        # Pinned before collection too: some test modules build tensors at import time.
+        os.environ[ENV_DEVICE] = "cpu"
+    if config.getoption("--fake-cupy"):
+        # Before anything asks diagnet for CuPy: the backend caches its probe and the launcher
+        # its compiled modules, so clear both in case diagnet was imported already.
+        from simt import fake_cupy
+
+        config._fake_cupy_replaced = fake_cupy.install()
+        import diagnet.backend
+        import diagnet.diag.cuda
+
+        diagnet.backend._cupy_probe.cache_clear()
+        diagnet.diag.cuda.clear_cache()
+
+
+def pytest_unconfigure(config):
+    replaced = getattr(config, "_fake_cupy_replaced", None)
+    if replaced is not None:
+        from simt import fake_cupy
+
+        fake_cupy.uninstall(replaced)
+        import diagnet.backend
+
+        diagnet.backend._cupy_probe.cache_clear()
+
+
+def pytest_report_header(config):
+    if config.getoption("--fake-cupy"):
+        return ("cupy: the SIMT stand-in (tests/simt/fake_cupy.py): gpu tests run on the CPU, "
+                "CUDA kernels emulated")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``gpu`` (with the reason) where CUDA is not available."""
+    from diagnet import backend
+
+    if backend.cuda_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA: {backend.cuda_unavailable_reason()}")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # A gpu test sees the machine's default device (cuda where available), not the CPU pin.
+    # (tryfirst: before fixtures such as monkeypatch record the environment.)
+    if _USER_DEVICE is None and item.get_closest_marker("gpu") is not None:
+        os.environ.pop(ENV_DEVICE, None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    # trylast: after the fixtures (monkeypatch) have restored what they changed.
+    if _USER_DEVICE is None:
+        os.environ[ENV_DEVICE] = "cpu"

@@ -2,7 +2,8 @@
 
 The CPU tests hold on any machine: those about a missing CuPy simulate it (``cupy`` set to
 ``None`` in ``sys.modules``, which makes ``import cupy`` raise ImportError), so they also
-pass where CuPy is installed. The GPU tests at the end run only with CuPy and a device.
+pass where CuPy is installed. The GPU tests at the end (marked ``gpu``) run only where CUDA is
+available: with CuPy and a device, or with the CuPy stand-in (``pytest --fake-cupy``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import scipy.special as sp
 import diagnet
 from diagnet import backend
 from diagnet import functional as F
-from helpers import GRADCHECK_TOL, t64
-
-requires_gpu = pytest.mark.skipif(not diagnet.cuda_available(), reason="needs CuPy and a CUDA device")
-
+from helpers import t64
+from tolerances import GRADCHECK_TOL
 
 @pytest.fixture
 def no_env_device(monkeypatch):
@@ -147,7 +146,6 @@ def test_cuda_available_agrees_with_the_reason():
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@requires_gpu
 def test_gpu_default_device_and_array_module(no_env_device):
     import cupy
 
@@ -159,7 +157,6 @@ def test_gpu_default_device_and_array_module(no_env_device):
 
 
 @pytest.mark.gpu
-@requires_gpu
 def test_gpu_env_cpu_overrides(monkeypatch):
     monkeypatch.setenv(backend.ENV_DEVICE, "cpu")
     assert diagnet.tensor([1.0]).device == "cpu"
@@ -167,9 +164,8 @@ def test_gpu_env_cpu_overrides(monkeypatch):
 
 
 @pytest.mark.gpu
-@requires_gpu
 def test_gpu_to_device_round_trip_is_differentiable():
-    x = t64([1.0, -2.0, 3.0])
+    x = t64([1.0, -2.0, 3.0], device="cpu")
     y = x.to("cuda")
     assert y.device == "cuda" and y.requires_grad
     z = (y * y).to("cpu")
@@ -180,7 +176,6 @@ def test_gpu_to_device_round_trip_is_differentiable():
 
 
 @pytest.mark.gpu
-@requires_gpu
 def test_gpu_ops_match_cpu_and_gradcheck():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
@@ -189,8 +184,9 @@ def test_gpu_ops_match_cpu_and_gradcheck():
     def model(p, q):
         return F.cross_entropy(F.gelu(p @ q) * 2.0, labels, label_smoothing=0.1)
 
-    cpu = [t64(a), t64(b)]
-    gpu = [t64(a).detach().to("cuda").requires_grad_(), t64(b).detach().to("cuda").requires_grad_()]
+    # explicit devices: in a gpu test the default device is cuda
+    cpu = [t64(a, device="cpu"), t64(b, device="cpu")]
+    gpu = [c.detach().to("cuda").requires_grad_() for c in cpu]
     lc, lg = model(*cpu), model(*gpu)
     np.testing.assert_allclose(lg.item(), lc.item(), rtol=1e-12)
     lc.backward()
@@ -202,7 +198,6 @@ def test_gpu_ops_match_cpu_and_gradcheck():
 
 
 @pytest.mark.gpu
-@requires_gpu
 def test_gpu_mixed_devices_raise():
     with pytest.raises(ValueError, match="different devices"):
         diagnet.tensor([1.0], device="cuda") + diagnet.tensor([1.0], device="cpu")

@@ -5,7 +5,7 @@
 // The kernel source is #included as is (build with -I kernels -I tests/simt); tuning constants
 // come in as the same -D options the Python launcher gives NVRTC.
 //
-// PROBLEM_FILE (little endian), written by tests/test_cuda_kernels.py:
+// PROBLEM_FILE (little endian), written by tests/simt/harness.py (run_harness):
 //   "DIAGSIM1"  u32 name_length  name  u32 grid[3]  u32 block[3]  u32 nargs
 //   per argument: u8 kind, then
 //     'A' (device array): u8 dtype ('f' float32, 'd' float64, 'i' int32, 'q' int64),
