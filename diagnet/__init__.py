@@ -6,10 +6,12 @@
 
 __version__ = "0.1.0"
 
-from . import backend, functional, sparse
-from .autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from . import backend, config, functional, random, sparse
+from .autograd import Function, Tensor, tensor
+from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .backend import cuda_available, default_device, get_array_module
 from .gradcheck import GradcheckError, gradcheck
-from .ops import (concatenate, cross_entropy, exp, log, manual_seed, matmul, maximum, minimum,
-                  relu, sigmoid, softmax, sqrt, stack, tanh, where)
+from .ops import (concatenate, cross_entropy, exp, log, matmul, maximum, minimum, relu, sigmoid,
+                  softmax, sqrt, stack, tanh, where)
+from .random import manual_seed
 from .sparse import DiagMatrix

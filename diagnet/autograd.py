@@ -25,7 +25,6 @@ arrays and integer/bool tensors mixed with a floating tensor take that tensor's 
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import weakref
@@ -33,42 +32,10 @@ import weakref
 import numpy as np
 
 from . import backend
+from .config import is_grad_enabled
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 DEFAULT_DTYPE = np.dtype(np.float32)
-
-
-# ----------------------------------------------------------------------------- grad mode
-
-class _Config:
-    enable_grad = True
-
-
-@contextlib.contextmanager
-def no_grad():
-    """Context manager (and decorator) in which no graph is recorded."""
-    previous = _Config.enable_grad
-    _Config.enable_grad = False
-    try:
-        yield
-    finally:
-        _Config.enable_grad = previous
-
-
-@contextlib.contextmanager
-def enable_grad():
-    """Context manager that turns graph recording back on inside `no_grad`."""
-    previous = _Config.enable_grad
-    _Config.enable_grad = True
-    try:
-        yield
-    finally:
-        _Config.enable_grad = previous
-
-
-def is_grad_enabled() -> bool:
-    """Whether operations are being recorded for backward."""
-    return _Config.enable_grad
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -87,6 +54,11 @@ def sum_to(xp, grad, shape):
     return out.reshape(shape)
 
 
+#: dtypes a Tensor may hold: the two float types and NumPy's integer and bool types
+#: (float16 and complex are not supported by the kernels or the dtype policy)
+SUPPORTED_KINDS = "biuf"
+
+
 def _canonical_dtype(dtype):
     if dtype is None:
         return None
@@ -94,13 +66,23 @@ def _canonical_dtype(dtype):
         dt = np.dtype(dtype)
     except TypeError as exc:
         raise TypeError(f"dtype must be a NumPy dtype such as 'float32'; got {dtype!r}") from exc
+    if dt.kind not in SUPPORTED_KINDS or (dt.kind == "f" and dt not in FLOAT_DTYPES):
+        raise TypeError(f"dtype must be float32, float64, an integer or bool dtype; got {dt}")
     return dt
+
+
+def _check_data(data):
+    """Reject data that NumPy would turn into strings, objects or None arrays."""
+    if data is None or isinstance(data, (str, bytes)):
+        raise TypeError(f"tensor data must be numbers, nested sequences of numbers or an "
+                        f"array; got {type(data).__name__} {data!r:.40}")
 
 
 def _as_backend_array(data, dtype, device):
     """Turn ``data`` into an array of the requested device and dtype (copying as needed)."""
     if isinstance(data, Tensor):
         data = data.data
+    _check_data(data)
     src_device = backend.device_of(data)
     if device is None:  # a CuPy array stays on the GPU; anything else goes to the default
         device = "cuda" if src_device == "cuda" else backend.default_device()
@@ -110,6 +92,9 @@ def _as_backend_array(data, dtype, device):
         arr = backend.to_numpy(data) if src_device == "cuda" else np.asarray(data)
     else:
         arr = xp.asarray(data)
+    if arr.dtype.kind not in SUPPORTED_KINDS:
+        raise TypeError(f"tensor data must be numeric; got {type(data).__name__} that converts "
+                        f"to an array of dtype {arr.dtype}")
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     elif arr.dtype.kind == "f" and arr.dtype not in FLOAT_DTYPES:
@@ -195,7 +180,32 @@ class Tensor:
         return _shape.transpose(self)
 
     def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
+
+    def __bool__(self):
+        # As NumPy: the truth value of one element is that element; of several, ambiguous.
+        if self.size != 1:
+            raise ValueError(f"the truth value of a tensor with {self.size} elements is "
+                             "ambiguous; use .any() or .all()")
+        return bool(self.item())
+
+    def __float__(self):
+        return float(self._one_element("float()"))
+
+    def __int__(self):
+        return int(self._one_element("int()"))
+
+    def __index__(self):
+        if self.dtype.kind not in "iu":
+            raise TypeError(f"only integer tensors can be used as an index; got dtype {self.dtype}")
+        return int(self._one_element("an index"))
+
+    def _one_element(self, what):
+        if self.size != 1:
+            raise ValueError(f"{what} needs a tensor with one element; got shape {self.shape}")
+        return self.item()
 
     def __repr__(self):
         body = np.array2string(self.numpy(), separator=", ", prefix="tensor(")
@@ -308,15 +318,34 @@ class Tensor:
     def __le__(self, other): return self._compare(other, lambda a, b: a <= b)
     def __gt__(self, other): return self._compare(other, lambda a, b: a > b)
     def __ge__(self, other): return self._compare(other, lambda a, b: a >= b)
-    def eq(self, other): return self._compare(other, lambda a, b: a == b)
+    def __eq__(self, other): return self._compare(other, lambda a, b: a == b)  # noqa: E704
+    def __ne__(self, other): return self._compare(other, lambda a, b: a != b)  # noqa: E704
+    def eq(self, other): return self.__eq__(other)
 
-    __hash__ = object.__hash__  # tensors are used as dict keys by identity
+    def any(self, axis=None, keepdims=False) -> "Tensor":
+        """Whether any element (along ``axis``) is non-zero; a bool tensor without gradient."""
+        return Tensor._wrap(self.data.any(axis=axis, keepdims=keepdims))
+
+    def all(self, axis=None, keepdims=False) -> "Tensor":
+        """Whether every element (along ``axis``) is non-zero; a bool tensor without gradient."""
+        return Tensor._wrap(self.data.all(axis=axis, keepdims=keepdims))
+
+    # Element-wise ``==`` would make tensors unhashable; like PyTorch, hash by identity so
+    # that tensors can be dict keys and set members (which then compare by identity first).
+    __hash__ = object.__hash__
 
     # -- methods mirroring the functional API
     def sum(self, axis=None, keepdims=False): return _ops().sum(self, axis, keepdims)
     def mean(self, axis=None, keepdims=False): return _ops().mean(self, axis, keepdims)
     def max(self, axis=None, keepdims=False): return _ops().max(self, axis, keepdims)
+    def min(self, axis=None, keepdims=False): return _ops().min(self, axis, keepdims)
+    def var(self, axis=None, keepdims=False, ddof=0): return _ops().var(self, axis, keepdims, ddof)
+    def argmax(self, axis=None, keepdims=False): return _ops().argmax(self, axis, keepdims)
+    def numel(self): return self.size
+    def clone(self): return _ops().clone(self)
     def reshape(self, *shape): return _ops().reshape(self, *shape)
+    def squeeze(self, dim=None): return _ops().squeeze(self, dim)
+    def unsqueeze(self, dim): return _ops().unsqueeze(self, dim)
     def transpose(self, *axes): return _ops().transpose(self, *axes)
     def permute(self, *axes): return _ops().transpose(self, *axes)
     def exp(self): return _ops().exp(self)
@@ -358,6 +387,12 @@ class Function:
     elementwise = False
 
     def __call__(self, *inputs):
+        if getattr(self, "_applied", False):
+            # One instance is one node of the graph: applying it twice would overwrite the
+            # first call's inputs and saved arrays, and corrupt that call's gradients.
+            raise RuntimeError(f"this {type(self).__name__} instance was already applied; "
+                               "create a new instance for every call")
+        self._applied = True
         tensors = [as_tensor_like(x, inputs) for x in inputs]
         _check_float_dtypes(type(self).__name__, tensors)
         if self.elementwise:
@@ -367,7 +402,7 @@ class Function:
         single = not isinstance(outputs, tuple)
         if single:
             outputs = (outputs,)
-        record = _Config.enable_grad and any(t.requires_grad for t in tensors)
+        record = is_grad_enabled() and any(t.requires_grad for t in tensors)
         results = [Tensor._wrap(y, requires_grad=record) for y in outputs]
         if record:
             self.generation = max(t.generation for t in tensors)
@@ -395,7 +430,7 @@ class Function:
 
     def release(self):
         """Drop everything kept for backward (the graph is being freed)."""
-        keep = {"generation", "needs_input_grad", "output_meta"}
+        keep = {"generation", "needs_input_grad", "output_meta", "_applied"}
         for key in list(vars(self)):
             if key not in keep:
                 delattr(self, key)
@@ -519,6 +554,6 @@ def tensor(data, dtype=None, device=None, requires_grad=False) -> Tensor:
     xp_src = backend.get_array_module(data)
     t = Tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)
     if t.data is data or (xp_src is np and isinstance(data, np.ndarray)
-                          and np.shares_memory(t.data, data)):
+                          and isinstance(t.data, np.ndarray) and np.shares_memory(t.data, data)):
         t.data = t.data.copy()
     return t

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .autograd import Tensor, no_grad
+from .autograd import Tensor
+from .config import no_grad
 
 
 class GradcheckError(AssertionError):

@@ -63,209 +63,11 @@ import numpy as np
 
 from . import backend
 from .diag import dispatch, layout
+from .diag.validate import (FLOAT_DTYPES, as_array, check_float_dtype, check_same_device,
+                            resolve_num_diagonals,
+                            validate_offsets, validate_shape, validate_values)
 
-__all__ = ["DiagMatrix", "validate_shape", "validate_offsets", "validate_values",
-           "check_same_device", "resolve_num_diagonals"]
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-# ----------------------------------------------------------------------------- validation
-#
-# These helpers are shared with `diagnet.ops.diagonal`, so every entry point reports a
-# bad argument in the same words: which argument, what was expected, what was received.
-
-def _unwrap(a):
-    """The backend array inside a Tensor (or ``a`` itself)."""
-    from .autograd import Tensor  # local: autograd does not need this module
-
-    return a.data if isinstance(a, Tensor) else a
-
-
-def _as_array(a, name, xp=None):
-    """``a`` as a backend array; non-arrays (lists, scalars) become arrays of ``xp``."""
-    a = _unwrap(a)
-    if backend.is_array(a):
-        return a
-    try:
-        arr = np.asarray(a)
-    except Exception as exc:  # ragged lists and the like
-        raise TypeError(f"{name} must be an array (NumPy or CuPy) or a sequence of numbers; "
-                        f"got {type(a).__name__} ({exc})") from exc
-    if arr.dtype == object:
-        raise TypeError(f"{name} must be an array of numbers; got {type(a).__name__} that "
-                        "converts to an object array")
-    if xp is not None and xp is not np:
-        arr = xp.asarray(arr)
-    return arr
-
-
-def check_int(v, name, what="an int"):
-    """``v`` as a Python int; `TypeError` naming ``name`` unless it is an integer (not a bool)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be {what}; got {type(v).__name__} {v!r}")
-    return int(v)
-
-
-def check_positive_int(v, name):
-    """``v`` as a Python int; `TypeError`/`ValueError` naming ``name`` unless an int > 0."""
-    v = check_int(v, name, "a positive int")
-    if v <= 0:
-        raise ValueError(f"{name} must be a positive int; got {v!r}")
-    return v
-
-
-def validate_shape(shape, name="shape"):
-    """Check a matrix shape and return it as a tuple ``(m, n)`` of Python ints.
-
-    Raises `TypeError` unless ``shape`` is a tuple or list of two integers (``bool`` is
-    not an integer here) and `ValueError` unless both are positive.
-    """
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"{name} must be a tuple (m, n) of two positive ints; "
-                        f"got {type(shape).__name__} {shape!r}")
-    if len(shape) != 2:
-        raise ValueError(f"{name} must be a tuple (m, n) of two positive ints; "
-                         f"got {len(shape)} entries: {tuple(shape)!r}")
-    m, n = (check_int(s, f"{name}[{i}]") for i, s in enumerate(shape))
-    if m <= 0 or n <= 0:
-        raise ValueError(f"{name} must be two positive ints; got ({m}, {n})")
-    return m, n
-
-
-def validate_offsets(offsets, shape, name="offsets", xp=None):
-    """Check the diagonal offsets of a matrix of ``shape`` and return them as int64.
-
-    Args:
-        offsets: array-like ``(K,)`` of integers (a NumPy/CuPy array, a sequence, or a
-            Tensor, which is unwrapped), sorted in strictly increasing order, each in
-            ``[0, P)`` with ``P = max(shape)``. ``K = 0`` is allowed (an all-zero matrix).
-        shape: ``(m, n)``, already validated.
-        name: the argument name used in error messages.
-        xp: the array module non-arrays are converted to (default NumPy).
-
-    Returns:
-        A C-contiguous int64 array on the device ``offsets`` was on (no copy when it was
-        already contiguous int64).
-
-    Raises:
-        TypeError: not an array of integers (floats and bools are rejected, even when they
-            hold whole numbers).
-        ValueError: not 1-D, unsorted, repeated, or out of range; the message names the
-            first offending element.
-    """
-    m, n = shape
-    P = max(m, n)
-    arr = _as_array(offsets, name, xp)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must have an integer dtype (int32/int64); got dtype "
-                        f"{arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D with shape (K,); got shape {tuple(arr.shape)}")
-    if arr.size:
-        # One combined device reduction, so a CuPy array costs a single synchronisation;
-        # the details for the message are worked out on the host only when it fails.
-        mod = backend.get_array_module(arr)
-        ok = (arr.min() >= 0) & (arr.max() < P)
-        if arr.size > 1:
-            ok = ok & mod.all(arr[1:] > arr[:-1])
-        if not bool(ok):
-            _raise_offsets_error(backend.to_numpy(arr), shape, name)
-    arr = arr.astype(np.int64, copy=False)
-    mod = backend.get_array_module(arr)
-    return mod.ascontiguousarray(arr)
-
-
-def _raise_offsets_error(host, shape, name):
-    P = max(shape)
-    bad = np.flatnonzero((host < 0) | (host >= P))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{name} must lie in [0, P) = [0, {P}) for shape {tuple(shape)} "
-                         f"(P = max(m, n)); got {name}[{i}] = {int(host[i])}")
-    i = int(np.flatnonzero(host[1:] <= host[:-1])[0]) + 1
-    if host[i] == host[i - 1]:
-        raise ValueError(f"{name} must be unique; got the value {int(host[i])} twice "
-                         f"(at indices {i - 1} and {i})")
-    raise ValueError(f"{name} must be sorted in increasing order; got {name}[{i - 1}] = "
-                     f"{int(host[i - 1])} before {name}[{i}] = {int(host[i])}")
-
-
-def validate_values(values, shape, num_offsets, name="values", xp=None):
-    """Check the diagonal values of a matrix of ``shape`` holding ``num_offsets`` diagonals.
-
-    Args:
-        values: array-like ``(K, L)`` with ``K = num_offsets`` and ``L = min(shape)``,
-            float32 or float64 (a Tensor is unwrapped; lists become float64 arrays).
-        shape: ``(m, n)``, already validated.
-        num_offsets: ``K``.
-        name: the argument name used in error messages.
-        xp: the array module non-arrays are converted to (default NumPy).
-
-    Returns:
-        The backend array itself (no copy, no cast).
-
-    Raises:
-        TypeError: dtype other than float32/float64.
-        ValueError: wrong shape.
-    """
-    m, n = shape
-    arr = _as_array(values, name, xp)
-    if arr.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64; got dtype {arr.dtype}")
-    expected = (int(num_offsets), min(m, n))
-    if tuple(arr.shape) != expected:
-        raise ValueError(f"{name} must have shape (K, L) = {expected} (K = number of offsets, "
-                         f"L = min(m, n) for shape {tuple(shape)}); got shape "
-                         f"{tuple(arr.shape)}")
-    return arr
-
-
-def check_same_device(**arrays):
-    """Raise `ValueError` naming the arguments when the arrays are not on one device.
-
-    ``None`` entries are skipped. Returns the common device name (``"cpu"`` when empty).
-    """
-    devices = {k: backend.device_of(_unwrap(a)) for k, a in arrays.items() if a is not None}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{k} on {d}" for k, d in devices.items())
-        raise ValueError(f"arguments must be on the same device; got {where} "
-                         "(move them with .to(device))")
-    return next(iter(devices.values()), "cpu")
-
-
-def resolve_num_diagonals(shape, sparsity=None, k=None):
-    """How many diagonals ``K`` to keep in a matrix of ``shape``.
-
-    Give at most one of ``sparsity`` (a float in ``[0, 1]``; ``K = max(1, ceil((1 - s) P))``)
-    and ``k`` (an int in ``[1, P]``). With neither, all ``P`` diagonals are kept.
-    """
-    P = layout.num_diagonals(shape)
-    if sparsity is not None and k is not None:
-        raise ValueError(f"give either sparsity or k, not both; got sparsity={sparsity!r}, "
-                         f"k={k!r}")
-    if k is not None:
-        k = check_int(k, "k")
-        if not 1 <= k <= P:
-            raise ValueError(f"k must be in [1, P] = [1, {P}] for shape {tuple(shape)}; "
-                             f"got {int(k)}")
-        return int(k)
-    if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-            raise TypeError(f"sparsity must be a float in [0, 1]; got "
-                            f"{type(sparsity).__name__} {sparsity!r}")
-        return layout.diagonals_for_sparsity(shape, float(sparsity))
-    return P
-
-
-def _check_dtype(dtype, name="dtype"):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"{name} must be float32 or float64; got {dtype!r}") from exc
-    if dt not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64; got {dt}")
-    return dt
+__all__ = ["DiagMatrix"]
 
 
 # ----------------------------------------------------------------------------- DiagMatrix
@@ -301,7 +103,7 @@ class DiagMatrix:
 
     def __init__(self, offsets, values, shape, *, check_finite=False, copy=False):
         shape = validate_shape(shape)
-        offsets, values = _unwrap(offsets), _unwrap(values)
+        offsets, values = backend.unwrap(offsets), backend.unwrap(values)
         if backend.is_array(offsets) and backend.is_array(values):
             check_same_device(offsets=offsets, values=values)
         xp = None
@@ -508,7 +310,7 @@ class DiagMatrix:
 
         With ``copy=False`` and the same dtype, ``self`` is returned.
         """
-        dt = _check_dtype(dtype)
+        dt = check_float_dtype(dtype)
         if dt == self.dtype and not copy:
             return self
         return DiagMatrix._trusted(self._offsets, self._values.astype(dt, copy=True),
@@ -533,10 +335,10 @@ class DiagMatrix:
         Ties in the norm are broken towards the lowest offset; norms are compared as float64
         sums of squares. Diagonals whose norm is NaN rank last.
         """
-        W = _as_array(W, "W")
+        W = as_array(backend.unwrap(W), "W")
         if W.ndim != 2:
             raise ValueError(f"W must be 2-D (m, n); got shape {tuple(W.shape)}")
-        if W.dtype not in _FLOAT_DTYPES:
+        if W.dtype not in FLOAT_DTYPES:
             raise TypeError(f"W must be float32 or float64; got dtype {W.dtype}")
         shape = validate_shape(tuple(int(s) for s in W.shape), "W.shape")
         K = resolve_num_diagonals(shape, sparsity, k)
@@ -574,7 +376,7 @@ class DiagMatrix:
         matrices, ``K * n / m`` for tall ones.
         """
         shape = validate_shape(shape)
-        dt = _check_dtype(dtype)
+        dt = check_float_dtype(dtype)
         K = resolve_num_diagonals(shape, sparsity, k)
         if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
             gen = np.random.default_rng(rng)
@@ -661,9 +463,7 @@ class DiagMatrix:
 
 
 def _unwrap_operand(x, what):
-    from .autograd import Tensor
-
-    if isinstance(x, Tensor):
+    if backend.unwrap(x) is not x:
         raise TypeError(f"{what}: got a diagnet Tensor; DiagMatrix products work on NumPy/CuPy "
                         "arrays (use diagnet.functional.diag_linear for a differentiable "
                         "product)")

@@ -423,3 +423,123 @@ def test_ndarray_on_the_left_of_an_operator_defers_to_tensor():
     x = t64([1.0, 2.0])
     for y in (np.array([1.0, 1.0]) + x, np.array([2.0, 2.0]) * x, np.ones((2, 2)) @ x):
         assert isinstance(y, Tensor) and y.requires_grad
+
+
+# ----------------------------------------------------------------------------- Python idioms
+
+def test_bool_of_one_element_is_its_value_and_of_more_raises():
+    # `if dn.tensor([0.1]) > 0.5:` used to be taken (any non-empty tensor was true) and
+    # `if loss > 0.5:` on a 0-d tensor raised IndexError
+    assert not (diagnet.tensor([0.1]) > 0.5)
+    assert diagnet.tensor([0.7]) > 0.5
+    loss = diagnet.tensor(0.7)
+    assert (loss > 0.5) and not (loss < 0.5)
+    with pytest.raises(ValueError, match="truth value of a tensor with 2 elements is ambiguous"):
+        bool(diagnet.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="truth value of a tensor with 0 elements"):
+        bool(diagnet.tensor(np.zeros(0)))
+    with pytest.raises(TypeError, match="len\\(\\) of a 0-d tensor"):
+        len(loss)
+
+
+def test_equality_is_element_wise_like_the_other_comparisons():
+    a, b = diagnet.tensor([1.0, 2.0, 3.0]), diagnet.tensor([1.0, 0.0, 3.0])
+    eq, ne = a == b, a != b
+    assert isinstance(eq, Tensor) and eq.dtype == np.bool_ and not eq.requires_grad
+    np.testing.assert_array_equal(eq.numpy(), [True, False, True])
+    np.testing.assert_array_equal(ne.numpy(), [False, True, False])
+    np.testing.assert_array_equal((a == 2.0).numpy(), [False, True, False])
+    assert (a == a).all() and not (a != a).any() and (a == b).any()
+    # tensors stay hashable by identity (dict keys, sets)
+    d = {a: 1, b: 2}
+    assert d[a] == 1 and d[b] == 2 and len({a, b, a}) == 2
+
+
+def test_float_int_and_index_of_one_element():
+    assert float(diagnet.tensor([2.5])) == 2.5 and isinstance(float(diagnet.tensor(1)), float)
+    assert int(diagnet.tensor(3.7)) == 3
+    assert [10, 20, 30][diagnet.tensor(2)] == 30
+    with pytest.raises(ValueError, match=r"float\(\) needs a tensor with one element; got shape \(2,\)"):
+        float(diagnet.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="only integer tensors can be used as an index"):
+        [1, 2][diagnet.tensor(1.0)]
+
+
+def test_reusing_a_function_instance_raises():
+    # Applying one instance to a and then to b used to leave a.grad None and double b's.
+    class Double(Function):
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, gy):
+            return 2 * gy
+
+    a, b = t64([1.0]), t64([2.0])
+    f = Double()
+    ya = f(a)
+    with pytest.raises(RuntimeError, match="this Double instance was already applied; create "
+                                           "a new instance for every call"):
+        f(b)
+    ya.backward()
+    assert a.grad.item() == 2.0 and b.grad is None
+
+
+@pytest.mark.parametrize("data, message", [
+    ("abc", "tensor data must be numbers.*got str 'abc'"),
+    (None, "tensor data must be numbers.*got NoneType None"),
+    ([["a", 1]], "tensor data must be numeric; got list that converts to an array of dtype <U"),
+    ([1, object()], "tensor data must be numeric; got list that converts to an array of dtype object"),
+])
+def test_non_numeric_data_is_rejected_at_construction(data, message):
+    with pytest.raises(TypeError, match=message):
+        diagnet.tensor(data)
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.complex64, "U3", object])
+def test_unsupported_dtypes_are_rejected(dtype):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, an integer or bool dtype"):
+        diagnet.tensor([1.0], dtype=dtype)
+
+
+def test_grad_mode_is_per_thread():
+    """A data-loading thread inside no_grad must not switch recording off for training."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def loader():
+        with diagnet.no_grad():
+            seen["loader"] = diagnet.is_grad_enabled()
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=loader)
+    t.start()
+    try:
+        assert inside.wait(10)
+        x = t64([1.0])
+        y = x * 3.0  # the training thread, while the loader sits in no_grad
+        assert diagnet.is_grad_enabled() and y.requires_grad and y.creator is not None
+    finally:
+        release.set()
+        t.join()
+    assert seen["loader"] is False
+    # a new thread starts with recording on, whatever the creating thread's mode
+    with diagnet.no_grad():
+        worker = threading.Thread(target=lambda: seen.__setitem__("new", diagnet.is_grad_enabled()))
+        worker.start()
+        worker.join()
+    assert seen["new"] is True
+
+
+def test_set_grad_enabled_call_and_block_forms():
+    with diagnet.set_grad_enabled(False):
+        assert not diagnet.is_grad_enabled()
+    assert diagnet.is_grad_enabled()
+    diagnet.set_grad_enabled(False)
+    try:
+        assert not diagnet.is_grad_enabled()
+    finally:
+        diagnet.set_grad_enabled(True)
+    assert diagnet.is_grad_enabled()

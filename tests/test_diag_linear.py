@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 
 import diagnet
 import diagnet.functional as F
-from diagnet import Tensor, gradcheck, no_grad, tensor
+from diagnet import Tensor, backend, gradcheck, no_grad, tensor
 from diagnet.diag import dispatch
-from diagnet.ops.diagonal import DiagLinear
-from dense_reference import BATCHES, K_RULES, assert_close, dense_reference, positions, shapes
+from diagnet.ops.diagonal import DiagLinearFunction
+from dense_reference import (K_RULES, assert_close, batch_shapes, dense_reference, positions,
+                             shapes)
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -36,7 +37,7 @@ def layers(draw):
     P, L = max(m, n), min(m, n)
     k_rule = draw(K_RULES)
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
-    batch = draw(st.sampled_from(BATCHES))
+    batch = draw(batch_shapes)
     with_bias = draw(st.booleans())
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     K = {"one": 1, "all": P}.get(k_rule) or int(rng.integers(1, P + 1))
@@ -55,7 +56,7 @@ def test_forward_matches_dense(kernel_impl, use_kernels, case):
     (m, n), offsets, values, bias, x, _ = case
     W = dense_reference((m, n), offsets, values)
     with use_kernels(kernel_impl):
-        y = F.diag_linear(tensor(x), offsets, tensor(values), m,
+        y = F.diag_linear(tensor(x), offsets, tensor(values), (m, n),
                           None if bias is None else tensor(bias))
     assert isinstance(y, Tensor) and y.dtype == values.dtype and y.shape == x.shape[:-1] + (m,)
     x64 = x.astype(np.float64)
@@ -75,7 +76,7 @@ def test_gradients_match_dense(kernel_impl, use_kernels, case):
     vt = tensor(values, requires_grad=True)
     bt = None if bias is None else tensor(bias, requires_grad=True)
     with use_kernels(kernel_impl):
-        y = F.diag_linear(xt, offsets, vt, m, bt)
+        y = F.diag_linear(xt, offsets, vt, (m, n), bt)
         y.backward(dy)
     dtype = values.dtype
     x2 = x.reshape(-1, n).astype(np.float64)
@@ -94,13 +95,18 @@ def test_gradients_match_dense(kernel_impl, use_kernels, case):
         assert_close(bt.grad.data, d2.sum(axis=0), np.abs(d2).sum(axis=0), dtype)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @given(layers())
-def test_diagonal_scores_match_dense(kernel_impl, use_kernels, case):
+def test_diagonal_scores_match_dense(device, case):
+    """Once per array backend: the score is a dense matmul and a gather in backend-generic
+    array code (`dispatch.diagonal_scores`), the same whichever CPU kernels are selected."""
     (m, n), _, values, _, x, dy = case
-    with use_kernels(kernel_impl):
-        scores = F.diagonal_scores(tensor(x), dy, m)
+    scores = F.diagonal_scores(tensor(backend.to_device(x, device)),
+                               backend.to_device(dy, device), m)
     P = max(m, n)
-    assert isinstance(scores, np.ndarray) and scores.shape == (P,) and scores.dtype == x.dtype
+    assert backend.is_array(scores) and backend.device_of(scores) == device
+    assert scores.shape == (P,) and scores.dtype == x.dtype
+    scores = backend.to_numpy(scores)
     x2 = x.reshape(-1, n).astype(np.float64)
     d2 = dy.reshape(-1, m).astype(np.float64)
     G, Gabs = d2.T @ x2, np.abs(d2).T @ np.abs(x2)
@@ -127,7 +133,7 @@ def test_gradcheck(kernel_impl, use_kernels, shape, K, with_bias):
     if with_bias:
         inputs.append(tensor(rng.standard_normal(m), dtype=np.float64, requires_grad=True))
     with use_kernels(kernel_impl):
-        assert gradcheck(lambda *a: F.diag_linear(a[0], offsets, a[1], m,
+        assert gradcheck(lambda *a: F.diag_linear(a[0], offsets, a[1], (m, n),
                                                   a[2] if len(a) > 2 else None), *inputs)
 
 
@@ -141,8 +147,8 @@ def test_gradcheck_through_a_composite_graph(kernel_impl, use_kernels):
     o2 = np.array([1, 5])
 
     def net(x, v1, v2):
-        h = F.diag_linear(x, o1, v1, 9).tanh()            # (4, 6) -> (4, 9), tall
-        return F.diag_linear(h, o2, v2, 5)                # (4, 9) -> (4, 5), wide
+        h = F.diag_linear(x, o1, v1, (9, 6)).tanh()      # (4, 6) -> (4, 9), tall
+        return F.diag_linear(h, o2, v2, (5, 9))          # (4, 9) -> (4, 5), wide
 
     with use_kernels(kernel_impl):
         assert gradcheck(net, x, v1, v2)
@@ -160,29 +166,29 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     offsets = np.array([0, 2])
     x = tensor(rng.standard_normal((3, 4)))
     v = tensor(rng.standard_normal((2, 4)), requires_grad=True)
-    F.diag_linear(x, offsets, v, 5).sum().backward()
+    F.diag_linear(x, offsets, v, (5, 4)).sum().backward()
     assert calls == ["value_grad"] and x.grad is None and v.grad is not None
     calls.clear()
     x.requires_grad_()
     v.requires_grad_(False)
-    F.diag_linear(x, offsets, v, 5).sum().backward()
+    F.diag_linear(x, offsets, v, (5, 4)).sum().backward()
     assert calls == ["input_grad"] and x.grad is not None
     calls.clear()
     b = tensor(np.zeros(5), requires_grad=True)
     x.requires_grad_(False)
-    F.diag_linear(x, offsets, v, 5, b).sum().backward()
+    F.diag_linear(x, offsets, v, (5, 4), b).sum().backward()
     assert calls == [] and np.all(b.grad.data == 3)
 
 
 def test_no_graph_under_no_grad_and_without_grad_inputs():
     v = tensor(np.ones((1, 3)), requires_grad=True)
     with no_grad():
-        y = F.diag_linear(tensor(np.ones((2, 3))), [0], v, 3)
+        y = F.diag_linear(tensor(np.ones((2, 3))), [0], v, (3, 3))
     assert not y.requires_grad and y.creator is None
-    y = F.diag_linear(tensor(np.ones((2, 3))), [0], tensor(np.ones((1, 3))), 3)
+    y = F.diag_linear(tensor(np.ones((2, 3))), [0], tensor(np.ones((1, 3))), (3, 3))
     assert not y.requires_grad
-    y = F.diag_linear(tensor(np.ones((2, 3))), [0], v, 3)
-    assert y.requires_grad and isinstance(y.creator, DiagLinear)
+    y = F.diag_linear(tensor(np.ones((2, 3))), [0], v, (3, 3))
+    assert y.requires_grad and isinstance(y.creator, DiagLinearFunction)
 
 
 def test_one_dimensional_input_and_constant_arrays():
@@ -190,17 +196,17 @@ def test_one_dimensional_input_and_constant_arrays():
     offsets, values = np.array([1, 3]), rng.standard_normal((2, 4)).astype(np.float32)
     W = dense_reference((6, 4), offsets, values)
     x = rng.standard_normal(4).astype(np.float32)
-    y = F.diag_linear(tensor(x), offsets, values, 6)          # values as a plain array
+    y = F.diag_linear(tensor(x), offsets, values, (6, 4))     # values as a plain array
     assert y.shape == (6,)
     np.testing.assert_allclose(y.data, W @ x, rtol=1e-5, atol=1e-6)
-    y2 = F.diag_linear(x, offsets, tensor(values), 6, bias=[1, 2, 3, 4, 5, 6])
+    y2 = F.diag_linear(x, offsets, tensor(values), (6, 4), bias=[1, 2, 3, 4, 5, 6])
     np.testing.assert_allclose(y2.data, W @ x + np.arange(1, 7), rtol=1e-5, atol=1e-5)
 
 
 def test_empty_offsets_give_zero_output_and_grads():
     x = tensor(np.ones((2, 4)), requires_grad=True)
     v = tensor(np.zeros((0, 3)), requires_grad=True)
-    y = F.diag_linear(x, np.zeros(0, dtype=np.int64), v, 3)
+    y = F.diag_linear(x, np.zeros(0, dtype=np.int64), v, (3, 4))
     assert y.shape == (2, 3) and np.all(y.data == 0)
     y.sum().backward()
     assert np.all(x.grad.data == 0) and v.grad.shape == (0, 3)
@@ -209,7 +215,7 @@ def test_empty_offsets_give_zero_output_and_grads():
 def test_agrees_with_diagmatrix_products():
     W = diagnet.DiagMatrix.random((11, 7), k=4, rng=2, dtype=np.float64)
     x = np.random.default_rng(3).standard_normal((5, 7))
-    y = F.diag_linear(tensor(x), W.offsets, tensor(W.values), 11)
+    y = F.diag_linear(tensor(x), W.offsets, tensor(W.values), (11, 7))
     np.testing.assert_allclose(y.data, x @ W.T, rtol=1e-12, atol=1e-12)
 
 
@@ -219,7 +225,7 @@ def test_exports():
     assert F.diag_linear is ops.diag_linear
     assert F.diagonal_scores is ops.diagonal_scores
     assert "diag_linear" in F.__all__ and "diagonal_scores" in F.__all__
-    assert ops.DiagLinear is DiagLinear
+    assert ops.DiagLinearFunction is DiagLinearFunction
 
 
 # ----------------------------------------------------------------------------- validation
@@ -228,7 +234,7 @@ def _args(**over):
     rng = np.random.default_rng(0)
     args = dict(x=tensor(rng.standard_normal((3, 4)), dtype=np.float32), offsets=np.array([0, 2]),
                 values=tensor(rng.standard_normal((2, 4)), dtype=np.float32, requires_grad=True),
-                out_features=6, bias=None)
+                shape=(6, 4), bias=None)
     args.update(over)
     return args
 
@@ -253,8 +259,10 @@ def _args(**over):
      r"bias must have shape \(out_features,\) = \(6,\); got \(4,\)"),
     (dict(x=tensor(np.ones((3, 4)), dtype=np.int64)), TypeError,
      r"diag_linear: x must be float32 or float64; got dtype int64"),
-    (dict(out_features=0), ValueError, r"out_features must be a positive int; got 0"),
-    (dict(out_features=6.0), TypeError, r"out_features must be a positive int; got float 6.0"),
+    (dict(shape=(0, 4)), ValueError, r"shape \(out_features, in_features\) must be two positive ints; got \(0, 4\)"),
+    (dict(shape=(6.0, 4)), TypeError, r"shape \(out_features, in_features\)\[0\] must be an int; got float 6.0"),
+    (dict(shape=6), TypeError, r"shape must be the weight's full shape \(out_features, in_features\); got the int 6"),
+    (dict(shape=(6, 4, 1)), ValueError, r"must be a tuple \(m, n\) of two positive ints; got 3 entries"),
     (dict(offsets=np.array([[0, 2]])), ValueError, r"offsets must be 1-D with shape \(K,\)"),
     (dict(x=tensor(np.ones((3, 4)), dtype=np.float32), values=np.ones((2, 4), dtype=np.int64)),
      TypeError, r"values must be float32 or float64; got dtype int64"),
@@ -264,14 +272,18 @@ def test_validation_messages(over, exc, message):
         F.diag_linear(**_args(**over))
 
 
-def test_wrong_in_features():
+def test_x_width_must_match_in_features():
+    """A wide weight's values are (K, m) whatever n is: only the stated shape catches a wrong
+    input width (before, a (4, 10) weight silently ran against a (4, 12) x)."""
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in_features\) = "
-                                         r"\(\.\.\., 5\); got x of shape \(3, 4\)"):
-        F.diag_linear(**_args(), in_features=5)
-    # without in_features, a wrong x width shows up as a values shape error naming the shape
-    with pytest.raises(ValueError, match=r"values must have shape \(K, L\) = \(2, 3\).*"
-                                         r"for shape \(6, 3\)"):
-        F.diag_linear(**_args(x=tensor(np.ones((3, 3)), dtype=np.float32)))
+                                         r"\(\.\.\., 4\) for a weight of shape \(6, 4\); "
+                                         r"got x of shape \(3, 5\)"):
+        F.diag_linear(**_args(x=tensor(np.ones((3, 5)), dtype=np.float32)))
+    rng = np.random.default_rng(0)
+    v = tensor(rng.standard_normal((2, 4)), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 10\) for a weight of shape \(4, 10\); "
+                                         r"got x of shape \(2, 12\)"):
+        F.diag_linear(tensor(np.ones((2, 12)), dtype=np.float32), [0, 3], v, (4, 10))
 
 
 def test_diagonal_scores_validation():

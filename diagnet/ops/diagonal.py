@@ -16,32 +16,34 @@ mask-update steps of dynamic sparse training use to pick diagonals to grow.
 
 from __future__ import annotations
 
-
-import numpy as np
+import numbers
 
 from .. import backend
 from ..autograd import FLOAT_DTYPES, Function, Tensor
-from ..diag import dispatch
-from ..sparse import (check_positive_int, check_same_device, validate_offsets, validate_shape,
-                      validate_values)
+from ..diag import dispatch, validate
+
+__all__ = ["diag_linear", "diagonal_scores", "DiagLinearFunction"]
 
 
-class DiagLinear(Function):
+class DiagLinearFunction(Function):
     """``y = x @ W.T (+ bias)`` for a diagonal ``W``; inputs ``(x, values[, bias])``.
 
     ``x`` is ``(..., n)`` and is flattened to ``(B, n)`` for the kernels; ``y`` is
-    ``(..., m)``. ``offsets`` is not an input of the graph (it is not differentiable): it is
-    given to the constructor, already validated. Use `diag_linear`, which validates.
+    ``(..., m)``. ``offsets`` and ``shape = (m, n)`` are not inputs of the graph (they are
+    not differentiable): they are given to the constructor, **already validated** (see
+    `diagnet.diag.validate`). This is the hot path that layers call directly, validating
+    their structure once when it changes; `diag_linear` validates every argument on each
+    call.
     """
 
-    def __init__(self, offsets, out_features):
-        self.offsets = offsets
-        self.out_features = out_features
+    def __init__(self, offsets, shape):
+        # converted once here (int32 on the GPU) rather than by each of the three kernels
+        self.offsets = dispatch.prepare_offsets(offsets)
+        self.shape = shape
 
     def forward(self, x, values, bias=None):
         xp = backend.get_array_module(x)
-        m = self.out_features
-        n = x.shape[-1]
+        m, n = self.shape
         self.x_shape = x.shape
         x2 = xp.ascontiguousarray(x.reshape(-1, n))
         values = xp.ascontiguousarray(values)
@@ -59,8 +61,7 @@ class DiagLinear(Function):
     def backward(self, gy):
         x2, values = self.saved
         xp = backend.get_array_module(gy)
-        m = self.out_features
-        n = x2.shape[1]
+        m, n = self.shape
         gy2 = xp.ascontiguousarray(gy.reshape(-1, m))
         needs = self.needs_input_grad
         empty = self.offsets.shape[0] == 0
@@ -77,7 +78,7 @@ class DiagLinear(Function):
         return (gx, gv) if len(needs) == 2 else (gx, gv, gb)
 
 
-def _as_tensor(a, ref_dtype=None, xp=None):
+def _as_tensor(a, ref_dtype=None, xp=None, name="argument"):
     """A Tensor for ``a``: Tensors as they are, arrays wrapped as constants.
 
     A non-Tensor float array keeps its dtype (so a mismatch is reported, not hidden); other
@@ -85,19 +86,14 @@ def _as_tensor(a, ref_dtype=None, xp=None):
     """
     if isinstance(a, Tensor):
         return a
-    if backend.is_array(a):
-        arr = a
-    else:
-        arr = np.asarray(a)
-        if xp is not None and xp is not np:
-            arr = xp.asarray(arr)
+    arr = validate.as_array(a, name, xp)
     if arr.dtype.kind != "f" and ref_dtype is not None:
         arr = arr.astype(ref_dtype)
     return Tensor._wrap(arr)
 
 
-def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None):
-    """``y = x @ W.T + bias`` for the diagonal weight ``W = (offsets, values)``.
+def diag_linear(x, offsets, values, shape, bias=None):
+    """``y = x @ W.T + bias`` for the diagonal weight ``W = (offsets, values)`` of ``shape``.
 
     Args:
         x: Tensor ``(..., in_features)``; the leading dims are flattened into one batch
@@ -107,48 +103,48 @@ def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None
             Not differentiable.
         values: Tensor ``(K, L)``, ``L = min(out_features, in_features)``, usually a
             parameter with ``requires_grad=True``; same dtype as ``x``.
-        out_features: ``m``, the number of rows of ``W``.
+        shape: ``(out_features, in_features)``, the full shape of ``W``. Both are needed:
+            ``values`` fixes only ``min(m, n)``, so ``x``'s width is checked against
+            ``in_features`` rather than trusted.
         bias: Tensor ``(out_features,)`` of the same dtype, or ``None``.
-        in_features: optional; when given, ``x.shape[-1]`` must equal it.
 
     Returns:
         Tensor ``(..., out_features)`` with the dtype of ``x``. Gradients flow to ``x``,
         ``values`` and ``bias`` (only those that require grad are computed).
 
-    Raises:
-        ValueError: a shape does not fit (wrong last dim of ``x``, ``values`` not
-            ``(K, L)``, bad ``offsets``, ``bias`` not ``(out_features,)``) or the arguments
-            are on different devices.
-        TypeError: non-float or mismatched dtypes, non-integer ``offsets``.
-    """
-    m = check_positive_int(out_features, "out_features")
-    vref = values.data if isinstance(values, Tensor) else values
-    xp = backend.get_array_module(vref, x)
-    values = _as_tensor(values, xp=xp)
-    x = _as_tensor(x, ref_dtype=values.dtype, xp=xp)
-    if bias is not None:
-        bias = _as_tensor(bias, ref_dtype=values.dtype, xp=xp)
-    # a sequence of offsets (no device of its own) is placed on the device of values below
-    offsets_arr = offsets.data if isinstance(offsets, Tensor) else offsets
-    check_same_device(x=x, values=values, bias=bias,
-                      offsets=offsets_arr if backend.is_array(offsets_arr) else None)
+    Every argument is validated on each call; for offsets on the GPU that is one device
+    reduction and a host synchronisation. A layer that calls this in a loop should validate
+    its offsets once and apply `DiagLinearFunction` directly.
 
-    if x.ndim == 0:
-        raise ValueError("diag_linear: x must have shape (..., in_features); got a 0-d tensor")
-    n = int(x.shape[-1])
-    if in_features is not None:
-        in_features = check_positive_int(in_features, "in_features")
-        if n != in_features:
-            raise ValueError(f"diag_linear: x must have shape (..., in_features) = "
-                             f"(..., {in_features}); got x of shape {x.shape}")
-    if n == 0:
-        raise ValueError(f"diag_linear: x's last dimension (in_features) must be positive; "
-                         f"got x of shape {x.shape}")
-    shape = validate_shape((m, n), "(out_features, in_features)")
+    Raises:
+        ValueError: a shape does not fit (``x``'s last dim is not ``in_features``, ``values``
+            not ``(K, L)``, bad ``offsets``, ``bias`` not ``(out_features,)``) or the
+            arguments are on different devices.
+        TypeError: ``shape`` not a pair of ints; non-float or mismatched dtypes; non-integer
+            ``offsets``.
+    """
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        raise TypeError(f"diag_linear: shape must be the weight's full shape "
+                        f"(out_features, in_features); got the int {shape!r}")
+    m, n = validate.validate_shape(shape, "shape (out_features, in_features)")
+    vref = backend.unwrap(values)
+    xp = backend.get_array_module(vref, x)
+    values = _as_tensor(values, xp=xp, name="values")
+    x = _as_tensor(x, ref_dtype=values.dtype, xp=xp, name="x")
+    if bias is not None:
+        bias = _as_tensor(bias, ref_dtype=values.dtype, xp=xp, name="bias")
+    # a sequence of offsets (no device of its own) is placed on the device of values below
+    offsets_arr = backend.unwrap(offsets)
+    validate.check_same_device(x=x.data, values=values.data,
+                               bias=None if bias is None else bias.data,
+                               offsets=offsets_arr if backend.is_array(offsets_arr) else None)
+    if x.ndim == 0 or x.shape[-1] != n:
+        raise ValueError(f"diag_linear: x must have shape (..., in_features) = (..., {n}) for "
+                         f"a weight of shape {(m, n)}; got x of shape {x.shape}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"diag_linear: x must be float32 or float64; got dtype {x.dtype}")
-    offsets = validate_offsets(offsets, shape, "offsets", xp=xp)
-    validate_values(values.data, shape, offsets.shape[0], "values")
+    offsets = validate.validate_offsets(offsets_arr, (m, n), "offsets", xp=xp)
+    validate.validate_values(values.data, (m, n), offsets.shape[0], "values")
     if x.dtype != values.dtype:
         raise TypeError(f"diag_linear: x has dtype {x.dtype} but values has dtype "
                         f"{values.dtype}; cast one with .astype() so that they match")
@@ -161,7 +157,7 @@ def diag_linear(x, offsets, values, out_features, bias=None, *, in_features=None
             raise ValueError(f"diag_linear: bias must have shape (out_features,) = ({m},); "
                              f"got {bias.shape}")
         inputs.append(bias)
-    return DiagLinear(offsets, m)(*inputs)
+    return DiagLinearFunction(offsets, (m, n))(*inputs)
 
 
 def diagonal_scores(x, dy, out_features=None):
@@ -182,21 +178,19 @@ def diagonal_scores(x, dy, out_features=None):
         Backend array ``(P,)``, ``P = max(out_features, in_features)``, dtype of ``x``.
         It forms the dense ``(m, n)`` gradient, so it is meant for occasional mask updates.
     """
-    xa = x.data if isinstance(x, Tensor) else x
-    da = dy.data if isinstance(dy, Tensor) else dy
-    xa = _as_tensor(xa).data
-    da = _as_tensor(da).data
-    check_same_device(x=xa, dy=da)
+    xa = _as_tensor(x, name="x").data
+    da = _as_tensor(dy, name="dy").data
+    validate.check_same_device(x=xa, dy=da)
     if xa.ndim == 0 or da.ndim == 0 or tuple(xa.shape[:-1]) != tuple(da.shape[:-1]):
         raise ValueError(f"diagonal_scores: x (..., in_features) and dy (..., out_features) "
                          f"must share their leading dims; got x {tuple(xa.shape)} and dy "
                          f"{tuple(da.shape)}")
     if out_features is not None:
-        out_features = check_positive_int(out_features, "out_features")
+        out_features = validate.check_positive_int(out_features, "out_features")
         if da.shape[-1] != out_features:
             raise ValueError(f"diagonal_scores: dy must have shape (..., out_features) = "
                              f"(..., {out_features}); got {tuple(da.shape)}")
-    validate_shape((int(da.shape[-1]), int(xa.shape[-1])), "(out_features, in_features)")
+    validate.validate_shape((int(da.shape[-1]), int(xa.shape[-1])), "(out_features, in_features)")
     for name, a in (("x", xa), ("dy", da)):
         if a.dtype not in FLOAT_DTYPES:
             raise TypeError(f"diagonal_scores: {name} must be float32 or float64; got dtype "
