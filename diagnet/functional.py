@@ -1,20 +1,17 @@
 """The functional API: every differentiable op as a plain function (like ``torch.nn.functional``).
 
 All functions take and return `diagnet.Tensor` (other operands such as Python scalars or
-arrays are treated as constants of the tensor's dtype and device), except
-`diagonal_scores`, which returns a backend array (it is a score, not part of a graph).
+arrays are treated as constants of the tensor's dtype and device), except `numel` (an int)
+and `diagonal_scores`, which returns a backend array (it is a score, not part of a graph).
+`argmax` returns an int64 tensor without gradient.
+
+The names are those of `diagnet.ops` (each op module's ``__all__``, so an op is listed
+once, in its own module). ``__all__`` here leaves out the `Function` classes that some
+modules also export (such as ``DiagLinearFunction``, the graph node that layers call
+directly): they belong to `diagnet.ops`.
 """
 
-from .ops import (abs, add, astype, clip, concatenate, cross_entropy, diag_linear,
-                  diagonal_scores, div, dropout, exp, gelu, getitem, layer_norm, log,
-                  log_softmax, matmul, max, maximum, mean, minimum, mse_loss, mul, neg, permute,
-                  pow, relu, reshape, sigmoid, softmax, sqrt, stack, sub, sum, tanh, to_device,
-                  transpose, where)
+from . import ops as _ops
+from .ops import *  # noqa: F401,F403
 
-__all__ = [
-    "abs", "add", "astype", "clip", "concatenate", "cross_entropy", "diag_linear",
-    "diagonal_scores", "div", "dropout", "exp", "gelu", "getitem", "layer_norm", "log",
-    "log_softmax", "matmul", "max", "maximum", "mean", "minimum", "mse_loss", "mul", "neg",
-    "permute", "pow", "relu", "reshape", "sigmoid", "softmax", "sqrt", "stack", "sub", "sum",
-    "tanh", "to_device", "transpose", "where",
-]
+__all__ = [name for name in _ops.__all__ if not isinstance(getattr(_ops, name), type)]

@@ -19,7 +19,8 @@ import pytest
 
 import diagnet
 from diagnet import functional as F
-from helpers import GRADCHECK_TOL, away_from_zero, distinct, t64
+from helpers import away_from_zero, distinct, t64
+from tolerances import GRADCHECK_TOL
 
 
 # ----------------------------------------------------------------------------- the table
@@ -72,6 +73,8 @@ UNARY = {
     "sqrt": (F.sqrt, uniform(0.5, 2.0)),
     "tanh": (F.tanh, normal()),
     "sigmoid": (F.sigmoid, normal(2.0)),
+    "log_sigmoid": (F.log_sigmoid, normal(3.0)),
+    "log_sigmoid_wide": (F.log_sigmoid, uniform(-40.0, 40.0)),  # far into both tails
     "relu": (F.relu, nonzero),
     "gelu_erf": (F.gelu, normal(2.0)),
     "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), normal(2.0)),
@@ -89,6 +92,8 @@ UNARY = {
     "clip_lo": (lambda x: x.clip(lo=-0.4), clip_grid),
     "clip_hi": (lambda x: F.clip(x, hi=0.5), clip_grid),
     "astype_f64": (lambda x: F.astype(x, "float64") * 2.0, normal()),
+    "clone": (F.clone, normal()),
+    "clone_method_shared": (lambda x: x.clone() * x, normal()),  # the copy and x both used
 }
 for _name, (_fn, _sample) in UNARY.items():
     for _shape in UNARY_SHAPES:
@@ -155,7 +160,22 @@ for _shape, _axes in REDUCE_AXES.items():
                      lambda rng, s=_shape: [rng.standard_normal(s)])
             add_case(f"max-{sfx}", lambda x, a=_axis, k=_keep: x.max(axis=a, keepdims=k),
                      lambda rng, s=_shape: [distinct(rng, s)])
+            add_case(f"min-{sfx}", lambda x, a=_axis, k=_keep: F.min(x, axis=a, keepdims=k),
+                     lambda rng, s=_shape: [distinct(rng, s)])
+            add_case(f"var-{sfx}", lambda x, a=_axis, k=_keep: F.var(x, axis=a, keepdims=k),
+                     lambda rng, s=_shape: [rng.standard_normal(s)])
+            if not _keep:
+                add_case(f"var-ddof1-{sfx}", lambda x, a=_axis: x.var(axis=a, ddof=1),
+                         lambda rng, s=_shape: [rng.standard_normal(s)])
 add_case("sum-scalar", lambda x: x.sum(), lambda rng: [rng.standard_normal(())])
+# argmax has no gradient: it must leave the graph of what it indexes intact (distinct
+# values, so that a 1e-6 perturbation never moves the argmax)
+add_case("argmax-gather", lambda x: x[np.arange(3), F.argmax(x, axis=1)] * 2.0,
+         lambda rng: [distinct(rng, (3, 4))])
+add_case("argmax-scale", lambda x: x * x.argmax(axis=0, keepdims=True),
+         lambda rng: [distinct(rng, (3, 4))])
+add_case("numel", lambda x: x.sum() / F.numel(x), lambda rng: [rng.standard_normal((2, 3))])
+add_case("numel-method", lambda x: x * x.numel(), lambda rng: [rng.standard_normal((4,))])
 
 # --- shape ops
 X234 = lambda rng: [rng.standard_normal((2, 3, 4))]  # noqa: E731
@@ -168,6 +188,17 @@ for _axes in [None, (1, 0, 2), (2, 0, 1), (-1, 0, 1), (0, 1, 2)]:
 add_case("permute", lambda x: x.permute(2, 1, 0), X234)
 add_case("permute_fn", lambda x: F.permute(x, (1, 2, 0)), X234)
 add_case("T-2d", lambda x: x.T, lambda rng: [rng.standard_normal((2, 3))])
+for _dim in (0, 1, 3, -1, -4):
+    add_case(f"unsqueeze-{_dim}", lambda x, d=_dim: F.unsqueeze(x, d), X234)
+add_case("unsqueeze-method", lambda x: x.unsqueeze(1).sum(axis=2), X234)
+X2131 = lambda rng: [rng.standard_normal((2, 1, 3, 1))]  # noqa: E731
+for _dim in (None, 1, -1, (1, 3)):
+    add_case(f"squeeze-{_dim}".replace(" ", ""), lambda x, d=_dim: F.squeeze(x, d), X2131)
+add_case("squeeze-method", lambda x: x.squeeze() * 2.0, X2131)
+for _src, _dst in [((3,), (2, 3)), ((2, 1), (2, 3)), ((1, 3), (4, 2, 3)), ((), (2, 2)),
+                   ((2, 1, 3), (2, 4, 3)), ((2, 3), (2, 3))]:
+    add_case(f"broadcast_to-{_src}-{_dst}", lambda x, d=_dst: F.broadcast_to(x, d),
+             lambda rng, s=_src: [rng.standard_normal(s)])
 
 X453 = lambda rng: [rng.standard_normal((4, 5, 3))]  # noqa: E731
 INDICES = {
@@ -217,8 +248,16 @@ for _shape in [(4, 5), (2, 3, 5), (5,)]:
                      lambda z, lab=_labels, r=_red, ls=_ls: F.cross_entropy(
                          z, lab, label_smoothing=ls, reduction=r),
                      lambda rng, s=_shape: [rng.standard_normal(s) * 2])
+# masked logits (-inf where the mask is off, a common idiom): finite loss and gradients
+_mask = np.array([[True, False, True, True], [False, True, True, False], [True, True, True, True]])
+add_case("cross_entropy-masked",
+         lambda z: F.cross_entropy(F.where(_mask, z, -np.inf), np.array([0, 2, 3])),
+         lambda rng: [rng.standard_normal((3, 4))])
+add_case("cross_entropy-masked-none",
+         lambda z: F.cross_entropy(F.where(_mask, z, -np.inf), np.array([2, 1, 0]), reduction="none"),
+         lambda rng: [rng.standard_normal((3, 4))])
 add_case("cross_entropy-tensor-labels",
-         lambda z: F.cross_entropy(z, diagnet.tensor(np.array([0, 2, 1]))),
+         lambda z: F.cross_entropy(z, diagnet.tensor(np.array([0, 2, 1]), device=z.device)),
          lambda rng: [rng.standard_normal((3, 3))])
 
 for _red in ("mean", "sum", "none"):
@@ -290,7 +329,8 @@ def test_table_covers_every_op():
                 "permute", "getitem", "concatenate", "stack", "exp", "log", "sqrt", "tanh",
                 "sigmoid", "relu", "gelu_erf", "gelu_tanh", "softmax", "log_softmax",
                 "cross_entropy", "mse_loss", "dropout", "layer_norm", "where", "maximum",
-                "minimum", "clip_both", "abs", "astype"}
+                "minimum", "clip_both", "abs", "astype", "argmax", "unsqueeze", "squeeze",
+                "broadcast_to", "clone", "numel", "var", "min", "log_sigmoid"}
     assert required <= set(OPS_COVERED), required - set(OPS_COVERED)
 
 
@@ -352,6 +392,15 @@ def test_max_ties_share_the_gradient_equally():
     np.testing.assert_array_equal(g, [[0.5, 0.0], [0.0, 0.5]])
 
 
+def test_min_ties_share_the_gradient_equally():
+    (g,) = _grad_of(lambda x: F.min(x), [1.0, -3.0, -3.0, 2.0])
+    np.testing.assert_array_equal(g, [0.0, 0.5, 0.5, 0.0])
+    (g,) = _grad_of(lambda x: x.min(axis=1), [[2.0, 2.0, 2.0], [1.0, -5.0, 0.0]])
+    np.testing.assert_allclose(g, [[1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0]], rtol=0, atol=1e-15)
+    (g,) = _grad_of(lambda x: x.min(axis=(0, 1), keepdims=True), [[-4.0, 1.0], [0.0, -4.0]])
+    np.testing.assert_array_equal(g, [[0.5, 0.0], [0.0, 0.5]])
+
+
 def test_maximum_minimum_ties_send_gradient_to_first_operand():
     ga, gb = _grad_of(F.maximum, [1.0, 2.0, 3.0], [1.0, 5.0, 0.0])
     np.testing.assert_array_equal(ga, [1.0, 0.0, 1.0])
@@ -380,7 +429,8 @@ def test_dropout_train_gradient_equals_mask_scaling():
     p, seed, shape = 0.25, 99, (50, 40)
     x = t64(np.random.default_rng(0).uniform(0.5, 1.5, shape))
     y = F.dropout(x, p=p, rng=seed)
-    keep = np.random.default_rng(seed).random(shape) >= p  # the documented mask draw
+    # the documented mask draw: float32 uniforms from diagnet.random, on x's device
+    keep = diagnet.random.uniform(shape, np, np.float32, seed) >= np.float32(p)
     np.testing.assert_allclose(y.numpy(), x.numpy() * keep / (1 - p), rtol=1e-15)
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), keep / (1 - p))
@@ -413,6 +463,65 @@ def test_dropout_seeded_reproducibility():
     np.testing.assert_array_equal(F.dropout(x, 0.3, rng=g1).numpy(), F.dropout(x, 0.3, rng=g2).numpy())
 
 
+def test_dropout_follows_diagnet_random():
+    """The default generator is `diagnet.random`'s: ``diagnet.manual_seed`` and
+    ``diagnet.random.manual_seed`` are the same function and reseed dropout."""
+    x = diagnet.tensor(np.ones((32, 32)))
+    assert diagnet.manual_seed is diagnet.random.manual_seed
+    diagnet.random.manual_seed(11)
+    a = F.dropout(x, 0.5).numpy()
+    diagnet.manual_seed(11)
+    b = F.dropout(x, 0.5).numpy()
+    np.testing.assert_array_equal(a, b)
+    diagnet.random.manual_seed(11)
+    expected = diagnet.random.uniform((32, 32), np, np.float32) >= np.float32(0.5)
+    np.testing.assert_array_equal(a != 0, expected)
+    # a Generator advances by exactly one draw per call, whatever the size
+    g, ref = np.random.default_rng(4), np.random.default_rng(4)
+    F.dropout(x, 0.5, rng=g)
+    ref.integers(0, 2**64, dtype=np.uint64)
+    assert g.bit_generator.state == ref.bit_generator.state
+    with pytest.raises(TypeError, match="rng must be"):
+        F.dropout(x, 0.5, rng="seed")
+
+
+def test_dropout_mask_is_drawn_on_the_tensor_device(monkeypatch):
+    """The mask comes from `diagnet.random.uniform` with the tensor's array module (on the
+    GPU: CuPy, so no host draw and no host-to-device copy), and is the same for float32 and
+    float64 tensors."""
+    calls = []
+    real = diagnet.random.uniform
+
+    def spy(shape, xp, dtype, rng):
+        calls.append(xp)
+        return real(shape, xp, dtype, rng)
+
+    monkeypatch.setattr(diagnet.random, "uniform", spy)
+    x32 = diagnet.tensor(np.ones((8, 8)), dtype="float32")
+    m32 = F.dropout(x32, 0.5, rng=3).numpy()
+    m64 = F.dropout(x32.double(), 0.5, rng=3).numpy()
+    assert calls == [np, np]
+    np.testing.assert_array_equal(m32 != 0, m64 != 0)
+
+
+@pytest.mark.gpu
+def test_dropout_mask_is_drawn_on_the_gpu(monkeypatch):
+    calls = []
+    real = diagnet.random.uniform
+
+    def spy(shape, xp, dtype, rng):
+        out = real(shape, xp, dtype, rng)
+        calls.append((xp, diagnet.backend.device_of(out)))
+        return out
+
+    monkeypatch.setattr(diagnet.random, "uniform", spy)
+    x = diagnet.tensor(np.ones((64, 64)), device="cuda")
+    y = F.dropout(x, 0.3, rng=5)
+    assert y.device == "cuda"
+    assert calls == [(diagnet.backend.get_array_module(x.data), "cuda")]
+    np.testing.assert_array_equal(y.numpy(), F.dropout(x.cpu(), 0.3, rng=5).numpy())
+
+
 def test_astype_gradient_is_cast_back():
     x = t64([1.0, 2.0, 3.0])
     y = x.astype("float32")
@@ -427,7 +536,6 @@ def test_astype_gradient_is_cast_back():
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not diagnet.cuda_available(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradcheck_cuda(name):
     """The same table on the GPU: gradcheck passes there and matches the CPU gradients."""

@@ -12,6 +12,7 @@ checked at the end.
 from __future__ import annotations
 
 import operator
+import re
 
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
@@ -22,11 +23,11 @@ from hypothesis import given, settings
 
 import diagnet
 from diagnet import functional as F
-from helpers import F32_GRAD_TOL, F32_TOL, F64_TOL, GRADCHECK_TOL, reduce_to
+from helpers import reduce_to
+from tolerances import (F32_GRAD_TOL, F32_TOL, F64_GRAD_TOL, F64_TOL, GRADCHECK_TOL,
+                        LAYER_NORM_RTOL)
 
 DTYPES = [np.float64, np.float32]
-# float64 gradients: sums over broadcast dims may run in another order than the reference
-F64_GRAD_TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 def tol(dtype, grad=False):
@@ -176,6 +177,7 @@ UNARY = {
     "sqrt": (F.sqrt, np.sqrt, lambda x: 0.5 / np.sqrt(x), (0.0625, 100)),
     "tanh": (F.tanh, np.tanh, lambda x: 1 - np.tanh(x) ** 2, (-10, 10)),
     "sigmoid": (F.sigmoid, sp.expit, lambda x: sp.expit(x) * (1 - sp.expit(x)), (-30, 30)),
+    "log_sigmoid": (F.log_sigmoid, sp.log_expit, lambda x: sp.expit(-x), (-30, 30)),
     "relu": (F.relu, lambda x: np.maximum(x, 0), lambda x: (x > 0) * 1.0, (-10, 10)),
     "abs": (F.abs, np.abs, np.sign, (-10, 10)),
     "gelu": (F.gelu, _gelu_erf, _gelu_erf_grad, (-8, 8)),
@@ -308,19 +310,19 @@ def axis_choice(draw, ndim):
 
 
 @settings(deadline=None)
-@given(name=st.sampled_from(["sum", "mean", "max"]), dtype=st.sampled_from(DTYPES), shape=shapes,
+@given(name=st.sampled_from(["sum", "mean", "max", "min"]), dtype=st.sampled_from(DTYPES), shape=shapes,
        keepdims=st.booleans(), data=st.data())
 def test_reductions_match_numpy(name, dtype, shape, keepdims, data):
     axis = data.draw(axis_choice(len(shape)), label="axis")
-    # unique values for max, so that the gradient is one-hot (ties are tested elsewhere)
+    # unique values for max/min, so that the gradient is one-hot (ties are tested elsewhere)
     x = data.draw(hnp.arrays(dtype, shape, elements=floats(dtype, -100, 100),
-                             unique=name == "max"), label="x")
+                             unique=name in ("max", "min")), label="x")
     tx = tensor(x)
     out = getattr(tx, name)(axis=axis, keepdims=keepdims)
     expected = getattr(np, name)(ref64(x), axis=axis, keepdims=keepdims)
     assert out.shape == expected.shape and out.dtype == dtype
     rtol = tol(dtype)
-    if dtype == np.float32 and name != "max":
+    if dtype == np.float32 and name not in ("max", "min"):
         rtol = dict(rtol=1e-5, atol=1e-4)  # float32 sums of up to 256 terms of size 100
     np.testing.assert_allclose(out.numpy(), expected, **rtol)
 
@@ -333,7 +335,8 @@ def test_reductions_match_numpy(name, dtype, shape, keepdims, data):
     elif name == "mean":
         expected_grad = np.broadcast_to(gk, x.shape) / max(int(np.prod([x.shape[a] for a in axes])), 1)
     else:
-        expected_grad = (ref64(x) == np.max(ref64(x), axis=axes, keepdims=True)) * gk
+        extreme = getattr(np, name)(ref64(x), axis=axes, keepdims=True)
+        expected_grad = (ref64(x) == extreme) * gk
     np.testing.assert_allclose(tx.grad.numpy(), expected_grad, **tol(dtype, True))
 
 
@@ -526,3 +529,359 @@ def test_float32_tensor_times_scalar_stays_float32_through_a_graph():
     assert y.dtype == np.float32
     y.sum().backward()
     assert x.grad.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- new ops
+
+def test_log_sigmoid_is_accurate_in_both_tails():
+    for dtype in DTYPES:
+        x = np.array([-1e4, -800.0, -80.0, -20.0, 0.0, 20.0, 80.0, 800.0, 1e4], dtype=dtype)
+        tx = tensor(x)
+        y = F.log_sigmoid(tx)
+        assert np.all(np.isfinite(y.numpy()))
+        # log1p keeps the tiny negative values of the right tail (about -e**-x)
+        np.testing.assert_allclose(y.numpy(), sp.log_expit(ref64(x)),
+                                   rtol=1e-6 if dtype == np.float32 else 1e-14, atol=0)
+        y.sum().backward()
+        np.testing.assert_allclose(tx.grad.numpy(), sp.expit(-ref64(x)),
+                                   rtol=1e-6 if dtype == np.float32 else 1e-14, atol=0)
+
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from(DTYPES), shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+       keepdims=st.booleans(), data=st.data())
+def test_argmax_matches_numpy(dtype, shape, keepdims, data):
+    lo = -len(shape)  # a 0-d tensor accepts axis 0 only (as sum and max do)
+    axis = data.draw(st.one_of(st.none(), st.integers(lo, max(len(shape), 1) - 1)), label="axis")
+    # small integers, so that ties occur: the first index wins, as in NumPy
+    x = data.draw(arrays(dtype, shape, st.integers(-3, 3).map(dtype)), label="x")
+    tx = tensor(x)
+    out = F.argmax(tx, axis=axis, keepdims=keepdims)
+    np_axis = None if x.ndim == 0 else axis
+    expected = np.argmax(x, axis=np_axis, keepdims=keepdims)
+    assert out.dtype == np.int64 and not out.requires_grad and out.creator is None
+    assert out.shape == expected.shape
+    np.testing.assert_array_equal(out.numpy(), expected)
+    np.testing.assert_array_equal(tx.argmax(axis, keepdims).numpy(), expected)
+
+
+def test_argmax_errors():
+    with pytest.raises(ValueError, match="argmax: the tensor is empty"):
+        F.argmax(tensor(np.zeros((0, 3))))
+    with pytest.raises(ValueError, match="argmax: axis must be an int or None"):
+        F.argmax(tensor(np.zeros((2, 3))), axis=(0, 1))
+    with pytest.raises(ValueError, match="argmax: axis 2 is out of range"):
+        F.argmax(tensor(np.zeros((2, 3))), axis=2)
+
+
+@settings(deadline=None)
+@given(shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=3), data=st.data())
+def test_unsqueeze_squeeze_match_numpy(shape, data):
+    x = np.random.default_rng(10).standard_normal(shape)
+    dim = data.draw(st.integers(-len(shape) - 1, len(shape)), label="dim")
+    tx = tensor(x)
+    up = F.unsqueeze(tx, dim)
+    np.testing.assert_array_equal(up.numpy(), np.expand_dims(x, dim))
+    np.testing.assert_array_equal(tx.unsqueeze(dim).numpy(), np.expand_dims(x, dim))
+    down = F.squeeze(up, dim)  # the inserted dim has size 1
+    np.testing.assert_array_equal(down.numpy(), x)
+    np.testing.assert_array_equal(F.squeeze(tx).numpy(), np.squeeze(x))
+    np.testing.assert_array_equal(up.squeeze().numpy(), np.squeeze(x))
+    g = np.random.default_rng(11).standard_normal(up.shape)
+    up.backward(g)
+    np.testing.assert_array_equal(tx.grad.numpy(), g.reshape(shape))
+
+
+def test_squeeze_unsqueeze_errors():
+    x = tensor(np.zeros((2, 1, 3)))
+    np.testing.assert_array_equal(F.squeeze(x, (1,)).shape, (2, 3))
+    with pytest.raises(ValueError, match=r"squeeze: dim 0 of shape \(2, 1, 3\) has size 2, not 1"):
+        F.squeeze(x, 0)
+    with pytest.raises(ValueError, match="squeeze: dim 3 is out of range for 3 dims"):
+        F.squeeze(x, 3)
+    with pytest.raises(ValueError, match="unsqueeze: dim 4 is out of range for 4 dims"):
+        F.unsqueeze(x, 4)
+    with pytest.raises(ValueError, match="unsqueeze: dim -5 is out of range"):
+        x.unsqueeze(-5)
+
+
+@settings(deadline=None)
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=4, max_side=4),
+       dtype=st.sampled_from(DTYPES))
+def test_broadcast_to_matches_numpy(shapes, dtype):
+    src = shapes.input_shapes[0]
+    dst = shapes.result_shape
+    x = np.random.default_rng(12).standard_normal(src).astype(dtype)
+    tx = tensor(x)
+    out = F.broadcast_to(tx, dst)
+    assert out.shape == dst and out.dtype == dtype
+    np.testing.assert_array_equal(out.numpy(), np.broadcast_to(x, dst))
+    g = np.random.default_rng(13).standard_normal(dst).astype(dtype)
+    out.backward(g)
+    assert tx.grad.shape == src
+    np.testing.assert_allclose(tx.grad.numpy(), reduce_to(ref64(g), src), **tol(dtype, True))
+
+
+def test_broadcast_to_errors():
+    for src, dst in [((2, 3), (3, 3)), ((2, 3), (3,)), ((3,), (3, 2))]:
+        msg = f"broadcast_to: cannot broadcast a tensor of shape {src} to shape {dst}"
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            F.broadcast_to(tensor(np.zeros(src)), dst)
+
+
+def test_clone_is_a_differentiable_copy():
+    x = tensor(np.array([1.0, -2.0, 3.0]))
+    c = F.clone(x)
+    assert c is not x and c.requires_grad and c.creator is not None
+    np.testing.assert_array_equal(c.numpy(), x.numpy())
+    c.data[0] = 100.0  # its own memory
+    assert x.numpy()[0] == 1.0
+    (x.clone() * 3.0 + c).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [4.0, 4.0, 4.0])
+    d = x.detach()  # for contrast: detach shares the data and leaves the graph
+    assert d.data is x.data and not d.requires_grad
+
+
+def test_numel():
+    for shape in [(), (0,), (3,), (2, 3, 4), (1, 0, 5)]:
+        x = tensor(np.zeros(shape), requires_grad=False)
+        n = F.numel(x)
+        assert type(n) is int and n == int(np.prod(shape)) == x.numel()
+    assert F.numel(np.zeros((2, 5))) == 10
+
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from(DTYPES), shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=2,
+                                                             max_side=4),
+       keepdims=st.booleans(), ddof=st.sampled_from([0, 1]), data=st.data())
+def test_var_matches_numpy(dtype, shape, keepdims, ddof, data):
+    axis = data.draw(axis_choice(len(shape)), label="axis")
+    if len(shape) == 0 and ddof:
+        return  # one element: no degree of freedom left (tested in test_var_errors)
+    x = data.draw(arrays(dtype, shape, floats(dtype, -10, 10)), label="x")
+    tx = tensor(x)
+    out = F.var(tx, axis=axis, keepdims=keepdims, ddof=ddof)
+    np_axis = None if x.ndim == 0 else axis
+    expected = np.var(ref64(x), axis=np_axis, keepdims=keepdims, ddof=ddof)
+    assert out.shape == expected.shape and out.dtype == dtype
+    np.testing.assert_allclose(out.numpy(), expected,
+                               **(F64_TOL if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)))
+    np.testing.assert_allclose(tx.var(axis, keepdims, ddof).numpy(), out.numpy(), rtol=0, atol=0)
+    g = np.random.default_rng(14).uniform(-1, 1, expected.shape).astype(dtype)
+    out.backward(g)
+    axes = tuple(range(x.ndim)) if axis is None else tuple(np.atleast_1d(axis) % max(x.ndim, 1))
+    n = int(np.prod([x.shape[a] for a in axes]))
+    gk = ref64(g) if keepdims or x.ndim == 0 else np.expand_dims(ref64(g), axes)
+    centred = ref64(x) - ref64(x).mean(axis=axes, keepdims=True)
+    expected_grad = 2 * centred / (n - ddof) * gk
+    np.testing.assert_allclose(tx.grad.numpy(), expected_grad,
+                               **(F64_GRAD_TOL if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)))
+
+
+def test_var_default_is_the_population_variance():
+    x = np.array([1.0, 2.0, 4.0, 7.0])
+    assert F.var(tensor(x)).item() == pytest.approx(np.var(x))            # ddof=0, NumPy's
+    assert F.var(tensor(x), ddof=1).item() == pytest.approx(np.var(x, ddof=1))  # PyTorch's
+
+
+def test_var_errors():
+    with pytest.raises(ValueError, match=r"var: needs more than ddof=1 elements per reduction; "
+                                         r"the reduction over axis 0 of shape \(1, 3\) has 1"):
+        F.var(tensor(np.zeros((1, 3))), axis=0, ddof=1)
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ValueError, match="var: ddof must be a non-negative int"):
+            F.var(tensor(np.zeros(3)), ddof=bad)
+
+
+def test_min_errors():
+    with pytest.raises(ValueError, match="min: the tensor is empty"):
+        F.min(tensor(np.zeros((2, 0))))
+    with pytest.raises(ValueError, match="min: axis 3 is out of range"):
+        tensor(np.zeros((2, 3))).min(axis=3)
+
+
+# ----------------------------------------------------------------------------- cross-entropy:
+# masked (-inf) logits and labels already on the device
+
+def _masked_reference(z, mask, labels, smoothing):
+    """Loss and gradient computed over the unmasked classes only (no -inf anywhere)."""
+    n, c = z.shape
+    loss, grad = np.zeros(n), np.zeros((n, c))
+    for i in range(n):
+        keep = mask[i]
+        logp = sp.log_softmax(z[i, keep])
+        q = np.full(c, smoothing / c)
+        q[labels[i]] += 1 - smoothing
+        loss[i] = -(q[keep] * logp).sum()
+        if smoothing and not keep.all():
+            loss[i] = np.inf  # a class with target weight eps/C has probability 0
+        grad[i, keep] = np.exp(logp)
+        grad[i] -= q
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_with_masked_logits(dtype, smoothing):
+    """A -inf logit contributes 0 to the loss (no 0 * -inf = NaN) and gets a 0 gradient;
+    with label smoothing the loss is +inf, as in PyTorch, and the gradient stays finite."""
+    rng = np.random.default_rng(15)
+    z = rng.standard_normal((4, 5)).astype(dtype)
+    mask = np.array([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 1], [1, 1, 1, 1, 0]], bool)
+    labels = np.array([0, 3, 4, 2])
+    tz = tensor(np.where(mask, z, -np.inf).astype(dtype))
+    with np.errstate(all="raise"):  # no invalid operation (inf - inf, 0 * inf) anywhere
+        loss = F.cross_entropy(tz, labels, label_smoothing=smoothing, reduction="none")
+        loss.sum().backward()
+    ref_loss, ref_grad = _masked_reference(ref64(z), mask, labels, smoothing)
+    np.testing.assert_allclose(loss.numpy(), ref_loss, **tol(dtype))
+    grad = tz.grad.numpy()
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, ref_grad, **tol(dtype, True))
+    if smoothing == 0.0:
+        assert np.all(grad[~mask] == 0)
+        mean = F.cross_entropy(tz, labels)
+        np.testing.assert_allclose(mean.item(), ref_loss.mean(), **tol(dtype))
+
+
+def test_cross_entropy_minus_inf_at_the_label_and_fully_masked_rows():
+    z = tensor(np.array([[-np.inf, 0.0, 1.0], [0.0, 1.0, 2.0]]))
+    loss = F.cross_entropy(z, np.array([0, 2]), reduction="none")
+    assert loss.numpy()[0] == np.inf and np.isfinite(loss.numpy()[1])
+    loss.sum().backward()  # the gradient is softmax - onehot: finite
+    np.testing.assert_allclose(z.grad.numpy()[0], [-1.0, *sp.softmax([0.0, 1.0])], rtol=1e-12)
+    with np.errstate(invalid="ignore"):
+        row = F.cross_entropy(tensor(np.full((1, 3), -np.inf)), np.array([1]), reduction="none")
+    assert np.isnan(row.numpy()[0])  # no distribution at all: NaN, as in PyTorch
+
+
+def test_cross_entropy_device_side_label_check_marks_bad_rows_nan():
+    """The check used for labels that live on the GPU (no host read), run here with NumPy:
+    rows with an out-of-range label get a NaN loss and NaN gradients, the others are
+    unaffected."""
+    from diagnet.ops.loss import CrossEntropy
+
+    z = np.random.default_rng(16).standard_normal((3, 4))
+    raw = np.array([1, 7, -2])
+    valid = (raw >= 0) & (raw < 4)
+    tz = tensor(z)
+    loss = CrossEntropy(np.clip(raw, 0, 3), 0.0, "none", valid)(tz)
+    out = loss.numpy()
+    assert np.isnan(out[1]) and np.isnan(out[2])
+    np.testing.assert_allclose(out[0], -sp.log_softmax(z[0])[1], rtol=1e-12)
+    loss.backward(np.ones(3))
+    g = tz.grad.numpy()
+    assert np.all(np.isnan(g[1:])) and np.all(np.isfinite(g[0]))
+    assert np.isnan(CrossEntropy(np.clip(raw, 0, 3), 0.1, "mean", valid)(tensor(z)).item())
+
+
+def test_cross_entropy_host_labels_out_of_range_raise():
+    z = tensor(np.zeros((3, 4)))
+    for labels in (np.array([0, 4, 1]), [0, -1, 2], diagnet.tensor(np.array([5, 0, 0]))):
+        with pytest.raises(ValueError, match=r"cross_entropy: labels must be in \[0, 4\)"):
+            F.cross_entropy(z, labels)
+
+
+@pytest.mark.gpu
+def test_cross_entropy_labels_on_the_gpu():
+    """GPU labels are checked on the device (NaN rows); host labels still raise."""
+    z = diagnet.tensor(np.random.default_rng(17).standard_normal((3, 4)), device="cuda",
+                       requires_grad=True)
+    good = diagnet.tensor(np.array([1, 0, 3]), device="cuda")
+    loss = F.cross_entropy(z, good, reduction="none")
+    np.testing.assert_allclose(loss.numpy(), F.cross_entropy(z.cpu(), np.array([1, 0, 3]),
+                                                             reduction="none").numpy(), rtol=1e-6)
+    bad = diagnet.tensor(np.array([1, 4, -1]), device="cuda")
+    out = F.cross_entropy(z, bad, reduction="none")  # no exception: no host read
+    assert out.device == "cuda"
+    values = out.numpy()
+    assert np.isfinite(values[0]) and np.isnan(values[1]) and np.isnan(values[2])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        F.cross_entropy(z, np.array([1, 4, 0]))  # host labels: checked before the copy
+    with pytest.raises(ValueError, match="labels are on cuda but logits are on cpu"):
+        F.cross_entropy(z.cpu(), good)
+    keep = diagnet.tensor(np.array([True, True, False, True]), device="cuda")  # labels kept
+    masked = F.where(keep, z, -np.inf)
+    ce = F.cross_entropy(masked, good)
+    assert np.isfinite(ce.item())
+    ce.backward()
+    assert np.all(np.isfinite(z.grad.numpy()))
+
+
+# ----------------------------------------------------------------------------- layer norm grads
+
+def _layer_norm_grads64(x, gy, w, eps, ndims):
+    """Float64 ``(dx, dweight, dbias)`` of ``y = xhat * w + b`` for the upstream gradient ``gy``.
+
+    Over the ``N`` normalised elements of a row: ``mu = mean(x)``, ``var = mean((x - mu)**2)``,
+    ``r = 1 / sqrt(var + eps)``, ``xhat = (x - mu) * r``. Then ``d mu / d x_j = 1 / N``,
+    ``d var / d x_j = 2 (x_j - mu) / N`` (the ``(x_i - mu)`` sum to 0), so
+    ``d r / d x_j = -r**3 (x_j - mu) / N = -r**2 xhat_j / N`` and
+
+        d xhat_i / d x_j = r (delta_ij - 1/N) + (x_i - mu) d r / d x_j
+                         = r (delta_ij - 1/N - xhat_i xhat_j / N).
+
+    ``dx_j = sum_i g_i d xhat_i / d x_j`` with ``g = gy * w``, taken here through that
+    explicit ``N x N`` Jacobian (not the simplified formula the op uses); ``dweight`` and
+    ``dbias`` are the sums over the leading dims of ``gy * xhat`` and ``gy``.
+    Each comes with its scale: the same sums over the absolute values of the terms (for
+    ``dx``, of the three terms of the Jacobian, which cancel exactly when ``N = 2``).
+    """
+    norm = x.shape[x.ndim - ndims:]
+    N = int(np.prod(norm))
+    x2, g2 = ref64(x).reshape(-1, N), ref64(gy).reshape(-1, N)
+    w2 = np.ones(N) if w is None else ref64(w).reshape(N)
+    mu = x2.mean(axis=1, keepdims=True)
+    r = 1.0 / np.sqrt(((x2 - mu) ** 2).mean(axis=1, keepdims=True) + eps)
+    xhat = (x2 - mu) * r
+    jac = r[:, :, None] * (np.eye(N) - 1.0 / N - xhat[:, :, None] * xhat[:, None, :] / N)
+    g = g2 * w2
+    dx = np.einsum("bi,bij->bj", g, jac)
+    outer_abs = np.abs(xhat[:, :, None] * xhat[:, None, :])
+    jac_abs = r[:, :, None] * (np.eye(N) + 1.0 / N + outer_abs / N)
+    dx_scale = np.einsum("bi,bij->bj", np.abs(g), jac_abs)
+    dw, dw_scale = (g2 * xhat).sum(axis=0), np.abs(g2 * xhat).sum(axis=0)
+    db, db_scale = g2.sum(axis=0), np.abs(g2).sum(axis=0)
+    return ((dx.reshape(x.shape), dx_scale.reshape(x.shape)),
+            (dw.reshape(norm), dw_scale.reshape(norm)), (db.reshape(norm), db_scale.reshape(norm)))
+
+
+# Float32 gradients against the float64 values above, from the same float32 inputs:
+# |got - want| <= LAYER_NORM_RTOL * scale, scale = the same sum over absolute values of the
+# terms (the reason for the number is in tests/tolerances.py); the rows below keep |mean| at
+# most 2 standard deviations, which that bound assumes.
+
+
+@pytest.mark.parametrize("lead, norm, mean, std, eps", [
+    ((), (6,), 0.0, 1.0, 1e-5),
+    ((4,), (64,), 3.0, 2.0, 1e-5),          # mean 1.5 standard deviations off zero
+    ((2, 3), (4, 5), -1.0, 0.5, 1e-5),      # two normalised dims
+    ((3,), (2, 3, 2), 0.5, 1.0, 1e-3),
+    ((5,), (2,), 2.0, 1.0, 1e-5),           # N = 2: xhat = +-1 up to eps
+    ((4,), (8,), 0.0, 3e-3, 1e-5),          # variance ~ eps: eps matters in r
+])
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+def test_layer_norm_gradients_float32(lead, norm, mean, std, eps, affine):
+    rng = np.random.default_rng(len(lead) * 100 + int(np.prod(norm)))
+    x = (mean + std * rng.standard_normal(lead + norm)).astype(np.float32)
+    gy = rng.standard_normal(lead + norm).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, norm).astype(np.float32) if affine in ("weight", "both") else None
+    b = rng.standard_normal(norm).astype(np.float32) if affine in ("bias", "both") else None
+    tx = tensor(x)
+    tw, tb = (None if a is None else tensor(a) for a in (w, b))
+    y = F.layer_norm(tx, norm, weight=tw, bias=tb, eps=eps)
+    assert y.dtype == np.float32
+    y.backward(gy)
+    (dx, dx_s), (dw, dw_s), (db, db_s) = _layer_norm_grads64(x, gy, w, eps, len(norm))
+    grads = [(tx.grad, dx, dx_s)]
+    if tw is not None:
+        grads.append((tw.grad, dw, dw_s))
+    if tb is not None:
+        grads.append((tb.grad, db, db_s))
+    for got, want, scale in grads:
+        assert got.dtype == np.float32 and got.shape == want.shape
+        err = np.abs(got.numpy().astype(np.float64) - want)
+        assert np.all(err <= LAYER_NORM_RTOL * scale), (err / scale).max()
+    # a check of the reference itself: d/dx sums to zero over each row (shifting x is free)
+    rows = dx.reshape(-1, int(np.prod(norm))).sum(axis=1)
+    assert np.all(np.abs(rows) <= 1e-12 * dx_s.reshape(rows.shape[0], -1).sum(axis=1))

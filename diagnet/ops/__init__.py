@@ -1,15 +1,30 @@
 """Differentiable operations on tensors, written once against NumPy/CuPy.
 
-Grouped by concept: `basic` (element-wise arithmetic and math), `shape` (reshape,
-transpose, indexing, joins), `reduce` (sum, mean, max), `nn` (activations, softmax,
-losses, dropout, layer norm) and `diagonal` (the diagonal sparse linear map and its
-regrowth score). `diagnet.functional` is the public namespace for all of them.
+One concept per module:
+
+* `basic`: element-wise arithmetic and math, selection (where, maximum, clip), clone,
+  dtype casts and device moves;
+* `shape`: reshape, squeeze/unsqueeze, transpose, broadcast_to, indexing, joins, numel;
+* `reduce`: sum, mean, var, max, min, argmax;
+* `activation`: relu, gelu, log_sigmoid, softmax, log_softmax;
+* `loss`: cross_entropy, mse_loss;
+* `regularization`: dropout;
+* `normalization`: layer_norm;
+* `diagonal`: the diagonal sparse linear map and its regrowth score.
+
+Each module lists its public names in ``__all__``; this package re-exports them all and
+`diagnet.functional` is the public namespace. Adding an op edits only its own module.
 """
 
-from .basic import (abs, add, astype, clip, div, exp, log, matmul, maximum, minimum, mul, neg,
-                    pow, sigmoid, sqrt, sub, tanh, to_device, where)
-from .diagonal import DiagLinear, diag_linear, diagonal_scores
-from .nn import (cross_entropy, dropout, gelu, layer_norm, log_softmax, manual_seed, mse_loss,
-                 relu, softmax)
-from .reduce import max, mean, sum
-from .shape import concatenate, getitem, permute, reshape, stack, transpose
+from . import activation, basic, diagonal, loss, normalization, reduce, regularization, shape
+from .activation import *  # noqa: F401,F403
+from .basic import *  # noqa: F401,F403
+from .diagonal import *  # noqa: F401,F403
+from .loss import *  # noqa: F401,F403
+from .normalization import *  # noqa: F401,F403
+from .reduce import *  # noqa: F401,F403
+from .regularization import *  # noqa: F401,F403
+from .shape import *  # noqa: F401,F403
+
+__all__ = (basic.__all__ + shape.__all__ + reduce.__all__ + activation.__all__ + loss.__all__
+           + regularization.__all__ + normalization.__all__ + diagonal.__all__)

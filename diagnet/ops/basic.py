@@ -1,18 +1,24 @@
-"""Element-wise arithmetic and math functions, with their derivatives.
+"""Element-wise arithmetic and math functions, with their derivatives; copies, casts and moves.
 
 Every op is written once against the array module ``xp`` of its inputs, so it runs on
 NumPy and CuPy alike. Broadcasting is allowed in every binary op: the engine sums each
 gradient back to its input's shape, so the backward methods here ignore broadcasting.
+Each public function follows the `Function` class that implements it.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from .. import backend
 from ..autograd import FLOAT_DTYPES, Function, Tensor
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "pow", "matmul",
+    "exp", "log", "sqrt", "tanh", "sigmoid", "abs",
+    "where", "maximum", "minimum", "clip",
+    "clone", "astype", "to_device",
+]
 
 
 def _xp(*arrays):
@@ -31,6 +37,11 @@ class Add(Function):
         return gy, gy
 
 
+def add(a, b):
+    """``a + b`` with broadcasting."""
+    return Add()(a, b)
+
+
 class Sub(Function):
     elementwise = True
 
@@ -39,6 +50,11 @@ class Sub(Function):
 
     def backward(self, gy):
         return gy, -gy
+
+
+def sub(a, b):
+    """``a - b`` with broadcasting."""
+    return Sub()(a, b)
 
 
 class Mul(Function):
@@ -51,6 +67,11 @@ class Mul(Function):
     def backward(self, gy):
         a, b = self.saved
         return gy * b, gy * a
+
+
+def mul(a, b):
+    """``a * b`` with broadcasting."""
+    return Mul()(a, b)
 
 
 class Div(Function):
@@ -66,12 +87,22 @@ class Div(Function):
         return ga, -ga * a / b
 
 
+def div(a, b):
+    """``a / b`` with broadcasting."""
+    return Div()(a, b)
+
+
 class Neg(Function):
     def forward(self, a):
         return -a
 
     def backward(self, gy):
         return -gy
+
+
+def neg(a):
+    """``-a``."""
+    return Neg()(a)
 
 
 class Pow(Function):
@@ -95,6 +126,11 @@ class Pow(Function):
                 log_a = xp.where(a > 0, xp.log(xp.where(a > 0, a, 1)), 0)
             gb = gy * y * log_a
         return ga, gb
+
+
+def pow(a, b):  # noqa: A001 - mirrors the operator's name
+    """``a ** b`` with broadcasting; both operands may require grad."""
+    return Pow()(a, b)
 
 
 class MatMul(Function):
@@ -129,36 +165,6 @@ class MatMul(Function):
             if b.ndim == 1:
                 gb = gb[..., 0]
         return ga, gb
-
-
-def add(a, b):
-    """``a + b`` with broadcasting."""
-    return Add()(a, b)
-
-
-def sub(a, b):
-    """``a - b`` with broadcasting."""
-    return Sub()(a, b)
-
-
-def mul(a, b):
-    """``a * b`` with broadcasting."""
-    return Mul()(a, b)
-
-
-def div(a, b):
-    """``a / b`` with broadcasting."""
-    return Div()(a, b)
-
-
-def neg(a):
-    """``-a``."""
-    return Neg()(a)
-
-
-def pow(a, b):  # noqa: A001 - mirrors the operator's name
-    """``a ** b`` with broadcasting; both operands may require grad."""
-    return Pow()(a, b)
 
 
 def matmul(a, b):
@@ -210,9 +216,19 @@ class Exp(_Unary):
     derivative = staticmethod(lambda xp, x, y: y)
 
 
+def exp(x):
+    """Element-wise ``e ** x``."""
+    return Exp()(x)
+
+
 class Log(_Unary):
     fn = staticmethod(lambda xp, x: xp.log(x))
     derivative = staticmethod(lambda xp, x, y: 1 / x)
+
+
+def log(x):
+    """Element-wise natural logarithm."""
+    return Log()(x)
 
 
 class Sqrt(_Unary):
@@ -220,9 +236,19 @@ class Sqrt(_Unary):
     derivative = staticmethod(lambda xp, x, y: 0.5 / y)
 
 
+def sqrt(x):
+    """Element-wise square root."""
+    return Sqrt()(x)
+
+
 class Tanh(_Unary):
     fn = staticmethod(lambda xp, x: xp.tanh(x))
     derivative = staticmethod(lambda xp, x, y: 1 - y * y)
+
+
+def tanh(x):
+    """Element-wise hyperbolic tangent."""
+    return Tanh()(x)
 
 
 def _sigmoid(xp, x):
@@ -238,34 +264,14 @@ class Sigmoid(_Unary):
     derivative = staticmethod(lambda xp, x, y: y * (1 - y))
 
 
-class Abs(_Unary):
-    fn = staticmethod(lambda xp, x: xp.abs(x))
-    derivative = staticmethod(lambda xp, x, y: xp.sign(x))
-
-
-def exp(x):
-    """Element-wise ``e ** x``."""
-    return Exp()(x)
-
-
-def log(x):
-    """Element-wise natural logarithm."""
-    return Log()(x)
-
-
-def sqrt(x):
-    """Element-wise square root."""
-    return Sqrt()(x)
-
-
-def tanh(x):
-    """Element-wise hyperbolic tangent."""
-    return Tanh()(x)
-
-
 def sigmoid(x):
     """Element-wise logistic sigmoid ``1 / (1 + e**-x)`` (overflow-free)."""
     return Sigmoid()(x)
+
+
+class Abs(_Unary):
+    fn = staticmethod(lambda xp, x: xp.abs(x))
+    derivative = staticmethod(lambda xp, x, y: xp.sign(x))
 
 
 def abs(x):  # noqa: A001
@@ -288,6 +294,11 @@ class Where(Function):
         return None, xp.where(self.cond, gy, zero), xp.where(self.cond, zero, gy)
 
 
+def where(cond, a, b):
+    """Pick ``a`` where ``cond`` is true, else ``b`` (broadcasting); grads flow to ``a`` and ``b``."""
+    return Where()(cond, a, b)
+
+
 class Maximum(Function):
     elementwise = True
 
@@ -303,11 +314,21 @@ class Maximum(Function):
         return xp.where(self.take_a, gy, zero), xp.where(self.take_a, zero, gy)
 
 
+def maximum(a, b):
+    """Element-wise maximum; at ties the gradient goes to ``a``."""
+    return Maximum()(a, b)
+
+
 class Minimum(Maximum):
     def forward(self, a, b):
         xp = _xp(a, b)
         self.take_a = a <= b
         return xp.where(self.take_a, a, b)
+
+
+def minimum(a, b):
+    """Element-wise minimum; at ties the gradient goes to ``a``."""
+    return Minimum()(a, b)
 
 
 class Clip(Function):
@@ -327,21 +348,6 @@ class Clip(Function):
         return gy * self.inside
 
 
-def where(cond, a, b):
-    """Pick ``a`` where ``cond`` is true, else ``b`` (broadcasting); grads flow to ``a`` and ``b``."""
-    return Where()(cond, a, b)
-
-
-def maximum(a, b):
-    """Element-wise maximum; at ties the gradient goes to ``a``."""
-    return Maximum()(a, b)
-
-
-def minimum(a, b):
-    """Element-wise minimum; at ties the gradient goes to ``a``."""
-    return Minimum()(a, b)
-
-
 def clip(x, lo=None, hi=None):
     """Clamp ``x`` to ``[lo, hi]`` (either may be None); gradient 1 inside, 0 outside."""
     if lo is None and hi is None:
@@ -351,7 +357,21 @@ def clip(x, lo=None, hi=None):
     return Clip(lo, hi)(x)
 
 
-# ----------------------------------------------------------------------------- dtype/device
+# ----------------------------------------------------------------------------- copy/dtype/device
+
+class Clone(Function):
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        return gy
+
+
+def clone(x):
+    """A copy of ``x`` with its own memory that stays in the graph (the gradient passes
+    through unchanged); unlike ``detach()``, which shares the data and cuts the graph."""
+    return Clone()(x)
+
 
 class AsType(Function):
     def __init__(self, dtype):
@@ -363,6 +383,16 @@ class AsType(Function):
 
     def backward(self, gy):
         return gy.astype(self.src) if self.src in FLOAT_DTYPES else None
+
+
+def astype(x, dtype):
+    """``x`` cast to ``dtype``; the gradient is cast back (float to float only)."""
+    dt = np.dtype(dtype)
+    if isinstance(x, Tensor) and x.dtype == dt:
+        return x
+    if isinstance(x, Tensor) and x.requires_grad and dt not in FLOAT_DTYPES:
+        raise TypeError(f"astype: cannot cast a tensor that requires grad to {dt}; detach() it first")
+    return AsType(dt)(x)
 
 
 class ToDevice(Function):
@@ -377,21 +407,8 @@ class ToDevice(Function):
         return backend.to_device(gy, self.src)
 
 
-def astype(x, dtype):
-    """``x`` cast to ``dtype``; the gradient is cast back (float to float only)."""
-    dt = np.dtype(dtype)
-    if isinstance(x, Tensor) and x.dtype == dt:
-        return x
-    if isinstance(x, Tensor) and x.requires_grad and dt not in FLOAT_DTYPES:
-        raise TypeError(f"astype: cannot cast a tensor that requires grad to {dt}; detach() it first")
-    return AsType(dt)(x)
-
-
 def to_device(x, device):
     """``x`` copied to ``device`` (``"cpu"``/``"cuda"``); gradients flow back across."""
     if isinstance(x, Tensor) and x.device == backend.resolve_device(device):
         return x
     return ToDevice(device)(x)
-
-
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

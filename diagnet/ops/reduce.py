@@ -1,12 +1,20 @@
-"""Reductions: sum, mean, max over all or some axes, with ``keepdims``."""
+"""Reductions over all or some axes, with ``keepdims``: sum, mean, var, max, min, argmax.
+
+Each public function follows the `Function` class that implements it (`argmax` has none:
+an index has no gradient).
+"""
 
 from __future__ import annotations
 
 import builtins
 import operator
 
+import numpy as np
+
 from .. import backend
-from ..autograd import Function
+from ..autograd import Function, Tensor, as_tensor_like
+
+__all__ = ["sum", "mean", "var", "max", "min", "argmax"]
 
 
 def _normalise_axis(axis, ndim, name):
@@ -39,6 +47,14 @@ def _expand(gy, in_shape, axes, keepdims):
     return gy.reshape(shape)
 
 
+def _count(shape, axes):
+    """How many elements each reduction over ``axes`` combines."""
+    n = 1
+    for a in axes:
+        n *= shape[a]
+    return n
+
+
 class Sum(Function):
     def __init__(self, axes, keepdims):
         self.axes, self.keepdims = axes, keepdims
@@ -53,24 +69,74 @@ class Sum(Function):
         return xp.broadcast_to(g, self.in_shape)
 
 
+def sum(x, axis=None, keepdims=False):  # noqa: A001
+    """Sum over ``axis`` (int, tuple or None for all)."""
+    return Sum(_normalise_axis(axis, x.ndim, "sum"), keepdims)(x)
+
+
 class Mean(Sum):
     def forward(self, x):
         self.in_shape = x.shape
         return x.mean(axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, gy):
-        count = 1
-        for a in self.axes:
-            count *= self.in_shape[a]
-        return super().backward(gy / count)
+        return super().backward(gy / _count(self.in_shape, self.axes))
+
+
+def mean(x, axis=None, keepdims=False):
+    """Mean over ``axis`` (int, tuple or None for all)."""
+    return Mean(_normalise_axis(axis, x.ndim, "mean"), keepdims)(x)
+
+
+class Var(Function):
+    """``sum((x - mean)**2) / (N - ddof)`` over ``axes``, ``N`` elements per reduction."""
+
+    def __init__(self, axes, keepdims, ddof):
+        self.axes, self.keepdims, self.ddof = axes, keepdims, ddof
+
+    def forward(self, x):
+        self.centred = x - x.mean(axis=self.axes, keepdims=True)
+        self.divisor = _count(x.shape, self.axes) - self.ddof
+        sq = self.centred * self.centred
+        return sq.sum(axis=self.axes, keepdims=self.keepdims) / self.divisor
+
+    def backward(self, gy):
+        # d var / d x_i = 2 (x_i - mean) / (N - ddof): the mean's own dependence on x_i
+        # contributes sum_j 2 (x_j - mean) * (-1/N) / (N - ddof) = 0
+        g = _expand(gy, self.centred.shape, self.axes, self.keepdims)
+        return self.centred * (g * (2.0 / self.divisor))
+
+
+def var(x, axis=None, keepdims=False, ddof=0):
+    """Variance over ``axis``: ``sum((x - mean)**2) / (N - ddof)``.
+
+    ``ddof=0`` (the default, as in NumPy's ``var`` and in `layer_norm`) is the population
+    variance; ``ddof=1`` is the unbiased sample variance, PyTorch's default (its
+    ``correction=1``). The argument is named ``ddof`` like NumPy's, matching ``axis`` and
+    ``keepdims`` here. ``N - ddof`` must be positive (else `ValueError`; NumPy would return
+    inf or NaN with a warning).
+    """
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"var: ddof must be a non-negative int; got {ddof!r}")
+    axes = _normalise_axis(axis, x.ndim, "var")
+    n = _count(tuple(x.shape), axes)
+    if n - ddof <= 0:
+        raise ValueError(f"var: needs more than ddof={ddof} elements per reduction; the "
+                         f"reduction over axis {axis!r} of shape {tuple(x.shape)} has {n}")
+    return Var(axes, keepdims, int(ddof))(x)
 
 
 class Max(Function):
+    """The maximum over ``axes``; tied extremes share the gradient equally."""
+
     def __init__(self, axes, keepdims):
         self.axes, self.keepdims = axes, keepdims
 
+    def _extreme(self, x):
+        return x.max(axis=self.axes, keepdims=True)
+
     def forward(self, x):
-        y = x.max(axis=self.axes, keepdims=True)
+        y = self._extreme(x)
         # ties share the gradient equally, so the result does not depend on element order
         self.mask = x == y
         return y if self.keepdims else y.reshape(
@@ -82,18 +148,46 @@ class Max(Function):
         return self.mask * (g / count)
 
 
-def sum(x, axis=None, keepdims=False):  # noqa: A001
-    """Sum over ``axis`` (int, tuple or None for all)."""
-    return Sum(_normalise_axis(axis, x.ndim, "sum"), keepdims)(x)
-
-
-def mean(x, axis=None, keepdims=False):
-    """Mean over ``axis`` (int, tuple or None for all)."""
-    return Mean(_normalise_axis(axis, x.ndim, "mean"), keepdims)(x)
-
-
 def max(x, axis=None, keepdims=False):  # noqa: A001
     """Maximum over ``axis``; tied maxima share the gradient equally."""
     if x.size == 0:
         raise ValueError("max: the tensor is empty")
     return Max(_normalise_axis(axis, x.ndim, "max"), keepdims)(x)
+
+
+class Min(Max):
+    def _extreme(self, x):
+        return x.min(axis=self.axes, keepdims=True)
+
+
+def min(x, axis=None, keepdims=False):  # noqa: A001
+    """Minimum over ``axis``; tied minima share the gradient equally."""
+    if x.size == 0:
+        raise ValueError("min: the tensor is empty")
+    return Min(_normalise_axis(axis, x.ndim, "min"), keepdims)(x)
+
+
+def argmax(x, axis=None, keepdims=False):
+    """Index of the maximum along ``axis`` (an int), or in the flattened tensor (``None``).
+
+    Returns an int64 tensor that does not require grad (an index is not differentiable).
+    The first index wins at ties, as in NumPy. ``keepdims`` keeps the reduced axis with
+    size 1 (every axis for ``axis=None``), as NumPy's ``argmax`` does.
+    """
+    x = as_tensor_like(x, [x])
+    if x.size == 0:
+        raise ValueError("argmax: the tensor is empty")
+    if axis is not None:
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise ValueError(f"argmax: axis must be an int or None; got {axis!r}") from None
+        (axis,) = _normalise_axis(axis, x.ndim, "argmax")
+        if x.ndim == 0:
+            axis = None  # axis 0 of a 0-d tensor (accepted, as by max): its only index is 0
+    xp = backend.get_array_module(x.data)
+    idx = xp.argmax(x.data, axis=axis).astype(np.int64)
+    if keepdims:
+        shape = [1 if axis is None or i == axis else d for i, d in enumerate(x.shape)]
+        idx = idx.reshape(shape)
+    return Tensor._wrap(idx)

@@ -1,11 +1,20 @@
-"""Shape ops: reshape, transpose/permute, indexing, concatenate, stack."""
+"""Shape ops: reshape and its special cases (squeeze, unsqueeze), transpose/permute,
+broadcast_to, indexing, concatenate, stack; and `numel`.
+
+Each public function follows the `Function` class that implements it.
+"""
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 
 from .. import backend
-from ..autograd import Function, Tensor, as_tensor_like
+from ..autograd import Function, Tensor, as_tensor_like, sum_to
+
+__all__ = ["reshape", "squeeze", "unsqueeze", "transpose", "permute", "broadcast_to",
+           "getitem", "concatenate", "stack", "numel"]
 
 
 def _xp(*arrays):
@@ -17,6 +26,23 @@ def _axes_arg(axes):
     if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
         return None if axes[0] is None else tuple(axes[0])
     return tuple(axes) if axes else None
+
+
+def _dims_arg(name, dim, ndim):
+    """``dim`` (an int or a tuple of ints, each in ``[-ndim, ndim)``) as non-negative ints."""
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    out = []
+    for d in dims:
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise ValueError(f"{name}: dim {d!r} is not an integer") from None
+        if not -ndim <= d < ndim:
+            raise ValueError(f"{name}: dim {d} is out of range for {ndim} dims")
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: repeated dim in {dim!r}")
+    return out
 
 
 class Reshape(Function):
@@ -31,61 +57,6 @@ class Reshape(Function):
         return gy.reshape(self.in_shape)
 
 
-class Transpose(Function):
-    def __init__(self, axes):
-        self.axes = axes
-
-    def forward(self, x):
-        return x.transpose(self.axes)
-
-    def backward(self, gy):
-        if self.axes is None:
-            return gy.transpose()
-        return gy.transpose(np.argsort(self.axes))
-
-
-class GetItem(Function):
-    def __init__(self, index):
-        self.index = index
-
-    def forward(self, x):
-        self.in_shape = x.shape
-        return x[self.index]
-
-    def backward(self, gy):
-        xp = _xp(gy)
-        gx = xp.zeros(self.in_shape, dtype=gy.dtype)
-        # accumulate, so that repeated integer indices (x[[0, 0]]) add their gradients
-        backend.scatter_add(gx, self.index, gy)
-        return gx
-
-
-class Concatenate(Function):
-    def __init__(self, axis):
-        self.axis = axis
-
-    def forward(self, *xs):
-        self.sizes = [x.shape[self.axis] for x in xs]
-        return _xp(*xs).concatenate(xs, axis=self.axis)
-
-    def backward(self, gy):
-        xp = _xp(gy)
-        cuts = np.cumsum(self.sizes)[:-1].tolist()
-        return tuple(xp.split(gy, cuts, axis=self.axis))
-
-
-class Stack(Function):
-    def __init__(self, axis):
-        self.axis = axis
-
-    def forward(self, *xs):
-        return _xp(*xs).stack(xs, axis=self.axis)
-
-    def backward(self, gy):
-        xp = _xp(gy)
-        return tuple(xp.take(gy, i, axis=self.axis) for i in range(gy.shape[self.axis]))
-
-
 def reshape(x, *shape):
     """``x`` with a new shape (one dimension may be -1); same number of elements."""
     shape = _axes_arg(shape)
@@ -97,6 +68,46 @@ def reshape(x, *shape):
         raise ValueError(f"reshape: cannot reshape a tensor of shape {tuple(x.shape)} "
                          f"({size} elements) into shape {shape}")
     return Reshape(shape)(x)
+
+
+def squeeze(x, dim=None):
+    """``x`` without its size-1 dims: all of them (``dim=None``) or those in ``dim`` (an int
+    or a tuple).
+
+    A named dim whose size is not 1 is a `ValueError` (as in NumPy; PyTorch silently leaves
+    it in place, which hides shape bugs).
+    """
+    shape = tuple(x.shape)
+    if dim is None:
+        dims = [i for i, d in enumerate(shape) if d == 1]
+    else:
+        dims = _dims_arg("squeeze", dim, len(shape))
+        for d in dims:
+            if shape[d] != 1:
+                raise ValueError(f"squeeze: dim {d} of shape {shape} has size {shape[d]}, not 1")
+    return Reshape(tuple(s for i, s in enumerate(shape) if i not in dims))(x)
+
+
+def unsqueeze(x, dim):
+    """``x`` with a new size-1 dim inserted at position ``dim`` of the result
+    (``-x.ndim - 1 <= dim <= x.ndim``; ``-1`` appends it)."""
+    shape = list(x.shape)
+    (d,) = _dims_arg("unsqueeze", dim, len(shape) + 1)
+    shape.insert(d, 1)
+    return Reshape(tuple(shape))(x)
+
+
+class Transpose(Function):
+    def __init__(self, axes):
+        self.axes = axes
+
+    def forward(self, x):
+        return x.transpose(self.axes)
+
+    def backward(self, gy):
+        if self.axes is None:
+            return gy.transpose()
+        return gy.transpose(tuple(int(a) for a in np.argsort(self.axes)))  # the inverse permutation
 
 
 def transpose(x, *axes):
@@ -113,6 +124,46 @@ def transpose(x, *axes):
 
 
 permute = transpose
+
+
+class BroadcastTo(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return _xp(x).broadcast_to(x, self.shape)  # a view: no copy
+
+    def backward(self, gy):
+        return sum_to(_xp(gy), gy, self.in_shape)
+
+
+def broadcast_to(x, shape):
+    """``x`` repeated (without copying) to ``shape`` by NumPy's broadcasting rules; the
+    gradient is summed back over the repeated dims."""
+    shape = (operator.index(shape),) if not isinstance(shape, (tuple, list)) else tuple(shape)
+    src = tuple(x.shape)
+    ok = len(shape) >= len(src) and all(
+        s == d or s == 1 for s, d in zip(src[::-1], shape[::-1])) and all(d >= 0 for d in shape)
+    if not ok:
+        raise ValueError(f"broadcast_to: cannot broadcast a tensor of shape {src} to shape {shape}")
+    return BroadcastTo(shape)(x)
+
+
+class GetItem(Function):
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x[self.index]
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        gx = xp.zeros(self.in_shape, dtype=gy.dtype)
+        # accumulate, so that repeated integer indices (x[[0, 0]]) add their gradients
+        backend.scatter_add(gx, self.index, gy)
+        return gx
 
 
 def _unwrap_index(index):
@@ -161,6 +212,20 @@ def _check_axis(name, axis, ndim):
         raise ValueError(f"{name}: axis {axis} is out of range for a result with {ndim} dims")
 
 
+class Concatenate(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return _xp(*xs).concatenate(xs, axis=self.axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        cuts = np.cumsum(self.sizes)[:-1].tolist()
+        return tuple(xp.split(gy, cuts, axis=self.axis))
+
+
 def concatenate(xs, axis=0):
     """Join tensors along an existing ``axis``; shapes must agree elsewhere."""
     xs = list(xs)
@@ -170,6 +235,18 @@ def concatenate(xs, axis=0):
     return Concatenate(axis)(*tensors)
 
 
+class Stack(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        return _xp(*xs).stack(xs, axis=self.axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        return tuple(xp.take(gy, i, axis=self.axis) for i in range(gy.shape[self.axis]))
+
+
 def stack(xs, axis=0):
     """Join tensors of equal shape along a new ``axis``."""
     xs = list(xs)
@@ -177,3 +254,8 @@ def stack(xs, axis=0):
     _check_same_rank("stack", tensors, 0, same_axis=True)
     _check_axis("stack", axis, tensors[0].ndim + 1)  # the new axis may come last
     return Stack(axis)(*tensors)
+
+
+def numel(x) -> int:
+    """The number of elements of ``x`` (a Python int; also ``Tensor.numel()``)."""
+    return int(np.prod(tuple(x.shape), dtype=np.int64)) if hasattr(x, "shape") else int(np.size(x))
