@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from hypothesis import strategies as st
+from tolerances import DENSE_ORACLE_RTOL
 
-RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+RTOL = DENSE_ORACLE_RTOL
 
 # ----------------------------------------------------------------------------- reference
 
@@ -64,7 +65,20 @@ def assert_close(got, want, scale, dtype):
 
 SPECIAL_DIMS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 32, 61, 64, 97, 127, 128, 131, 197, 199, 200]
 dims = st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(13, 200), st.integers(1, 12))
-BATCHES = [(), (1,), (5,), (2, 3), (1, 2, 2)]
+# Leading (batch) shapes of x: none (a 1-D x), flat batches of 0 to MAX_ROWS rows, and 2-D
+# and 3-D leading shapes of up to MAX_ROWS rows in all. The CPU kernels work in tiles of 4 rows
+# (leftover rows one at a time) and give each thread a block of rows, so the flattened batch
+# must reach several tiles with every remainder; TILE_EDGES are the counts around tile edges
+# (several tiles first: Hypothesis favours the first entries, and the first branch).
+MAX_ROWS = 40
+TILE_EDGES = [13, 9, 8, 12, 17, 16, 33, 31, 32, 23, 39, 40, 7, 5, 4, 3, 1, 0]
+batch_shapes = st.one_of(
+    st.sampled_from(TILE_EDGES).map(lambda b: (b,)),
+    st.integers(1, MAX_ROWS).map(lambda b: (b,)),
+    st.tuples(st.integers(0, 5), st.integers(1, MAX_ROWS // 5)),
+    st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4)),
+    st.just(()),
+)
 # K: the extremes 1 and P, or uniform in [1, P] (Hypothesis' own integers favour the ends)
 K_RULES = st.sampled_from(["uniform", "one", "uniform", "all", "uniform"])
 # mostly free shapes (tall, wide and square), plus forced square and 1-wide ones

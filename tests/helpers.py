@@ -1,16 +1,6 @@
 """Shared constants and small utilities for the foundation tests (autograd, ops, backend).
 
-Tolerances live here, once, so that every test states the same honest numbers:
-
-* ``GRADCHECK_TOL`` -- central differences in float64. With ``eps = 1e-6`` the truncation
-  error is ``O(eps**2) ~ 1e-12`` and the rounding error about ``1e-16 * |f| / eps ~ 1e-10 *
-  |f|``; the projected objectives here have ``|f|`` of order 1-100, so an absolute error of
-  ``1e-6`` plus ``1e-5`` relative leaves two or more orders of margin without hiding a
-  wrong derivative (a wrong formula is off by O(1)).
-* ``F64_TOL`` -- forward values in float64 compared with NumPy/SciPy (a few ulps apart).
-* ``F32_TOL`` -- forward values in float32 compared with a float64 reference computed from
-  the same float32 inputs: float32 has a unit roundoff of ``6e-8``; the ops checked here
-  (bounded inputs, well-conditioned formulas) stay within a few dozen ulps.
+Tolerances are in `tolerances`, the suite's one table of them.
 """
 
 from __future__ import annotations
@@ -19,16 +9,10 @@ import numpy as np
 
 import diagnet
 
-GRADCHECK_TOL = dict(eps=1e-6, atol=1e-6, rtol=1e-5)
-F64_TOL = dict(rtol=1e-12, atol=1e-12)
-F32_TOL = dict(rtol=1e-5, atol=1e-6)
-# gradients in float32, compared with the float64 analytic value
-F32_GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 
-
-def t64(array, requires_grad=True):
-    """A float64 tensor (copy) of ``array``."""
-    return diagnet.tensor(np.asarray(array, dtype=np.float64), dtype="float64",
+def t64(array, requires_grad=True, device=None):
+    """A float64 tensor (copy) of ``array`` on ``device`` (default: the default device)."""
+    return diagnet.tensor(np.asarray(array, dtype=np.float64), dtype="float64", device=device,
                           requires_grad=requires_grad)
 
 

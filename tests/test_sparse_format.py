@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 
 import diagnet
 from diagnet import DiagMatrix
-from diagnet.sparse import resolve_num_diagonals
-from dense_reference import BATCHES, K_RULES, assert_close, dense_reference, shapes, triples
+from diagnet.diag import layout
+from diagnet.diag.validate import resolve_num_diagonals
+from dense_reference import (K_RULES, assert_close, batch_shapes, dense_reference, shapes,
+                             triples)
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -54,6 +56,29 @@ def test_reference_diagonals_partition_the_matrix(shape):
     counts = np.zeros(shape, dtype=np.int64)
     np.add.at(counts, (r, c), 1)
     assert np.all(counts == 1)
+
+
+@given(shapes())
+def test_diagonal_of_inverts_the_convention(shape):
+    """`layout.diagonal_of` maps every entry (i, j) to the (p, t) that the formulas, and
+    `layout.diagonal_coordinates`, send back to (i, j)."""
+    m, n = shape
+    P, L = max(shape), min(shape)
+    i, j = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
+    p, t = layout.diagonal_of(shape, i, j)
+    assert p.shape == t.shape == shape
+    assert np.all((0 <= p) & (p < P)) and np.all((0 <= t) & (t < L))
+    # position t of diagonal p, from the formulas (dense_reference), then from the layout
+    r, c, _ = triples(shape, np.arange(P), np.zeros((P, L)))
+    np.testing.assert_array_equal(r.reshape(P, L)[p, t], i)
+    np.testing.assert_array_equal(c.reshape(P, L)[p, t], j)
+    rows, cols = layout.diagonal_coordinates(shape, np.arange(P))
+    np.testing.assert_array_equal(rows[p, t], i)
+    np.testing.assert_array_equal(cols[p, t], j)
+    # and the other way round: the entries of every (p, t) give back (p, t)
+    pp, tt = layout.diagonal_of(shape, rows, cols)
+    np.testing.assert_array_equal(pp, np.broadcast_to(np.arange(P)[:, None], (P, L)))
+    np.testing.assert_array_equal(tt, np.broadcast_to(np.arange(L), (P, L)))
 
 
 @given(diag_matrices())
@@ -122,7 +147,7 @@ def test_transpose_worked_examples():
 
 # ----------------------------------------------------------------------------- products
 
-@given(diag_matrices(), st.sampled_from(BATCHES), st.integers(0, 2**32 - 1))
+@given(diag_matrices(), batch_shapes, st.integers(0, 2**32 - 1))
 def test_x_at_WT_is_the_forward_product(kernel_impl, use_kernels, case, batch, seed):
     offsets, values, shape, _ = case
     m, n = shape
@@ -136,7 +161,7 @@ def test_x_at_WT_is_the_forward_product(kernel_impl, use_kernels, case, batch, s
     assert_close(y, x64 @ ref.T, np.abs(x64) @ np.abs(ref).T, values.dtype)
 
 
-@given(diag_matrices(), st.sampled_from(BATCHES), st.integers(0, 2**32 - 1))
+@given(diag_matrices(), batch_shapes, st.integers(0, 2**32 - 1))
 def test_dy_at_W_is_the_input_gradient_product(kernel_impl, use_kernels, case, batch, seed):
     offsets, values, shape, _ = case
     m, n = shape
@@ -411,9 +436,10 @@ def test_empty_matrix_k_zero():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not diagnet.cuda_available(), reason="needs CuPy and a CUDA device")
 def test_cuda_round_trip_and_products():
-    W = DiagMatrix.random((33, 20), k=7, rng=3, dtype=np.float64)
+    # on the CPU explicitly: in a gpu test the default device is cuda, where W.to("cuda")
+    # would return W itself
+    W = DiagMatrix.random((33, 20), k=7, rng=3, dtype=np.float64, device="cpu")
     G = W.to("cuda")
     assert G.device == "cuda" and G.offsets is not W.offsets
     np.testing.assert_array_equal(diagnet.backend.to_numpy(G.to_dense()), W.to_dense())

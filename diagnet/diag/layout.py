@@ -60,7 +60,12 @@ def diagonal_coordinates(shape, offsets, xp=np):
 
 
 def diagonal_of(shape, rows, cols, xp=np):
-    """The diagonal index ``p`` and position ``t`` of entries ``(rows, cols)``."""
+    """The diagonal index ``p`` and position ``t`` of entries ``(rows, cols)``.
+
+    The inverse of `diagonal_coordinates`: entry ``(i, j)`` is position ``t`` of diagonal
+    ``p``, with ``0 <= p < P`` and ``0 <= t < L``. ``rows`` and ``cols`` are integer arrays
+    (or ints) of the same shape; ``p`` and ``t`` have that shape.
+    """
     m, n = shape
     rows = xp.asarray(rows)
     cols = xp.asarray(cols)
