@@ -1,8 +1,8 @@
 """Benchmark the diagonal kernels against dense and CSR baselines; write a Markdown report.
 
     python bench/bench_diag_linear.py                  # full CPU grid -> docs/benchmarks.md
-    python bench/bench_diag_linear.py --quick --out /tmp/b.md
-    python bench/bench_diag_linear.py --device cuda    # GPU: diagnet.diag.cuda vs CuPy/cuSPARSE
+    python bench/bench_diag_linear.py --quick          # a smoke subset, report on stdout only
+    python bench/bench_diag_linear.py --device cuda    # GPU grid -> docs/gpu-benchmarks.md
 
 For every weight shape, batch size and sparsity (float32) it times, in one process:
 
@@ -38,7 +38,8 @@ import os
 import sys
 
 _BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-if "--keep-blas-env" not in sys.argv and any(v in os.environ for v in _BLAS_ENV):
+if (__name__ == "__main__" and "--keep-blas-env" not in sys.argv
+        and any(v in os.environ for v in _BLAS_ENV)):
     # Must happen before NumPy loads OpenBLAS, which reads these once.
     removed = [v for v in _BLAS_ENV if v in os.environ]
     env = {k: v for k, v in os.environ.items() if k not in _BLAS_ENV}
@@ -315,7 +316,9 @@ def gpu_variants(p, cp):
     from diagnet.diag import cuda
 
     a = {k: cp.asarray(v) for k, v in p.arrays.items()}
-    x, dy, offsets, values = a["x"], a["dy"], a["offsets"], a["values"]
+    x, dy, values = a["x"], a["dy"], a["values"]
+    # int32 once, as a layer holds them (int64 would add a conversion launch per call)
+    offsets = cuda.prepare_offsets(a["offsets"])
     rows, cols = a["rows"], a["cols"]
     m, n = p.m, p.n
     W = cp.zeros((m, n), dtype=cp.float32)
@@ -583,11 +586,25 @@ def write_atomically(path, text):
 # --------------------------------------------------------------------------------------
 
 
+def default_output(quick: bool, device: str):
+    """Where the report goes without ``--out``: the committed docs only for a full grid.
+
+    A ``--quick`` run is a smoke test on a subset; writing it over the committed tables would
+    replace the measured results with a partial, noisier set, so it goes to stdout only.
+    """
+    if quick:
+        return None
+    name = "benchmarks.md" if device == "cpu" else "gpu-benchmarks.md"
+    return str(ROOT / "docs" / name)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small subset (smoke test)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
-                    help="Markdown report to write (default: docs/benchmarks.md)")
+    ap.add_argument("--out", default=None,
+                    help="Markdown report to write (default: docs/benchmarks.md for the full "
+                         "CPU grid, docs/gpu-benchmarks.md for the full GPU grid, none for "
+                         "--quick, whose report is printed)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--keep-blas-env", action="store_true",
                     help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (see the module docstring)")
@@ -663,8 +680,13 @@ def main(argv=None):
     text = "\n".join(head + headline + body
                      + extra + absolute_table(all_results)
                      + [f"Total benchmark time: {elapsed:.0f} s.", ""])
-    write_atomically(args.out, text)
-    print(f"wrote {args.out} ({elapsed:.0f} s)")
+    out = args.out or default_output(args.quick, args.device)
+    if out is None:
+        print(text)
+        print(f"(--quick: report not written; {elapsed:.0f} s)")
+    else:
+        write_atomically(out, text)
+        print(f"wrote {out} ({elapsed:.0f} s)")
 
 
 if __name__ == "__main__":

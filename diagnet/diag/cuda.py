@@ -130,6 +130,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_config(kind: str, B: int, m: int, n: int, K: int,
                   config: KernelConfig | None = None) -> LaunchPlan:
     """The launch geometry of ``kind`` (``"forward"``, ``"input_grad"`` or ``"value_grad"``).
@@ -208,13 +209,17 @@ def _function(name: str, dtype_name: str, options: tuple[str, ...]):
     return _module(dtype_name, options).get_function(name)
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(base: str, dtype, config: KernelConfig):
+    # Memoised on its own arguments too: building the option strings on every launch cost
+    # more host time than the launch itself on small problems.
     dtype = np.dtype(dtype)
     return _function(f"{base}_{_DTYPE_SUFFIX[dtype]}", dtype.name, compile_options(dtype, config))
 
 
 def clear_cache() -> None:
     """Forget compiled modules (e.g. after switching devices, or in tests)."""
+    _kernel.cache_clear()
     _function.cache_clear()
     _module.cache_clear()
 
@@ -262,6 +267,15 @@ def _offsets(cp, offsets, K: int | None):
     if K is not None and offsets.shape[0] != K:
         raise ValueError(f"offsets must have length K = values.shape[0] = {K}; got {offsets.shape[0]}")
     return cp.ascontiguousarray(offsets, dtype=np.int32)
+
+
+def prepare_offsets(offsets):
+    """``offsets`` as the contiguous int32 CuPy array the kernels read (no copy if it is one).
+
+    Convert once and reuse: `forward`, `input_grad` and `value_grad` otherwise convert
+    int64 offsets on every call.
+    """
+    return _offsets(_cupy(), offsets, None)
 
 
 def _dim(name: str, value) -> int:

@@ -4,6 +4,11 @@
 ``value_grad`` (the signatures of `diagnet.diag.reference`). The environment variable
 ``DIAGNET_CPU_KERNELS=reference`` switches the CPU path to the plain NumPy reference (for
 debugging, or where numba is unavailable).
+
+`diagonal_scores` is the exception: it is one dense matmul ``dy.T @ x`` plus a gather of
+its ``P`` diagonals, written once in backend-generic array code (NumPy or CuPy, whichever
+holds the arrays) and run only at mask-update steps, so it has no per-backend kernel and
+``DIAGNET_CPU_KERNELS`` does not affect it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,22 @@ def implementation(array):
     return cpu
 
 
+def prepare_offsets(offsets):
+    """``offsets`` in the form the kernels of its device read without converting them.
+
+    On the GPU that is a contiguous int32 array: the CUDA kernels read 32-bit offsets, and
+    converting an int64 array is one more kernel launch (about 19 µs measured on an H200,
+    as long as the product itself at small sizes) on *every* product. Call it once per
+    structure and pass the result to forward, input grad and value grad. On the CPU the
+    offsets are returned unchanged (the numba kernels take int64).
+    """
+    if backend.get_array_module(offsets) is np:
+        return offsets
+    from . import cuda
+
+    return cuda.prepare_offsets(offsets)
+
+
 def forward(x, offsets, values, m):
     """``y = x @ W.T`` for the diagonal weight ``(offsets, values)`` of shape ``(m, n)``."""
     return implementation(x).forward(x, offsets, values, m)
@@ -45,5 +66,10 @@ def value_grad(dy, x, offsets):
 
 
 def diagonal_scores(dy, x):
-    """``G[p]`` for all ``P`` diagonals (dense ``dy.T @ x``; mask-update steps only)."""
+    """``G[p]``, the L2 norm of ``dy.T @ x`` on each of the ``P`` diagonals; ``(P,)``.
+
+    One dense ``(m, n)`` matmul plus a gather, the same backend-generic code for NumPy and
+    CuPy arrays (`reference.diagonal_scores`), whichever CPU kernels are selected: it runs
+    only at mask-update steps, where a dense product is affordable.
+    """
     return reference.diagonal_scores(dy, x)

@@ -1,0 +1,23 @@
+"""The benchmark scripts: what they write where (timings themselves are never asserted)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # importing must not re-exec the process or run anything
+    return module
+
+
+def test_quick_runs_never_overwrite_the_committed_tables():
+    bench = _load("bench_diag_linear")
+    assert bench.default_output(quick=True, device="cpu") is None
+    assert bench.default_output(quick=True, device="cuda") is None
+    assert bench.default_output(quick=False, device="cpu") == str(ROOT / "docs" / "benchmarks.md")
+    assert bench.default_output(quick=False, device="cuda") == str(ROOT / "docs" / "gpu-benchmarks.md")
