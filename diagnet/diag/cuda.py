@@ -205,22 +205,17 @@ def _module(dtype_name: str, options: tuple[str, ...]):
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str, dtype_name: str, options: tuple[str, ...]):
-    return _module(dtype_name, options).get_function(name)
-
-
-@functools.lru_cache(maxsize=None)
 def _kernel(base: str, dtype, config: KernelConfig):
-    # Memoised on its own arguments too: building the option strings on every launch cost
-    # more host time than the launch itself on small problems.
+    # Memoised on (kernel, dtype, config) rather than on the option strings: building those
+    # on every launch cost more host time than the launch itself on small problems.
     dtype = np.dtype(dtype)
-    return _function(f"{base}_{_DTYPE_SUFFIX[dtype]}", dtype.name, compile_options(dtype, config))
+    module = _module(dtype.name, compile_options(dtype, config))
+    return module.get_function(f"{base}_{_DTYPE_SUFFIX[dtype]}")
 
 
 def clear_cache() -> None:
     """Forget compiled modules (e.g. after switching devices, or in tests)."""
     _kernel.cache_clear()
-    _function.cache_clear()
     _module.cache_clear()
 
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 import math
 
 from .. import backend
+from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import Function
 
 __all__ = ["relu", "gelu", "log_sigmoid", "softmax", "log_softmax"]
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _xp(*arrays):
-    return backend.get_array_module(*arrays)
 
 
 # ----------------------------------------------------------------------------- element-wise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 
 __all__ = [
@@ -19,10 +20,6 @@ __all__ = [
     "where", "maximum", "minimum", "clip",
     "clone", "astype", "to_device",
 ]
-
-
-def _xp(*arrays):
-    return backend.get_array_module(*arrays)
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import Function, Tensor
 from . import basic, reduce
 from .activation import _log_softmax_array
@@ -16,10 +16,6 @@ from .activation import _log_softmax_array
 __all__ = ["cross_entropy", "mse_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _xp(*arrays):
-    return backend.get_array_module(*arrays)
 
 
 class CrossEntropy(Function):

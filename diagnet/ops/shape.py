@@ -11,14 +11,11 @@ import operator
 import numpy as np
 
 from .. import backend
+from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import Function, Tensor, as_tensor_like, sum_to
 
 __all__ = ["reshape", "squeeze", "unsqueeze", "transpose", "permute", "broadcast_to",
            "getitem", "concatenate", "stack", "numel"]
-
-
-def _xp(*arrays):
-    return backend.get_array_module(*arrays)
 
 
 def _axes_arg(axes):
