@@ -10,16 +10,19 @@ One concept per module:
 * `loss`: cross_entropy, mse_loss;
 * `regularization`: dropout;
 * `normalization`: layer_norm;
+* `dense`: the dense linear map ``x @ W.T + b`` as one node;
 * `diagonal`: the diagonal sparse linear map and its regrowth score.
 
 Each module lists its public names in ``__all__``; this package re-exports them all and
 `diagnet.functional` is the public namespace. Adding an op edits only its own module.
 """
 
-from . import activation, basic, diagonal, loss, normalization, reduce, regularization, shape
+from . import (activation, basic, dense, diagonal, loss, normalization, reduce, regularization,
+               shape)
 from .activation import *  # noqa: F401,F403
 from .basic import *  # noqa: F401,F403
 from .diagonal import *  # noqa: F401,F403
+from .dense import *  # noqa: F401,F403
 from .loss import *  # noqa: F401,F403
 from .normalization import *  # noqa: F401,F403
 from .reduce import *  # noqa: F401,F403
@@ -27,4 +30,4 @@ from .regularization import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
 
 __all__ = (basic.__all__ + shape.__all__ + reduce.__all__ + activation.__all__ + loss.__all__
-           + regularization.__all__ + normalization.__all__ + diagonal.__all__)
+           + regularization.__all__ + normalization.__all__ + dense.__all__ + diagonal.__all__)
