@@ -1,12 +1,14 @@
 """diagnet: a small framework for diagonally sparse neural networks.
 
 ``diagnet.tensor`` and `Tensor` (autograd), ``diagnet.functional`` (all ops),
-`DiagMatrix` (the (offset, diagonal) sparse format), ``diagnet.backend`` (NumPy/CuPy).
+`DiagMatrix` (the (offset, diagonal) sparse format), ``diagnet.backend`` (NumPy/CuPy),
+``diagnet.nn`` (modules and layers), ``diagnet.optim`` (optimizers, schedules); the models
+are in ``diagnet.models``.
 """
 
 __version__ = "0.1.0"
 
-from . import backend, config, functional, random, sparse
+from . import backend, config, functional, nn, optim, random, sparse
 from .autograd import Function, Tensor, tensor
 from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .backend import cuda_available, default_device, get_array_module

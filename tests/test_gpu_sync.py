@@ -88,3 +88,26 @@ def test_offsets_are_converted_once_per_product(monkeypatch):
     assert [name for name, _ in seen] == ["forward", "input_grad", "value_grad"]
     first = seen[0][1]
     assert first.dtype == np.int32 and all(offsets is first for _, offsets in seen)
+
+
+def test_a_module_training_step_with_adam_reads_nothing_back(cp):
+    """The same through the public layers: `nn.DiagLinear` validated its offsets when they
+    were set, so forward, backward, clipping and the Adam update never wait for the GPU."""
+    from diagnet import nn, optim
+
+    model = nn.Sequential(nn.DiagLinear(20, 16, sparsity=0.75, rng=0, device="cuda"), nn.ReLU(),
+                          nn.Dropout(0.1, rng=1), nn.Linear(16, 4, rng=2, device="cuda"))
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    x = dn.tensor(rng.standard_normal((8, 20)).astype(np.float32), device="cuda")
+    labels = dn.tensor(rng.integers(0, 4, 8), device="cuda")
+    F.cross_entropy(model(x), labels).backward()  # first call prepares the kernel offsets
+    opt.step()
+    before = cp.host_transfers
+    for _ in range(2):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        optim.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    assert cp.host_transfers == before, "a device-to-host read in the training step"

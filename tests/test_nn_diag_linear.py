@@ -227,3 +227,34 @@ def test_layer_on_the_gpu_matches_the_cpu_and_set_offsets_works_there():
     np.testing.assert_array_equal(gpu.values.numpy(), cpu.values.numpy())
     assert gpu.values.device == "cuda" and gpu.offsets.device == "cuda"
     np.testing.assert_allclose(gpu(xg).numpy(), cpu(xc).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_set_offsets_remaps_the_state_of_every_optimizer_holding_values():
+    layer = nn.DiagLinear(8, 8, offsets=[1, 3, 5], rng=0, dtype=np.float64)
+    adam = dn.optim.Adam(layer.parameters(), lr=0.1)
+    sgd = dn.optim.SGD([layer.values], lr=0.1, momentum=0.9)
+    for _ in range(2):
+        adam.zero_grad()
+        sgd.zero_grad()
+        layer(_x((4, 8))).sum().backward()
+        adam.step()
+        sgd.step()
+    st = adam.state[layer.values]
+    m, v = st["exp_avg"].copy(), st["exp_avg_sq"].copy()
+    buf = sgd.state[layer.values]["momentum_buffer"].copy()
+    bias_m = adam.state[layer.bias]["exp_avg"].copy()
+    layer.set_offsets([0, 3, 5, 7])  # 3 and 5 kept (old rows 1, 2); 0 and 7 new
+    st = adam.state[layer.values]
+    np.testing.assert_array_equal(st["exp_avg"][[1, 2]], m[[1, 2]])
+    np.testing.assert_array_equal(st["exp_avg_sq"][[1, 2]], v[[1, 2]])
+    assert np.all(st["exp_avg"][[0, 3]] == 0) and np.all(st["exp_avg_sq"][[0, 3]] == 0)
+    assert st["step"] == 2 and st["exp_avg"].shape == (4, 8)
+    new_buf = sgd.state[layer.values]["momentum_buffer"]
+    np.testing.assert_array_equal(new_buf[[1, 2]], buf[[1, 2]])
+    assert np.all(new_buf[[0, 3]] == 0)
+    np.testing.assert_array_equal(adam.state[layer.bias]["exp_avg"], bias_m)  # not per-row
+    # training goes on with the new structure; new rows move away from zero
+    adam.zero_grad()
+    layer(_x((4, 8), seed=3)).sum().backward()
+    adam.step()
+    assert np.all(layer.values.numpy()[[0, 3]] != 0)

@@ -1,0 +1,838 @@
+"""Optimizers (`diagnet.optim`): update formulas, groups, state dicts, per-row state, clipping.
+
+The update formulas are checked against reference loops written here in plain float64 NumPy
+from PyTorch's documented formulas (and against a few values computed by hand, so that the
+reference loops are checked too), and against ``torch.optim`` where torch is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+import diagnet as dn
+from diagnet import backend
+from diagnet.autograd import Tensor
+from diagnet.nn.parameter import Parameter
+from diagnet.optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm_, clip_grad_value_
+from tolerances import F32_TOL, F64_TOL
+
+SHAPE = (3, 4)
+STEPS = 5
+
+
+def _grads(seed, shape=SHAPE, steps=STEPS):
+    """Gradients that vary from step to step in sign and size (shrinking sizes make
+    AMSGrad's maximum differ from the plain second moment)."""
+    rng = np.random.default_rng(seed)
+    scales = np.array([3.0, 1.0, 0.3, 2.0, 0.1, 1.5, 0.5])[:steps]
+    return [s * rng.standard_normal(shape) for s in scales]
+
+
+def _start(seed, shape=SHAPE):
+    return np.random.default_rng(seed + 1000).standard_normal(shape)
+
+
+def _set_grad(param, g):
+    param.grad = Tensor._wrap(np.asarray(g, dtype=param.dtype).copy())
+
+
+def _run(opt, params, grads_per_param):
+    """``opt.step()`` once per gradient, each param getting its own gradient sequence."""
+    for step_grads in zip(*grads_per_param):
+        for p, g in zip(params, step_grads):
+            _set_grad(p, g)
+        opt.step()
+
+
+# ----------------------------------------------------------------------------- references
+
+def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False):
+    p = np.array(p, dtype=np.float64)
+    buf = None
+    for g in grads:
+        g = np.array(g, dtype=np.float64)
+        if maximize:
+            g = -g
+        if weight_decay:
+            g = g + weight_decay * p
+        if momentum:
+            buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+    return p
+
+
+def adam_reference(p, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                   amsgrad=False, maximize=False, decoupled=False):
+    p = np.array(p, dtype=np.float64)
+    b1, b2 = betas
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    v_max = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = np.array(g, dtype=np.float64)
+        if maximize:
+            g = -g
+        if weight_decay and decoupled:
+            p = p * (1 - lr * weight_decay)
+        elif weight_decay:
+            g = g + weight_decay * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        if amsgrad:
+            v_max = np.maximum(v_max, v)
+        second = v_max if amsgrad else v
+        denom = np.sqrt(second) / np.sqrt(1 - b2 ** t) + eps
+        p = p - lr / (1 - b1 ** t) * m / denom
+    return p, m, v
+
+
+def test_sgd_reference_against_hand_computed_values():
+    # p0 = 1, g = 1 then 2, lr 0.1, momentum 0.9, dampening 0.5:
+    # step 1: buf = 1 (no dampening on the first step), p = 0.9
+    # step 2: buf = 0.9 * 1 + 0.5 * 2 = 1.9, p = 0.9 - 0.19 = 0.71
+    assert sgd_reference(1.0, [1.0, 2.0], 0.1, momentum=0.9, dampening=0.5) == pytest.approx(0.71)
+    p = Parameter(np.array([1.0]))
+    opt = SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    _run(opt, [p], [[np.array([1.0]), np.array([2.0])]])
+    np.testing.assert_allclose(p.data, [0.71], **F64_TOL)
+    np.testing.assert_allclose(opt.state[p]["momentum_buffer"], [1.9], **F64_TOL)
+
+
+def test_adam_first_step_moves_each_entry_by_lr():
+    # at t = 1 the bias corrections undo the averaging: the step is lr * g / (|g| + eps)
+    g = np.array([[3.0, -0.5], [1e-3, -20.0]])
+    p = Parameter(np.zeros((2, 2)))
+    opt = Adam([p], lr=0.1, eps=1e-8)
+    _run(opt, [p], [[g]])
+    np.testing.assert_allclose(p.data, -0.1 * g / (np.abs(g) + 1e-8), **F64_TOL)
+    np.testing.assert_allclose(adam_reference(np.zeros((2, 2)), [g], lr=0.1)[0], p.data,
+                               **F64_TOL)
+
+
+# ----------------------------------------------------------------------------- SGD
+
+SGD_CASES = {
+    "plain": dict(lr=0.1),
+    "weight_decay": dict(lr=0.05, weight_decay=0.1),
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "momentum_dampening": dict(lr=0.1, momentum=0.8, dampening=0.3),
+    "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True),
+    "maximize": dict(lr=0.1, momentum=0.5, maximize=True),
+    "everything": dict(lr=0.02, momentum=0.7, weight_decay=0.05, nesterov=True, maximize=True),
+}
+
+
+@pytest.mark.parametrize("case", SGD_CASES)
+def test_sgd_matches_reference(case):
+    kwargs = SGD_CASES[case]
+    p0, grads = _start(1), _grads(1)
+    p = Parameter(p0.copy())
+    opt = SGD([p], **kwargs)
+    _run(opt, [p], [grads])
+    np.testing.assert_allclose(p.data, sgd_reference(p0, grads, **kwargs), **F64_TOL)
+    # the reference is sensitive to the option under test: the plain update is far away
+    if case != "plain":
+        assert not np.allclose(p.data, sgd_reference(p0, grads, lr=kwargs["lr"]), rtol=1e-6)
+
+
+def test_sgd_without_momentum_keeps_no_state():
+    p = Parameter(_start(2))
+    opt = SGD([p], lr=0.1)
+    _run(opt, [p], [_grads(2)])
+    assert opt.state[p] == {}
+
+
+# ----------------------------------------------------------------------------- Adam
+
+ADAM_CASES = {
+    "default": (Adam, dict(lr=0.01)),
+    "weight_decay": (Adam, dict(lr=0.01, weight_decay=0.1)),
+    "amsgrad": (Adam, dict(lr=0.01, amsgrad=True)),
+    "maximize": (Adam, dict(lr=0.01, maximize=True)),
+    "betas_eps": (Adam, dict(lr=0.02, betas=(0.5, 0.9), eps=1e-3)),
+    "adamw": (AdamW, dict(lr=0.01, weight_decay=0.1)),
+    "adamw_amsgrad_maximize": (AdamW, dict(lr=0.01, weight_decay=0.2, amsgrad=True,
+                                           maximize=True)),
+}
+
+
+@pytest.mark.parametrize("case", ADAM_CASES)
+def test_adam_matches_reference(case):
+    cls, kwargs = ADAM_CASES[case]
+    p0, grads = _start(3), _grads(3)
+    p = Parameter(p0.copy())
+    opt = cls([p], **kwargs)
+    _run(opt, [p], [grads])
+    want, m, v = adam_reference(p0, grads, decoupled=cls is AdamW, **kwargs)
+    np.testing.assert_allclose(p.data, want, **F64_TOL)
+    np.testing.assert_allclose(opt.state[p]["exp_avg"], m, **F64_TOL)
+    np.testing.assert_allclose(opt.state[p]["exp_avg_sq"], v, **F64_TOL)
+    assert opt.state[p]["step"] == STEPS and type(opt.state[p]["step"]) is int
+    assert ("max_exp_avg_sq" in opt.state[p]) == kwargs.get("amsgrad", False)
+
+
+def test_amsgrad_and_decoupling_change_the_result():
+    """The cases above would pass with these options ignored if the references agreed."""
+    p0, grads = _start(3), _grads(3)
+    plain = adam_reference(p0, grads, lr=0.01)[0]
+    assert not np.allclose(adam_reference(p0, grads, lr=0.01, amsgrad=True)[0], plain,
+                           rtol=1e-6)
+    coupled = adam_reference(p0, grads, lr=0.01, weight_decay=0.1)[0]
+    decoupled = adam_reference(p0, grads, lr=0.01, weight_decay=0.1, decoupled=True)[0]
+    assert not np.allclose(coupled, decoupled, rtol=1e-6)
+
+
+def test_adamw_default_weight_decay_and_decoupled_shrink():
+    p = Parameter(np.full((2,), 2.0))
+    opt = AdamW([p], lr=0.1)
+    assert opt.param_groups[0]["weight_decay"] == 1e-2
+    assert Adam([Parameter(np.ones(2))]).param_groups[0]["weight_decay"] == 0.0
+    # with a zero gradient the Adam part does nothing: only the decay acts
+    _run(opt, [p], [[np.zeros(2)]])
+    np.testing.assert_allclose(p.data, 2.0 * (1 - 0.1 * 1e-2), **F64_TOL)
+
+
+# ----------------------------------------------------------------------------- groups, dtypes
+
+def test_parameter_groups_with_different_lrs():
+    a0, b0 = _start(4), _start(5)
+    ga, gb = _grads(4), _grads(5)
+    a, b = Parameter(a0.copy()), Parameter(b0.copy())
+    opt = SGD([{"params": [a], "lr": 0.3}, {"params": [b], "momentum": 0.5}], lr=0.01,
+              momentum=0.9)
+    assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["momentum"] == 0.9
+    assert opt.param_groups[1]["lr"] == 0.01 and opt.param_groups[1]["momentum"] == 0.5
+    assert opt.param_groups[1]["nesterov"] is False  # defaults filled in
+    _run(opt, [a, b], [ga, gb])
+    np.testing.assert_allclose(a.data, sgd_reference(a0, ga, 0.3, momentum=0.9), **F64_TOL)
+    np.testing.assert_allclose(b.data, sgd_reference(b0, gb, 0.01, momentum=0.5), **F64_TOL)
+
+
+def test_group_lr_change_takes_effect():
+    p = Parameter(np.zeros(3))
+    opt = SGD([p], lr=0.1)
+    opt.param_groups[0]["lr"] = 0.5
+    _run(opt, [p], [[np.ones(3)]])
+    np.testing.assert_allclose(p.data, -0.5, **F64_TOL)
+
+
+def test_add_param_group():
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros(3))
+    opt = Adam([a], lr=0.1)
+    opt.add_param_group({"params": b, "lr": 0.2})
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    assert len(opt.param_groups[1]["params"]) == 1 and opt.param_groups[1]["params"][0] is b
+    with pytest.raises(ValueError, match="more than one"):
+        opt.add_param_group({"params": [a]})
+    with pytest.raises(ValueError, match="invalid lr=-1.*param group 2"):
+        opt.add_param_group({"params": [Parameter(np.zeros(1))], "lr": -1})
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, maximize=True),
+    lambda ps: Adam(ps, lr=0.01, weight_decay=0.01, amsgrad=True),
+    lambda ps: AdamW(ps, lr=0.01, maximize=True),
+], ids=["sgd", "sgd_nesterov", "adam", "adamw"])
+def test_float32_parameters_stay_float32(make):
+    p0 = _start(6).astype(np.float32)
+    grads = [g.astype(np.float32) for g in _grads(6)]
+    p = Parameter(p0.copy())
+    opt = make([p])
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    array = p.data
+    _run(opt, [p], [grads])
+    assert p.data is array and p.dtype == np.float32
+    for value in opt.state[p].values():
+        assert not backend.is_array(value) or value.dtype == np.float32
+    if isinstance(opt, SGD):
+        want = sgd_reference(p0, grads, **group)
+    else:
+        want = adam_reference(p0, grads, decoupled=isinstance(opt, AdamW), **group)[0]
+    np.testing.assert_allclose(p.data, want, **F32_TOL)
+
+
+def test_float64_gradient_on_float32_parameter_keeps_float32():
+    p = Parameter(np.ones(3, dtype=np.float32))
+    opt = Adam([p], lr=0.1)
+    p.grad = Tensor._wrap(np.ones(3))  # float64
+    opt.step()
+    assert p.dtype == np.float32 and opt.state[p]["exp_avg"].dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- step mechanics
+
+def test_step_is_in_place_skips_params_without_grad_and_records_no_graph():
+    a, b = Parameter(np.ones(3)), Parameter(np.ones(3))
+    opt = Adam([a, b], lr=0.1)
+    array = a.data
+    _set_grad(a, np.ones(3))
+    opt.step()
+    assert a.data is array and a.is_leaf and a.creator is None
+    assert np.all(a.data < 1)
+    np.testing.assert_array_equal(b.data, np.ones(3))
+    assert a in opt.state and b not in opt.state
+
+
+def test_step_closure_runs_with_grad_enabled_and_returns_its_loss():
+    p = Parameter(np.array([2.0]))
+    opt = SGD([p], lr=0.25)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    with dn.no_grad():
+        loss = opt.step(closure)
+    assert loss.item() == 4.0
+    np.testing.assert_allclose(p.data, [2.0 - 0.25 * 4.0], **F64_TOL)
+
+
+def test_zero_grad_both_forms():
+    a, b = Parameter(np.ones(3)), Parameter(np.ones(2))
+    opt = SGD([a, b], lr=0.1)
+    _set_grad(a, [1.0, 2.0, 3.0])
+    grad_array = a.grad.data
+    opt.zero_grad(set_to_none=False)
+    assert a.grad.data is grad_array  # zeroed in place
+    np.testing.assert_array_equal(a.grad.data, 0)
+    assert b.grad is None  # no gradient stays no gradient
+    opt.zero_grad()
+    assert a.grad is None
+
+
+def test_state_is_keyed_by_parameter_identity():
+    # equal values, distinct parameters: element-wise == must not merge them
+    a, b = Parameter(np.ones(3)), Parameter(np.ones(3))
+    assert hash(a) != hash(b)
+    opt = Adam([a, b], lr=0.1)
+    _set_grad(a, np.ones(3))
+    _set_grad(b, -np.ones(3))
+    opt.step()
+    assert len(opt.state) == 2
+    assert opt.state[a]["exp_avg"] is not opt.state[b]["exp_avg"]
+    np.testing.assert_allclose(opt.state[a]["exp_avg"], 0.1)
+    np.testing.assert_allclose(opt.state[b]["exp_avg"], -0.1)
+
+
+def test_plain_tensors_can_be_optimized():
+    t = dn.tensor(np.ones(2), dtype="float64", requires_grad=True)
+    opt = SGD([t], lr=0.5)
+    _set_grad(t, np.ones(2))
+    opt.step()
+    np.testing.assert_allclose(t.data, 0.5, **F64_TOL)
+
+
+def test_optimizer_attaches_to_parameters():
+    p = Parameter(np.ones(2))
+    opt = SGD([p], lr=0.1)
+    assert opt in p._optimizers
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_params_validation():
+    p = Parameter(np.ones(2))
+    with pytest.raises(ValueError, match="empty parameter list"):
+        SGD([], lr=0.1)
+    with pytest.raises(TypeError, match="single Tensor"):
+        SGD(p, lr=0.1)
+    with pytest.raises(TypeError, match="ordered"):
+        SGD({p}, lr=0.1)
+    with pytest.raises(ValueError, match="more than one"):
+        SGD([{"params": [p]}, {"params": [p], "lr": 0.2}], lr=0.1)
+    with pytest.raises(ValueError, match="more than one"):
+        SGD([p, p], lr=0.1)
+    with pytest.raises(TypeError, match=r"params\[1\].*int64"):
+        SGD([p, dn.tensor(np.arange(3))], lr=0.1)
+    with pytest.raises(TypeError, match=r"params\[0\].*ndarray"):
+        SGD([np.ones(3)], lr=0.1)
+    leaf = dn.tensor(np.ones(2), dtype="float64", requires_grad=True)
+    with pytest.raises(ValueError, match=r"non-leaf.*'h'"):
+        SGD([("h", leaf * 2.0)], lr=0.1)
+    with pytest.raises(ValueError, match="empty 'params'"):
+        SGD([{"params": []}], lr=0.1)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda ps: SGD(ps, lr=-0.1), r"invalid lr=-0\.1"),
+    (lambda ps: SGD(ps, lr=0.1, momentum=-0.5), r"invalid momentum=-0\.5"),
+    (lambda ps: SGD(ps, lr=0.1, weight_decay=-1e-4), r"invalid weight_decay=-0\.0001"),
+    (lambda ps: SGD(ps, lr=0.1, nesterov=True), r"nesterov.*momentum > 0"),
+    (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+     r"nesterov.*dampening=0\.1"),
+    (lambda ps: Adam(ps, lr=-1e-3), r"invalid lr=-0\.001"),
+    (lambda ps: Adam(ps, betas=(1.0, 0.999)), r"invalid betas\[0\]=1\.0"),
+    (lambda ps: Adam(ps, betas=(0.9, -0.1)), r"invalid betas\[1\]=-0\.1"),
+    (lambda ps: Adam(ps, eps=-1e-8), r"invalid eps=-1e-08"),
+    (lambda ps: AdamW(ps, weight_decay=-0.01), r"invalid weight_decay=-0\.01"),
+    (lambda ps: Adam(ps, lr=float("nan")), r"invalid lr=nan"),
+    (lambda ps: SGD([{"params": ps}, {"params": [Parameter(np.ones(1))], "lr": -2}], lr=0.1),
+     r"invalid lr=-2 in param group 1"),
+])
+def test_hyperparameter_validation(make, message):
+    with pytest.raises(ValueError, match=message):
+        make([Parameter(np.ones(2))])
+
+
+def test_hyperparameter_types():
+    with pytest.raises(TypeError, match="lr"):
+        SGD([Parameter(np.ones(2))], lr="0.1")
+    with pytest.raises(TypeError, match="amsgrad"):
+        Adam([Parameter(np.ones(2))], amsgrad=1)
+    with pytest.raises(TypeError, match="betas"):
+        Adam([Parameter(np.ones(2))], betas=0.9)
+
+
+def test_numpy_hyperparameters_become_python_scalars():
+    opt = Adam([Parameter(np.ones(2, np.float32))], lr=np.float64(0.1),
+               betas=(np.float32(0.5), 0.9))
+    group = opt.param_groups[0]
+    assert type(group["lr"]) is float and all(type(b) is float for b in group["betas"])
+
+
+def test_repr_lists_groups_and_hyperparameters():
+    opt = SGD([{"params": [Parameter(np.ones(1))]},
+               {"params": [Parameter(np.ones(1))], "lr": 0.5}], lr=0.1, momentum=0.9)
+    text = repr(opt)
+    assert text.startswith("SGD (\nParameter Group 0\n") and text.endswith("\n)")
+    assert "Parameter Group 1\n" in text and "    lr: 0.5\n" in text
+    assert "    momentum: 0.9\n" in text and "params" not in text
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+def _adam_setup(seed=7, names=False):
+    ps = [Parameter(_start(seed)), Parameter(_start(seed + 1)[0])]
+    entries = list(zip(["w", "b"], ps)) if names else ps
+    opt = Adam([{"params": entries[:1]}, {"params": entries[1:], "lr": 0.05}], lr=0.01,
+               amsgrad=True)
+    return ps, opt
+
+
+def _snapshot(opt):
+    """A deep copy of everything the optimizer holds (to check it did not change)."""
+    return (copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                           for g in opt.param_groups]),
+            {id(p): copy.deepcopy(s) for p, s in opt.state.items()})
+
+
+def _assert_same(snapshot, opt):
+    groups, state = snapshot
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    assert set(state) == {id(p) for p in opt.state}
+    for p, s in opt.state.items():
+        assert set(s) == set(state[id(p)])
+        for k, v in s.items():
+            np.testing.assert_array_equal(v, state[id(p)][k])
+
+
+def _plain_values(obj):
+    """Every non-array value of a state dict (recursively), to check they are JSON types."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _plain_values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _plain_values(v)
+    elif not backend.is_array(obj):
+        yield obj
+
+
+def test_state_dict_layout_is_torch_like_and_json_able():
+    (w, b), opt = _adam_setup(names=True)
+    _run(opt, [w, b], [_grads(7, w.shape, 2), _grads(8, b.shape, 2)])
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "param_names"}
+    assert sd["param_names"] == ["w", "b"]
+    assert [g["params"] for g in sd["param_groups"]] == [[0], [1]]
+    assert sd["param_groups"][1]["lr"] == 0.05 and sd["param_groups"][0]["betas"] == [0.9, 0.999]
+    assert set(sd["state"]) == {0, 1}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert sd["state"][0]["exp_avg"] is opt.state[w]["exp_avg"]  # live arrays
+    for value in _plain_values(sd):
+        assert type(value) in (int, float, bool, str, type(None)), (type(value), value)
+    without_arrays = {"param_groups": sd["param_groups"], "param_names": sd["param_names"],
+                      "state": {i: {k: v for k, v in s.items() if not backend.is_array(v)}
+                                for i, s in sd["state"].items()}}
+    json.dumps(without_arrays)
+    # unnamed parameters: no param_names entry
+    _, unnamed = _adam_setup()
+    assert "param_names" not in unnamed.state_dict()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    lambda ps: Adam(ps, lr=0.01, amsgrad=True, weight_decay=0.01),
+    lambda ps: AdamW(ps, lr=0.01),
+], ids=["sgd", "adam", "adamw"])
+def test_state_dict_round_trip_continues_bit_identically(make):
+    p0 = _start(9).astype(np.float32)
+    grads = [g.astype(np.float32) for g in _grads(9, steps=7)]
+    p = Parameter(p0.copy())
+    opt = make([p])
+    _run(opt, [p], [grads[:3]])
+    sd = opt.state_dict()
+    # what a checkpoint does: copy the arrays, store the rest as JSON
+    saved = json.loads(json.dumps({
+        "param_groups": sd["param_groups"],
+        "state": {i: {k: v for k, v in s.items() if not backend.is_array(v)}
+                  for i, s in sd["state"].items()}}))
+    for i, s in sd["state"].items():
+        saved["state"][str(i)].update({k: v.copy() for k, v in s.items() if backend.is_array(v)})
+    q = Parameter(p.data.copy())
+    fresh = make([q])
+    fresh.load_state_dict(saved)
+    for k, v in opt.state[p].items():
+        assert not backend.is_array(v) or fresh.state[q][k] is not v  # copied, not shared
+    _run(opt, [p], [grads[3:]])
+    _run(fresh, [q], [grads[3:]])
+    np.testing.assert_array_equal(q.data, p.data)
+    assert q.dtype == np.float32
+
+
+def test_load_state_dict_takes_hyperparameters_and_copies_arrays():
+    (w, b), opt = _adam_setup()
+    _run(opt, [w, b], [_grads(7, w.shape, 2), _grads(8, b.shape, 2)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.123
+    (w2, b2), other = _adam_setup(seed=20)
+    other.check_state_dict(sd)  # accepted, and nothing changes yet
+    assert other.param_groups[0]["lr"] == 0.01 and not other.state
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 0.123 and other.param_groups[0]["params"][0] is w2
+    assert other.param_groups[0]["betas"] == (0.9, 0.999)  # back to a tuple
+    assert other.state[w2]["step"] == 2
+    sd["state"][0]["exp_avg"][...] = 99.0
+    assert not np.any(other.state[w2]["exp_avg"] == 99.0)
+
+
+def _wrong_shape(sd):
+    sd["state"][1]["exp_avg"] = np.zeros((7,))
+
+
+def _wrong_dtype(sd):
+    sd["state"][1]["exp_avg_sq"] = sd["state"][1]["exp_avg_sq"].astype(np.float32)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda sd: sd["param_groups"].pop(), "has 1 parameter groups, but the optimizer has 2"),
+    (lambda sd: sd["param_groups"][1]["params"].append(5),
+     "param group 1: loaded state dict has 2 parameters"),
+    (_wrong_shape, r"state 'exp_avg' of .* has shape \(7,\), but the parameter has shape "
+                   r"\(4,\)"),
+    (_wrong_dtype, "state 'exp_avg_sq' of .* has dtype float32, but the parameter has dtype "
+                   "float64"),
+    (lambda sd: sd["state"][1].update(momentum_buffer=np.zeros(4)),
+     "unknown state entry 'momentum_buffer'"),
+    (lambda sd: sd["state"][1].pop("step"), r"lacks \['step'\]"),
+    (lambda sd: sd.update(extra=1), r"unknown keys .*extra"),
+    (lambda sd: sd["param_groups"][0].update(momentum=0.9),
+     r"unknown hyperparameters \['momentum'\]"),
+    (lambda sd: sd["param_groups"][0].update(lr=-1.0), "invalid lr=-1.0 in loaded param group 0"),
+    (lambda sd: sd["state"].update({5: {}}), "state entry 5 names no parameter"),
+    (lambda sd: sd.update(param_names=["w", "c"]), "named 'b' here but 'c'"),
+])
+def test_load_state_dict_errors_leave_the_optimizer_unchanged(spoil, message):
+    (w, b), opt = _adam_setup(names=True)
+    _run(opt, [w, b], [_grads(7, w.shape, 2), _grads(8, b.shape, 2)])
+    (w2, b2), other = _adam_setup(seed=30, names=True)
+    _run(other, [w2, b2], [_grads(9, w.shape, 3), _grads(10, b.shape, 3)])
+    other.param_groups[0]["lr"] = 0.777
+    before = _snapshot(other)
+    sd = copy.deepcopy(opt.state_dict())
+    spoil(sd)
+    with pytest.raises(ValueError, match=message):
+        other.check_state_dict(sd)
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(sd)
+    _assert_same(before, other)
+
+
+def test_load_state_dict_moves_state_into_place_in_parameter_order():
+    (w, b), opt = _adam_setup()
+    _run(opt, [w, b], [_grads(7, w.shape, 1), _grads(8, b.shape, 1)])
+    sd = opt.state_dict()
+    del sd["state"][0]  # only the second parameter has state
+    (w2, b2), other = _adam_setup()
+    other.load_state_dict(sd)
+    assert w2 not in other.state and other.state[b2]["step"] == 1
+
+
+# ----------------------------------------------------------------------------- per-row state
+
+def _stepped_adam(p, seed=11, steps=2):
+    opt = Adam([p], lr=0.1, amsgrad=True)
+    _run(opt, [p], [_grads(seed, p.shape, steps)])
+    return opt
+
+
+def test_remap_rows_moves_parameter_grad_and_adam_state():
+    p = Parameter(_start(11, (4, 3)))
+    opt = _stepped_adam(p)
+    _set_grad(p, _start(12, (4, 3)))
+    old = {k: np.array(v, copy=True) for k, v in opt.state[p].items() if backend.is_array(v)}
+    old_data, old_grad = p.data.copy(), p.grad.data.copy()
+    index = np.array([2, -1, 0, 3])
+    p.remap_rows(index)
+    for new, before in [(p.data, old_data), (p.grad.data, old_grad)] + [
+            (opt.state[p][k], old[k]) for k in old]:
+        assert new.shape == (4, 3)
+        np.testing.assert_array_equal(new[[0, 2, 3]], before[[2, 0, 3]])
+        np.testing.assert_array_equal(new[1], 0.0)
+    assert set(old) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert opt.state[p]["step"] == 2
+    # the optimizer keeps working on the remapped state
+    _set_grad(p, np.ones((4, 3)))
+    opt.step()
+    assert opt.state[p]["step"] == 3 and np.all(np.isfinite(p.data))
+
+
+def test_remap_rows_can_change_the_row_count_and_works_on_1d_parameters():
+    p = Parameter(_start(13, (3,)))
+    opt = _stepped_adam(p, seed=13)
+    m = opt.state[p]["exp_avg"].copy()
+    p.remap_rows(np.array([-1, 2, 1, -1, 0]))
+    assert p.shape == (5,) and opt.state[p]["exp_avg"].shape == (5,)
+    np.testing.assert_array_equal(opt.state[p]["exp_avg"], [0.0, m[2], m[1], 0.0, m[0]])
+
+
+def test_remap_rows_leaves_other_optimizers_alone_and_updates_every_holder():
+    p = Parameter(_start(14, (4, 3)))
+    q = Parameter(_start(15, (4, 3)))
+    adam = Adam([p], lr=0.1)
+    sgd = SGD([p], lr=0.1, momentum=0.9)  # a second optimizer holding the same parameter
+    other = Adam([q], lr=0.1)
+    for g_p, g_q in zip(_grads(14, (4, 3), 2), _grads(15, (4, 3), 2)):
+        _set_grad(p, g_p)
+        _set_grad(q, g_q)
+        adam.step()
+        sgd.step()
+        other.step()
+    other_state = {k: v for k, v in other.state[q].items()}
+    other_copy = {k: np.array(v, copy=True) for k, v in other_state.items()
+                  if backend.is_array(v)}
+    buf = sgd.state[p]["momentum_buffer"].copy()
+    m = adam.state[p]["exp_avg"].copy()
+    p.remap_rows(np.array([3, 2, -1, 0]))
+    np.testing.assert_array_equal(sgd.state[p]["momentum_buffer"][[0, 1, 3]], buf[[3, 2, 0]])
+    np.testing.assert_array_equal(sgd.state[p]["momentum_buffer"][2], 0.0)
+    np.testing.assert_array_equal(adam.state[p]["exp_avg"][[0, 1, 3]], m[[3, 2, 0]])
+    for k, v in other.state[q].items():
+        assert v is other_state[k]
+        if k in other_copy:
+            np.testing.assert_array_equal(v, other_copy[k])
+
+
+def test_remap_rows_with_new_rows_and_a_wrong_index():
+    p = Parameter(np.ones((3, 2)))
+    opt = _stepped_adam(p)
+    p.remap_rows(np.array([0, -1, 2]), new_rows=np.full((3, 2), 5.0))
+    np.testing.assert_array_equal(p.data[1], 5.0)
+    np.testing.assert_array_equal(opt.state[p]["exp_avg"][1], 0.0)
+    with pytest.raises(ValueError, match="index has 2 entries but the parameter has 3 rows"):
+        opt.remap_rows(p, np.array([0, 1]))
+
+
+def test_reset_rows_zeroes_chosen_rows_of_the_state():
+    p = Parameter(_start(16, (4, 3)))
+    opt = _stepped_adam(p, seed=16)
+    arrays = {k: v for k, v in opt.state[p].items() if backend.is_array(v)}
+    before = {k: v.copy() for k, v in arrays.items()}
+    data = p.data.copy()
+    opt.reset_rows(p, np.array([0, 2]))
+    for k, v in arrays.items():
+        assert opt.state[p][k] is v  # in place
+        np.testing.assert_array_equal(v[[0, 2]], 0.0)
+        np.testing.assert_array_equal(v[[1, 3]], before[k][[1, 3]])
+        assert np.all(before[k][[0, 2]] != 0)
+    opt.reset_rows(p, np.array([False, True, False, False]))
+    for v in arrays.values():
+        np.testing.assert_array_equal(v[[0, 1, 2]], 0.0)
+        assert np.all(v[3] != 0)
+    np.testing.assert_array_equal(p.data, data)  # the parameter itself is not touched
+    assert opt.state[p]["step"] == 2
+    with pytest.raises(ValueError, match="does not hold"):
+        opt.reset_rows(Parameter(np.ones((4, 3))), [0])
+    with pytest.raises(ValueError, match="boolean mask must have shape"):
+        opt.reset_rows(p, np.array([True, False]))
+
+
+# ----------------------------------------------------------------------------- torch
+
+TORCH_CASES = {
+    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    "SGD-nesterov": dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+    "Adam": dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.05),
+    "Adam-amsgrad": dict(lr=0.01, amsgrad=True, maximize=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_matches_torch_optim(case):
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed: the comparison with torch.optim needs it "
+                        "(the float64 NumPy references above cover the same formulas)")
+    name = case.split("-")[0]
+    kwargs = TORCH_CASES[case]
+    p0, grads = _start(17), _grads(17)
+    ours = Parameter(p0.copy())
+    opt = getattr(dn.optim, name)([ours], **kwargs)
+    theirs = torch.tensor(p0.copy(), dtype=torch.float64, requires_grad=True)
+    topt = getattr(torch.optim, name)([theirs], **kwargs)
+    for g in grads:
+        _set_grad(ours, g)
+        opt.step()
+        theirs.grad = torch.tensor(g.copy(), dtype=torch.float64)
+        topt.step()
+    np.testing.assert_allclose(ours.data, theirs.detach().numpy(), **F64_TOL)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+def _with_grads(seed, shapes=((3, 4), (5,), (2, 2, 2)), dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    params = []
+    for shape in shapes:
+        p = Parameter(np.zeros(shape, dtype=dtype))
+        p.grad = Tensor._wrap(rng.standard_normal(shape).astype(dtype))
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf"), "inf"])
+def test_clip_grad_norm_clips_to_max_norm(norm_type):
+    params = _with_grads(18)
+    flat = np.concatenate([p.grad.data.ravel() for p in params])
+    order = float(norm_type)
+    want = np.abs(flat).max() if order == np.inf else np.sum(np.abs(flat) ** order) ** (1 / order)
+    originals = [p.grad.data.copy() for p in params]
+    total = clip_grad_norm_(params, max_norm=0.5, norm_type=norm_type)
+    assert isinstance(total, Tensor) and total.shape == () and total.dtype == np.float64
+    np.testing.assert_allclose(total.item(), want, **F64_TOL)
+    assert want > 0.5  # so clipping happened
+    for p, g in zip(params, originals):
+        np.testing.assert_allclose(p.grad.data, g * 0.5 / (want + 1e-6), **F64_TOL)
+    flat = np.concatenate([p.grad.data.ravel() for p in params])
+    new = np.abs(flat).max() if order == np.inf else np.sum(np.abs(flat) ** order) ** (1 / order)
+    np.testing.assert_allclose(new, 0.5, rtol=1e-5)
+
+
+def test_clip_grad_norm_leaves_small_gradients_unchanged():
+    params = _with_grads(19, dtype=np.float32)
+    originals = [p.grad.data.copy() for p in params]
+    want = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in originals))
+    total = clip_grad_norm_(params, max_norm=1e3)
+    assert total.dtype == np.float32
+    np.testing.assert_allclose(total.item(), want, **F32_TOL)
+    for p, g in zip(params, originals):
+        np.testing.assert_array_equal(p.grad.data, g)
+
+
+def test_clip_grad_norm_skips_missing_grads_and_accepts_one_tensor():
+    a, b = _with_grads(20, shapes=((3,), (2,)))
+    b.grad = None
+    total = clip_grad_norm_(a, 0.1)
+    np.testing.assert_allclose(np.linalg.norm(a.grad.data), 0.1, rtol=1e-5)
+    assert total.item() > 0.1
+    assert clip_grad_norm_([b], 1.0).item() == 0.0
+
+
+def test_clip_grad_norm_nonfinite():
+    params = _with_grads(21)
+    params[1].grad.data[2] = np.inf
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    params[1].grad.data[2] = np.nan
+    assert np.isnan(clip_grad_norm_(params, 1.0).item())  # as torch: no error by default
+
+
+def test_clip_grad_value_and_argument_checks():
+    params = _with_grads(22)
+    originals = [p.grad.data.copy() for p in params]
+    clip_grad_value_(params, 0.3)
+    for p, g in zip(params, originals):
+        np.testing.assert_array_equal(p.grad.data, np.clip(g, -0.3, 0.3))
+    with pytest.raises(ValueError, match="max_norm=-1"):
+        clip_grad_norm_(params, -1)
+    before = [p.grad.data.copy() for p in params]
+    total = clip_grad_norm_(params, float("inf"))  # the usual way to only measure the norm
+    np.testing.assert_allclose(total.item(), np.sqrt(sum(np.sum(g ** 2) for g in before)),
+                               **F64_TOL)
+    for p, g in zip(params, before):
+        np.testing.assert_array_equal(p.grad.data, g)
+    with pytest.raises(ValueError, match="norm_type=0"):
+        clip_grad_norm_(params, 1.0, norm_type=0)
+    with pytest.raises(ValueError, match="clip_value=-0.1"):
+        clip_grad_value_(params, -0.1)
+
+
+def test_public_names():
+    import diagnet.optim as optim
+
+    for name in ["Optimizer", "SGD", "Adam", "AdamW", "lr_scheduler", "StepLR",
+                 "CosineAnnealingLR", "LinearWarmup", "WarmupCosine", "clip_grad_norm_",
+                 "clip_grad_value_"]:
+        assert hasattr(optim, name), name
+    assert issubclass(AdamW, Adam) and issubclass(SGD, Optimizer)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_gpu_sgd_adam_remap_and_clip_match_cpu():
+    cp = backend.cupy_or_none()
+    counts = hasattr(cp, "host_transfers")  # the stand-in counts device-to-host reads
+    p0, grads = _start(23, (4, 3)).astype(np.float32), [
+        g.astype(np.float32) for g in _grads(23, (4, 3), 3)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        xp = backend.xp_for(device)
+        a, b = Parameter(xp.asarray(p0.copy())), Parameter(xp.asarray(p0.copy()))
+        sgd = SGD([a], lr=0.1, momentum=0.9, weight_decay=0.01)
+        adam = Adam([b], lr=0.01, amsgrad=True)
+        before = cp.host_transfers if counts else 0
+        for g in grads:
+            a.grad = Tensor._wrap(xp.array(g))  # copies: clipping scales them in place
+            b.grad = Tensor._wrap(xp.array(g))
+            total = clip_grad_norm_([a, b], 1.0)
+            sgd.step()
+            adam.step()
+        index = xp.asarray(np.array([2, -1, 0, 3]))
+        a.remap_rows(index)
+        b.remap_rows(index)
+        adam.reset_rows(b, xp.asarray(np.array([False, False, False, True])))
+        if device == "cuda":
+            assert isinstance(a.data, cp.ndarray) and isinstance(total.data, cp.ndarray)
+            assert all(isinstance(v, cp.ndarray) for v in adam.state[b].values()
+                       if not isinstance(v, int))
+            if counts:
+                assert cp.host_transfers == before, "a device-to-host read in the optimizers"
+        results[device] = [backend.to_numpy(x) for x in (
+            a.data, b.data, sgd.state[a]["momentum_buffer"], adam.state[b]["exp_avg"],
+            adam.state[b]["exp_avg_sq"], adam.state[b]["max_exp_avg_sq"], total.data)]
+        assert adam.state[b]["step"] == 3
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, **F32_TOL)
+    # a CPU state dict loads into the GPU optimizer (arrays uploaded)
+    cpu_p = Parameter(p0.copy())
+    cpu_opt = Adam([cpu_p], lr=0.01)
+    _run(cpu_opt, [cpu_p], [grads])
+    gpu_p = Parameter(cp.asarray(p0.copy()))
+    gpu_opt = Adam([gpu_p], lr=0.01)
+    gpu_opt.load_state_dict(cpu_opt.state_dict())
+    assert isinstance(gpu_opt.state[gpu_p]["exp_avg"], cp.ndarray)
+    np.testing.assert_array_equal(backend.to_numpy(gpu_opt.state[gpu_p]["exp_avg"]),
+                                  cpu_opt.state[cpu_p]["exp_avg"])
