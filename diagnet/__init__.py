@@ -2,16 +2,18 @@
 
 ``diagnet.tensor`` and `Tensor` (autograd), ``diagnet.functional`` (all ops),
 `DiagMatrix` (the (offset, diagonal) sparse format), ``diagnet.backend`` (NumPy/CuPy),
-``diagnet.nn`` (modules and layers), ``diagnet.optim`` (optimizers, schedules); the models
+``diagnet.nn`` (modules and layers), ``diagnet.optim`` (optimizers, schedules),
+`save` / `load` (checkpoints in the safetensors format, ``diagnet.checkpoint``); the models
 are in ``diagnet.models``.
 """
 
 __version__ = "0.1.0"
 
-from . import backend, config, functional, nn, optim, random, sparse
+from . import backend, checkpoint, config, functional, nn, optim, random, sparse
 from .autograd import Function, Tensor, tensor
 from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .backend import cuda_available, default_device, get_array_module
+from .checkpoint import load, save
 from .gradcheck import GradcheckError, gradcheck
 from .ops import (concatenate, cross_entropy, exp, log, matmul, maximum, minimum, relu, sigmoid,
                   softmax, sqrt, stack, tanh, where)

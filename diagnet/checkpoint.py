@@ -1,0 +1,788 @@
+"""Checkpoints: models, optimizers, schedulers and training state in one safetensors file.
+
+File layout
+-----------
+A checkpoint is a plain **safetensors** file (https://github.com/huggingface/safetensors),
+written and read here with nothing but the standard library and NumPy (no pickle, no
+dependency on the ``safetensors`` package)::
+
+    [ 8 bytes ]  N, the header length, unsigned 64-bit little-endian
+    [ N bytes ]  the header: UTF-8 JSON, padded with spaces to a multiple of 8 bytes
+                 {"<tensor name>": {"dtype": "F32", "shape": [16, 20],
+                                    "data_offsets": [begin, end]},
+                  ...,
+                  "__metadata__": {"<key>": "<string>", ...}}
+    [ rest    ]  the data: each tensor's bytes, little-endian, C order; ``begin``/``end``
+                 are byte offsets from the start of this section. We write the tensors
+                 in header order, back to back; the ranges tile the section exactly.
+
+`save_tensors` / `load_tensors` read and write that format for any dict of arrays; any
+safetensors reader can open our files, and we read theirs (for the dtypes NumPy has).
+
+`save` / `load` put a whole training run in one such file:
+
+* the model's state dict as tensors ``model/<dotted name>`` (a `DiagLinear` stores its
+  ``offsets`` and ``values``, as its state dict does: nothing is densified);
+* the optimizer's per-parameter arrays as tensors ``optimizer/state/<index>/<key>``; its
+  scalars, ``param_groups`` and ``param_names`` as JSON;
+* the scheduler's state, the `diagnet.random` generator state, the training ``state``
+  (epoch, step, best metric...), the run ``config`` and any extra named component.
+
+Everything that is not an array lives in one metadata entry, ``__metadata__["diagnet"]``,
+a JSON string (next to it, ``__metadata__["diagnet_sha256"]``, the checksum)::
+
+    {"format": "diagnet-checkpoint", "format_version": 1, "diagnet_version": "0.1.0",
+     "created": "2025-01-01T12:00:00.000000+00:00",
+     "components": {"model": <skeleton>, "optimizer": <skeleton>, ...},
+     "classes": {"model": "Sequential", ...},
+     "config": <skeleton>, "state": <skeleton>, "rng": <generator state or null>}
+
+A *skeleton* is a component's state dict with every array replaced by a placeholder that
+names its tensor (`split_state` / `join_state`). The encoding round-trips what JSON alone
+does not: dicts with int keys (the optimizer's parameter indices), tuples, NumPy scalars
+(stored as 0-d tensors, so their dtype survives) and non-finite floats.
+
+Guarantees
+----------
+* **Atomic writes.** A file is written to a temporary file in the destination folder,
+  flushed, ``fsync``-ed and renamed onto the final name (``os.replace``); the folder is then
+  ``fsync``-ed where the platform allows. If anything fails, the temporary file is removed
+  and whatever was at the final name before is untouched: a reader never sees a partial
+  checkpoint.
+* **Strict reading.** Every structural property of the file is checked (lengths, UTF-8,
+  JSON, dtypes, shapes against offsets, offsets tiling the data section, no trailing
+  bytes); a violation raises `CheckpointError` (a ``ValueError``) naming the file and the
+  problem.
+* **Checksum.** ``__metadata__["diagnet_sha256"]`` is the SHA-256 of every tensor (name,
+  dtype, shape, bytes) and of the metadata JSON; `load` recomputes it, so a changed byte
+  that would leave the file well-formed (a digit of the training state, a weight) is
+  caught too. (`load_tensors` reads any safetensors file and does not need it.)
+* **Validate everything, then assign.** `load` parses the whole file, rebuilds every
+  component's state dict and validates each against its target (``check_state_dict``)
+  *before* any ``load_state_dict`` runs. A corrupt, truncated, foreign or mismatched file
+  raises and leaves the model, optimizer and the rest in memory unchanged.
+* **Devices.** GPU (CuPy) arrays are copied to the host to be written; on load, each
+  component's own ``load_state_dict`` copies the arrays onto its parameters' devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import backend
+from . import random as _random
+from .autograd import Tensor
+
+__all__ = [
+    "CheckpointError", "Checkpoint", "save", "load", "save_tensors", "load_tensors",
+    "split_state", "join_state", "FORMAT", "FORMAT_VERSION", "METADATA_KEY", "CHECKSUM_KEY",
+]
+
+#: value of the ``format`` field of a diagnet checkpoint
+FORMAT = "diagnet-checkpoint"
+#: the version written by this code; files with a larger version are refused
+FORMAT_VERSION = 1
+#: the ``__metadata__`` key that holds the checkpoint's JSON
+METADATA_KEY = "diagnet"
+#: the ``__metadata__`` key that holds the checksum of the checkpoint
+CHECKSUM_KEY = "diagnet_sha256"
+#: the largest header accepted, as the reference implementation (100 MB)
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names <-> NumPy dtypes (always little-endian in the file)
+_DTYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("u1"), "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "F16": np.dtype("<f2"),
+    "U32": np.dtype("<u4"), "I32": np.dtype("<i4"), "F32": np.dtype("<f4"),
+    "U64": np.dtype("<u8"), "I64": np.dtype("<i8"), "F64": np.dtype("<f8"),
+}
+# valid safetensors dtypes that NumPy cannot hold
+_NO_NUMPY = {"BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+_NAMES = {(dt.kind, dt.itemsize): name for name, dt in _DTYPES.items()}
+
+# component names that `save`/`load` reserve for themselves
+_RESERVED = ("model", "optimizer", "scheduler", "state", "config", "rng")
+# markers of the skeleton encoding (a JSON object holding one of these keys is a marker)
+_TENSOR, _SCALAR, _TUPLE, _DICT = "__tensor__", "__scalar__", "__tuple__", "__dict__"
+_MARKERS = frozenset((_TENSOR, _SCALAR, _TUPLE, _DICT))
+
+
+class CheckpointError(ValueError):
+    """A file is not a valid safetensors file or diagnet checkpoint, or does not fit the
+    objects it is loaded into. The message names the file and the problem."""
+
+
+# ============================================================================ atomic write
+
+
+def _default_mode():
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no other way to read it; restored at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(directory):
+    """Make a rename in ``directory`` durable, where the platform allows it."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError:
+        return  # e.g. Windows: folders cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write):
+    """Write a file through ``write(fileobj)`` atomically: temp file, fsync, rename.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed, the
+    exception propagates and ``path`` keeps its previous content (or stays absent).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path!r}: the folder {directory!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a folder")
+    try:
+        mode = os.stat(path).st_mode & 0o777  # replacing a file: keep its permissions
+    except OSError:
+        mode = _default_mode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+# ============================================================================ safetensors
+
+
+def _host_array(value, name):
+    """``value`` (NumPy/CuPy array or Tensor) as a C-contiguous little-endian NumPy array."""
+    arr = backend.unwrap(value)
+    if not backend.is_array(arr):
+        raise TypeError(f"tensor {name!r} must be a NumPy/CuPy array or a Tensor; got "
+                        f"{type(value).__name__}")
+    arr = np.asarray(backend.to_numpy(arr), order="C")  # (ascontiguousarray makes 0-d 1-d)
+    if (arr.dtype.kind, arr.dtype.itemsize) not in _NAMES:
+        raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors "
+                        f"(supported: {', '.join(str(d) for d in _DTYPES.values())})")
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr
+
+
+def _dtype_name(arr):
+    return _NAMES[(arr.dtype.kind, arr.dtype.itemsize)]
+
+
+def save_tensors(path, tensors, metadata=None):
+    """Write ``tensors`` to ``path`` as a safetensors file, atomically.
+
+    Args:
+        path: file name (str or path-like). Its folder must exist.
+        tensors: dict name -> NumPy array, CuPy array or `Tensor`; written in this order.
+            GPU arrays are copied to the host. Supported dtypes: bool, (u)int8/16/32/64,
+            float16/32/64.
+        metadata: optional dict str -> str, stored as the header's ``__metadata__``.
+
+    Raises:
+        TypeError: a name or metadata entry is not a str, a value is not an array, or its
+            dtype has no safetensors equivalent.
+        ValueError: a tensor is called ``"__metadata__"``.
+        FileNotFoundError: the destination folder does not exist.
+        OSError: writing failed (the previous file at ``path``, if any, is untouched).
+    """
+    if not isinstance(tensors, dict):
+        raise TypeError(f"tensors must be a dict name -> array; got {type(tensors).__name__}")
+    header, arrays, offset = {}, [], 0
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str; got {type(name).__name__} {name!r}")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+        arr = _host_array(value, name)
+        header[name] = {"dtype": _dtype_name(arr), "shape": [int(s) for s in arr.shape],
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("metadata must be a dict with str keys and str values")
+        header = {"__metadata__": dict(metadata), **header}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False,
+                     allow_nan=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    def write(f):
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for arr in arrays:
+            if arr.size:
+                f.write(arr.reshape(-1).view(np.uint8).data)
+
+    _atomic_write(path, write)
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(path, raw, size, n):
+    """Validate the header bytes; return ``(entries, metadata)``, entries sorted by offset."""
+    def fail(msg):
+        raise CheckpointError(f"{path}: {msg}")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"not a safetensors file: the header is not valid UTF-8 ({exc})")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        fail(f"not a safetensors file: the header is not valid JSON ({exc})")
+    if not isinstance(header, dict):
+        fail(f"not a safetensors file: the header is a JSON {type(header).__name__}, not an "
+             "object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        fail("__metadata__ must be an object of string values")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            fail(f"tensor {name!r}: the entry must be an object with exactly 'dtype', 'shape' "
+                 f"and 'data_offsets'; got {info!r}"[:300])
+        dname, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if isinstance(dname, str) and dname in _NO_NUMPY:
+            fail(f"tensor {name!r}: dtype {dname} has no NumPy equivalent")
+        if not isinstance(dname, str) or dname not in _DTYPES:
+            fail(f"tensor {name!r}: unknown dtype {dname!r}")
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            fail(f"tensor {name!r}: shape must be a list of non-negative ints; got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_int(o) and o >= 0 for o in offsets)):
+            fail(f"tensor {name!r}: data_offsets must be [begin, end], two non-negative ints; "
+                 f"got {offsets!r}")
+        begin, end = offsets
+        if end < begin:
+            fail(f"tensor {name!r}: data_offsets [{begin}, {end}] are out of order")
+        dtype = _DTYPES[dname]
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if end - begin != nbytes:
+            fail(f"tensor {name!r}: data_offsets [{begin}, {end}] span {end - begin} bytes, but "
+                 f"{dname} {shape} needs {nbytes}")
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    # The ranges must tile [0, end of data) exactly. (Any order in the JSON, as the
+    # reference reader allows; ours is written in data order.)
+    expected = 0
+    for begin, end, name, _, _ in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin < expected:
+            fail(f"tensor {name!r}: data_offsets [{begin}, {end}] overlap the previous tensor "
+                 f"(which ends at {expected})")
+        if begin > expected:
+            fail(f"tensor {name!r}: a gap of {begin - expected} bytes before its data_offsets "
+                 f"[{begin}, {end}]")
+        expected = end
+    data_size = size - 8 - n
+    if data_size < expected:
+        fail(f"truncated: the header describes {expected} bytes of tensor data, the file holds "
+             f"{data_size}")
+    if data_size > expected:
+        fail(f"{data_size - expected} trailing bytes after the {expected} bytes of tensor data")
+    return entries, metadata
+
+
+def load_tensors(path):
+    """Read a safetensors file, validating it strictly.
+
+    Args:
+        path: file name (str or path-like).
+
+    Returns:
+        ``(tensors, metadata)``: dict name -> writable NumPy array (in header order, native
+        byte order) and the header's ``__metadata__`` dict str -> str (empty if absent).
+
+    Raises:
+        CheckpointError (a ValueError): the file is shorter than 8 bytes; the header length
+            is larger than the file or than 100 MB; the header is not UTF-8 JSON, not an
+            object, or has duplicate keys; an entry has an unknown dtype (or one NumPy lacks,
+            such as BF16), a bad shape or offsets, or offsets that disagree with its shape;
+            offsets overlap or leave gaps; the data section is shorter (truncated) or longer
+            (trailing bytes) than the header says; ``__metadata__`` has non-string values; a
+            BOOL tensor holds bytes other than 0 and 1.
+        OSError: the file cannot be opened (FileNotFoundError, IsADirectoryError...).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            what = "empty" if size == 0 else f"{size} bytes long"
+            raise CheckpointError(f"{path}: not a safetensors file: it is {what}, shorter than "
+                                  "the 8-byte header length")
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: not a safetensors file: header length {n} is "
+                                  f"absurd (limit {MAX_HEADER_BYTES} bytes)")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file: header length "
+                                  f"{n} exceeds the {size - 8} bytes after the length field")
+        raw = f.read(n)
+        if len(raw) != n:
+            raise CheckpointError(f"{path}: truncated while reading (the file changed?)")
+        entries, metadata = _parse_header(path, raw, size, n)
+        arrays = {}
+        for begin, end, name, dtype, shape in entries:
+            arr = np.empty(shape, dtype=dtype.newbyteorder("="))
+            if end > begin:
+                f.seek(8 + n + begin)
+                got = f.readinto(arr.reshape(-1).view(np.uint8))
+                if got != end - begin:
+                    raise CheckpointError(f"{path}: tensor {name!r}: truncated while reading "
+                                          "(the file changed?)")
+                if not np.little_endian and dtype.itemsize > 1:
+                    arr = arr.byteswap()
+                if dtype.kind == "b" and arr.view(np.uint8).max() > 1:
+                    raise CheckpointError(f"{path}: tensor {name!r}: a BOOL holds a byte other "
+                                          "than 0 or 1")
+            arrays[name] = arr  # entries are in header order
+    return arrays, dict(metadata)
+
+
+# ============================================================================ skeletons
+
+
+def _leaf_array(value):
+    """The backend array of a Tensor or array leaf, else None."""
+    if isinstance(value, Tensor):
+        return value.data
+    return value if backend.is_array(value) else None
+
+
+def split_state(obj, prefix):
+    """Split a nested structure into tensors and a JSON-able skeleton.
+
+    Args:
+        obj: nested dicts (str or int keys), lists and tuples whose leaves are arrays
+            (NumPy, CuPy, `Tensor`), NumPy scalars, or JSON values (None, bool, int,
+            float, str). Floats may be non-finite.
+        prefix: the first part of every tensor name (e.g. ``"optimizer"``).
+
+    Returns:
+        ``(skeleton, tensors)``: ``tensors`` maps names ``prefix/<key>/<key>...`` to NumPy
+        arrays (GPU arrays copied to the host); ``skeleton`` is ``obj`` with each array
+        replaced by ``{"__tensor__": name}`` (NumPy scalars add ``"__scalar__": true``),
+        each tuple by ``{"__tuple__": [...]}`` and each dict that has a non-str key, or a
+        key that is one of these markers, by ``{"__dict__": [[key, value], ...]}``.
+        `join_state` inverts it exactly.
+
+    Raises:
+        TypeError: a value or a dict key of an unsupported type, naming where it is.
+    """
+    tensors = {}
+
+    def name_for(path):
+        base = "/".join([prefix] + path)
+        name, i = base, 1
+        while name in tensors:  # keys containing "/" could collide: keep names unique
+            name, i = f"{base}~{i}", i + 1
+        return name
+
+    def where(path):
+        return "/".join([prefix] + path)
+
+    def enc(value, path):
+        arr = _leaf_array(value)
+        if arr is not None:
+            name = name_for(path)
+            tensors[name] = _host_array(arr, name)
+            return {_TENSOR: name}
+        if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_)):
+            name = name_for(path)
+            tensors[name] = _host_array(np.asarray(value), name)
+            return {_TENSOR: name, _SCALAR: True}
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, list):
+            return [enc(v, path + [str(i)]) for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {_TUPLE: [enc(v, path + [str(i)]) for i, v in enumerate(value)]}
+        if isinstance(value, dict):
+            for k in value:
+                if not isinstance(k, str) and not _is_int(k):
+                    raise TypeError(f"{where(path)}: dict keys must be str or int to be saved; "
+                                    f"got {type(k).__name__} {k!r}")
+            if all(isinstance(k, str) for k in value) and not _MARKERS.intersection(value):
+                return {k: enc(v, path + [k]) for k, v in value.items()}
+            return {_DICT: [[k, enc(v, path + [str(k)])] for k, v in value.items()]}
+        raise TypeError(f"{where(path)}: cannot save a {type(value).__name__} in a checkpoint "
+                        "(arrays, dicts, lists, tuples, None, bool, int, float and str can be "
+                        "saved)")
+
+    return enc(obj, []), tensors
+
+
+def join_state(skeleton, tensors, used=None):
+    """Rebuild the structure that `split_state` split: the inverse of it.
+
+    Args:
+        skeleton: the JSON-able skeleton.
+        tensors: dict name -> NumPy array holding the tensors it names.
+        used: optional set; the names of the tensors consumed are added to it.
+
+    Returns:
+        The structure, with NumPy arrays (and NumPy scalars) in place of the placeholders,
+        tuples and int-keyed dicts restored.
+
+    Raises:
+        ValueError: a malformed placeholder or a tensor name missing from ``tensors``.
+    """
+    used = set() if used is None else used
+
+    def dec(node):
+        if isinstance(node, list):
+            return [dec(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if not _MARKERS.intersection(node):
+            return {k: dec(v) for k, v in node.items()}
+        if _TENSOR in node:
+            name = node[_TENSOR]
+            if not (set(node) <= {_TENSOR, _SCALAR}) or not isinstance(name, str):
+                raise ValueError(f"malformed tensor placeholder {node!r}")
+            if name not in tensors:
+                raise ValueError(f"tensor {name!r} is referenced but not in the file")
+            used.add(name)
+            arr = tensors[name]
+            if node.get(_SCALAR):
+                if arr.ndim != 0:
+                    raise ValueError(f"tensor {name!r} should be a scalar; has shape {arr.shape}")
+                return arr[()]
+            return arr
+        if set(node) == {_TUPLE} and isinstance(node[_TUPLE], list):
+            return tuple(dec(v) for v in node[_TUPLE])
+        if set(node) == {_DICT} and isinstance(node[_DICT], list):
+            out = {}
+            for pair in node[_DICT]:
+                if (not isinstance(pair, list) or len(pair) != 2
+                        or not (isinstance(pair[0], str) or _is_int(pair[0]))):
+                    raise ValueError(f"malformed dict entry {pair!r}"[:200])
+                out[pair[0]] = dec(pair[1])
+            return out
+        raise ValueError(f"malformed placeholder {node!r}"[:200])
+
+    return dec(skeleton)
+
+
+# ============================================================================ save / load
+
+
+def _digest(tensors, meta_json):
+    """SHA-256 over every tensor (name, dtype, shape, bytes; by name) and the metadata JSON.
+
+    safetensors itself has no checksum; this one lets `load` tell a flipped byte anywhere in
+    a checkpoint (a digit of the training state, a byte of a weight) from a valid file.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = _host_array(tensors[name], name)
+        h.update(json.dumps([name, _dtype_name(arr), list(arr.shape)]).encode("utf-8"))
+        h.update(arr.reshape(-1).view(np.uint8).data)
+    h.update(meta_json.encode("utf-8"))
+    return h.hexdigest()
+
+
+def _json_dumps(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+
+
+def _component_items(model, optimizer, scheduler, components):
+    items = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    for name, obj in components.items():
+        if not name or "/" in name or name.startswith("__"):
+            raise ValueError(f"component name {name!r} is not allowed (no '/', no leading '__')")
+        items[name] = obj
+    return {k: v for k, v in items.items() if v is not None}
+
+
+def save(path, *, model=None, optimizer=None, scheduler=None, state=None, config=None,
+         rng=True, **components):
+    """Save a training run to one safetensors file, atomically.
+
+    Args:
+        path: the file to write (str or path-like); its folder must exist. An existing file
+            is replaced only once the new one is complete.
+        model: a `diagnet.nn.Module` (its ``state_dict()``: parameters and buffers; sparse
+            layers as offsets + values).
+        optimizer: an optimizer (``state_dict()`` with ``state``, ``param_groups``,
+            ``param_names``): its arrays become tensors, the rest JSON.
+        scheduler: a learning-rate scheduler (``state_dict()``).
+        state: training state (epoch, step, best metric, data order seed...): dicts, lists,
+            tuples, numbers, strings, None (arrays are allowed too).
+        config: the run's configuration, under the same rules as ``state``.
+        rng: save the `diagnet.random` default generator's state (default True).
+        **components: more objects with ``state_dict()`` saved under their keyword's name
+            (e.g. ``dst=...``).
+
+    Raises:
+        TypeError: a state dict, ``state`` or ``config`` holds a value that cannot be saved
+            (the message says where), or a component lacks ``state_dict``.
+        ValueError: a component name is not allowed.
+        FileNotFoundError: the destination folder does not exist.
+        OSError: writing failed; nothing was written at ``path``.
+    """
+    objects = _component_items(model, optimizer, scheduler, components)
+    tensors, skeletons, classes = {}, {}, {}
+    for name, obj in objects.items():
+        if not callable(getattr(obj, "state_dict", None)):
+            raise TypeError(f"{name}: a {type(obj).__name__} has no state_dict() to save")
+        skeletons[name], parts = split_state(obj.state_dict(), name)
+        tensors.update(parts)
+        classes[name] = type(obj).__name__
+    extras = {}
+    for key, value in (("state", state), ("config", config)):
+        extras[key], parts = split_state(value, key)
+        tensors.update(parts)
+    from . import __version__
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "diagnet_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "components": skeletons,
+        "classes": classes,
+        "config": extras["config"],
+        "state": extras["state"],
+        "rng": _random.get_state() if rng else None,
+    }
+    text = _json_dumps(meta)
+    save_tensors(path, tensors, {METADATA_KEY: text, CHECKSUM_KEY: _digest(tensors, text)})
+
+
+@dataclass
+class Checkpoint:
+    """What `load` read from a checkpoint.
+
+    Attributes:
+        path: the file.
+        state: the training state saved with ``state=`` (None if none).
+        config: the configuration saved with ``config=`` (None if none).
+        metadata: ``format``, ``format_version``, ``diagnet_version``, ``created`` (UTC ISO
+            time), ``components`` (names saved), ``classes`` (their class names),
+            ``has_rng``.
+        components: the state dicts (NumPy arrays) of the saved components that were *not*
+            loaded into an object, by name (``"model"``, ``"optimizer"``...): with
+            ``diagnet.load(path)`` alone, everything in the file.
+        rng_state: the saved `diagnet.random` state, or None.
+        loaded: the names of the components loaded into objects, in load order.
+        model_keys: the model's ``IncompatibleKeys`` (non-empty only with ``strict=False``),
+            or None when no model was given.
+    """
+
+    path: str
+    state: Any = None
+    config: Any = None
+    metadata: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict, repr=False)
+    rng_state: Any = field(default=None, repr=False)
+    loaded: tuple = ()
+    model_keys: Any = None
+
+
+def _read_checkpoint(path):
+    """Parse and structurally validate a checkpoint file; return (meta, decoded parts)."""
+    tensors, header_meta = load_tensors(path)
+
+    def fail(msg):
+        raise CheckpointError(f"{path}: {msg}")
+
+    if METADATA_KEY not in header_meta:
+        fail(f"not a diagnet checkpoint: a safetensors file without the {METADATA_KEY!r} "
+             f"metadata (it has {len(tensors)} tensors; read it with load_tensors)")
+    try:
+        meta = json.loads(header_meta[METADATA_KEY], object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        fail(f"corrupt checkpoint metadata: not valid JSON ({exc})")
+    if not isinstance(meta, dict):
+        fail("corrupt checkpoint metadata: not a JSON object")
+    if meta.get("format") != FORMAT:
+        fail(f"not a diagnet checkpoint: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        fail(f"corrupt checkpoint metadata: format_version {version!r} is not a positive int")
+    if version > FORMAT_VERSION:
+        fail(f"format_version {version} is newer than this diagnet reads ({FORMAT_VERSION}); "
+             "upgrade diagnet")
+    if header_meta.get(CHECKSUM_KEY) != _digest(tensors, header_meta[METADATA_KEY]):
+        fail("corrupt checkpoint: the checksum does not match the contents (a changed byte in "
+             "the metadata or the tensor data)" if CHECKSUM_KEY in header_meta else
+             f"corrupt checkpoint: the {CHECKSUM_KEY!r} checksum is missing")
+    skeletons = meta.get("components")
+    if not isinstance(skeletons, dict):
+        fail("corrupt checkpoint metadata: 'components' is not an object")
+    used = set()
+    try:
+        parts = {name: join_state(sk, tensors, used) for name, sk in skeletons.items()}
+        state = join_state(meta.get("state"), tensors, used)
+        config = join_state(meta.get("config"), tensors, used)
+    except ValueError as exc:
+        fail(f"corrupt checkpoint: {exc}")
+    unused = [name for name in tensors if name not in used]
+    if unused:
+        fail(f"corrupt checkpoint: tensors not referenced by the metadata: "
+             f"{', '.join(unused[:10])}" + (" ..." if len(unused) > 10 else ""))
+    rng_state = meta.get("rng")
+    if rng_state is not None and not isinstance(rng_state, dict):
+        fail("corrupt checkpoint metadata: 'rng' is not an object")
+    info = {
+        "format": meta["format"],
+        "format_version": version,
+        "diagnet_version": meta.get("diagnet_version"),
+        "created": meta.get("created"),
+        "components": list(skeletons),
+        "classes": meta.get("classes", {}),
+        "has_rng": rng_state is not None,
+    }
+    return info, parts, state, config, rng_state
+
+
+def load(path, *, model=None, optimizer=None, scheduler=None, rng=True, strict=True,
+         **components):
+    """Load a checkpoint written by `save`, validating everything before assigning anything.
+
+    Steps: read and validate the whole file (`load_tensors`, then the diagnet metadata);
+    rebuild each component's state dict; check that every object given has its component
+    in the file; validate each: ``model.check_state_dict(sd, strict)``, and
+    ``check_state_dict(sd)`` for every other object that has one; check that the saved
+    generator state is usable; only then call the ``load_state_dict`` methods and
+    `diagnet.random.set_state`.
+
+    Objects without ``check_state_dict`` (schedulers, typically) are validated only by
+    their own ``load_state_dict``; they are loaded *first*, so that if one rejects its state
+    nothing else has been assigned yet. The others are then loaded in the order model,
+    optimizer, scheduler, extra components. (Only a failure inside a ``load_state_dict``
+    that its ``check_state_dict`` let through, such as running out of memory, can leave
+    earlier components loaded.)
+
+    Args:
+        path: the checkpoint file.
+        model: a `Module` to load the model's state into (arrays go to each parameter's
+            device); None to leave it in `Checkpoint.components`.
+        optimizer, scheduler, **components: objects with ``load_state_dict`` to restore.
+        rng: restore the `diagnet.random` default generator's state when the file has one
+            (default True; a file saved with ``rng=False`` has none and this is skipped).
+        strict: passed to the model's ``check_state_dict`` / ``load_state_dict``: missing
+            and unexpected keys are errors.
+
+    Returns:
+        A `Checkpoint` with ``state``, ``config``, ``metadata`` and the state dicts of the
+        saved components that were not loaded into an object.
+
+    Raises:
+        CheckpointError (a ValueError): the file is not a valid safetensors file (see
+            `load_tensors`), not a diagnet checkpoint, of a newer format version, its
+            metadata is corrupt, a component asked for is not in the file, or the saved
+            generator state is unusable.
+        KeyError, ValueError, TypeError: a component's ``check_state_dict`` rejected its
+            state (e.g. the model's missing/unexpected keys with ``strict``, or a shape
+            mismatch); the message is the component's.
+        OSError: the file cannot be read.
+        In every case nothing in memory has been changed.
+    """
+    path = os.fspath(path)
+    info, parts, state, config, rng_state = _read_checkpoint(path)
+    targets = _component_items(model, optimizer, scheduler, components)
+    missing = [name for name in targets if name not in parts]
+    if missing:
+        fail_names = ", ".join(repr(n) for n in missing)
+        raise CheckpointError(f"{path}: asked to load {fail_names} but the checkpoint has no such "
+                              f"component (it has: {', '.join(parts) or 'none'})")
+    for name, obj in targets.items():
+        if not callable(getattr(obj, "load_state_dict", None)):
+            raise TypeError(f"{name}: a {type(obj).__name__} has no load_state_dict()")
+
+    # ---- validate everything
+    model_keys = None
+    unchecked, checked = [], []
+    for name, obj in targets.items():
+        sd = parts[name]
+        if name == "model" and callable(getattr(obj, "check_state_dict", None)):
+            model_keys = obj.check_state_dict(sd, strict=strict)
+            checked.append(name)
+        elif callable(getattr(obj, "check_state_dict", None)):
+            obj.check_state_dict(sd)
+            checked.append(name)
+        else:
+            unchecked.append(name)
+    if rng and rng_state is not None:
+        try:
+            probe = type(_random.default_generator().bit_generator)()
+            probe.state = rng_state
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: the saved random generator state is unusable: "
+                                  f"{exc}") from exc
+
+    # ---- assign
+    for name in unchecked + checked:
+        obj = targets[name]
+        if name == "model":
+            result = obj.load_state_dict(parts[name], strict=strict)
+            model_keys = result if result is not None else model_keys
+        else:
+            obj.load_state_dict(parts[name])
+    if rng and rng_state is not None:
+        _random.set_state(rng_state)
+    return Checkpoint(
+        path=path, state=state, config=config, metadata=info,
+        components={name: sd for name, sd in parts.items() if name not in targets},
+        rng_state=rng_state, loaded=tuple(unchecked + checked), model_keys=model_keys)
