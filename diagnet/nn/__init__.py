@@ -10,6 +10,7 @@
 
 from . import init, utils
 from .activation import GELU, ReLU, Sigmoid, Softmax, Tanh
+from .attention import MultiHeadSelfAttention
 from .container import Flatten, Identity, ModuleList, Sequential
 from .linear import DiagLinear, Linear
 from .module import IncompatibleKeys, Module

@@ -1,0 +1,71 @@
+"""`MLP`: a multilayer perceptron classifier with dense or diagonal hidden layers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diagnet import nn
+from diagnet import random as _random
+
+from .common import check_linear, make_linear, positive_int, probability
+
+__all__ = ["MLP"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron: hidden layers ``linear -> activation [-> dropout]``, dense head.
+
+    Shapes: ``(B, in_features)`` (or ``(B, ...)`` with ``in_features`` elements per
+    sample, e.g. images, flattened) ``-> features -> (B, hidden[-1]) -> head ->
+    (B, num_classes)`` logits.
+
+    Args:
+        in_features: input size per sample.
+        hidden: an int or a list of ints, the widths of the hidden layers.
+        num_classes: number of outputs of the head.
+        linear: ``"dense"`` or ``"diag"``; with ``"diag"`` every hidden layer
+            (``in -> h1``, ``h1 -> h2``, ...) is an ``nn.DiagLinear`` of target ``sparsity``.
+            The head ``hidden[-1] -> num_classes`` is always dense.
+        sparsity: target sparsity of the diagonal layers.
+        activation: ``"relu"``, ``"gelu"`` or ``"tanh"``.
+        dropout: dropout probability after each activation (no Dropout layer when 0).
+        bias: learn biases.
+        dtype, device: of the parameters (float32; the default device).
+        rng: None (default generator), int seed or Generator; the layers draw in order.
+
+    Submodules: ``features`` (`nn.Sequential`) and ``head`` (`nn.Linear`).
+    """
+
+    def __init__(self, in_features, hidden, num_classes, linear="dense", sparsity=0.9,
+                 activation="relu", dropout=0.0, bias=True, dtype=np.float32, device=None,
+                 rng=None):
+        super().__init__()
+        widths = [hidden] if isinstance(hidden, (int, np.integer)) else list(hidden)
+        if not widths:
+            raise ValueError("hidden must be an int or a non-empty list of ints")
+        widths = [positive_int("hidden width", h) for h in widths]
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}; got {activation!r}")
+        self.in_features = positive_int("in_features", in_features)
+        check_linear(linear)
+        dropout = probability("dropout", dropout)
+        gen = _random.as_generator(rng)
+        layers = []
+        for n_in, n_out in zip([self.in_features] + widths[:-1], widths):
+            layers.append(make_linear(n_in, n_out, linear, sparsity, bias, dtype, device, gen))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], positive_int("num_classes", num_classes), bias=bias,
+                              dtype=dtype, device=device, rng=gen)
+
+    def forward(self, x):
+        if x.ndim < 2 or x.size != x.shape[0] * self.in_features:
+            raise ValueError(f"MLP expects (B, {self.in_features}) or (B, ...) with "
+                             f"{self.in_features} elements per sample; got {x.shape}")
+        if x.ndim > 2:
+            x = x.reshape(x.shape[0], self.in_features)
+        return self.head(self.features(x))
