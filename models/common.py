@@ -1,6 +1,6 @@
 """Pieces shared by the models: argument checks, `PatchEmbedding` and `FeedForward`.
 
-The dense-or-diagonal switch itself is `diagnet.nn.attention.make_linear` (one copy, used
+The dense-or-diagonal switch itself is `diagnet.nn.linear.make_linear` (one copy, used
 by attention and by every model).
 """
 
@@ -10,24 +10,11 @@ import numpy as np
 
 from diagnet import Tensor, nn
 from diagnet import functional as F
-from diagnet.nn.attention import LINEAR_KINDS, make_linear
+from diagnet.nn._validate import positive_int, probability
+from diagnet.nn.linear import LINEAR_KINDS, make_linear
 
 __all__ = ["positive_int", "probability", "check_linear", "PatchEmbedding", "FeedForward",
            "make_linear"]
-
-
-def positive_int(name, value):
-    """``value`` as an int, or a ValueError naming ``name`` when it is not a positive int."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
-
-
-def probability(name, value):
-    """``value`` as a float in ``[0, 1)`` (a dropout probability), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
-    return float(value)
 
 
 def check_linear(linear):

@@ -16,7 +16,7 @@ import pytest
 
 import diagnet as dn
 from diagnet import backend, nn
-from diagnet.nn.attention import make_linear
+from diagnet.nn.linear import make_linear
 from tolerances import F32_TOL, GRADCHECK_TOL
 
 #: float64 attention vs the NumPy reference: the same sums in another order (the diagonal
@@ -188,7 +188,7 @@ def test_mask_errors():
     (dict(dim=8.0, heads=2), "dim must be a positive int"),
     (dict(dim=8, heads=True), "heads must be a positive int"),
     (dict(dim=8, heads=2, linear="sparse"), "linear must be one of"),
-    (dict(dim=8, heads=2, dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(dim=8, heads=2, dropout=1.0), r"dropout must be a number in \[0, 1\)"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

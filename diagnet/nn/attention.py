@@ -1,4 +1,4 @@
-"""`MultiHeadSelfAttention`, and `make_linear`, the dense-or-diagonal layer factory.
+"""`MultiHeadSelfAttention`: multi-head self-attention with dense or diagonal projections.
 
 Attention is composed of diagnet ops only (``linear``/``diag_linear`` inside the layers,
 ``reshape``, ``transpose``, batched ``matmul``, ``softmax``, ``dropout``), so its backward
@@ -14,47 +14,17 @@ import numpy as np
 from .. import functional as F
 from .. import random as _random
 from ..autograd import Tensor
-from .linear import DiagLinear, Linear
+from ._validate import positive_int, probability
+from .linear import make_linear
 from .module import Module
 
-__all__ = ["MultiHeadSelfAttention", "make_linear", "LINEAR_KINDS"]
+__all__ = ["MultiHeadSelfAttention"]
 
-#: the values of the ``linear=`` argument of attention and of the models in `diagnet.models`
-LINEAR_KINDS = ("dense", "diag")
 
 # Score given to masked-out keys. Finite, not -inf: a query whose keys are all masked then
 # attends uniformly instead of producing NaN (softmax subtracts the row maximum first, so
 # exp(-1e9 - max) is exactly 0 next to any unmasked key, in float32 and float64).
 _MASKED_SCORE = -1e9
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
-
-
-def _probability(name, value):
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1); got {value!r}")
-    return float(value)
-
-
-def make_linear(in_features, out_features, linear="dense", sparsity=0.9, bias=True,
-                dtype=np.float32, device=None, rng=None):
-    """An ``nn.Linear`` (``linear="dense"``) or an ``nn.DiagLinear`` (``linear="diag"``).
-
-    The one switch that attention and every model in `diagnet.models` use to choose
-    between dense and diagonally sparse layers. ``sparsity`` is the diagonal layer's target
-    sparsity and is ignored by a dense one. ``rng`` (None, int seed or Generator) draws the
-    layer's initial weights (and, for ``"diag"``, its offsets first).
-    """
-    if linear == "dense":
-        return Linear(in_features, out_features, bias=bias, dtype=dtype, device=device, rng=rng)
-    if linear == "diag":
-        return DiagLinear(in_features, out_features, sparsity=sparsity, bias=bias, rng=rng,
-                          dtype=dtype, device=device)
-    raise ValueError(f"linear must be one of {LINEAR_KINDS}; got {linear!r}")
 
 
 class MultiHeadSelfAttention(Module):
@@ -86,12 +56,12 @@ class MultiHeadSelfAttention(Module):
     def __init__(self, dim, heads, linear="dense", sparsity=0.9, bias=True, dropout=0.0,
                  dtype=np.float32, device=None, rng=None):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.heads = _positive_int("heads", heads)
+        self.dim = positive_int("dim", dim)
+        self.heads = positive_int("heads", heads)
         if self.dim % self.heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.head_dim = self.dim // self.heads
-        self.dropout = _probability("dropout", dropout)
+        self.dropout = probability("dropout", dropout)
         # one generator for both layers, so that a seed fixes all of them
         gen = _random.as_generator(rng)
         kw = dict(linear=linear, sparsity=sparsity, bias=bias, dtype=dtype, device=device, rng=gen)

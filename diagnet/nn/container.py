@@ -7,7 +7,30 @@ from .module import Module
 __all__ = ["Sequential", "ModuleList", "Identity", "Flatten"]
 
 
-class Sequential(Module):
+class _ModuleSequence(Module):
+    """Submodules named ``0``, ``1``, ...: ``len``, iteration, indexing and `append`."""
+
+    def append(self, module):
+        """Add ``module`` at the end; returns self."""
+        if not isinstance(module, Module):
+            raise TypeError(f"{type(self).__name__}.append needs a Module; got "
+                            f"{type(module).__name__}")
+        self.add_module(str(len(self._modules)), module)
+        return self
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, i):
+        """The ``i``-th module; a slice gives a new container sharing the same modules."""
+        mods = list(self._modules.values())
+        return self._of(mods[i]) if isinstance(i, slice) else mods[i]
+
+
+class Sequential(_ModuleSequence):
     """Apply the given modules one after another; submodules are named ``0``, ``1``, ...
 
     Supports ``len``, iteration, integer indexing and slicing (a slice is a new Sequential
@@ -19,62 +42,34 @@ class Sequential(Module):
         for i, m in enumerate(modules):
             if not isinstance(m, Module):
                 raise TypeError(f"Sequential: argument {i} must be a Module; got {type(m).__name__}")
-            self.add_module(str(i), m)
+            self.append(m)
+
+    @staticmethod
+    def _of(modules):
+        return Sequential(*modules)
 
     def forward(self, x):
         for m in self._modules.values():
             x = m(x)
         return x
 
-    def __len__(self):
-        return len(self._modules)
 
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __getitem__(self, i):
-        mods = list(self._modules.values())
-        if isinstance(i, slice):
-            return Sequential(*mods[i])
-        return mods[i]
-
-    def append(self, module):
-        """Add ``module`` at the end; returns self."""
-        if not isinstance(module, Module):
-            raise TypeError(f"append needs a Module; got {type(module).__name__}")
-        self.add_module(str(len(self)), module)
-        return self
-
-
-class ModuleList(Module):
+class ModuleList(_ModuleSequence):
     """A list of modules registered as submodules ``0``, ``1``, ...; it has no forward."""
 
     def __init__(self, modules=()):
         super().__init__()
-        for m in modules:
-            self.append(m)
+        self.extend(modules)
 
-    def append(self, module):
-        """Add ``module`` at the end; returns self."""
-        if not isinstance(module, Module):
-            raise TypeError(f"ModuleList.append needs a Module; got {type(module).__name__}")
-        self.add_module(str(len(self._modules)), module)
-        return self
+    @staticmethod
+    def _of(modules):
+        return ModuleList(modules)
 
     def extend(self, modules):
+        """Append each of ``modules``; returns self."""
         for m in modules:
             self.append(m)
         return self
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __getitem__(self, i):
-        mods = list(self._modules.values())
-        return ModuleList(mods[i]) if isinstance(i, slice) else mods[i]
 
 
 class Identity(Module):

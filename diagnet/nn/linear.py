@@ -26,16 +26,14 @@ from ..ops import dense as _dense
 from ..ops.diagonal import DiagLinearFunction
 from ..sparse import DiagMatrix
 from . import init
+from ._validate import positive_int
 from .module import Module
 from .parameter import Parameter
 
-__all__ = ["Linear", "DiagLinear"]
+__all__ = ["Linear", "DiagLinear", "make_linear", "LINEAR_KINDS"]
 
-
-def _features(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
+#: the values of the ``linear=`` argument of attention and of the models in `diagnet.models`
+LINEAR_KINDS = ("dense", "diag")
 
 
 def _dtype(dtype):
@@ -60,8 +58,8 @@ class Linear(Module):
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, device=None,
                  rng=None):
         super().__init__()
-        self.in_features = _features("in_features", in_features)
-        self.out_features = _features("out_features", out_features)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
         dt, dev, gen = _dtype(dtype), backend.resolve_device(device), _random.as_generator(rng)
         bound = init.linear_bound(self.in_features)
         self.weight = Parameter(init.uniform_array((self.out_features, self.in_features), bound,
@@ -132,8 +130,8 @@ class DiagLinear(Module):
     def __init__(self, in_features, out_features, sparsity=0.9, bias=True, offsets=None,
                  rng=None, dtype=np.float32, device=None):
         super().__init__()
-        self.in_features = _features("in_features", in_features)
-        self.out_features = _features("out_features", out_features)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
         m, n = self.out_features, self.in_features
         dt, dev, gen = _dtype(dtype), backend.resolve_device(device), _random.as_generator(rng)
         P = max(m, n)
@@ -317,3 +315,20 @@ class DiagLinear(Module):
 def _init_uniform(layer, K_new, rng):
     return init.uniform_array((K_new, layer.L), layer.init_bound(), layer.values.dtype,
                               layer.values.device, rng)
+
+
+def make_linear(in_features, out_features, linear="dense", sparsity=0.9, bias=True,
+                dtype=np.float32, device=None, rng=None):
+    """An ``nn.Linear`` (``linear="dense"``) or an ``nn.DiagLinear`` (``linear="diag"``).
+
+    The one switch that attention and every model in `diagnet.models` use to choose
+    between dense and diagonally sparse layers. ``sparsity`` is the diagonal layer's target
+    sparsity and is ignored by a dense one. ``rng`` (None, int seed or Generator) draws the
+    layer's initial weights (and, for ``"diag"``, its offsets first).
+    """
+    if linear == "dense":
+        return Linear(in_features, out_features, bias=bias, dtype=dtype, device=device, rng=rng)
+    if linear == "diag":
+        return DiagLinear(in_features, out_features, sparsity=sparsity, bias=bias, rng=rng,
+                          dtype=dtype, device=device)
+    raise ValueError(f"linear must be one of {LINEAR_KINDS}; got {linear!r}")

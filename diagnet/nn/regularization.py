@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import functional as F
+from ._validate import probability
 from .module import Module
 
 __all__ = ["Dropout"]
@@ -17,9 +18,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.5, rng=None):
         super().__init__()
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"p must be in [0, 1); got {p!r}")
-        self.p = float(p)
+        self.p = probability("p", p)
         self.rng = rng
 
     def forward(self, x):
