@@ -202,16 +202,25 @@ def test_repr_shows_layers_parameter_counts_and_sparsity():
 
 def test_summary_counts_stored_and_dense_equivalent_numbers():
     net = nn.Sequential(nn.DiagLinear(784, 256, sparsity=0.9, rng=0), nn.ReLU(),
-                        nn.DiagLinear(256, 256, sparsity=0.9, rng=1), nn.ReLU(), nn.Linear(256, 10))
+                        nn.DiagLinear(256, 256, sparsity=0.9, rng=1), nn.ReLU(), nn.Linear(256, 10),
+                        nn.LayerNorm(10))
     s = nn.summary(net)
-    assert [r.name for r in s.rows] == ["0", "2", "4"]
-    assert s.rows[0].params == 79 * 256 + 256 and s.rows[0].dense == 784 * 256 + 256
-    assert s.rows[1].params == 26 * 256 + 256
+    assert [r.name for r in s.rows] == ["0", "2", "4", "5"]
+    first, second, head, norm = s.rows
+    assert (first.params, first.weight_nnz, first.weight_dense) == (79 * 256 + 256, 79 * 256,
+                                                                    784 * 256)
+    assert first.dense == 784 * 256 + 256 and first.sparsity == pytest.approx(1 - 79 / 784)
+    assert second.params == 26 * 256 + 256 and second.sparsity == pytest.approx(1 - 26 / 256)
+    assert head.sparsity == 0.0 and head.dense == head.params == 2570
+    assert norm.weight_nnz is None and norm.sparsity is None and norm.dense == 20
     assert s.params == net.num_parameters()
-    assert s.dense == 784 * 256 + 256 * 256 + 256 * 10 + 256 + 256 + 10
-    assert abs(s.sparsity - (1 - s.params / s.dense)) < 1e-15
+    assert s.dense == 784 * 256 + 256 * 256 + 256 * 10 + 256 + 256 + 10 + 20
+    assert s.sparsity == pytest.approx(1 - s.params / s.dense, abs=1e-15)
+    assert s.weight_sparsity == pytest.approx(
+        1 - (79 * 256 + 26 * 256 + 2560) / (784 * 256 + 256 * 256 + 2560), abs=1e-15)
     text = str(s)
-    assert "DiagLinear" in text and "256x784, K=79/784" in text and "total" in text
+    assert "DiagLinear" in text and "256x784, K=79/784" in text and "89.92%" in text
+    assert text.splitlines()[-2].startswith("total") and "weights alone" in text
     with pytest.raises(TypeError, match="needs a Module"):
         nn.summary(object())
 

@@ -88,8 +88,8 @@ class Linear(Module):
         return out
 
     def weight_stats(self):
-        """``(stored numbers, dense-equivalent numbers)`` of this layer's parameters."""
-        n = self.num_parameters(recurse=False)
+        """``(stored, dense)`` entries of the weight matrix: ``(m*n, m*n)``."""
+        n = self.out_features * self.in_features
         return n, n
 
     def extra_repr(self):
@@ -303,9 +303,8 @@ class DiagLinear(Module):
 
     # ------------------------------------------------------------------ reporting
     def weight_stats(self):
-        """``(stored numbers, dense-equivalent numbers)``: ``K*L (+m)`` against ``m*n (+m)``."""
-        b = 0 if self.bias is None else self.out_features
-        return self.nnz + b, self.out_features * self.in_features + b
+        """``(stored, dense)`` entries of the weight matrix: ``(K*L, m*n)``."""
+        return self.nnz, self.out_features * self.in_features
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -13,19 +13,32 @@ __all__ = ["summary", "Summary", "SummaryRow"]
 class SummaryRow:
     """One module that owns parameters.
 
-    ``params`` counts the numbers the module stores; ``dense`` the numbers a dense layer of
-    the same shape would store; ``sparsity = 1 - params / dense`` (0 for dense layers).
+    ``params``: the numbers it stores (all its parameters). ``weight_nnz`` / ``weight_dense``:
+    the entries its weight matrix stores and would have if dense (``K*L`` and ``m*n`` for a
+    `DiagLinear`; both ``m*n`` for a `Linear`); None for modules without a weight matrix
+    (layer norms, embeddings).
     """
 
     name: str
     kind: str
     detail: str
     params: int
-    dense: int
+    weight_nnz: int | None = None
+    weight_dense: int | None = None
 
     @property
-    def sparsity(self) -> float:
-        return 1.0 - self.params / self.dense if self.dense else 0.0
+    def dense(self) -> int:
+        """The numbers this module would store with a dense weight."""
+        if self.weight_nnz is None:
+            return self.params
+        return self.params - self.weight_nnz + self.weight_dense
+
+    @property
+    def sparsity(self) -> float | None:
+        """Realised sparsity of the weight matrix, ``1 - weight_nnz / weight_dense``."""
+        if self.weight_nnz is None:
+            return None
+        return 1.0 - self.weight_nnz / self.weight_dense
 
 
 @dataclass(frozen=True)
@@ -42,28 +55,42 @@ class Summary:
 
     @property
     def dense(self) -> int:
-        """The same model's size with every sparse layer densified."""
+        """The same model's size with every sparse weight densified."""
         return sum(r.dense for r in self.rows)
 
     @property
     def sparsity(self) -> float:
-        """Overall sparsity, ``1 - params / dense``, over all parameters (biases included)."""
+        """Overall sparsity of all parameters, ``1 - params / dense`` (biases and norms included)."""
         return 1.0 - self.params / self.dense if self.dense else 0.0
 
+    @property
+    def weight_sparsity(self) -> float:
+        """Sparsity of the weight matrices alone, ``1 - sum(weight_nnz) / sum(weight_dense)``."""
+        rows = [r for r in self.rows if r.weight_nnz is not None]
+        dense = sum(r.weight_dense for r in rows)
+        return 1.0 - sum(r.weight_nnz for r in rows) / dense if dense else 0.0
+
     def __str__(self):
-        head = ("layer", "type", "shape", "params", "dense equiv.", "sparsity")
-        body = [(r.name or "(root)", r.kind, r.detail, f"{r.params:,}", f"{r.dense:,}",
-                 f"{r.sparsity:.2%}") for r in self.rows]
-        total = ("total", self.model, "", f"{self.params:,}", f"{self.dense:,}",
+        head = ("layer", "type", "shape", "params", "non-zeros", "dense equiv.", "sparsity")
+
+        def fmt_row(r):
+            nnz = "" if r.weight_nnz is None else f"{r.weight_nnz:,}"
+            sp = "" if r.sparsity is None else f"{r.sparsity:.2%}"
+            return (r.name or "(root)", r.kind, r.detail, f"{r.params:,}", nnz, f"{r.dense:,}", sp)
+
+        body = [fmt_row(r) for r in self.rows]
+        nnz = sum(r.weight_nnz for r in self.rows if r.weight_nnz is not None)
+        total = ("total", self.model, "", f"{self.params:,}", f"{nnz:,}", f"{self.dense:,}",
                  f"{self.sparsity:.2%}")
         widths = [max(len(row[i]) for row in [head, total] + body) for i in range(len(head))]
-        right = {3, 4, 5}
 
         def fmt(row):
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+            return "  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
                              for i, (c, w) in enumerate(zip(row, widths))).rstrip()
         rule = "  ".join("-" * w for w in widths)
-        return "\n".join([fmt(head), rule] + [fmt(r) for r in body] + [rule, fmt(total)])
+        note = (f"non-zeros: stored weight entries; sparsity: of each weight matrix, and in the "
+                f"total of all parameters (weights alone: {self.weight_sparsity:.2%})")
+        return "\n".join([fmt(head), rule] + [fmt(r) for r in body] + [rule, fmt(total), note])
 
 
 def _detail(mod) -> str:
@@ -76,10 +103,11 @@ def _detail(mod) -> str:
 def summary(model: Module) -> Summary:
     """Tabulate every module of ``model`` that owns parameters.
 
-    A layer reports ``(stored, dense-equivalent)`` through a ``weight_stats()`` method when it
-    has one (sparse layers: ``K*L + bias`` against ``m*n + bias``); any other module counts
-    its own parameters as both. ``print(summary(model))`` shows the table; the returned
-    `Summary` also gives the totals as numbers.
+    A layer with a weight matrix reports ``(stored entries, dense entries)`` of that matrix
+    through a ``weight_stats()`` method (`Linear`: ``(m*n, m*n)``; `DiagLinear`:
+    ``(K*L, m*n)``); its other parameters (biases) count as stored in both. Modules without
+    ``weight_stats`` count their parameters as dense. ``print(summary(model))`` shows the
+    table; the returned `Summary` also gives the totals as numbers.
     """
     if not isinstance(model, Module):
         raise TypeError(f"summary needs a Module; got {type(model).__name__}")
@@ -88,6 +116,6 @@ def summary(model: Module) -> Summary:
         own = sum(p.size for p in mod._parameters.values() if p is not None)
         if not own:
             continue
-        stored, dense = mod.weight_stats() if hasattr(mod, "weight_stats") else (own, own)
-        rows.append(SummaryRow(name, type(mod).__name__, _detail(mod), int(stored), int(dense)))
+        nnz, dense = mod.weight_stats() if hasattr(mod, "weight_stats") else (None, None)
+        rows.append(SummaryRow(name, type(mod).__name__, _detail(mod), int(own), nnz, dense))
     return Summary(tuple(rows), type(model).__name__)
