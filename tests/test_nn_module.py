@@ -312,3 +312,19 @@ def test_to_cuda_and_back_moves_everything_and_keeps_parameters():
     net.cpu()
     assert all(t.device == "cpu" for t in net.parameters())
     np.testing.assert_allclose(net(dn.tensor(x, device="cpu")).numpy(), want, rtol=1e-6)
+
+
+def test_forward_hooks_see_inputs_and_output_and_can_replace_it():
+    lin = nn.Linear(3, 2, rng=0)
+    seen = []
+    h1 = lin.register_forward_hook(lambda m, inputs, out: seen.append((m, inputs[0].shape, out.shape)))
+    h2 = lin.register_forward_hook(lambda m, inputs, out: out * 0)
+    x = dn.tensor(np.ones((4, 3), np.float32))
+    y = lin(x)
+    assert seen == [(lin, (4, 3), (4, 2))] and np.all(y.numpy() == 0)
+    h2.remove()
+    h1.remove()
+    h1.remove()  # removing twice is harmless
+    assert np.any(lin(x).numpy() != 0) and len(seen) == 1
+    with pytest.raises(TypeError, match="hook must be callable"):
+        lin.register_forward_hook(3)

@@ -38,6 +38,20 @@ def _array_of(value, name):
                     f"{type(value).__name__}")
 
 
+class _HookHandle:
+    """Returned by `Module.register_forward_hook`; ``remove()`` unregisters the hook."""
+
+    _next_id = 0
+
+    def __init__(self, hooks, hook):
+        _HookHandle._next_id += 1
+        self._hooks, self.id = hooks, _HookHandle._next_id
+        hooks[self.id] = hook
+
+    def remove(self):
+        self._hooks.pop(self.id, None)
+
+
 class Module:
     """Base class of every layer and model.
 
@@ -52,6 +66,7 @@ class Module:
         object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_forward_hooks", {})
         object.__setattr__(self, "training", True)
 
     # ------------------------------------------------------------------ registration
@@ -140,7 +155,23 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not implement forward()")
 
     def __call__(self, *inputs, **kwargs):
-        return self.forward(*inputs, **kwargs)
+        out = self.forward(*inputs, **kwargs)
+        for hook in tuple(self._forward_hooks.values()):
+            replaced = hook(self, inputs, out)
+            if replaced is not None:
+                out = replaced
+        return out
+
+    def register_forward_hook(self, hook):
+        """Call ``hook(module, inputs, output)`` after every forward; returns a handle.
+
+        A hook that returns a value replaces the output (dynamic sparse training uses this
+        to tap the gradient of a layer's output at mask-update steps). ``handle.remove()``
+        unregisters it. Hooks are not saved in the state dict.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable; got {type(hook).__name__}")
+        return _HookHandle(self._forward_hooks, hook)
 
     # ------------------------------------------------------------------ walking
     def named_modules(self, prefix=""):

@@ -1,0 +1,92 @@
+"""The protocol between a dynamic sparse training algorithm and the training loop.
+
+Every algorithm (DynaDiag, diagonal SET/RigL, unstructured SET/RigL, a static mask) is a
+`SparsityController` over named layers. The trainer, or a hand-written loop, calls it at
+fixed points of each step::
+
+    controller.start_epoch(epoch)        # per-epoch schedules (temperature), freeze at an epoch
+    for batch in loader:
+        controller.before_step(step)     # e.g. arm gradient taps if `step` updates masks
+        loss = loss_fn(model(x), y); optimizer.zero_grad(); loss.backward(); optimizer.step()
+        events = controller.after_step(step)   # mask updates, swaps, freeze at a step
+        step += 1
+
+``step`` counts optimizer steps from 0 over the whole run. `after_step` and `start_epoch`
+return a list of events: plain JSON-able dicts that the trainer writes to its JSONL log,
+built with `event`. `metrics` gives the numbers a progress bar shows. The controller's
+``state_dict`` (JSON-able values and backend arrays) goes into checkpoints, so that a
+resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SparsityController", "event"]
+
+
+def event(kind: str, step: int, **fields) -> dict:
+    """A log event: ``{"event": kind, "step": step, **fields}`` with JSON-able values.
+
+    NumPy scalars and arrays in ``fields`` are turned into Python numbers and lists.
+    """
+    out = {"event": str(kind), "step": int(step)}
+    for key, value in fields.items():
+        out[key] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):          # NumPy / CuPy arrays and scalars
+        if hasattr(value, "get"):
+            value = value.get()
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+class SparsityController:
+    """Base class: the hooks of the training loop, all no-ops here.
+
+    Args:
+        layers: mapping of dotted name -> sparse layer the controller manages (ordered).
+    """
+
+    def __init__(self, layers):
+        self.layers = dict(layers)
+        if not self.layers:
+            raise ValueError("a sparsity controller needs at least one layer")
+
+    def start_epoch(self, epoch: int) -> list:
+        """Called before the first step of ``epoch`` (0-based). Returns events."""
+        return []
+
+    def before_step(self, step: int) -> None:
+        """Called before the forward pass of optimizer step ``step``."""
+
+    def after_step(self, step: int) -> list:
+        """Called after ``optimizer.step()`` of step ``step``. Returns events."""
+        return []
+
+    def metrics(self) -> dict:
+        """Numbers for progress bars and epoch logs, e.g. ``{"sparsity": 0.9}``."""
+        return {"sparsity": self.sparsity()}
+
+    def sparsity(self) -> float:
+        """Realised sparsity over the managed layers' weights: ``1 - sum nnz / sum m*n``."""
+        nnz = dense = 0
+        for layer in self.layers.values():
+            stored, full = layer.weight_stats()
+            nnz, dense = nnz + stored, dense + full
+        return 1.0 - nnz / dense
+
+    def state_dict(self) -> dict:
+        """The controller's own state (not the layers': those are in the model's state dict)."""
+        return {}
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError if ``state`` cannot be loaded; change nothing."""
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
