@@ -52,7 +52,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -62,11 +61,13 @@ import scipy  # noqa: E402
 import scipy.sparse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # run from a checkout without installing; bench/reports.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from diagnet import backend  # noqa: E402
 from diagnet.diag import layout  # noqa: E402
+from reports import write_keeping_sections  # noqa: E402
 
 # (out_features m, in_features n, note)
 SHAPES = [
@@ -567,20 +568,6 @@ def headline_section(rng, budget_s=HEADLINE_BUDGET_S, rounds=HEADLINE_ROUNDS):
     return lines
 
 
-def write_atomically(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
@@ -685,7 +672,7 @@ def main(argv=None):
         print(text)
         print(f"(--quick: report not written; {elapsed:.0f} s)")
     else:
-        write_atomically(out, text)
+        write_keeping_sections(out, text)  # other benchmarks' sections stay
         print(f"wrote {out} ({elapsed:.0f} s)")
 
 

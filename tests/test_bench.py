@@ -21,3 +21,19 @@ def test_quick_runs_never_overwrite_the_committed_tables():
     assert bench.default_output(quick=True, device="cuda") is None
     assert bench.default_output(quick=False, device="cpu") == str(ROOT / "docs" / "benchmarks.md")
     assert bench.default_output(quick=False, device="cuda") == str(ROOT / "docs" / "gpu-benchmarks.md")
+
+
+def test_reports_keep_other_benchmarks_sections(tmp_path):
+    reports = _load("reports")
+    doc = tmp_path / "benchmarks.md"
+    reports.write_section(doc, "train_step", "| a | b |\n|---|---|\n| 1 | 2 |")
+    reports.write_section(doc, "other", "text")
+    reports.write_section(doc, "train_step", "| a | b |\n|---|---|\n| 3 | 4 |")  # replaced
+    text = doc.read_text()
+    assert text.count("<!-- begin: train_step -->") == 1 and "| 3 | 4 |" in text
+    assert "| 1 | 2 |" not in text and "text" in text
+    reports.write_keeping_sections(doc, "# Kernels\n\nnew grid\n")
+    text = doc.read_text()
+    assert text.startswith("# Kernels\n\nnew grid\n")
+    assert set(reports.sections(text)) == {"train_step", "other"} and "| 3 | 4 |" in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left

@@ -1,0 +1,51 @@
+"""Writing benchmark reports into docs: whole files, or one marked section of a shared file.
+
+Several benchmark scripts report into ``docs/benchmarks.md``. Each owns a section between
+``<!-- begin: NAME -->`` and ``<!-- end: NAME -->``; a script that regenerates the whole file
+(``bench_diag_linear.py``) keeps the other scripts' sections, so running one benchmark never
+erases another's table. Every write is atomic (`diagnet.tensorfile.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from diagnet.tensorfile import atomic_write
+
+_SECTION = re.compile(r"<!-- begin: (?P<name>[\w.-]+) -->\n.*?<!-- end: (?P=name) -->\n?", re.S)
+
+
+def write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating the folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def sections(text):
+    """``{name: marked block}`` of every section in ``text`` (markers included)."""
+    return {m.group("name"): m.group(0) for m in _SECTION.finditer(text)}
+
+
+def write_keeping_sections(path, text):
+    """Write ``text`` to ``path``, appending the marked sections of the old file it lacks."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = [block for name, block in sections(old).items() if name not in sections(text)]
+    if kept:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(b.rstrip("\n") + "\n" for b in kept)
+    write_text(path, text)
+
+
+def write_section(path, name, body):
+    """Put ``body`` between the markers of section ``name`` in ``path`` (appended if absent)."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"<!-- begin: {name} -->\n{body.rstrip()}\n<!-- end: {name} -->\n"
+    found = sections(old).get(name)
+    if found is not None:
+        new = old.replace(found, block)
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old else "") + block
+    write_text(path, new)
