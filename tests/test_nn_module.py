@@ -328,3 +328,10 @@ def test_forward_hooks_see_inputs_and_output_and_can_replace_it():
     assert np.any(lin(x).numpy() != 0) and len(seen) == 1
     with pytest.raises(TypeError, match="hook must be callable"):
         lin.register_forward_hook(3)
+
+
+def test_replacing_a_submodule_keeps_its_place():
+    seq = nn.Sequential(nn.Linear(4, 4, rng=0), nn.ReLU(), nn.Linear(4, 2, rng=1))
+    setattr(seq, "0", nn.DiagLinear(4, 4, sparsity=0.5, rng=2))
+    assert [type(m).__name__ for m in seq] == ["DiagLinear", "ReLU", "Linear"]
+    assert [n for n, _ in seq.named_parameters()] == ["0.values", "0.bias", "2.weight", "2.bias"]
