@@ -836,3 +836,35 @@ def test_gpu_sgd_adam_remap_and_clip_match_cpu():
     assert isinstance(gpu_opt.state[gpu_p]["exp_avg"], cp.ndarray)
     np.testing.assert_array_equal(backend.to_numpy(gpu_opt.state[gpu_p]["exp_avg"]),
                                   cpu_opt.state[cpu_p]["exp_avg"])
+
+
+def test_mask_state_zeroes_masked_entries_of_every_per_element_state_in_place():
+    p = Parameter(_start(17, (4, 3)))
+    adam = _stepped_adam(p, seed=17)  # exp_avg, exp_avg_sq, max_exp_avg_sq and a step count
+    sgd = SGD([p], lr=0.1, momentum=0.9)
+    _run(sgd, [p], [_grads(18, (4, 3), 2)])
+    keep = np.random.default_rng(0).random((4, 3)) < 0.5
+    holders = [(adam, k) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")] + [
+        (sgd, "momentum_buffer")]
+    arrays = [opt.state[p][k] for opt, k in holders]
+    before = [v.copy() for v in arrays]
+    data = p.data.copy()
+    adam.mask_state(p, keep)
+    sgd.mask_state(p, dn.tensor(keep))  # a Tensor works too
+    for (opt, k), v, old in zip(holders, arrays, before):
+        assert opt.state[p][k] is v  # in place
+        np.testing.assert_array_equal(v, old * keep)
+        assert np.all(old[~keep] != 0)  # so the zeros come from mask_state
+    np.testing.assert_array_equal(p.data, data)  # the parameter itself is not touched
+    assert adam.state[p]["step"] == 2
+    # a parameter without state yet: nothing to do
+    fresh = Parameter(np.ones((4, 3)))
+    idle = Adam([fresh], lr=0.1)
+    idle.mask_state(fresh, keep)
+    assert fresh not in idle.state
+    with pytest.raises(ValueError, match="does not hold"):
+        adam.mask_state(fresh, keep)
+    with pytest.raises(ValueError, match=r"keep must have the parameter's shape \(4, 3\)"):
+        adam.mask_state(p, keep[:2])
+    with pytest.raises(TypeError, match="keep must be a boolean array"):
+        adam.mask_state(p, keep.astype(np.float64))

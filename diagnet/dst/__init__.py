@@ -1,8 +1,16 @@
 """Dynamic sparse training: algorithms that change which weights a sparse layer stores.
 
 * `SparsityController` (``base``): the protocol between an algorithm and the training loop;
-* `GradientTap` (``capture``): a layer's input and output gradient at mask-update steps.
+* `GradientTap` (``capture``): a layer's input and output gradient at mask-update steps;
+* `DiagPruneGrow`, `UnstructuredPruneGrow` (``prune_grow``): SET and RigL on diagonals and on
+  single weights; `MaskedLinear` (``masked``): the masked dense layer of the unstructured
+  baselines;
+* ``density``: layer-wise densities (uniform, ERK) and integer budgets that hit the total.
 """
 
 from .base import SparsityController, event
 from .capture import GradientTap
+from .density import diagonal_budgets, element_budgets, layer_densities
+from .masked import MaskedLinear
+from .prune_grow import (DiagPruneGrow, UnstructuredPruneGrow, drop_fraction, drop_lowest,
+                         grow_random, grow_top, update_size)

@@ -22,7 +22,9 @@ Python int/float/bool/str/None/list, so it can be stored as JSON.
 
 Dynamic sparse training changes which rows a `Parameter` has; `Parameter.remap_rows` then
 calls `Optimizer.remap_rows` on every optimizer holding it, which moves the per-row state with
-the rows (kept rows keep their moments, new rows start at zero).
+the rows (kept rows keep their moments, new rows start at zero). Unstructured masks change
+single entries instead; `Optimizer.mask_state` zeroes the per-element state of the entries
+a mask change touched.
 """
 
 from __future__ import annotations
@@ -292,6 +294,44 @@ class Optimizer:
                 value[...] = xp.where(mask, xp.zeros((), dtype=value.dtype), value)
             else:
                 value[rows] = 0
+
+    def mask_state(self, param, keep) -> None:
+        """Zero ``param``'s per-element state where ``keep`` is False, in place.
+
+        Every state array with exactly ``param``'s shape (momentum buffer, Adam's moments)
+        becomes ``value * keep``; scalar state (step counts) is untouched. Unstructured
+        dynamic sparse training calls this through `MaskedLinear.set_mask`, so that pruned
+        and newly grown weights start without stale momentum. Runs on the device without a
+        host synchronisation (``where``, not a boolean setitem; a NaN in the state is
+        zeroed too, which a product would keep).
+
+        Args:
+            param: a parameter held by this optimizer.
+            keep: boolean array of ``param``'s shape (NumPy, CuPy, Tensor or nested
+                sequence); moved to ``param``'s device if needed.
+
+        Raises:
+            ValueError: ``param`` is not held by this optimizer, or ``keep`` has the wrong
+                shape. TypeError: ``keep`` is not boolean.
+        """
+        if param not in self._names:
+            raise ValueError("mask_state: this optimizer does not hold the given parameter")
+        keep = backend.unwrap(keep)
+        if not backend.is_array(keep):
+            keep = np.asarray(keep)
+        if keep.dtype.kind != "b":
+            raise TypeError(f"mask_state: keep must be a boolean array; got dtype {keep.dtype}")
+        if tuple(keep.shape) != param.shape:
+            raise ValueError(f"mask_state: keep must have the parameter's shape {param.shape}; "
+                             f"got {tuple(keep.shape)}")
+        state = self.state.get(param)
+        if not state:
+            return
+        xp = backend.get_array_module(param.data)
+        keep = backend.to_device(keep, backend.device_of(param.data))
+        for value in state.values():
+            if backend.is_array(value) and tuple(value.shape) == param.shape:
+                value[...] = xp.where(keep, value, xp.zeros((), dtype=value.dtype))
 
     # -- state dicts
     def state_dict(self) -> dict:
