@@ -3,13 +3,15 @@
 ``diagnet.tensor`` and `Tensor` (autograd), ``diagnet.functional`` (all ops),
 `DiagMatrix` (the (offset, diagonal) sparse format), ``diagnet.backend`` (NumPy/CuPy),
 ``diagnet.nn`` (modules and layers), ``diagnet.optim`` (optimizers, schedules),
+``diagnet.dst`` (dynamic sparse training), ``diagnet.data`` (datasets, loaders),
+``diagnet.train`` (the `Trainer`),
 `save` / `load` (checkpoints in the safetensors format, ``diagnet.checkpoint``); the models
 are in ``diagnet.models``.
 """
 
 __version__ = "0.1.0"
 
-from . import backend, checkpoint, config, functional, nn, optim, random, sparse
+from . import backend, checkpoint, config, data, dst, functional, nn, optim, random, sparse, train
 from .autograd import Function, Tensor, tensor
 from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .backend import cuda_available, default_device, get_array_module

@@ -37,3 +37,17 @@ def test_reports_keep_other_benchmarks_sections(tmp_path):
     assert text.startswith("# Kernels\n\nnew grid\n")
     assert set(reports.sections(text)) == {"train_step", "other"} and "| 3 | 4 |" in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_dst_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
+    import subprocess
+
+    bench = _load("bench_dst_step")
+    assert bench.default_output(quick=True, device="cpu") is None
+    before = (ROOT / "docs" / "benchmarks.md").read_bytes()
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dst_step.py"), "--quick",
+                          "--steps", "3"], capture_output=True, text=True, timeout=300,
+                         check=True, cwd=tmp_path, env={"DIAGNET_DEVICE": "cpu", "PATH": ""})
+    for variant in ("dynadiag sparse", "dynadiag reference", "dense", "static diag"):
+        assert variant in res.stdout, res.stdout
+    assert (ROOT / "docs" / "benchmarks.md").read_bytes() == before

@@ -1,0 +1,255 @@
+"""In-memory datasets and a reproducible, resumable batch loader.
+
+* `ArrayDataset(*arrays)`: NumPy arrays that share their first dimension (the samples),
+  e.g. images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64.
+* `DataLoader(dataset, batch_size, ...)`: iterates over batches as tuples of
+  `diagnet.Tensor` on a device.
+
+Reproducibility. The order of epoch ``e`` is a pure function of ``(seed, e)``:
+``numpy.random.default_rng([seed, e]).permutation(N)`` when shuffling, ``arange(N)``
+otherwise. It never draws from the global generator (`diagnet.random`) or any other shared
+state, so a run and its resumption see the same order, and the order of one epoch does not
+depend on how many epochs came before it.
+
+Resumption. `DataLoader.state_dict` is ``{"epoch": e, "batch": i}``: the epoch and the
+number of its batches already handed out. After `DataLoader.load_state_dict`, the next
+iteration yields batches ``i, i+1, ...`` of epoch ``e``, exactly those that an uninterrupted
+iteration would have yielded next; earlier batches are skipped without being gathered.
+
+Cost. A batch is gathered with one fancy index per array (``array[indices]``), never with a
+Python loop over samples, and copied to the device once.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .. import backend
+from ..autograd import Tensor
+
+__all__ = ["ArrayDataset", "DataLoader", "epoch_order"]
+
+# array kinds a Tensor can hold: bool, signed and unsigned integers, floats
+_NUMERIC_KINDS = "biuf"
+
+
+def _non_negative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return int(value)
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+class ArrayDataset:
+    """Samples stored as NumPy arrays that share their first dimension.
+
+    Args:
+        *arrays: one or more ``numpy.ndarray`` of at least one dimension, all with the same
+            length ``N`` along axis 0 and a numeric dtype (bool, integer or float). Sample
+            ``k`` is ``(arrays[0][k], arrays[1][k], ...)``. The arrays are kept as they are
+            (not copied).
+
+    ``len(dataset)`` is ``N``. ``dataset[k]`` for an int ``k`` is the tuple of rows
+    ``(a[k] for a in arrays)``; a slice or an integer index array gives the tuple of
+    gathered arrays, each ``(len(index), *a.shape[1:])`` with its array's dtype (what
+    `DataLoader` uses: one fancy index per array).
+
+    Raises:
+        ValueError: no arrays, a 0-d array, or lengths that differ (all shapes are named).
+        TypeError: an argument that is not a NumPy array, or a non-numeric dtype.
+    """
+
+    def __init__(self, *arrays):
+        if not arrays:
+            raise ValueError("ArrayDataset needs at least one array")
+        for i, a in enumerate(arrays):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"ArrayDataset: argument {i} must be a numpy.ndarray; got "
+                                f"{type(a).__name__} (convert it with numpy.asarray)")
+            if a.ndim == 0:
+                raise ValueError(f"ArrayDataset: argument {i} is 0-d; every array needs a "
+                                 "first (sample) dimension")
+            if a.dtype.kind not in _NUMERIC_KINDS:
+                raise TypeError(f"ArrayDataset: argument {i} has dtype {a.dtype}; only bool, "
+                                "integer and float arrays can become tensors")
+        lengths = {a.shape[0] for a in arrays}
+        if len(lengths) != 1:
+            shapes = ", ".join(str(a.shape) for a in arrays)
+            raise ValueError(f"ArrayDataset: the arrays must have the same length along axis 0 "
+                             f"(the samples); got shapes {shapes}")
+        self.arrays = tuple(arrays)
+
+    def __len__(self):
+        return self.arrays[0].shape[0]
+
+    def __getitem__(self, index):
+        return tuple(a[index] for a in self.arrays)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in self.arrays)
+        return f"ArrayDataset({shapes})"
+
+
+def epoch_order(n, seed, epoch, shuffle=True):
+    """The sample order of one epoch: an int64 ``(n,)`` permutation of ``range(n)``.
+
+    ``numpy.random.default_rng([seed, epoch]).permutation(n)`` when ``shuffle``, else
+    ``arange(n)``: a pure function of its arguments (no global random state).
+    """
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64, copy=False)
+
+
+class DataLoader:
+    """Batches of a dataset as tuples of `Tensor`, in a reproducible and resumable order.
+
+    Args:
+        dataset: an `ArrayDataset`, or any object with ``len()`` whose ``dataset[indices]``
+            for an int64 index array ``(B,)`` returns a tuple of arrays ``(B, ...)`` (or a
+            single array).
+        batch_size: samples per batch ``B`` (a positive int).
+        shuffle: visit the samples in a new random order every epoch (see `epoch_order`);
+            False keeps the dataset's order.
+        seed: a non-negative int; with ``epoch``, it fixes the order of every epoch.
+        drop_last: drop the last batch of an epoch when it has fewer than ``B`` samples.
+        device: ``"cpu"`` or ``"cuda"``; None for the default device (resolved here, once).
+        transform: optional callable ``transform(*tensors) -> tuple of tensors`` applied to
+            each batch after it is on the device (e.g. ``lambda x, y: (x.astype("float32")
+            / 255, y)``, which moves uint8 images to the GPU at a quarter of the float32
+            size). A single returned `Tensor` becomes a 1-tuple.
+
+    Iterating yields, for each batch, a tuple with one `Tensor` per dataset array, of shape
+    ``(B, *array.shape[1:])`` (the last batch of an epoch may be smaller unless
+    ``drop_last``), on ``device``, without gradient. Dtypes are kept: float32/float64
+    stay as they are, integer labels stay int64 (and int32 stays int32); only float16
+    becomes float32, which tensors do not support.
+
+    Epochs. ``len(loader)`` is the number of batches per epoch. An iteration covers the
+    current epoch (`epoch`) from its next batch; when it runs to the end, the loader moves
+    on to the next epoch, so ``for e in range(E): for batch in loader: ...`` sees ``E``
+    different orders. `set_epoch` chooses the epoch explicitly (as with PyTorch's
+    ``DistributedSampler``); the `Trainer` calls it at the start of every epoch. Breaking
+    out of an iteration leaves the position where it was (see `state_dict`); a new
+    iteration then starts again at batch 0 of the same epoch, unless `load_state_dict` set a
+    position. One iteration at a time: two simultaneous iterators share the position.
+
+    Raises:
+        TypeError / ValueError: invalid arguments, or a dataset that gives no batch at all
+            (empty, or fewer than ``batch_size`` samples with ``drop_last``).
+    """
+
+    def __init__(self, dataset, batch_size, shuffle=False, seed=0, drop_last=False, device=None,
+                 transform=None):
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"dataset must support len() and indexing; got "
+                            f"{type(dataset).__name__}")
+        self.dataset = dataset
+        self.batch_size = _non_negative_int("batch_size", batch_size)
+        if self.batch_size == 0:
+            raise ValueError("batch_size must be a positive int; got 0")
+        self.shuffle = _flag("shuffle", shuffle)
+        self.seed = _non_negative_int("seed", seed)
+        self.drop_last = _flag("drop_last", drop_last)
+        self.device = backend.resolve_device(device)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
+        self.transform = transform
+        self.num_samples = len(dataset)
+        if len(self) == 0:
+            raise ValueError(f"DataLoader: no batch to give: the dataset has {self.num_samples} "
+                             f"samples, batch_size={self.batch_size}, drop_last={self.drop_last}")
+        self.epoch = 0
+        self.batch = 0           # batches of `epoch` handed out by the current iteration
+        self._resume_at = None   # set by load_state_dict: where the next iteration starts
+
+    def __len__(self):
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    # ------------------------------------------------------------------ epochs and position
+    def set_epoch(self, epoch):
+        """Make ``epoch`` (a non-negative int) the current epoch, from its first batch."""
+        self.epoch = _non_negative_int("epoch", epoch)
+        self.batch = 0
+        self._resume_at = None
+
+    def state_dict(self):
+        """``{"epoch": e, "batch": i}``: batches ``0..i-1`` of epoch ``e`` were handed out.
+
+        Taken while a batch is being used, it counts that batch as handed out; after an
+        iteration ran to its end it is ``{"epoch": e + 1, "batch": 0}``.
+        """
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def check_state_dict(self, state):
+        """Raise (TypeError/ValueError/KeyError) if `load_state_dict` would refuse ``state``."""
+        if not isinstance(state, dict):
+            raise TypeError(f"DataLoader state must be a dict; got {type(state).__name__}")
+        if set(state) != {"epoch", "batch"}:
+            raise KeyError(f"DataLoader state must have exactly the keys 'epoch' and 'batch'; "
+                           f"got {sorted(state)}")
+        _non_negative_int("epoch", state["epoch"])
+        batch = _non_negative_int("batch", state["batch"])
+        if batch > len(self):
+            raise ValueError(f"DataLoader state: batch {batch} is past the end of an epoch of "
+                             f"{len(self)} batches (was it saved with another batch_size or "
+                             "dataset?)")
+
+    def load_state_dict(self, state):
+        """Resume at ``state``: the next iteration yields batches ``state["batch"]``, ... of
+        epoch ``state["epoch"]``."""
+        self.check_state_dict(state)
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._resume_at = self.batch
+
+    def describe(self):
+        """The settings that fix the batches, as a JSON-able dict (for logs and checks)."""
+        return {"samples": self.num_samples, "batch_size": self.batch_size,
+                "batches": len(self), "shuffle": self.shuffle, "seed": self.seed,
+                "drop_last": self.drop_last}
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        # The start is read now, not on the first next(): iter() after load_state_dict
+        # resumes even if the generator body has not run yet.
+        start = self._resume_at if self._resume_at is not None else 0
+        self._resume_at = None
+        self.batch = start
+        return self._batches(self.epoch, start)
+
+    def _batches(self, epoch, start):
+        order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
+        for i in range(start, len(self)):
+            indices = order[i * self.batch_size:(i + 1) * self.batch_size]
+            batch = self._to_tensors(self.dataset[indices])
+            self.batch = i + 1   # counted as handed out while the consumer uses it
+            yield batch
+        self.epoch, self.batch = epoch + 1, 0
+
+    def _to_tensors(self, arrays):
+        if not isinstance(arrays, tuple):
+            arrays = (arrays,)
+        # Tensor() copies host arrays to the GPU once; on the CPU the gathered array is used
+        # as it is (fancy indexing already made a fresh copy)
+        batch = tuple(Tensor(a, device=self.device) for a in arrays)
+        if self.transform is not None:
+            batch = self.transform(*batch)
+            if isinstance(batch, Tensor):
+                batch = (batch,)
+            batch = tuple(batch)
+        return batch
+
+    def __repr__(self):
+        return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
+                f"device={self.device!r})")

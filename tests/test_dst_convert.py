@@ -1,0 +1,106 @@
+"""`sparsify`: one call turns a model's dense linears into sparse layers and a controller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import diagnet as dn
+from diagnet import nn
+from diagnet.dst import (DiagPruneGrow, DynaDiag, DynaDiagLinear, MaskedLinear,
+                         SparsityController, UnstructuredPruneGrow)
+from diagnet.dst.convert import KINDS, dense_linears, sparsify
+from diagnet.models import MLP
+
+EXPECTED = {
+    "diag": (nn.DiagLinear, SparsityController),
+    "dynadiag": (DynaDiagLinear, DynaDiag),
+    "diag_set": (nn.DiagLinear, DiagPruneGrow),
+    "diag_rigl": (nn.DiagLinear, DiagPruneGrow),
+    "unstructured": (MaskedLinear, SparsityController),
+    "unstructured_set": (MaskedLinear, UnstructuredPruneGrow),
+    "unstructured_rigl": (MaskedLinear, UnstructuredPruneGrow),
+}
+
+
+def _options(kind):
+    return dict(t_end=100, delta_t=10) if kind.endswith(("set", "rigl")) else {}
+
+
+def _model():
+    return MLP(64, [48, 32], 10, rng=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_replaces_the_linears_in_place_and_trains(kind):
+    model = _model()
+    names = list(dense_linears(model))
+    controller = sparsify(model, kind, sparsity=0.8, dense=("head",), rng=0, **_options(kind))
+    layer_type, controller_type = EXPECTED[kind]
+    assert type(controller) is controller_type
+    assert list(controller.layers) == names[:-1]
+    modules = dict(model.named_modules())
+    assert all(type(modules[n]) is layer_type for n in names[:-1])
+    assert type(model.head) is nn.Linear
+    # the converted layers sit where the dense ones were
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in _model().named_modules()]
+    # the whole model, dense head included, is at the target to one diagonal per layer
+    s = nn.summary(model)
+    tol = 1.0 / 48 if kind != "dynadiag" else 0.25 * 0.2 + 1.0 / 48  # dynadiag stores a pool
+    assert abs(s.weight_sparsity - 0.8) <= tol, s.weight_sparsity
+    if kind.startswith("unstructured"):
+        assert abs(s.weight_sparsity - 0.8) < 1e-3
+    x = dn.tensor(np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32))
+    labels = dn.tensor(np.arange(8) % 10)
+    opt = dn.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(12):
+        controller.before_step(step)
+        loss = dn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        controller.after_step(step)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_sparsify_is_seeded():
+    a, b, c = _model(), _model(), _model()
+    for m, seed in ((a, 3), (b, 3), (c, 4)):
+        sparsify(m, "diag", 0.9, rng=seed)
+    off = lambda m: m.features[0].offsets.numpy()  # noqa: E731
+    np.testing.assert_array_equal(off(a), off(b))
+    assert not np.array_equal(off(a), off(c))
+
+
+def test_erk_gives_small_layers_more_density():
+    model = MLP(256, [256, 16], 10, rng=0)
+    controller = sparsify(model, "diag", 0.9, distribution="erk", rng=0)
+    dens = {n: layer.density for n, layer in controller.layers.items()}
+    assert dens["head"] > dens["features.0"]
+    assert abs(nn.summary(model).weight_sparsity - 0.9) <= 1.0 / 16
+
+
+def test_init_dense_keeps_the_largest_diagonals():
+    model = _model()
+    W = model.features[0].weight.numpy()
+    sparsify(model, "diag", 0.75, dense=("head",), init="dense", rng=0)
+    layer = model.features[0]
+    kept = layer.to_dense().numpy()
+    nz = kept != 0
+    np.testing.assert_array_equal(kept[nz], W[nz])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kind="sparse"), "kind must be one of"),
+    (dict(kind="diag", dense=("nope",)), "dense pattern 'nope' matches no linear layer"),
+    (dict(kind="diag", dense=("*",)), "no linear layer left"),
+    (dict(kind="dynadiag", init="dense"), "init must be 'fresh' or 'dense'"),
+    (dict(kind="diag", mode="sparse"), "only apply to kind 'dynadiag'"),
+    (dict(kind="diag", t_end=5), "has no controller; unexpected options t_end"),
+    (dict(kind="diag", sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+])
+def test_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sparsify(_model(), **kwargs)
