@@ -64,6 +64,21 @@ def diagonal_scores(dy, x):
     """
     xp = backend.get_array_module(dy)
     m, n = dy.shape[1], x.shape[1]
-    dense = dy.T @ x
-    rows, cols = diagonal_coordinates((m, n), xp.arange(max(m, n)), xp)
-    return xp.sqrt((dense[rows, cols] ** 2).sum(axis=1))
+    squares = (dy.T @ x) ** 2
+    # rows of R are the positions t, its columns wrap around: R[t, (t + p) % P] is position t
+    # of diagonal p (for m >= n entry ((t + p) % m, t), i.e. the transpose; for m < n entry
+    # (t, (t + p) % n) directly)
+    return xp.sqrt(_wrapped_diagonal_sums(xp, squares.T if m >= n else squares))
+
+
+def _wrapped_diagonal_sums(xp, R):
+    """``out[p] = sum_t R[t, (t + p) % P]`` for ``R`` of shape ``(L, P)``, ``L <= P``.
+
+    No index arrays and no gather: doubling the columns makes ``R[t, (t + p) % P]`` the
+    plain ``RR[t, t + p]``, and reading the flat buffer with a row length one longer than
+    ``RR``'s shifts row ``t`` left by ``t``, which lines the diagonals up as columns.
+    """
+    L, P = R.shape
+    flat = xp.concatenate([xp.concatenate([R, R], axis=1).ravel(), xp.zeros(L, R.dtype)])
+    skewed = flat[:L * (2 * P + 1)].reshape(L, 2 * P + 1)  # skewed[t, p] = RR[t, t + p]
+    return skewed[:, :P].sum(axis=0)
