@@ -28,3 +28,13 @@ def test_hand_training_example_runs_and_prints_the_documented_summary(tmp_path):
     assert loss < 1.0, res.stdout  # 128 random samples, 50 Adam steps: memorised
     assert table.strip() in res.stdout, res.stdout
     assert (tmp_path / "mlp.safetensors").stat().st_size > 0
+
+
+def test_dst_guide_first_example_runs():
+    text = (README.parent / "docs" / "dst.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    namespace = {}
+    exec(compile(code, "docs/dst.md", "exec"), namespace)  # noqa: S102 - our own docs
+    from diagnet.dst import DynaDiag
+
+    assert isinstance(namespace["dst"], DynaDiag) and len(namespace["dst"].layers) == 2
