@@ -104,3 +104,14 @@ def test_init_dense_keeps_the_largest_diagonals():
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sparsify(_model(), **kwargs)
+
+
+def test_count_dense_false_puts_each_sparse_layer_at_the_target():
+    model = MLP(784, [256, 256], 10, rng=0)
+    controller = sparsify(model, "diag", 0.9, dense=("head",), count_dense=False, rng=0)
+    # 0.1 * (784 + 256) = 104 diagonals of length 256: exactly 90% over the two layers
+    assert [layer.K for layer in controller.layers.values()] == [78, 26]
+    assert controller.sparsity() == pytest.approx(0.9, abs=1e-12)
+    other = MLP(784, [256, 256], 10, rng=0)
+    counted = sparsify(other, "diag", 0.9, dense=("head",), rng=0)
+    assert sum(layer.K for layer in counted.layers.values()) < 78 + 26

@@ -59,14 +59,16 @@ def _replace(model, name, new):
 
 
 def sparsify(model, kind, sparsity=0.9, distribution="uniform", dense=(), rng=None,
-             init="fresh", **options) -> SparsityController:
+             init="fresh", count_dense=True, **options) -> SparsityController:
     """Replace ``model``'s dense linear layers by sparse ones, in place; return their controller.
 
     Args:
         model: a `Module`; every plain `nn.Linear` in it is converted unless kept dense.
         kind: one of `KINDS` (see the module docstring).
-        sparsity: overall target sparsity of the converted layers' weights *and* the dense
-            ones kept (they count towards the total, as in the RigL paper), in ``[0, 1)``.
+        sparsity: overall target sparsity in ``[0, 1)`` of the converted layers' weights and,
+            with ``count_dense`` (the default, as in the RigL paper), of the dense layers kept
+            too; with ``count_dense=False`` the kept layers are left out of the total, so the
+            sparse layers alone are at ``sparsity``.
         distribution: ``"uniform"`` or ``"erk"`` (see `diagnet.dst.density`).
         dense: names or glob patterns (``"head"``, ``"blocks.*.attn.proj"``) of linear layers
             to keep dense; each pattern must match at least one layer.
@@ -110,16 +112,16 @@ def sparsify(model, kind, sparsity=0.9, distribution="uniform", dense=(), rng=No
     layer_options = {k: options.pop(k) for k in _LAYER_OPTIONS if k in options}
     if layer_options and kind != "dynadiag":
         raise ValueError(f"{', '.join(layer_options)} only apply to kind 'dynadiag'")
-    shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()}
+    shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()
+              if count_dense or name not in keep}
     gen = _random.as_generator(rng)
     diagonal = not kind.startswith("unstructured")
     budgets = (diagonal_budgets if diagonal else element_budgets)(
-        shapes, 1.0 - float(sparsity), distribution, dense=keep)
+        shapes, 1.0 - float(sparsity), distribution, dense=keep if count_dense else ())
     layers = {}
     for name, old in linears.items():
         if name in keep:
             continue
-        m, n = shapes[name]
         new = _build(kind, old, budgets[name], init, gen, layer_options)
         _replace(model, name, new)
         layers[name] = new
