@@ -151,9 +151,15 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip the tests marked ``gpu`` (with the reason) where CUDA is not available."""
+    """Skip the tests marked ``gpu`` (with the reason) where CUDA is not available, and the
+    tests marked ``slow`` unless the ``-m`` expression names ``slow``."""
     from diagnet import backend
 
+    if "slow" not in (config.getoption("markexpr", "") or ""):
+        slow = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(slow)
     if backend.cuda_available():
         return
     skip = pytest.mark.skip(reason=f"needs CUDA: {backend.cuda_unavailable_reason()}")

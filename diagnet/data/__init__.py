@@ -5,9 +5,16 @@
   pure function of ``(seed, epoch)``, resumable mid-epoch (``loader``);
 * `epoch_order`: that order.
 
-Readers of particular data sets live in their own modules of this package.
+Readers of particular data sets live in their own modules of this package:
+
+* `read_idx` / `write_idx`: the IDX file format (``idx``);
+* `load_mnist` (uint8 images, int64 labels) and `mnist_arrays` (normalised float images):
+  MNIST, downloaded and cached (``mnist``).
 """
 
+from .idx import IDXError, read_idx, write_idx
 from .loader import ArrayDataset, DataLoader, epoch_order
+from .mnist import load_mnist, mnist_arrays
 
 __all__ = ["ArrayDataset", "DataLoader", "epoch_order"]
+__all__ += ["IDXError", "read_idx", "write_idx", "load_mnist", "mnist_arrays"]
