@@ -133,5 +133,23 @@ def write_plots(log_path, out_dir):
     return written + ([heat] if heat else [])
 
 
+def fit_and_report(trainer, model, args, started):
+    """Train (or resume), then print the summary table and write the plots; the exit code."""
+    import time
+
+    from diagnet.train import read_log
+
+    result = trainer.fit(resume=True if args.resume else None)
+    records = read_log(result.log_path)
+    print()
+    print(summary_table(model, records, result.metrics.get("eval_accuracy", 0.0)))
+    plots = write_plots(result.log_path, args.out)
+    print(f"\nwrote {result.log_path}, {result.last_checkpoint}"
+          + (f", {result.best_checkpoint}" if result.best_checkpoint else "")
+          + "".join(f", {p}" for p in plots))
+    print(f"total time {time.perf_counter() - started:.0f} s (data preparation included)")
+    return 0 if not result.interrupted else 130
+
+
 def pick_device(name):
     return dn.backend.resolve_device(name)

@@ -24,7 +24,7 @@ import diagnet as dn  # noqa: E402
 from diagnet import optim  # noqa: E402
 from diagnet.dst import sparsify  # noqa: E402
 from diagnet.models import ViT  # noqa: E402
-from diagnet.train import Trainer, read_log  # noqa: E402
+from diagnet.train import Trainer  # noqa: E402
 
 import common  # noqa: E402
 
@@ -71,17 +71,7 @@ def main(argv=None):
                       scheduler_interval="step", controller=controller, epochs=args.epochs,
                       out_dir=args.out, best_metric="eval_accuracy", seed=args.seed,
                       config=config, progress=not args.no_progress, overwrite=not args.resume)
-    result = trainer.fit(resume=True if args.resume else None)
-    records = read_log(result.log_path)
-    print()
-    print(common.summary_table(model, records, result.metrics.get("eval_accuracy", 0.0)))
-    plots = common.write_plots(result.log_path, args.out)
-    print(f"\nwrote {result.log_path}, {result.last_checkpoint}"
-          + (f", {result.best_checkpoint}" if result.best_checkpoint else "")
-          + "".join(f", {p}" for p in plots))
-    print(f"total time {time.perf_counter() - started:.0f} s (data preparation included)")
-    return 0 if not result.interrupted else 130
-
+    return common.fit_and_report(trainer, model, args, started)
 
 if __name__ == "__main__":
     sys.exit(main())
