@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import sys
 import weakref
 
 import numpy as np
@@ -41,7 +42,10 @@ DEFAULT_DTYPE = np.dtype(np.float32)
 # ----------------------------------------------------------------------------- helpers
 
 def sum_to(xp, grad, shape):
-    """Sum ``grad`` over broadcast dimensions so that it has ``shape``."""
+    """Sum ``grad`` over broadcast dimensions so that it has ``shape``.
+
+    (``xp`` is not used: the array's own methods work for NumPy and CuPy alike.)
+    """
     if grad.shape == tuple(shape):
         return grad
     lead = grad.ndim - len(shape)
@@ -393,26 +397,29 @@ class Function:
             raise RuntimeError(f"this {type(self).__name__} instance was already applied; "
                                "create a new instance for every call")
         self._applied = True
-        tensors = [as_tensor_like(x, inputs) for x in inputs]
-        _check_float_dtypes(type(self).__name__, tensors)
-        if self.elementwise:
-            tensors = _check_elementwise(type(self).__name__, tensors)
-        arrays = [t.data for t in tensors]
-        outputs = self.forward(*arrays)
+        # (The engine runs once per op per step, so this path avoids what it can: no
+        # wrapping of inputs that are Tensors already, no Tensor properties, one pass.)
+        tensors = [x if isinstance(x, Tensor) else as_tensor_like(x, inputs) for x in inputs]
+        if len(tensors) > 1:  # a single operand cannot mix dtypes or devices
+            _check_float_dtypes(type(self).__name__, tensors)
+            if self.elementwise:
+                tensors = _check_elementwise(type(self).__name__, tensors)
+        outputs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outputs, tuple)
         if single:
             outputs = (outputs,)
-        record = is_grad_enabled() and any(t.requires_grad for t in tensors)
+        needs = tuple(t.requires_grad for t in tensors)
+        record = any(needs) and is_grad_enabled()
         results = [Tensor._wrap(y, requires_grad=record) for y in outputs]
         if record:
-            self.generation = max(t.generation for t in tensors)
+            self.generation = generation = max(t.generation for t in tensors)
             self.inputs = tensors
-            self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+            self.needs_input_grad = needs
             self.output_meta = [(y.shape, y.dtype) for y in outputs]
             self.outputs = [weakref.ref(r) for r in results]
             for i, r in enumerate(results):
                 r.creator = self
-                r.generation = self.generation + 1
+                r.generation = generation + 1
                 r._output_index = i
         else:
             self.release()
@@ -430,19 +437,25 @@ class Function:
 
     def release(self):
         """Drop everything kept for backward (the graph is being freed)."""
-        keep = {"generation", "needs_input_grad", "output_meta", "_applied"}
-        for key in list(vars(self)):
-            if key not in keep:
-                delattr(self, key)
+        state = vars(self)
+        kept = {key: state[key] for key in _KEPT_AFTER_RELEASE if key in state}
+        state.clear()
+        state.update(kept)
         self.freed = True
 
 
+#: what a released `Function` keeps: enough to report "already applied" and "already freed"
+_KEPT_AFTER_RELEASE = ("generation", "needs_input_grad", "output_meta", "_applied")
+
+
 def _check_float_dtypes(op_name, tensors):
-    floats = {t.dtype for t in tensors if t.dtype in FLOAT_DTYPES}
+    floats = {t.data.dtype for t in tensors if t.data.dtype in FLOAT_DTYPES}
     if len(floats) > 1:
         got = ", ".join(str(t.dtype) for t in tensors)
         raise TypeError(f"{op_name}: operands have different float dtypes ({got}); "
                         "convert one with .astype() first")
+    if "cupy" not in sys.modules:
+        return  # every array is a NumPy array until CuPy is imported: one device
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"{op_name}: operands are on different devices ({sorted(devices)}); "
@@ -506,9 +519,10 @@ def _run_backward(root, grad, retain_graph):
     while heap:
         _, _, fn = heapq.heappop(heap)
         grads_out = pending.pop(fn)
-        xp = backend.get_array_module(*[g for g in grads_out if g is not None])
-        grads_out = [xp.zeros(shape, dtype) if g is None else g
-                     for g, (shape, dtype) in zip(grads_out, fn.output_meta)]
+        if any(g is None for g in grads_out):  # an output nobody used: zero gradient
+            xp = backend.get_array_module(*[g for g in grads_out if g is not None])
+            grads_out = [xp.zeros(shape, dtype) if g is None else g
+                         for g, (shape, dtype) in zip(grads_out, fn.output_meta)]
         grads_in = fn.backward(*grads_out)
         if not isinstance(grads_in, tuple):
             grads_in = (grads_in,)
@@ -518,9 +532,11 @@ def _run_backward(root, grad, retain_graph):
         for x, gx in zip(fn.inputs, grads_in):
             if gx is None or not x.requires_grad:
                 continue
-            gx = sum_to(backend.get_array_module(gx), gx, x.shape)
-            if gx.dtype != x.dtype:
-                gx = gx.astype(x.dtype)
+            xa = x.data
+            if gx.shape != xa.shape:
+                gx = sum_to(None, gx, xa.shape)
+            if gx.dtype != xa.dtype:
+                gx = gx.astype(xa.dtype)
             if x.creator is None:
                 _accumulate(x, gx)
             else:

@@ -51,3 +51,18 @@ def test_dst_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
     for variant in ("dynadiag sparse", "dynadiag reference", "dense", "static diag"):
         assert variant in res.stdout, res.stdout
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == before
+
+
+def test_train_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
+    import subprocess
+
+    bench = _load("bench_train_step")
+    assert bench.default_output(quick=True, device="cpu") is None
+    before = (ROOT / "docs" / "benchmarks.md").read_bytes()
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train_step.py"), "--quick",
+                          "--steps", "3", "--no-children"], capture_output=True, text=True,
+                         timeout=300, check=True, cwd=tmp_path,
+                         env={"DIAGNET_DEVICE": "cpu", "PATH": ""})
+    for variant in ("diagnet dense", "diag 90% static", "DynaDiag 90% soft", "Where the time goes"):
+        assert variant in res.stdout, res.stdout
+    assert (ROOT / "docs" / "benchmarks.md").read_bytes() == before

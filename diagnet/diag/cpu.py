@@ -74,7 +74,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import threadpools
+
 __all__ = ["forward", "input_grad", "value_grad"]
+
+# The kernels run on numba's thread pool, the dense matmuls next to them on OpenBLAS's: make
+# the idle workers of both sleep soon instead of spinning on the cores the other pool needs
+# (see `diagnet.diag.threadpools`). Once per process, at the first use of these kernels.
+threadpools.configure()
 
 # contract: use FMA; reassoc: let LLVM re-balance the fused sums. Deliberately not nnan/ninf
 # (they would let LLVM drop NaN/inf handling), nor the full fastmath=True.
@@ -563,7 +570,7 @@ def _rows_per_task(B):
 
 
 def _serial(B, K, L):
-    return _threads() == 1 or B * K * L < _SERIAL_WORK
+    return B * K * L < _SERIAL_WORK or _threads() == 1
 
 
 def _gather(out, inp, vals, shifts):

@@ -15,17 +15,82 @@ For each parameter ``p`` with gradient ``g``, at step ``t = 1, 2, ...`` (``lr``,
 State per parameter: ``step`` (Python int ``t``), ``exp_avg`` (``m``), ``exp_avg_sq``
 (``v``) and, with amsgrad, ``max_exp_avg_sq`` (``v_max``); the arrays have the shape and
 dtype of ``p`` and start at zero.
+
+On the CPU the update from ``m`` on is one compiled loop (`_fused_updates`, numba) instead of
+about ten NumPy calls and their temporaries: for the small parameters of a sparse model each
+NumPy call costs more in overhead than in arithmetic. Measured on 2 cores, `Adam.step` of
+the MNIST MLP (784-256-256-10) went from 140 to 60 µs with the hidden layers 90 % diagonal
+(34k values in six parameters) and from 580 to 190 µs dense (270k); see
+``bench/bench_train_step.py``. The loop does the same float operations in the same order and
+dtype as the NumPy code (bit-identical results), which stays the path for CuPy arrays and
+for non-contiguous arrays.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 from .. import backend
 from . import _checks
 from .optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_updates():
+    """``(plain, amsgrad)``: the compiled CPU loops (numba; compiled on first use, cached on
+    disk).
+
+    ``m = b1*m + c1*g``, ``v = b2*v + c2*g*g``, (amsgrad: ``v_max = max(v_max, v)``, a NaN
+    wins as in ``np.maximum``, and ``v_max`` replaces ``v`` below), ``p -= (m / (sqrt(v) /
+    s2 + eps)) * lr_t``, element by element on flat views, with the scalars ``(b1, c1, b2,
+    c2, s2, eps, lr_t)`` in an array of the parameter's dtype: the NumPy code's operations,
+    in its order and precision (bit for bit; no fused multiply-add: ``fastmath`` is off).
+    ``error_model="numpy"``: a division by zero gives inf/NaN as in NumPy, and the loop has
+    no per-element check, so LLVM vectorises it.
+    """
+    import numba
+
+    jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+    @jit
+    def plain(p, g, m, v, scalars):
+        b1, c1, b2, c2, s2, eps, lr_t = scalars
+        for i in range(p.shape[0]):
+            gi = g[i]
+            mi = m[i] * b1 + c1 * gi
+            vi = v[i] * b2 + c2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] -= (mi / (math.sqrt(vi) / s2 + eps)) * lr_t
+
+    @jit
+    def amsgrad(p, g, m, v, v_max, scalars):
+        b1, c1, b2, c2, s2, eps, lr_t = scalars
+        for i in range(p.shape[0]):
+            gi = g[i]
+            mi = m[i] * b1 + c1 * gi
+            vi = v[i] * b2 + c2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            vm = v_max[i]
+            if vi > vm or vi != vi:
+                vm = vi
+            v_max[i] = vm
+            p[i] -= (mi / (math.sqrt(vm) / s2 + eps)) * lr_t
+
+    return plain, amsgrad
+
+
+def _fusable(*arrays):
+    """True when every array is a C-contiguous NumPy array of the first one's float dtype."""
+    dtype = arrays[0].dtype
+    return all(type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous
+               for a in arrays)
 
 
 class Adam(Optimizer):
@@ -90,14 +155,28 @@ class Adam(Optimizer):
             else:
                 g = g + weight_decay * param  # a new array: the gradient stays as it is
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m *= beta1
-        m += (1.0 - beta1) * g
-        v *= beta2
-        v += (1.0 - beta2) * g * g
+        v_max = v
         if group["amsgrad"]:
             v_max = state.get("max_exp_avg_sq")
             if v_max is None:  # amsgrad switched on after the state was made
                 v_max = state["max_exp_avg_sq"] = xp.zeros_like(param)
+        if xp is np and _fusable(param, g, m, v, v_max):
+            # the scalars in the arrays' dtype, rounded as NumPy rounds a Python float
+            scalars = np.array((beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+                                math.sqrt(1.0 - beta2 ** step), group["eps"],
+                                lr / (1.0 - beta1 ** step)), dtype=param.dtype)
+            flat = [a.reshape(-1) for a in (param, g, m, v)]
+            plain, amsgrad = _fused_updates()
+            if v_max is v:
+                plain(*flat, scalars)
+            else:
+                amsgrad(*flat, v_max.reshape(-1), scalars)
+            return
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * g * g
+        if v_max is not v:
             xp.maximum(v_max, v, out=v_max)
             v = v_max
         denom = xp.sqrt(v)

@@ -1,0 +1,257 @@
+"""NumPy's BLAS threads and the numba kernels' threads, taking turns on the same cores.
+
+The problem
+-----------
+A training step alternates between the diagonal kernels (numba, on its OpenMP pool: GNU
+libgomp) and dense matmuls (NumPy's BLAS: OpenBLAS in the NumPy and SciPy wheels, on its own
+pthread pool). Both pools keep their worker threads spinning after a call, waiting for the
+next one: OpenBLAS for ``2**28`` CPU cycles (about 0.1 s), libgomp for 300,000 spin
+iterations (milliseconds). In a training step the next call goes to the *other* pool, whose
+threads then share their cores with the first pool's spinning workers: on a 2-core machine
+a call split evenly over 2 threads waits for the thread that shares its core. Measured on 2
+cores (768 x 768, sparsity 0.9, batch 256): the diagonal forward went from 0.45 ms alone to
+2.8 ms when alternating with a dense matmul, the matmul from 1.6 to 5.2 ms.
+
+The documented knobs are read once, when each library loads: ``OPENBLAS_THREAD_TIMEOUT``
+when NumPy is first imported (too late for a library imported after NumPy, and unknown to
+most users), ``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY`` when libgomp loads.
+``OMP_WAIT_POLICY=passive`` and ``NUMBA_THREADING_LAYER=workqueue`` remove the clash but make
+every kernel pay for waking its threads (half the kernel speed).
+
+The fix
+-------
+`configure` shortens both spins at run time, whatever was imported first:
+
+* **OpenBLAS**: its workers sleep after ``2**4`` cycles (`DEFAULT_TIMEOUT`). OpenBLAS
+  exports two functions that make a run-time change possible: ``openblas_read_env``
+  re-reads its environment variables, and ``blas_thread_shutdown_`` stops its workers
+  (OpenBLAS runs it itself before a ``fork``); the next threaded BLAS call starts new
+  workers, which take the timeout read last. `set_openblas_thread_timeout` sets
+  ``OPENBLAS_THREAD_TIMEOUT`` in the environment for a moment, calls the two functions and
+  restores the environment. Not done when ``OPENBLAS_THREAD_TIMEOUT`` (or
+  ``GOTO_THREAD_TIMEOUT``) is set (the user chose), when ``DIAGNET_BLAS_THREAD_TIMEOUT`` is
+  ``off`` (any other value: the timeout to use, ``log2`` of cycles, 4 to 30), or when no
+  OpenBLAS with those exports and a pthread pool is loaded (MKL, Accelerate, an OpenMP
+  build of OpenBLAS, a non-Linux system: the mechanism is specific to OpenBLAS's own thread
+  server, found through ``/proc/self/maps``).
+* **libgomp** (numba's ``omp`` threading layer): its workers spin `GOMP_SPINS` times
+  (about 0.2 ms) instead of 300,000 before they sleep: enough to catch the next kernel of
+  the same backward pass, short enough to be asleep when the next matmul runs. libgomp
+  reads ``GOMP_SPINCOUNT`` when it loads, which numba does when it starts its thread pool;
+  `configure` starts that pool itself with ``GOMP_SPINCOUNT`` set for the moment (then
+  restores the environment). Not done when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is
+  set, when ``DIAGNET_GOMP_SPINCOUNT`` is ``off`` (any other value: the count to use), or
+  when libgomp was loaded already (by an earlier numba parallel function, say): then the
+  status says so.
+
+`diagnet.diag.cpu` calls `configure` once, when the CPU kernels are first used.
+
+Caveat: stopping OpenBLAS's workers while another thread is inside a BLAS call could hang
+that call (as a ``fork`` at that moment would); `configure` runs at the first diagonal
+kernel call, normally before any such thread exists. Call it yourself earlier (or set the
+variables before importing NumPy) if your program runs BLAS in threads.
+
+What the short spins cost: a BLAS or kernel call that finds its workers asleep wakes them
+(tens of microseconds); measured in ``bench/bench_train_step.py`` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+
+__all__ = ["configure", "status", "openblas_libraries", "set_openblas_thread_timeout",
+           "DEFAULT_TIMEOUT", "ENV", "GOMP_SPINS", "GOMP_ENV"]
+
+#: the environment variable that chooses the OpenBLAS timeout (``log2`` of cycles) or ``off``
+ENV = "DIAGNET_BLAS_THREAD_TIMEOUT"
+#: OpenBLAS's own minimum: its workers sleep about 16 cycles after a job
+DEFAULT_TIMEOUT = 4
+#: OpenBLAS's default, for reference: 28 (``2**28`` cycles, ~0.1 s)
+OPENBLAS_DEFAULT_TIMEOUT = 28
+_USER_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
+
+#: the environment variable that chooses libgomp's spin count for numba's pool, or ``off``
+GOMP_ENV = "DIAGNET_GOMP_SPINCOUNT"
+#: libgomp's spin iterations before a worker sleeps (its default is 300,000)
+GOMP_SPINS = 10_000
+_USER_GOMP_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+_lock = threading.Lock()
+_status = None  # the result of the first `configure` call
+
+
+def loaded_libraries(word):
+    """Paths of the shared libraries loaded in this process whose file name contains
+    ``word`` (Linux, from ``/proc/self/maps``; elsewhere ``[]``)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    paths = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                name = os.path.basename(path)
+                if word in name.lower() and ".so" in name and path not in paths:
+                    paths.append(path)
+    except OSError:
+        return []
+    return paths
+
+
+def openblas_libraries():
+    """Paths of the OpenBLAS shared libraries loaded in this process (Linux; else ``[]``)."""
+    return loaded_libraries("openblas")
+
+
+def _symbol(lib, *names):
+    """The first of ``names`` that ``lib`` exports (wheels prefix/suffix the public API)."""
+    for name in names:
+        try:
+            return getattr(lib, name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _pthread_server(lib):
+    """``(read_env, shutdown, timeout_getter)`` of an OpenBLAS built with its own pthread
+    pool, or None (an OpenMP or sequential build, or a build without those exports)."""
+    get_parallel = _symbol(lib, "openblas_get_parallel", "openblas_get_parallel64_",
+                           "scipy_openblas_get_parallel", "scipy_openblas_get_parallel64_")
+    read_env = _symbol(lib, "openblas_read_env")
+    shutdown = _symbol(lib, "blas_thread_shutdown_")
+    timeout = _symbol(lib, "openblas_thread_timeout")
+    if None in (get_parallel, read_env, shutdown, timeout):
+        return None
+    get_parallel.restype = ctypes.c_int
+    if get_parallel() != 1:  # 0: sequential, 1: pthreads, 2: OpenMP
+        return None
+    timeout.restype = ctypes.c_uint
+    return read_env, shutdown, timeout
+
+
+def set_openblas_thread_timeout(log2_cycles):
+    """Make every loaded OpenBLAS pthread pool sleep ``2**log2_cycles`` cycles after a job.
+
+    Returns ``{path: timeout now in effect (log2)}`` for the libraries changed; an OpenBLAS
+    without the needed exports is left alone (and absent from the result). The process
+    environment is restored afterwards. See the module docstring for how and the caveat.
+    """
+    value = int(log2_cycles)
+    if not 4 <= value <= 30:
+        raise ValueError(f"the OpenBLAS thread timeout is log2 of cycles in [4, 30]; got {value}")
+    done = {}
+    for path in openblas_libraries():
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: this only opens a handle to it
+        except OSError:
+            continue
+        server = _pthread_server(lib)
+        if server is None:
+            continue
+        read_env, shutdown, timeout = server
+        saved = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(value)
+        try:
+            read_env()   # OpenBLAS caches its environment variables: read them again
+            shutdown()   # stop the workers; the next threaded call restarts them
+        finally:
+            if saved is None:
+                del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+            else:
+                os.environ["OPENBLAS_THREAD_TIMEOUT"] = saved
+        done[path] = int(timeout())
+    return done
+
+
+def _requested(env, user_env, default, what):
+    """The value to apply from ``env`` (an int), or a string saying why none is applied."""
+    for name in user_env:
+        if os.environ.get(name):
+            return f"left alone: {name}={os.environ[name]} is set"
+    raw = os.environ.get(env, "").strip().lower()
+    if raw in ("off", "none", "no", "false"):
+        return f"left alone: {env}={raw}"
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{env} must be 'off' or {what}; got {raw!r}") from None
+
+
+def start_numba_pool(spins):
+    """Start numba's thread pool with libgomp spinning ``spins`` times before sleeping.
+
+    Returns a note on what happened. libgomp reads ``GOMP_SPINCOUNT`` when it loads, and
+    numba loads it (``omp`` layer) when it starts its pool, which ``numba.get_num_threads``
+    does; so the variable is set for that moment only.
+    """
+    import numba
+
+    # the system's libgomp.so.1, which numba links; vendored copies (libgomp-<hash>.so, in
+    # the wheels of torch or scikit-learn) are separate instances and do not matter
+    if any(os.path.basename(p).startswith("libgomp.so") for p in loaded_libraries("libgomp")):
+        numba.get_num_threads()
+        return ("libgomp spin count left alone: libgomp was loaded before the kernels "
+                "(set GOMP_SPINCOUNT before importing to choose it)")
+    saved = os.environ.get("GOMP_SPINCOUNT")
+    os.environ["GOMP_SPINCOUNT"] = str(int(spins))
+    try:
+        numba.get_num_threads()  # starts the threading layer: libgomp loads and reads it
+    finally:
+        if saved is None:
+            del os.environ["GOMP_SPINCOUNT"]
+        else:
+            os.environ["GOMP_SPINCOUNT"] = saved
+    layer = numba.threading_layer()
+    if layer != "omp":
+        return f"numba uses its {layer} layer: no libgomp spin to limit"
+    return f"numba's OpenMP workers (libgomp) spin {int(spins)} times before sleeping"
+
+
+def configure(force=False):
+    """Shorten the idle spin of OpenBLAS's and numba's workers, once per process.
+
+    See the module docstring. Returns the same dict as `status`. ``force=True`` applies
+    the OpenBLAS part again (for libraries loaded since, or after changing
+    ``DIAGNET_BLAS_THREAD_TIMEOUT``); libgomp's spin count can only be set once, before
+    it loads.
+    """
+    global _status
+    with _lock:
+        if _status is not None and not force:
+            return dict(_status)
+        wanted = _requested(ENV, _USER_ENV, DEFAULT_TIMEOUT, "an int in [4, 30]")
+        if isinstance(wanted, str):
+            blas = {"openblas_thread_timeout": None, "libraries": {}, "note": wanted}
+        else:
+            done = set_openblas_thread_timeout(wanted)
+            note = (f"OpenBLAS workers sleep after 2**{wanted} cycles" if done else
+                    "no OpenBLAS pthread pool with the needed exports is loaded")
+            blas = {"openblas_thread_timeout": wanted if done else None,
+                    "libraries": done, "note": note}
+        if _status is not None and "gomp" in _status:
+            gomp = _status["gomp"]
+        else:
+            spins = _requested(GOMP_ENV, _USER_GOMP_ENV, GOMP_SPINS, "an int >= 0")
+            if isinstance(spins, int) and spins < 0:
+                raise ValueError(f"{GOMP_ENV} must be 'off' or an int >= 0; got {spins}")
+            if isinstance(spins, str):
+                import numba
+
+                numba.get_num_threads()  # start the pool anyway: the same moment in all cases
+                gomp = spins
+            else:
+                gomp = start_numba_pool(spins)
+        _status = {**blas, "gomp": gomp}
+        return dict(_status)
+
+
+def status():
+    """What `configure` did: ``{"openblas_thread_timeout": log2 or None, "libraries":
+    {path: log2}, "note": str, "gomp": str}``; None before it ran."""
+    return None if _status is None else dict(_status)

@@ -1,0 +1,149 @@
+"""`diagnet.diag.threadpools`: OpenBLAS's idle workers are told to sleep, at run time.
+
+The fix for the thread-pool clash between numba's kernels and NumPy's BLAS (see the module
+docstring) must hold whatever a script imported first, so the tests run fresh processes that
+import NumPy and use its BLAS *before* diagnet, then check what OpenBLAS itself reports
+(``openblas_thread_timeout()``, the value its worker threads are started with). Timings are
+never asserted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from diagnet.diag import threadpools
+
+_LIBS = threadpools.openblas_libraries()
+_SERVERS = [p for p in _LIBS if threadpools._pthread_server(ctypes.CDLL(p)) is not None]
+needs_openblas = pytest.mark.skipif(
+    not _SERVERS, reason="no OpenBLAS with its own pthread pool (and the exports the fix "
+                         "uses) is loaded here: NumPy uses another BLAS, or not on Linux")
+
+# Imports NumPy first and runs a threaded matmul (so OpenBLAS's workers are up and spinning
+# with the timeout they were started with), then uses a diagonal kernel, then reports.
+_SCRIPT = textwrap.dedent("""
+    import ctypes, json, os
+    import numpy as np
+    a = np.ones((256, 256), dtype=np.float32)
+    a @ a
+    from diagnet.diag import cpu, threadpools
+    x = np.ones((8, 16), dtype=np.float32)
+    y = cpu.forward(x, np.arange(3), np.ones((3, 16), dtype=np.float32), 16)
+    ok = bool(np.all(y == 3)) and bool(np.allclose(a @ a, 256.0))  # BLAS restarted fine
+    timeouts = {}
+    for path in threadpools.openblas_libraries():
+        server = threadpools._pthread_server(ctypes.CDLL(path))
+        if server is not None:
+            timeouts[path] = int(server[2]())
+    import numba
+    print(json.dumps({"status": threadpools.status(), "timeouts": timeouts, "ok": ok,
+                      "env": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                      "gomp_env": os.environ.get("GOMP_SPINCOUNT"),
+                      "layer": numba.threading_layer()}))
+""")
+
+
+_THREAD_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT", "GOMP_SPINCOUNT",
+               "OMP_WAIT_POLICY", "OMP_DISPLAY_ENV", threadpools.ENV, threadpools.GOMP_ENV)
+
+
+def run_fresh(stderr=False, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
+    env.update(env_changes)
+    env["DIAGNET_DEVICE"] = "cpu"
+    res = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return (out, res.stderr) if stderr else out
+
+
+@needs_openblas
+def test_fix_applies_after_numpy_was_imported_and_used():
+    out = run_fresh()
+    assert out["ok"]
+    assert out["status"]["openblas_thread_timeout"] == threadpools.DEFAULT_TIMEOUT
+    numpy_blas = [p for p in out["timeouts"] if "numpy" in p] or list(out["timeouts"])
+    assert numpy_blas
+    for path in numpy_blas:  # what OpenBLAS will start its workers with
+        assert out["timeouts"][path] == threadpools.DEFAULT_TIMEOUT
+        assert out["status"]["libraries"][path] == threadpools.DEFAULT_TIMEOUT
+    assert out["env"] is None  # the environment is left as it was
+
+
+@needs_openblas
+def test_the_timeout_can_be_chosen_or_switched_off():
+    out = run_fresh(**{threadpools.ENV: "12"})
+    assert out["ok"] and out["status"]["openblas_thread_timeout"] == 12
+    assert 12 in out["timeouts"].values()
+    out = run_fresh(**{threadpools.ENV: "off"})
+    assert out["ok"] and out["status"]["openblas_thread_timeout"] is None
+    assert "left alone" in out["status"]["note"]
+    assert threadpools.DEFAULT_TIMEOUT not in out["timeouts"].values()
+
+
+@needs_openblas
+def test_a_users_own_openblas_setting_is_respected():
+    out = run_fresh(OPENBLAS_THREAD_TIMEOUT="9")
+    assert out["ok"] and out["status"]["openblas_thread_timeout"] is None
+    assert "OPENBLAS_THREAD_TIMEOUT=9" in out["status"]["note"]
+    assert set(out["timeouts"].values()) == {9}  # OpenBLAS read it itself, at load time
+    assert out["env"] == "9"
+
+
+def test_configure_runs_once_when_the_kernels_load():
+    importlib.import_module("diagnet.diag.cpu")  # importing the kernels configures
+
+    status = threadpools.status()
+    assert status is not None and set(status) == {"openblas_thread_timeout", "libraries", "note",
+                                                  "gomp"}
+    assert threadpools.configure() == status  # the second call changes nothing
+
+
+def test_bad_values_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match=r"\[4, 30\]"):
+        threadpools.set_openblas_thread_timeout(3)
+    monkeypatch.setenv(threadpools.ENV, "soon")
+    for name in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=threadpools.ENV):
+        threadpools._requested(threadpools.ENV, (), threadpools.DEFAULT_TIMEOUT, "an int")
+
+
+@needs_openblas
+def test_blas_results_are_unchanged_after_a_restart():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 200))
+    b = rng.standard_normal((200, 100))
+    before = a @ b
+    threadpools.configure(force=True)  # stops OpenBLAS's workers; the next call restarts them
+    np.testing.assert_array_equal(a @ b, before)
+
+
+def _gomp_spincount(stderr):
+    """The ``GOMP_SPINCOUNT`` libgomp reports it started with (``OMP_DISPLAY_ENV=verbose``)."""
+    for line in stderr.splitlines():
+        if line.strip().startswith("GOMP_SPINCOUNT"):
+            return int(line.split("=")[1].strip().strip("'"))
+    return None
+
+
+def test_numba_pool_starts_with_a_short_libgomp_spin():
+    out, err = run_fresh(stderr=True, OMP_DISPLAY_ENV="verbose")
+    if out["layer"] != "omp" or _gomp_spincount(err) is None:
+        pytest.skip(f"numba uses its {out['layer']} layer here, not GNU libgomp")
+    assert _gomp_spincount(err) == threadpools.GOMP_SPINS  # what libgomp itself read
+    assert str(threadpools.GOMP_SPINS) in out["status"]["gomp"]
+    assert out["gomp_env"] is None  # the environment is left as it was
+    out, err = run_fresh(stderr=True, OMP_DISPLAY_ENV="verbose", **{threadpools.GOMP_ENV: "off"})
+    assert _gomp_spincount(err) == 300_000 and "left alone" in out["status"]["gomp"]
+    out, err = run_fresh(stderr=True, OMP_DISPLAY_ENV="verbose", GOMP_SPINCOUNT="777")
+    assert _gomp_spincount(err) == 777 and "GOMP_SPINCOUNT=777" in out["status"]["gomp"]
