@@ -308,3 +308,164 @@ def test_loader_rejects_non_datasets_and_empty_ones():
         DataLoader(ArrayDataset(np.zeros((0, 3))), 4)
     with pytest.raises(ValueError, match=">= 0"):
         DataLoader(ArrayDataset(np.zeros((5, 3))), 4).set_epoch(-1)
+
+
+# ----------------------------------------------------------------------------- per-sample datasets
+
+
+class PerSample:
+    """A dataset as ``torch.utils.data.Dataset`` has it: ``len()`` and ``dataset[k]`` for an
+    int ``k`` only, giving one sample; counts the samples fetched."""
+
+    def __init__(self, make_sample, n=N):
+        self.make_sample, self.n, self.fetched = make_sample, n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        if not isinstance(k, int):
+            raise TypeError(f"sample index must be an int; got {type(k).__name__}")
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        self.fetched.append(k)
+        return self.make_sample(k)
+
+
+def xy_per_sample(n=N):
+    x, y, _ = make_data(n)
+    return PerSample(lambda k: (x[k], int(y[k]), k), n)
+
+
+@pytest.mark.parametrize("shuffle, drop_last", [(False, False), (True, False), (True, True)])
+def test_per_sample_dataset_gives_the_batches_of_the_array_dataset(shuffle, drop_last):
+    x, y, ids = make_data()
+    want = list(DataLoader(ArrayDataset(x, y, ids), 16, shuffle=shuffle, seed=3,
+                           drop_last=drop_last))
+    got = list(DataLoader(xy_per_sample(), 16, shuffle=shuffle, seed=3, drop_last=drop_last))
+    assert len(got) == len(want) == (3 if drop_last else 4)
+    for g, w in zip(got, want):
+        assert len(g) == 3 and all(isinstance(t, Tensor) for t in g)
+        assert [t.dtype for t in g] == [np.float32, np.int64, np.int64]
+        for gt, wt in zip(g, w):
+            np.testing.assert_array_equal(gt.numpy(), wt.numpy())
+
+
+def test_per_sample_order_epochs_and_seed():
+    loader = DataLoader(xy_per_sample(), 8, shuffle=True, seed=5)
+    loader.set_epoch(3)
+    np.testing.assert_array_equal(np.concatenate(ids_of(loader)), epoch_order(N, 5, 3))
+    assert loader.state_dict() == {"epoch": 4, "batch": 0}
+    np.testing.assert_array_equal(np.concatenate(ids_of(loader)), epoch_order(N, 5, 4))
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 4])
+def test_per_sample_resume_fetches_only_the_remaining_samples(stop_after):
+    full = DataLoader(xy_per_sample(), 12, shuffle=True, seed=7)
+    full.set_epoch(1)
+    want = ids_of(full)
+    first = DataLoader(xy_per_sample(), 12, shuffle=True, seed=7)
+    first.set_epoch(1)
+    seen = []
+    for batch in first if stop_after else ():
+        seen.append(batch[-1].numpy().tolist())
+        if len(seen) == stop_after:
+            break
+    assert first.state_dict() == {"epoch": 1, "batch": stop_after}
+    dataset = xy_per_sample()
+    resumed = DataLoader(dataset, 12, shuffle=True, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    rest = ids_of(resumed)
+    assert seen + rest == want
+    assert dataset.fetched == [k for batch in rest for k in batch]  # skipped: not fetched
+
+
+def test_per_sample_field_kinds():
+    """How each kind of field is stacked: arrays keep their dtype; Python ints become int64,
+    floats float32 and bools bool (as `Tensor` makes them); NumPy scalars keep theirs."""
+    def sample(k):
+        return [np.full((2, 3), k, dtype=np.uint8), k, k / 2, k % 2 == 0, np.float64(k),
+                np.int32(k), Tensor(np.full(3, k, dtype=np.float64)), [k, k + 1]]
+
+    batch = next(iter(DataLoader(PerSample(sample), 4)))
+    assert [t.shape for t in batch] == [(4, 2, 3), (4,), (4,), (4,), (4,), (4,), (4, 3), (4, 2)]
+    assert [t.dtype for t in batch] == [np.uint8, np.int64, np.float32, np.bool_, np.float64,
+                                        np.int32, np.float64, np.int64]
+    np.testing.assert_array_equal(batch[0].numpy()[:, 1, 2], [0, 1, 2, 3])
+    np.testing.assert_array_equal(batch[2].numpy(), [0, 0.5, 1, 1.5])
+    np.testing.assert_array_equal(batch[3].numpy(), [True, False, True, False])
+    np.testing.assert_array_equal(batch[6].numpy()[:, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(batch[7].numpy(), [[0, 1], [1, 2], [2, 3], [3, 4]])
+
+
+def test_per_sample_single_field_and_transform():
+    x, _, _ = make_data()
+    loader = DataLoader(PerSample(lambda k: x[k]), 10,
+                        transform=lambda t: t.astype("float64"))
+    batches = list(loader)
+    assert all(len(b) == 1 for b in batches)
+    assert batches[0][0].dtype == np.float64
+    np.testing.assert_array_equal(batches[1][0].numpy(), x[10:20])
+
+
+@pytest.mark.parametrize("make_sample, exc, match", [
+    (lambda k: {"x": k, "y": k}, TypeError,
+     r"sample 0 of the batch is a dict; a per-sample dataset must give a tuple"),
+    (lambda k: (np.zeros(3 if k < 2 else 4), k), ValueError,
+     r"field 0 of the batch's samples does not stack: sample 0 has shape \(3,\), sample 2 \(4,\)"),
+    (lambda k: (k, k) if k < 3 else (k,), ValueError,
+     r"sample 3 of the batch has 1 field\(s\), sample 0 has 2"),
+    (lambda k: (k, "label"), TypeError, r"field 1 of the batch's samples .*dtype <U5"),
+    (lambda k: (k, None), TypeError, r"field 1 of the batch's samples .*dtype object"),
+], ids=["dict", "ragged", "fields", "str", "None"])
+def test_per_sample_bad_samples(make_sample, exc, match):
+    loader = DataLoader(PerSample(make_sample), 5)
+    with pytest.raises(exc, match=match):
+        next(iter(loader))
+
+
+def test_array_dataset_keeps_the_one_gather_fast_path():
+    """An ArrayDataset is never indexed sample by sample."""
+    x, y, _ = make_data()
+
+    class IntIndexRefused(ArrayDataset):
+        def __getitem__(self, index):
+            assert not isinstance(index, (int, np.integer)), "indexed by one sample"
+            return super().__getitem__(index)
+
+    assert len(list(DataLoader(IntIndexRefused(x, y), 16, shuffle=True))) == 4
+
+
+@pytest.mark.gpu
+def test_per_sample_batches_on_cuda():
+    x, y, _ = make_data()
+    loader = DataLoader(PerSample(lambda k: (Tensor(x[k], device="cuda"), int(y[k]))), 8,
+                        shuffle=True, device="cuda")
+    xb, yb = next(iter(loader))
+    assert xb.device == "cuda" and yb.device == "cuda"
+    assert xb.dtype == np.float32 and yb.dtype == np.int64
+    np.testing.assert_array_equal(xb.numpy(), x[epoch_order(N, 0, 0)[:8]])
+    np.testing.assert_array_equal(yb.numpy(), y[epoch_order(N, 0, 0)[:8]])
+
+
+def test_a_torch_dataset_is_collated_like_the_array_dataset():
+    # the habit this supports: a torch.utils.data.Dataset handed to diagnet's loader as it is
+    torch = pytest.importorskip("torch")
+    x, y, ids = make_data()
+
+    class TorchDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, k):
+            return torch.from_numpy(x[k]), int(y[k]), int(ids[k])
+
+    want = list(DataLoader(ArrayDataset(x, y, ids), 16, shuffle=True, seed=3))
+    got = list(DataLoader(TorchDataset(), 16, shuffle=True, seed=3))
+    tensors = list(DataLoader(torch.utils.data.TensorDataset(
+        torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)), 16, shuffle=True, seed=3))
+    assert len(got) == len(tensors) == len(want)
+    for g, t, w in zip(got, tensors, want):
+        for gt, tt, wt in zip(g, t, w):
+            np.testing.assert_array_equal(gt.numpy(), wt.numpy())
+            np.testing.assert_array_equal(tt.numpy(), wt.numpy())

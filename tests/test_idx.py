@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
+import pathlib
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -188,3 +191,128 @@ def test_corrupt_gzip(tmp_path, good, damage):
 def test_gzip_of_a_corrupt_idx_is_reported_as_idx_error(good):
     with pytest.raises(IDXError, match="trailing bytes"):
         read_idx(gzip.compress(good + b"\x00"))
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+@pytest.fixture
+def no_open(monkeypatch):
+    """Fail the test if anything is opened: a refused source must be refused before that."""
+    def fail(*args, **kwargs):
+        pytest.fail(f"open{args} called")
+    monkeypatch.setattr("builtins.open", fail)
+
+
+@pytest.mark.parametrize("source", [0, 3, True, False, 3.0, None, [0, 0, 8, 1], object(),
+                                    np.arange(3, dtype=np.uint8)],
+                         ids=lambda s: f"{type(s).__name__}-{s!r:.12}")
+def test_source_must_be_a_path_or_bytes(no_open, source):
+    """An int is not a file descriptor here (``open(3)`` would read fd 3 and close it)."""
+    with pytest.raises(TypeError, match=rf"read_idx: source must be a path \(str or "
+                                        rf"os.PathLike\) or the file's content \(bytes, "
+                                        rf"bytearray or memoryview\); got {type(source).__name__}"):
+        read_idx(source)
+
+
+def test_a_file_descriptor_is_refused_and_left_open(good):
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, good)
+        os.close(write_fd)
+        with pytest.raises(TypeError, match="got int"):
+            read_idx(read_fd)
+        assert os.read(read_fd, 4) == good[:4]  # still open, nothing consumed
+    finally:
+        os.close(read_fd)
+
+
+def test_name_must_be_a_str(good):
+    with pytest.raises(TypeError, match="read_idx: name must be a str or None; got int 3"):
+        read_idx(good, name=3)
+
+
+def test_path_like_and_memoryview_sources(tmp_path, good):
+    want = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    (tmp_path / "g.idx").write_bytes(good)
+    np.testing.assert_array_equal(read_idx(pathlib.PurePath(tmp_path / "g.idx")), want)
+    np.testing.assert_array_equal(read_idx(memoryview(good)), want)
+    np.testing.assert_array_equal(read_idx(bytearray(good)), want)
+
+
+# ------------------------------------------------------------------------------ size limits
+
+
+def _peak_bytes(call):
+    """The peak of traced memory (bytes) while ``call()`` runs and raises IDXError."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXError) as info:
+            call()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+BOMB = 32 << 20  # bytes behind a header that announces one
+
+
+@pytest.fixture(scope="module")
+def bomb():
+    """A 1-byte uint8 IDX file followed by 32 MiB of zeros, gzip-compressed (about 32 KiB)."""
+    return gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01" + bytes(BOMB + 1), mtime=0)
+
+
+@pytest.mark.parametrize("form", ["bytes", "file"])
+def test_decompression_stops_at_the_announced_size(tmp_path, bomb, form):
+    assert len(bomb) < BOMB // 512
+    source = bomb
+    if form == "file":
+        source = tmp_path / "bomb.idx.gz"
+        source.write_bytes(bomb)
+    peak, message = _peak_bytes(lambda: read_idx(source))
+    assert peak < 2 << 20, f"decompressing used {peak} bytes"
+    assert "trailing bytes" in message and "= 1 bytes" in message
+
+
+def test_plain_file_with_trailing_data_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "long.idx"
+    path.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01" + bytes(BOMB + 1))
+    peak, message = _peak_bytes(lambda: read_idx(path))
+    assert peak < 2 << 20, f"reading used {peak} bytes"
+    assert f"({BOMB} trailing bytes)" in message
+
+
+@pytest.mark.parametrize("dims, itemsize_code", [
+    ((2**32 - 1, 2**32 - 1), 0x08),        # 2**64 bytes
+    ((2**31,), 0x0E),                      # 16 GiB of float64
+    ((0, 2**32 - 1, 2**32 - 1), 0x08),     # empty, but no array can have that shape
+])
+def test_absurd_announced_sizes_are_refused(dims, itemsize_code):
+    header = bytes([0, 0, itemsize_code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    for data in (header, gzip.compress(header + b"\x00" * 100)):
+        peak, message = _peak_bytes(lambda: read_idx(data))
+        assert "more than max_bytes=" in message, message
+        assert peak < 2 << 20
+
+
+def test_max_bytes(good):
+    assert read_idx(good, max_bytes=96).shape == (2, 3, 4)
+    with pytest.raises(IDXError, match=r"96 bytes .*more than max_bytes=95"):
+        read_idx(good, max_bytes=95)
+    for bad in (0, -1, 1.5, True, "96"):
+        with pytest.raises((TypeError, ValueError), match="max_bytes must be a positive int"):
+            read_idx(good, max_bytes=bad)
+
+
+def test_too_many_dimensions_is_an_idx_error():
+    with pytest.raises(IDXError, match=r"100 dimensions, more than the 32"):
+        read_idx(bytes([0, 0, 8, 100]) + struct.pack(">100I", *[1] * 100) + b"\x07")
+    with pytest.raises(IDXError, match=r"33-dimensional array .*at most 32"):
+        encode_idx(np.zeros((1,) * 33, dtype=np.uint8))
+    assert read_idx(encode_idx(np.zeros((1,) * 32, dtype=np.uint8))).ndim == 32
+
+
+def test_gzip_stream_shorter_than_announced(good):
+    with pytest.raises(IDXError, match=r"data size 95 bytes .* \(truncated\)"):
+        read_idx(gzip.compress(good[:-1]))

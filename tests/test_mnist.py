@@ -598,6 +598,95 @@ def test_damaged_cache_without_download(fake, root):
     assert not (root / NAMES[3]).exists()
 
 
+@pytest.mark.parametrize("entry", [NAMES[2], "source.json"])
+def test_directory_in_place_of_a_cache_file_is_refused(fake, root, entry):
+    """A directory is never deleted; the error comes before anything is said or changed."""
+    fill_cache(root, fake)
+    (root / NAMES[0]).write_bytes(b"damaged")  # would be removed if the check came later
+    (root / entry).unlink(missing_ok=True)
+    (root / entry).mkdir()
+    (root / entry / "mine.txt").write_text("keep")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IsADirectoryError, match=rf"MNIST cache: .*{entry} is a directory "
+                                                    rf"where the file {entry} is expected"):
+            load_mnist(root, "test")
+    assert (root / entry / "mine.txt").read_text() == "keep"
+    assert (root / NAMES[0]).read_bytes() == b"damaged"
+    assert cache_listing(root) == sorted({*NAMES, entry})
+
+
+def test_special_file_in_place_of_a_cache_file_is_refused(fake, root):
+    fill_cache(root, fake)
+    (root / NAMES[1]).unlink()
+    os.mkfifo(root / NAMES[1])
+    with pytest.raises(OSError, match=rf"{NAMES[1]} is not a regular file"):
+        load_mnist(root, "train")
+    assert (root / NAMES[1]).is_fifo()
+
+
+def test_symlink_to_a_damaged_file_replaces_the_link_not_the_target(fake, root, monkeypatch,
+                                                                     calls, tmp_path):
+    fill_cache(root, fake)
+    target = tmp_path / "shared-labels"
+    target.write_bytes(b"damaged")
+    (root / NAMES[3]).unlink()
+    (root / NAMES[3]).symlink_to(target)
+    monkeypatch.setattr(mnist, "download_url",
+                        serve(calls, {MIRROR_A + NAMES[3] + ".gz": fake.gz[NAMES[3]]}))
+    with pytest.warns(UserWarning, match=rf"{NAMES[3]} \(a symbolic link to .*shared-labels\) "
+                                         rf"is damaged .*removing the link"):
+        load_mnist(root, "test", progress=False)
+    assert target.read_bytes() == b"damaged"
+    assert not (root / NAMES[3]).is_symlink()
+    assert (root / NAMES[3]).read_bytes() == fake.idx[NAMES[3]]
+
+
+def test_symlink_to_a_good_file_is_used(fake, root, tmp_path):
+    fill_cache(root, fake)
+    target = tmp_path / "shared-images"
+    target.write_bytes(fake.idx[NAMES[2]])
+    (root / NAMES[2]).unlink()
+    (root / NAMES[2]).symlink_to(target)
+    images, _ = load_mnist(root, "test", download=False)
+    np.testing.assert_array_equal(images, fake.expected["test"][0])
+    assert (root / NAMES[2]).is_symlink()
+
+
+def test_damaged_file_that_cannot_be_removed(fake, root, monkeypatch):
+    fill_cache(root, fake)
+    (root / NAMES[3]).write_bytes(b"damaged")
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "remove", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(PermissionError, match=rf"MNIST cache: .*{NAMES[3]} is damaged "
+                                                  rf"\(size .*\) and cannot be removed"):
+            load_mnist(root, "test")
+
+
+def test_gz_put_by_hand_is_decompressed_no_further_than_the_pinned_size(fake, root, recwarn):
+    import tracemalloc
+
+    root.mkdir()
+    bomb = gzip.compress(fake.idx[NAMES[3]] + bytes(32 << 20), mtime=0)
+    (root / (NAMES[3] + ".gz")).write_bytes(bomb)
+    for name in NAMES[:3]:
+        (root / (name + ".gz")).write_bytes(fake.gz[name])
+    tracemalloc.start()
+    try:
+        with pytest.raises(RuntimeError, match=rf"{NAMES[3]} not in"):
+            load_mnist(root, "test", download=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"decompressing used {peak} bytes"
+    assert any("size" in str(w.message) and NAMES[3] in str(w.message) for w in recwarn)
+
+
 def test_missing_without_download(fake, root):
     with pytest.raises(RuntimeError, match=r"(?s)download=False.*put the four IDX files"):
         load_mnist(root, "train", download=False)

@@ -3,7 +3,9 @@
 * `ArrayDataset`: samples held as NumPy arrays that share their first dimension;
 * `DataLoader`: batches as tuples of `diagnet.Tensor` on a device, in an order that is a
   pure function of ``(seed, epoch)``, resumable mid-epoch (``loader``);
-* `epoch_order`: that order.
+* `epoch_order`: that order;
+* `collate`: stacks the samples of a per-sample dataset (``__getitem__`` returning tuples of
+  fields, as a PyTorch ``Dataset``) into one batch.
 
 Readers of particular data sets live in their own modules of this package:
 
@@ -13,8 +15,8 @@ Readers of particular data sets live in their own modules of this package:
 """
 
 from .idx import IDXError, read_idx, write_idx
-from .loader import ArrayDataset, DataLoader, epoch_order
+from .loader import ArrayDataset, DataLoader, collate, epoch_order
 from .mnist import load_mnist, mnist_arrays
 
-__all__ = ["ArrayDataset", "DataLoader", "epoch_order"]
+__all__ = ["ArrayDataset", "DataLoader", "collate", "epoch_order"]
 __all__ += ["IDXError", "read_idx", "write_idx", "load_mnist", "mnist_arrays"]

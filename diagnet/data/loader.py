@@ -4,6 +4,8 @@
   e.g. images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64.
 * `DataLoader(dataset, batch_size, ...)`: iterates over batches as tuples of
   `diagnet.Tensor` on a device.
+* `collate(samples)`: stacks the samples of a per-sample dataset (one that, like
+  ``torch.utils.data.Dataset``, only answers ``dataset[k]`` for an int ``k``) into a batch.
 
 Reproducibility. The order of epoch ``e`` is a pure function of ``(seed, e)``:
 ``numpy.random.default_rng([seed, e]).permutation(N)`` when shuffling, ``arange(N)``
@@ -16,8 +18,9 @@ number of its batches already handed out. After `DataLoader.load_state_dict`, th
 iteration yields batches ``i, i+1, ...`` of epoch ``e``, exactly those that an uninterrupted
 iteration would have yielded next; earlier batches are skipped without being gathered.
 
-Cost. A batch is gathered with one fancy index per array (``array[indices]``), never with a
-Python loop over samples, and copied to the device once.
+Cost. A batch of an `ArrayDataset` is gathered with one fancy index per array
+(``array[indices]``), never with a Python loop over samples, and copied to the device once.
+Any other dataset is asked for one sample at a time, and `collate` stacks the samples.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import numbers
 import numpy as np
 
 from .. import backend
-from ..autograd import Tensor
+from ..autograd import DEFAULT_DTYPE, Tensor
 
-__all__ = ["ArrayDataset", "DataLoader", "epoch_order"]
+__all__ = ["ArrayDataset", "DataLoader", "epoch_order", "collate"]
 
 # array kinds a Tensor can hold: bool, signed and unsigned integers, floats
 _NUMERIC_KINDS = "biuf"
@@ -110,13 +113,76 @@ def epoch_order(n, seed, epoch, shuffle=True):
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64, copy=False)
 
 
+def collate(samples):
+    """Stack the samples of a per-sample dataset into one array per field.
+
+    Args:
+        samples: a non-empty list of ``B`` samples, each a tuple or list of fields, or a
+            single field; all with the same number of fields. A field is a NumPy array or
+            scalar, a Python int, float or bool, a `Tensor`, or anything ``numpy.asarray``
+            makes a numeric array of (nested lists, a CPU ``torch.Tensor``).
+
+    Returns:
+        A tuple with one array per field, ``(B, *field_shape)``: a CuPy array where the
+        field holds CuPy arrays or CUDA tensors, else a NumPy array. Arrays, NumPy scalars
+        and tensors keep their dtype; Python ints become int64, floats float32 and bools
+        bool, as in `Tensor`.
+
+    Raises:
+        TypeError: a sample is a dict (batches are tuples: give the fields in a tuple), or a
+            field is not numeric.
+        ValueError: samples with different numbers of fields, or a field whose shape differs
+            between samples.
+    """
+    rows = [_fields(k, sample) for k, sample in enumerate(samples)]
+    width = len(rows[0])
+    for k, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"collate: sample {k} of the batch has {len(row)} field(s), "
+                             f"sample 0 has {width}")
+    return tuple(_stack(j, [row[j] for row in rows]) for j in range(width))
+
+
+def _fields(k, sample):
+    """The fields of sample ``k`` of a batch, as a tuple (a lone field makes a 1-tuple)."""
+    if isinstance(sample, dict):
+        raise TypeError(f"collate: sample {k} of the batch is a dict; a per-sample dataset "
+                        f"must give a tuple of fields (e.g. (x, y)) or a single field")
+    return tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+
+
+def _stack(j, values):
+    """Field ``j`` of every sample of a batch, stacked along a new first axis."""
+    values = [backend.unwrap(v) for v in values]  # tensors -> their arrays
+    kinds = {type(v) for v in values}
+    if kinds == {float}:
+        return np.array(values, dtype=DEFAULT_DTYPE)
+    if kinds == {int}:
+        return np.array(values, dtype=np.int64)
+    xp = backend.get_array_module(*values)
+    arrays = [xp.asarray(v) for v in values]
+    for k, a in enumerate(arrays):
+        if a.shape != arrays[0].shape:
+            raise ValueError(f"collate: field {j} of the batch's samples does not stack: "
+                             f"sample 0 has shape {arrays[0].shape}, sample {k} {a.shape}")
+    out = xp.stack(arrays)
+    if out.dtype.kind not in _NUMERIC_KINDS:
+        raise TypeError(f"collate: field {j} of the batch's samples ({type(values[0]).__name__}) "
+                        f"stacks to dtype {out.dtype}; only bool, integer and float fields can "
+                        "become tensors")
+    return out
+
+
 class DataLoader:
     """Batches of a dataset as tuples of `Tensor`, in a reproducible and resumable order.
 
     Args:
-        dataset: an `ArrayDataset`, or any object with ``len()`` whose ``dataset[indices]``
-            for an int64 index array ``(B,)`` returns a tuple of arrays ``(B, ...)`` (or a
-            single array).
+        dataset: an `ArrayDataset` (a batch is gathered with one ``dataset[indices]``), or
+            a per-sample dataset: any other object with ``len()`` whose ``dataset[k]`` for
+            an int ``k`` in ``range(len(dataset))`` gives one sample, a tuple of fields
+            ``(x, y, ...)`` or a single field, as ``torch.utils.data.Dataset`` does; the
+            ``B`` samples of a batch are fetched one by one and stacked field by field
+            (see `collate`).
         batch_size: samples per batch ``B`` (a positive int).
         shuffle: visit the samples in a new random order every epoch (see `epoch_order`);
             False keeps the dataset's order.
@@ -128,11 +194,14 @@ class DataLoader:
             / 255, y)``, which moves uint8 images to the GPU at a quarter of the float32
             size). A single returned `Tensor` becomes a 1-tuple.
 
-    Iterating yields, for each batch, a tuple with one `Tensor` per dataset array, of shape
-    ``(B, *array.shape[1:])`` (the last batch of an epoch may be smaller unless
-    ``drop_last``), on ``device``, without gradient. Dtypes are kept: float32/float64
-    stay as they are, integer labels stay int64 (and int32 stays int32); only float16
-    becomes float32, which tensors do not support.
+    Iterating yields, for each batch, a tuple with one `Tensor` per dataset array (or per
+    field of a sample), of shape ``(B, *array.shape[1:])`` (the last batch of an epoch may
+    be smaller unless ``drop_last``), on ``device``, without gradient. Dtypes are kept:
+    float32/float64 stay as they are, integer labels stay int64 (and int32 stays int32);
+    only float16 becomes float32, which tensors do not support. Python scalars in samples
+    become int64, float32 or bool. Order, ``drop_last``, seeding and resumption are the same
+    for both kinds of dataset; a resumed per-sample dataset is not asked for the samples of
+    the batches it skips.
 
     Epochs. ``len(loader)`` is the number of batches per epoch. An iteration covers the
     current epoch (`epoch`) from its next batch; when it runs to the end, the loader moves
@@ -164,6 +233,7 @@ class DataLoader:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
         self.transform = transform
+        self._per_sample = not isinstance(dataset, ArrayDataset)
         self.num_samples = len(dataset)
         if len(self) == 0:
             raise ValueError(f"DataLoader: no batch to give: the dataset has {self.num_samples} "
@@ -231,10 +301,15 @@ class DataLoader:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         for i in range(start, len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
-            batch = self._to_tensors(self.dataset[indices])
+            batch = self._to_tensors(self._gather(indices))
             self.batch = i + 1   # counted as handed out while the consumer uses it
             yield batch
         self.epoch, self.batch = epoch + 1, 0
+
+    def _gather(self, indices):
+        if self._per_sample:
+            return collate([self.dataset[k] for k in indices.tolist()])
+        return self.dataset[indices]
 
     def _to_tensors(self, arrays):
         if not isinstance(arrays, tuple):

@@ -13,11 +13,14 @@ Cache folder: the ``root`` argument (the folder that holds the four files), else
 when ``XDG_CACHE_HOME`` is not set); see `mnist_dir`.
 
 Every cached file is checked (size and sha256 against the pinned values of `MNIST`) before
-use; a file that does not match is removed, with a warning, and fetched again. Missing files
+use; a file that does not match is removed, with a warning, and fetched again (a symbolic
+link is removed, never its target). A directory or another non-file where a cache file
+belongs is an error raised before anything is changed: it is never removed. Missing files
 are fetched from, in order:
 
 1. the same file gzip-compressed (``train-images-idx3-ubyte.gz``, ...) put in the cache
-   folder by hand, if it decompresses to the pinned IDX file;
+   folder by hand, if it decompresses to the pinned IDX file (decompression stops one byte
+   past the pinned size, here and for the mirrors' files);
 2. the public mirrors (`MNIST.mirrors`): ``<mirror>/<name>.gz`` is downloaded with a
    progress bar and a short timeout, its md5 checked (the values torchvision uses), then it
    is decompressed and the IDX file's size and sha256 checked;
@@ -60,6 +63,7 @@ import math
 import numbers
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import tempfile
@@ -397,19 +401,28 @@ def _from_local_gz(root, name, spec):
         return None
     try:
         with open(path, "rb") as f:
-            data = _gunzip_checked(f.read(), path)
-        _check_idx_bytes(name, data, spec, path)
+            data = _gunzip_idx(f.read(), name, spec, path)
     except (OSError, ValueError) as e:
         warnings.warn(f"ignoring {path}: {e}", stacklevel=4)
         return None
     return data
 
 
-def _gunzip_checked(data, where):
+def _gunzip_idx(gz, name, spec, where):
+    """The pinned IDX file ``name`` from its gzip-compressed bytes ``gz``, size and sha256
+    checked. Decompression stops one byte past the pinned size, so that a small ``.gz`` that
+    expands to gigabytes is refused without expanding it."""
+    size = spec.files[name].size
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(gz)) as f:
+            data = f.read(size + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{where}: corrupt gzip stream ({type(e).__name__}: {e})") from None
+    if len(data) > size:
+        raise MNISTChecksumError(f"{where}: size of {name}: more than the expected {size} "
+                                 f"bytes")
+    _check_idx_bytes(name, data, spec, where)
+    return data
 
 
 def _from_mirror(mirror, name, spec, progress):
@@ -419,9 +432,7 @@ def _from_mirror(mirror, name, spec, progress):
     md5 = spec.files[name].gz_md5
     if md5 is not None:
         _check(f"{url}: md5", _md5(gz), md5)
-    data = _gunzip_checked(gz, url)
-    _check_idx_bytes(name, data, spec, url)
-    return data
+    return _gunzip_idx(gz, name, spec, url)
 
 
 def _convert_images(images, where, image_shape, chunk=8192):
@@ -514,8 +525,27 @@ def _from_offline(spec, progress):
 # ======================================================================= the cache
 
 
+def _check_cache_entries(root, spec):
+    """Raise if an entry of the cache folder is something other than a file (checked before
+    anything is said or changed: a directory of the user's is never removed)."""
+    for name in (*spec.files, SOURCE_FILE):
+        path = os.path.join(root, name)
+        try:
+            mode = os.stat(path).st_mode  # follows symbolic links
+        except FileNotFoundError:
+            continue  # missing (or a dangling link): fetched, the link replaced by the file
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"MNIST cache: {path} is a directory where the file {name} "
+                                    f"is expected; move it away (directories are never removed)")
+        if not stat.S_ISREG(mode):
+            raise OSError(f"MNIST cache: {path} is not a regular file where the file {name} is "
+                          f"expected; move it away")
+
+
 def _verify_cached(path, name, spec):
-    """True if ``path`` is the pinned file ``name``; a mismatching file is removed (warning)."""
+    """True if ``path`` is the pinned file ``name``; a mismatching file is removed (warning).
+    ``path`` is missing or a file (`_check_cache_entries`); for a symbolic link, the link is
+    removed, never its target."""
     if not os.path.exists(path):
         return False
     fspec = spec.files[name]
@@ -529,9 +559,16 @@ def _verify_cached(path, name, spec):
             problem = f"sha256 {digest}, expected {fspec.sha256}"
     if problem is None:
         return True
-    warnings.warn(f"MNIST cache: {path} is damaged ({problem}); removing it and fetching it "
+    what, action = path, "removing it"
+    if os.path.islink(path):
+        what, action = f"{path} (a symbolic link to {os.path.realpath(path)})", "removing the link"
+    try:
+        os.remove(path)
+    except OSError as e:
+        raise type(e)(f"MNIST cache: {what} is damaged ({problem}) and cannot be removed "
+                      f"({e}); remove it by hand") from e
+    warnings.warn(f"MNIST cache: {what} is damaged ({problem}); {action} and fetching it "
                   f"again", stacklevel=4)
-    os.remove(path)
     return False
 
 
@@ -577,10 +614,14 @@ def fetch_mnist(root=None, download=True, progress=True):
     Raises:
         RuntimeError: a file is missing and cannot be fetched; the message lists what was
             tried and how to provide the files by hand.
+        IsADirectoryError / OSError: a directory or another non-file (a FIFO, a device) is
+            where a cache file is expected (raised before anything is printed or changed), or
+            a damaged file cannot be removed.
     """
     spec = MNIST
     root = mnist_dir(root)
     os.makedirs(root, exist_ok=True)
+    _check_cache_entries(root, spec)
     paths = {name: os.path.join(root, name) for name in spec.files}
     missing = [name for name, path in paths.items() if not _verify_cached(path, name, spec)]
     if not missing:
