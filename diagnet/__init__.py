@@ -1,7 +1,7 @@
 """diagnet: a small framework for diagonally sparse neural networks.
 
-``diagnet.tensor`` and `Tensor` (autograd), ``diagnet.functional`` (all ops),
-`DiagMatrix` (the (offset, diagonal) sparse format), ``diagnet.backend`` (NumPy/CuPy),
+``diagnet.tensor``, `Tensor` and ``diagnet.from_dlpack`` (autograd), ``diagnet.functional``
+(all ops), `DiagMatrix` (the (offset, diagonal) sparse format), ``diagnet.backend`` (NumPy/CuPy),
 ``diagnet.nn`` (modules and layers), ``diagnet.optim`` (optimizers, schedules),
 ``diagnet.dst`` (dynamic sparse training), ``diagnet.data`` (datasets, loaders),
 ``diagnet.train`` (the `Trainer`),
@@ -12,7 +12,7 @@ are in ``diagnet.models``.
 __version__ = "0.1.0"
 
 from . import backend, checkpoint, config, data, dst, functional, nn, optim, random, sparse, train
-from .autograd import Function, Tensor, tensor
+from .autograd import Function, Tensor, from_dlpack, tensor
 from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .backend import cuda_available, default_device, get_array_module
 from .checkpoint import load, save

@@ -16,6 +16,8 @@ Rules kept in this one place, so no op needs to repeat them:
   ``retain_graph=True``; walking a freed graph again is an error.
 * Functions hold their outputs only through weak references, so an unused branch of a
   graph is collected like any other Python object.
+* A node whose inputs or outputs were changed in place after it ran refuses to run its
+  backward (`VersionCounter`), rather than compute a gradient from values that are gone.
 
 Dtype policy: floating tensors are float32 by default, float64 on request. A binary op
 between two floating tensors of different dtypes raises `TypeError`; Python scalars, NumPy
@@ -41,21 +43,32 @@ DEFAULT_DTYPE = np.dtype(np.float32)
 
 # ----------------------------------------------------------------------------- helpers
 
+def reduces_to(grad_shape, shape) -> bool:
+    """Whether a gradient of ``grad_shape`` is a broadcast of ``shape``: it may have extra
+    leading axes, and axes where ``shape`` has size 1 may be longer; every other axis agrees."""
+    lead = len(grad_shape) - len(shape)
+    return lead >= 0 and all(s == 1 or g == s for g, s in zip(grad_shape[lead:], shape))
+
+
 def sum_to(xp, grad, shape):
     """Sum ``grad`` over broadcast dimensions so that it has ``shape``.
 
-    (``xp`` is not used: the array's own methods work for NumPy and CuPy alike.)
+    ``grad.shape`` must broadcast-reduce to ``shape`` (see `reduces_to`); anything else is a
+    `ValueError`, never a reshape that would scramble the gradient. (``xp`` is not used: the
+    array's own methods work for NumPy and CuPy alike.)
     """
-    if grad.shape == tuple(shape):
+    shape = tuple(shape)
+    if grad.shape == shape:
         return grad
+    if not reduces_to(grad.shape, shape):
+        raise ValueError(f"sum_to: a gradient of shape {grad.shape} cannot be summed to shape "
+                         f"{shape} (only extra leading axes and size-1 axes are summed)")
     lead = grad.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
         i + lead for i, s in enumerate(shape) if s == 1 and grad.shape[i + lead] != 1
     )
     out = grad.sum(axis=axes, keepdims=True)
-    if lead:
-        out = out.reshape(out.shape[lead:])
-    return out.reshape(shape)
+    return out.reshape(shape)  # drops the summed leading axes (all of size 1 now)
 
 
 #: dtypes a Tensor may hold: the two float types and NumPy's integer and bool types
@@ -63,16 +76,62 @@ def sum_to(xp, grad, shape):
 SUPPORTED_KINDS = "biuf"
 
 
-def _canonical_dtype(dtype):
+def canonical_dtype(dtype):
+    """``dtype`` (a name such as ``"float32"``, a NumPy type or dtype) as a supported
+    `numpy.dtype`; ``None`` stays ``None``. Raises `TypeError` naming what was given."""
     if dtype is None:
         return None
+    expected = "dtype must be float32, float64, an integer or bool dtype"
     try:
         dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"dtype must be a NumPy dtype such as 'float32'; got {dtype!r}") from exc
+    except TypeError:
+        raise TypeError(f"{expected} (a name such as 'float32' or a NumPy dtype); "
+                        f"got {dtype!r}") from None
     if dt.kind not in SUPPORTED_KINDS or (dt.kind == "f" and dt not in FLOAT_DTYPES):
-        raise TypeError(f"dtype must be float32, float64, an integer or bool dtype; got {dt}")
+        raise TypeError(f"{expected}; got {dt}")
     return dt
+
+
+def axis_or_dim(name, axis, dim, default=None):
+    """The axis argument of op ``name``, given as ``axis=`` or as PyTorch's ``dim=``.
+
+    ``default`` when neither is given; `TypeError` when both are.
+    """
+    if dim is None:
+        return default if axis is None else axis
+    if axis is not None:
+        raise TypeError(f"{name}: got axis={axis!r} and dim={dim!r}; dim is another name for "
+                        "axis, pass one of them")
+    return dim
+
+
+def check_integer_range(array, dtype, name="tensor") -> None:
+    """Raise `ValueError` (prefixed with ``name``) if a value of the NumPy/CuPy ``array``
+    would not survive a cast to the integer ``dtype`` (NumPy would wrap it around, or turn
+    NaN into an arbitrary integer).
+
+    Floats are truncated toward zero by the cast (as in NumPy and PyTorch), so a float fits
+    when its truncation lies in the dtype's range; NaN and infinities never fit. A cast that
+    is safe for every value (``int8`` to ``int32``, ``bool`` to ``uint8``) is not scanned.
+    On the GPU the check reads one bool back from the device.
+    """
+    dtype = np.dtype(dtype)
+    if array.dtype == dtype or np.can_cast(array.dtype, dtype, casting="safe") \
+            or array.size == 0:
+        return
+    info = np.iinfo(dtype)
+    flat = array.reshape(-1)
+    if array.dtype.kind == "f":
+        # the bounds -2**k and 2**k (one past the maximum) are exact in every float dtype
+        whole = backend.get_array_module(array).trunc(flat)
+        fits = (whole >= float(info.min)) & (whole < float(int(info.max) + 1))
+    else:
+        fits = (flat >= info.min) & (flat <= info.max)
+    if bool(fits.all()):
+        return
+    bad = flat[fits.argmin()].item()  # the first value that does not fit
+    raise ValueError(f"{name}: cannot convert to dtype {dtype} without wrapping around: it "
+                     f"holds integers in [{info.min}, {info.max}]; got {bad!r}")
 
 
 def _check_data(data):
@@ -100,6 +159,8 @@ def _as_backend_array(data, dtype, device):
         raise TypeError(f"tensor data must be numeric; got {type(data).__name__} that converts "
                         f"to an array of dtype {arr.dtype}")
     if dtype is not None:
+        if dtype.kind in "iu" and arr.dtype != dtype:  # no scan of data already in its dtype
+            check_integer_range(arr, dtype)
         arr = arr.astype(dtype, copy=False)
     elif arr.dtype.kind == "f" and arr.dtype not in FLOAT_DTYPES:
         arr = arr.astype(DEFAULT_DTYPE)  # float16 and friends are not supported
@@ -108,6 +169,37 @@ def _as_backend_array(data, dtype, device):
         # like a NumPy array does)
         arr = arr.astype(DEFAULT_DTYPE)  # Python floats become float32, like torch.tensor
     return arr
+
+
+# ----------------------------------------------------------------------------- versions
+
+class VersionCounter:
+    """When the data of a tensor was last changed in place (shared by views of one array).
+
+    Every in-place change (an in-place op, an optimizer step, a change of a layer's
+    structure) calls `bump`, which advances the class-wide ``clock`` and stamps the counter
+    with it. A `Function` notes the clock when it runs; at backward, an input or output
+    whose stamp is later than that note was changed after the node saw it, and the node
+    refuses to run (PyTorch's version counter, after which this is modelled).
+
+    Keeping one clock for all tensors makes the common case one comparison per node: if the
+    clock has not moved since the node ran, nothing anywhere was changed in place.
+
+    Attributes:
+        value: the clock reading of the last change, 0 if the data never changed in place.
+        clock: (class attribute) the number of in-place changes made so far.
+    """
+
+    __slots__ = ("value",)
+    clock = 0
+
+    def __init__(self):
+        self.value = 0
+
+    def bump(self) -> None:
+        """Record an in-place change of the data this counter belongs to."""
+        VersionCounter.clock += 1
+        self.value = VersionCounter.clock
 
 
 # ----------------------------------------------------------------------------- Tensor
@@ -120,14 +212,20 @@ class Tensor:
         grad: a `Tensor` of the same shape holding the accumulated gradient, or ``None``.
         requires_grad: whether backward computes a gradient for this tensor.
         creator: the `Function` that produced it (``None`` for leaves).
+
+    In-place ops (``+=``, ``add_``, ``t[i] = v``, ...; see `diagnet.ops.inplace`) change
+    ``data`` itself and stamp the tensor's `VersionCounter`, which it shares with the
+    tensors that view the same array (``detach()``, reshapes, transposes, basic indexing).
+    The counter is made on first use (`_version_counter`): most tensors never need one.
     """
 
     __array_priority__ = 200  # so that ndarray + Tensor calls Tensor.__radd__
+    wraps_array = True  # `backend.unwrap` takes ``data`` from containers that say so
     __slots__ = ("data", "grad", "requires_grad", "creator", "generation", "name",
-                 "_output_index", "__weakref__")
+                 "_output_index", "_version", "__weakref__")
 
     def __init__(self, data, dtype=None, device=None, requires_grad=False, name=None):
-        arr = _as_backend_array(data, _canonical_dtype(dtype), device)
+        arr = _as_backend_array(data, canonical_dtype(dtype), device)
         if requires_grad and arr.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"requires_grad=True needs a float32 or float64 tensor; got dtype {arr.dtype}")
@@ -138,10 +236,14 @@ class Tensor:
         self.generation = 0
         self.name = name
         self._output_index = 0
+        # wrapping another tensor's array (no copy was needed) shares its changes too
+        shared = isinstance(data, Tensor) and arr is data.data
+        self._version = data._version_counter() if shared else None
 
     @classmethod
-    def _wrap(cls, array, requires_grad=False):
-        """Wrap a backend array without copying or converting it."""
+    def _wrap(cls, array, requires_grad=False, version=None):
+        """Wrap a backend array without copying or converting it; ``version``: the
+        `VersionCounter` of the tensor whose array this views (default: none yet)."""
         t = cls.__new__(cls)
         t.data = array
         t.grad = None
@@ -150,7 +252,14 @@ class Tensor:
         t.generation = 0
         t.name = None
         t._output_index = 0
+        t._version = version
         return t
+
+    def _version_counter(self) -> VersionCounter:
+        """This tensor's `VersionCounter` (made on first use)."""
+        if self._version is None:
+            self._version = VersionCounter()
+        return self._version
 
     # -- properties
     @property
@@ -233,14 +342,41 @@ class Tensor:
         return self.numpy().tolist()
 
     def detach(self) -> "Tensor":
-        """A new leaf tensor sharing this tensor's data, cut from the graph."""
-        return Tensor._wrap(self.data)
+        """A new leaf tensor sharing this tensor's data (and its version), cut from the graph."""
+        return Tensor._wrap(self.data, version=self._version_counter())
 
-    def to(self, device) -> "Tensor":
-        """This tensor on ``device`` (``"cpu"`` or ``"cuda"``); differentiable."""
+    def to(self, *args, device=None, dtype=None) -> "Tensor":
+        """This tensor on another device and/or with another dtype; differentiable.
+
+        ``to("cuda")``, ``to("float64")`` or ``to(np.float64)``, ``to("cpu", "float32")``,
+        ``to(device=..., dtype=...)``. A single positional argument is a device when it
+        names one (``"cpu"``, ``"cuda"``, ``"cuda:0"``), else a dtype. Returns ``self`` when
+        nothing changes.
+        """
+        if len(args) > 2:
+            raise TypeError(f"to: takes at most a device and a dtype; got {len(args)} "
+                            "positional arguments")
+        if len(args) == 2:
+            given_device, given_dtype = args
+        elif len(args) == 1 and _names_device(args[0]):
+            given_device, given_dtype = args[0], None
+        elif len(args) == 1:
+            given_device, given_dtype = None, args[0]
+            if isinstance(given_dtype, str) and not _names_dtype(given_dtype):
+                raise ValueError(f"to: expected a device {backend.DEVICES} or a dtype (such as "
+                                 f"'float32'); got {given_dtype!r}")
+        else:
+            given_device = given_dtype = None
+        if given_device is not None and device is not None:
+            raise TypeError(f"to: got the device twice ({given_device!r} and device={device!r})")
+        if given_dtype is not None and dtype is not None:
+            raise TypeError(f"to: got the dtype twice ({given_dtype!r} and dtype={dtype!r})")
+        device = given_device if device is None else device
+        dtype = canonical_dtype(given_dtype if dtype is None else dtype)
         from .ops import basic
 
-        return basic.to_device(self, device)
+        out = self if dtype is None else basic.astype(self, dtype)
+        return out if device is None else basic.to_device(out, device)
 
     def cpu(self) -> "Tensor":
         return self.to("cpu")
@@ -249,10 +385,59 @@ class Tensor:
         return self.to("cuda")
 
     def astype(self, dtype) -> "Tensor":
-        """This tensor cast to ``dtype``; differentiable between float dtypes."""
+        """This tensor cast to ``dtype``; differentiable between float dtypes.
+
+        A cast to an integer dtype raises `ValueError` for values that do not fit it (see
+        `check_integer_range`); floats are truncated toward zero.
+        """
         from .ops import basic
 
         return basic.astype(self, dtype)
+
+    # -- sharing memory with other libraries
+    def __array__(self, dtype=None, copy=None):
+        """The data as a NumPy array, for ``np.asarray(t)`` (NumPy's ``__array__`` protocol).
+
+        Shares memory with a CPU tensor (unless ``copy=True`` or a ``dtype`` cast asks for a
+        copy), except for a tensor that requires grad: like `numpy`, it gives a copy, so that
+        NumPy code cannot change a value autograd depends on (``copy=False`` then raises
+        `ValueError`, NumPy's signal that a copy was needed). A CUDA tensor raises
+        `TypeError`: copy it with ``.numpy()`` or ``.to("cpu")`` explicitly.
+        """
+        if self.device != "cpu":
+            raise TypeError("a tensor on cuda is not converted to a NumPy array implicitly; "
+                            "call .numpy() (a host copy) or .to('cpu') first")
+        if self.requires_grad and copy is False:
+            raise ValueError("a tensor that requires grad shares no memory with NumPy (as "
+                             ".numpy() gives a copy); use .detach() to share it, or allow a copy")
+        arr = np.asarray(self.data)  # a 0-d array for a NumPy scalar
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError(f"a cast from {arr.dtype} to {np.dtype(dtype)} needs a copy")
+            return arr.astype(dtype)
+        return arr.copy() if copy or self.requires_grad else arr
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """Export the data through DLPack (``np.from_dlpack(t)``, ``torch.from_dlpack(t)``).
+
+        Zero copy, with the rule of `__array__`: a tensor that requires grad exports a copy
+        (``copy=False`` raises `BufferError`). The keywords are the DLPack protocol's and are
+        passed on to the NumPy/CuPy array (those left at ``None`` are not passed, so that
+        array libraries without them still work).
+        """
+        if self.requires_grad and copy is False:
+            raise BufferError("a tensor that requires grad is exported as a copy; use "
+                              ".detach() to share its memory")
+        data = np.asarray(self.data) if isinstance(self.data, np.generic) else self.data
+        if self.requires_grad or copy:
+            data = data.copy()
+        options = {"stream": stream, "max_version": max_version, "dl_device": dl_device}
+        return data.__dlpack__(**{k: v for k, v in options.items() if v is not None})
+
+    def __dlpack_device__(self):
+        """``(device_type, device_id)`` of the data, as DLPack numbers them (1: CPU, 2: CUDA)."""
+        data = np.asarray(self.data) if isinstance(self.data, np.generic) else self.data
+        return data.__dlpack_device__()
 
     def float(self):
         return self.astype(np.float32)
@@ -313,6 +498,20 @@ class Tensor:
     def __getitem__(self, index): return _ops().getitem(self, index)
     def __abs__(self): return _ops().abs(self)
 
+    # -- in-place ops (not recorded; rules and checks in diagnet.ops.inplace)
+    def __iadd__(self, other): return _ops().inplace.add_(self, other)
+    def __isub__(self, other): return _ops().inplace.sub_(self, other)
+    def __imul__(self, other): return _ops().inplace.mul_(self, other)
+    def __itruediv__(self, other): return _ops().inplace.div_(self, other)
+    def __setitem__(self, index, value): _ops().inplace.setitem(self, index, value)
+    def add_(self, other, *, alpha=1): return _ops().inplace.add_(self, other, alpha=alpha)
+    def sub_(self, other, *, alpha=1): return _ops().inplace.sub_(self, other, alpha=alpha)
+    def mul_(self, other): return _ops().inplace.mul_(self, other)
+    def div_(self, other): return _ops().inplace.div_(self, other)
+    def fill_(self, value): return _ops().inplace.fill_(self, value)
+    def zero_(self): return _ops().inplace.fill_(self, 0)
+    def copy_(self, src): return _ops().inplace.copy_(self, src)
+
     # Comparisons return boolean tensors without gradient.
     def _compare(self, other, op):
         o = other.data if isinstance(other, Tensor) else other
@@ -326,25 +525,39 @@ class Tensor:
     def __ne__(self, other): return self._compare(other, lambda a, b: a != b)  # noqa: E704
     def eq(self, other): return self.__eq__(other)
 
-    def any(self, axis=None, keepdims=False) -> "Tensor":
+    def any(self, axis=None, keepdims=False, *, dim=None) -> "Tensor":
         """Whether any element (along ``axis``) is non-zero; a bool tensor without gradient."""
+        axis = axis_or_dim("any", axis, dim)
         return Tensor._wrap(self.data.any(axis=axis, keepdims=keepdims))
 
-    def all(self, axis=None, keepdims=False) -> "Tensor":
+    def all(self, axis=None, keepdims=False, *, dim=None) -> "Tensor":
         """Whether every element (along ``axis``) is non-zero; a bool tensor without gradient."""
+        axis = axis_or_dim("all", axis, dim)
         return Tensor._wrap(self.data.all(axis=axis, keepdims=keepdims))
 
     # Element-wise ``==`` would make tensors unhashable; like PyTorch, hash by identity so
     # that tensors can be dict keys and set members (which then compare by identity first).
     __hash__ = object.__hash__
 
-    # -- methods mirroring the functional API
-    def sum(self, axis=None, keepdims=False): return _ops().sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return _ops().mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return _ops().max(self, axis, keepdims)
-    def min(self, axis=None, keepdims=False): return _ops().min(self, axis, keepdims)
-    def var(self, axis=None, keepdims=False, ddof=0): return _ops().var(self, axis, keepdims, ddof)
-    def argmax(self, axis=None, keepdims=False): return _ops().argmax(self, axis, keepdims)
+    # -- methods mirroring the functional API (``dim=`` is PyTorch's name for ``axis=``)
+    def sum(self, axis=None, keepdims=False, *, dim=None):
+        return _ops().sum(self, axis, keepdims, dim=dim)
+
+    def mean(self, axis=None, keepdims=False, *, dim=None):
+        return _ops().mean(self, axis, keepdims, dim=dim)
+
+    def max(self, axis=None, keepdims=False, *, dim=None):
+        return _ops().max(self, axis, keepdims, dim=dim)
+
+    def min(self, axis=None, keepdims=False, *, dim=None):
+        return _ops().min(self, axis, keepdims, dim=dim)
+
+    def var(self, axis=None, keepdims=False, ddof=0, *, dim=None):
+        return _ops().var(self, axis, keepdims, ddof, dim=dim)
+
+    def argmax(self, axis=None, keepdims=False, *, dim=None):
+        return _ops().argmax(self, axis, keepdims, dim=dim)
+
     def numel(self): return self.size
     def clone(self): return _ops().clone(self)
     def reshape(self, *shape): return _ops().reshape(self, *shape)
@@ -362,6 +575,23 @@ class Tensor:
     def clip(self, lo=None, hi=None): return _ops().clip(self, lo, hi)
     def flatten(self, start_dim=0):
         return _ops().reshape(self, *self.shape[:start_dim], -1)
+
+
+def _names_device(arg) -> bool:
+    """Whether ``arg`` is a device name (``"cpu"``, ``"cuda"``, ``"cuda:0"``, ...)."""
+    try:
+        backend.check_device(arg)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _names_dtype(arg) -> bool:
+    try:
+        np.dtype(arg)
+    except TypeError:
+        return False
+    return True
 
 
 def _ops():
@@ -386,9 +616,17 @@ class Function:
     add or where) gets two more checks here: its operands must broadcast together (else a
     `ValueError` naming the op and the shapes), and integer/bool tensor operands are cast
     to the dtype of its floating operand (the dtype policy in the module docstring).
+
+    A subclass whose forward returns a view of its first input's array (a reshape, a
+    transpose, basic indexing) sets ``is_view = True``: the output then shares the input's
+    `VersionCounter`, so that changing either in place is seen through the other. The
+    outputs of any other recorded node share one new counter. At backward, a node whose
+    inputs or outputs were changed in place after it ran raises `RuntimeError` (all of them
+    are checked, not only those its backward reads).
     """
 
     elementwise = False
+    is_view = False
 
     def __call__(self, *inputs):
         if getattr(self, "_applied", False):
@@ -410,13 +648,19 @@ class Function:
             outputs = (outputs,)
         needs = tuple(t.requires_grad for t in tensors)
         record = any(needs) and is_grad_enabled()
-        results = [Tensor._wrap(y, requires_grad=record) for y in outputs]
+        if self.is_view:
+            version = tensors[0]._version_counter()
+        else:  # made now only if the node must keep it (to check its outputs at backward)
+            version = VersionCounter() if record else None
+        results = [Tensor._wrap(y, record, version) for y in outputs]
         if record:
             self.generation = generation = max(t.generation for t in tensors)
             self.inputs = tensors
             self.needs_input_grad = needs
             self.output_meta = [(y.shape, y.dtype) for y in outputs]
             self.outputs = [weakref.ref(r) for r in results]
+            self.output_version = version
+            self.clock = VersionCounter.clock
             for i, r in enumerate(results):
                 r.creator = self
                 r.generation = generation + 1
@@ -519,6 +763,8 @@ def _run_backward(root, grad, retain_graph):
     while heap:
         _, _, fn = heapq.heappop(heap)
         grads_out = pending.pop(fn)
+        if fn.clock != VersionCounter.clock:  # something was changed in place since fn ran
+            _check_versions(fn)
         if any(g is None for g in grads_out):  # an output nobody used: zero gradient
             xp = backend.get_array_module(*[g for g in grads_out if g is not None])
             grads_out = [xp.zeros(shape, dtype) if g is None else g
@@ -534,6 +780,8 @@ def _run_backward(root, grad, retain_graph):
                 continue
             xa = x.data
             if gx.shape != xa.shape:
+                if not reduces_to(gx.shape, xa.shape):
+                    _bad_gradient_shape(fn, grads_in, gx)
                 gx = sum_to(None, gx, xa.shape)
             if gx.dtype != xa.dtype:
                 gx = gx.astype(xa.dtype)
@@ -543,6 +791,29 @@ def _run_backward(root, grad, retain_graph):
                 push(x.creator, x._output_index, gx)
         if not retain_graph:
             fn.release()
+
+
+def _bad_gradient_shape(fn, grads_in, gx):
+    """Raise for the gradient ``gx`` (one of ``grads_in``) that does not fit its input."""
+    i = next(i for i, g in enumerate(grads_in) if g is gx)
+    raise RuntimeError(
+        f"{type(fn).__name__}.backward returned a gradient of shape {gx.shape} for input {i} "
+        f"of shape {fn.inputs[i].shape}; a gradient must have its input's shape, or a "
+        "broadcast of it (extra leading axes, longer size-1 axes)")
+
+
+def _check_versions(fn):
+    """Raise if an input or output of ``fn`` was changed in place after ``fn`` ran."""
+    changed = [f"input {i} (shape {x.shape})" for i, x in enumerate(fn.inputs)
+               if x._version is not None and x._version.value > fn.clock]
+    if fn.output_version.value > fn.clock and not fn.is_view:
+        changed.append("its output")
+    if changed:
+        name = type(fn).__name__
+        raise RuntimeError(
+            f"{name}: {' and '.join(changed)} changed in place after {name} ran, and its "
+            "backward may need the old values; change tensors in place only after backward() "
+            "(as an optimizer step does), or use an out-of-place op or clone()")
 
 
 def _accumulate(leaf, g):
@@ -573,3 +844,24 @@ def tensor(data, dtype=None, device=None, requires_grad=False) -> Tensor:
                           and isinstance(t.data, np.ndarray) and np.shares_memory(t.data, data)):
         t.data = t.data.copy()
     return t
+
+
+def from_dlpack(array) -> Tensor:
+    """A tensor sharing memory with ``array``, any object with the DLPack protocol
+    (``__dlpack__``): a NumPy, CuPy or PyTorch array, or another framework's tensor.
+
+    No copy is made: changing one changes the other (the exporter's own rules apply; PyTorch
+    refuses to export a tensor that requires grad). The tensor is a leaf that does not
+    require grad, on ``"cpu"`` for host memory and on ``"cuda"`` for CUDA memory.
+
+    Raises:
+        TypeError: ``array`` has no ``__dlpack__``, or a dtype diagnet does not support
+            (float16, complex, ...).
+        ValueError: the memory is on a device diagnet cannot use.
+    """
+    arr = backend.from_dlpack(array)
+    if arr.dtype.kind not in SUPPORTED_KINDS or (arr.dtype.kind == "f"
+                                                 and arr.dtype not in FLOAT_DTYPES):
+        raise TypeError(f"from_dlpack: dtype must be float32, float64, an integer or bool "
+                        f"dtype; got {arr.dtype}")
+    return Tensor._wrap(arr)

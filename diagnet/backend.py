@@ -61,11 +61,19 @@ def _require_cupy():
 
 
 def check_device(device) -> str:
-    """Validate a device name and return it normalised (``"cuda:0"`` -> ``"cuda"``)."""
+    """Validate a device name and return it normalised (``"cuda:0"``, ``"gpu"`` -> ``"cuda"``).
+
+    diagnet runs on one GPU, CuPy's current device, so ``"cuda:1"`` and higher are refused
+    rather than silently mapped to it (``CUDA_VISIBLE_DEVICES`` picks the GPU).
+    """
     if not isinstance(device, str):
         raise TypeError(f"device must be a str, one of {DEVICES}; got {type(device).__name__}")
     name = device.strip().lower()
-    if name.startswith("cuda:"):
+    if name.startswith("cuda:") and name[len("cuda:"):].isdigit():
+        index = int(name[len("cuda:"):])
+        if index != 0:
+            raise ValueError(f"diagnet uses one GPU: device must be 'cuda' or 'cuda:0'; to run "
+                             f"on GPU {index}, set CUDA_VISIBLE_DEVICES={index}; got {device!r}")
         name = "cuda"
     if name == "gpu":
         name = "cuda"
@@ -138,12 +146,13 @@ def is_array(a) -> bool:
 def unwrap(a):
     """The backend array held by an array container (a diagnet Tensor), else ``a`` itself.
 
-    A container is recognised by a ``data`` attribute that is a NumPy/CuPy array; arrays are
-    returned as they are (a NumPy array's ``data`` is a memoryview, a CuPy array's a pointer).
+    A container is a class that declares ``wraps_array = True`` and keeps its array in
+    ``data``. A ``data`` attribute alone does not make one: a SciPy sparse matrix keeps its
+    stored values there, and unwrapping it would silently hand on the wrong array.
     """
-    if is_array(a):
+    if is_array(a) or not getattr(type(a), "wraps_array", False):
         return a
-    inner = getattr(a, "data", None)
+    inner = a.data
     return inner if is_array(inner) else a
 
 
@@ -167,6 +176,34 @@ def to_numpy(array) -> np.ndarray:
     if device_of(array) == "cuda":
         return array.get()
     return np.asarray(array)
+
+
+#: DLPack's device types (``DLDeviceType``) that diagnet imports: host memory (CPU, and
+#: CUDA pinned host memory) as NumPy arrays, CUDA device and managed memory as CuPy arrays
+_DLPACK_HOST = (1, 3)
+_DLPACK_CUDA = (2, 13)
+
+
+def from_dlpack(obj):
+    """The NumPy or CuPy array that shares memory with ``obj`` through DLPack.
+
+    ``obj`` is any object with ``__dlpack__`` and ``__dlpack_device__`` (a NumPy, CuPy or
+    PyTorch array). Host memory becomes a NumPy array, CUDA memory a CuPy array (which needs
+    CuPy and a device). Raises `TypeError` for an object without the protocol and
+    `ValueError` for memory on another kind of device.
+    """
+    if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
+        raise TypeError(f"from_dlpack: expected an array with the DLPack protocol "
+                        f"(__dlpack__), such as a NumPy, CuPy or PyTorch array; got "
+                        f"{type(obj).__name__}")
+    device_type = int(obj.__dlpack_device__()[0])
+    if device_type in _DLPACK_HOST:
+        return np.from_dlpack(obj)
+    if device_type in _DLPACK_CUDA:
+        return _require_cupy().from_dlpack(obj)
+    raise ValueError(f"from_dlpack: the array is in memory of DLPack device type "
+                     f"{device_type}; diagnet imports host memory (types "
+                     f"{_DLPACK_HOST}) and CUDA memory (types {_DLPACK_CUDA})")
 
 
 def erf(x):

@@ -4,7 +4,8 @@ One home for randomness, so that initialisers, dropout, dynamic sparse training 
 loaders all follow `manual_seed`:
 
 * `manual_seed(seed)` reseeds the default generator (a ``numpy.random.Generator``);
-  `get_state` / `set_state` save and restore it (JSON-able, for checkpoints).
+  `get_state` / `set_state` save and restore it (JSON-able, for checkpoints), and
+  `check_state` validates a state without touching the generator.
 * `as_generator(rng)` turns the ``rng`` argument that random functions accept (``None`` for
   the default generator, an int seed, or a Generator) into a Generator.
 * `uniform(shape, xp, ...)` draws uniform numbers *on the array's device* without moving
@@ -49,23 +50,86 @@ def get_state() -> dict:
     return _default.bit_generator.state
 
 
+def _state_int(value, where, bits):
+    """``value`` as an int if it is one (not a bool) in ``[0, 2**bits)``, else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value < 2 ** bits:
+        raise ValueError(f"{where} must be an int in [0, 2**{bits}); got "
+                         f"{type(value).__name__} {value!r:.60}")
+    return int(value)
+
+
+def _state_keys(value, where, keys):
+    """Check that ``value`` is a dict with exactly ``keys``."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a dict; got {type(value).__name__}")
+    if set(value) != set(keys):
+        raise ValueError(f"{where} must have the keys {sorted(keys)}; got "
+                         f"{sorted(map(str, value))}"[:300])
+
+
+def check_state(state: dict) -> dict:
+    """Validate a state for the default generator and return a normalised copy; change nothing.
+
+    The state is what `get_state` returns, the state of a PCG64 bit generator::
+
+        {"bit_generator": "PCG64", "state": {"state": <int>, "inc": <odd int>},
+         "has_uint32": 0 or 1, "uinteger": <int>}
+
+    with ``state`` and ``inc`` in ``[0, 2**128)`` and ``uinteger`` in ``[0, 2**32)``. NumPy
+    itself raises OverflowError or KeyError on such garbage, or silently truncates a float.
+
+    Raises:
+        TypeError: ``state`` is not a dict.
+        ValueError: a key is missing or extra, or a field has the wrong type or range; the
+            message names the field, as in ``state['state']['inc']``.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict (as get_state returns); got "
+                        f"{type(state).__name__} {state!r:.60}")
+    _state_keys(state, "state", ("bit_generator", "state", "has_uint32", "uinteger"))
+    kind, name = type(_default.bit_generator).__name__, state["bit_generator"]
+    if not isinstance(name, str) or name != kind:
+        raise ValueError(f"state is for a {name!s:.40} bit generator; expected {kind}")
+    inner = state["state"]
+    _state_keys(inner, "state['state']", ("state", "inc"))
+    inc = _state_int(inner["inc"], "state['state']['inc']", 128)
+    if inc % 2 == 0:
+        raise ValueError(f"state['state']['inc'] must be odd (a PCG64 increment); got {inc}")
+    flag = state["has_uint32"]
+    if isinstance(flag, (bool, np.bool_)) or not isinstance(flag, numbers.Integral) \
+            or flag not in (0, 1):
+        raise ValueError(f"state['has_uint32'] must be 0 or 1; got {type(flag).__name__} "
+                         f"{flag!r:.60}")
+    return {"bit_generator": kind,
+            "state": {"state": _state_int(inner["state"], "state['state']['state']", 128),
+                      "inc": inc},
+            "has_uint32": int(flag),
+            "uinteger": _state_int(state["uinteger"], "state['uinteger']", 32)}
+
+
 def set_state(state: dict) -> None:
-    """Restore a state returned by `get_state`."""
-    bitgen = type(_default.bit_generator)()
-    bitgen.state = state
-    _default.bit_generator.state = bitgen.state
+    """Restore a state returned by `get_state`, after `check_state` (which raises TypeError
+    or ValueError, leaving the generator unchanged)."""
+    _default.bit_generator.state = check_state(state)
+
+
+_RNG_EXPECTED = "rng must be None, a non-negative int seed or a numpy Generator"
 
 
 def as_generator(rng=None) -> np.random.Generator:
-    """``None`` -> the default generator, an int -> a new seeded one, a Generator -> itself."""
+    """``None`` -> the default generator, an int seed >= 0 -> a new seeded one, a Generator
+    -> itself. `TypeError` for any other type (``bool`` included), `ValueError` for a
+    negative seed."""
     if rng is None:
         return _default
     if isinstance(rng, np.random.Generator):
         return rng
-    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
-        return np.random.default_rng(int(rng))
-    raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator; got "
-                    f"{type(rng).__name__} {rng!r}")
+    if isinstance(rng, (bool, np.bool_)) or not isinstance(rng, numbers.Integral):
+        raise TypeError(f"{_RNG_EXPECTED}; got {type(rng).__name__} {rng!r}")
+    if rng < 0:  # NumPy's own message, "expected non-negative integer", names nothing
+        raise ValueError(f"{_RNG_EXPECTED}; got {rng!r}")
+    return np.random.default_rng(int(rng))
 
 
 def _splitmix64(xp, key: int, n: int):

@@ -57,11 +57,11 @@ reject them.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from . import backend
+from . import random as _random
 from .diag import dispatch, layout
 from .diag.validate import (FLOAT_DTYPES, as_array, check_float_dtype, check_same_device,
                             resolve_num_diagonals,
@@ -356,6 +356,49 @@ class DiagMatrix:
                             xp.ascontiguousarray(diags[keep_dev]), shape)
 
     @classmethod
+    def from_scipy(cls, A, offsets=None, dtype=None) -> "DiagMatrix":
+        """The `DiagMatrix` of a SciPy sparse matrix or array (any format) or a NumPy array.
+
+        Every entry ``(i, j)`` lies on exactly one wrap-around diagonal (``p = (i - j) % m``
+        when ``m >= n``, ``p = (j - i) % n`` otherwise), so any matrix converts; the result
+        stores the diagonals that hold at least one non-zero (zeros inside them are kept as
+        values). Explicitly stored zeros count as zeros, duplicate COO entries are summed and
+        NaN counts as a non-zero. A sparse input is read through its COO coordinates: nothing
+        of size ``m * n`` is built.
+
+        Args:
+            A: a ``scipy.sparse`` matrix or array of shape ``(m, n)``, or a 2-D NumPy array;
+                float, integer or bool entries.
+            offsets: the diagonals to store (sorted, unique ints in ``[0, P)``); every
+                non-zero of ``A`` must lie on one of them. Default: the diagonals holding a
+                non-zero.
+            dtype: float32 or float64; default ``A``'s dtype when it is one of them, else
+                float64.
+
+        Returns:
+            A `DiagMatrix` of shape ``(m, n)`` on the CPU (move it with `to`).
+
+        Raises:
+            TypeError: ``A`` is neither sparse nor a NumPy array, or holds complex or object
+                entries; ``dtype`` is not float32/float64.
+            ValueError: ``A`` is not 2-D or has an empty side; with ``offsets``, a non-zero
+                of ``A`` off them (the message names the first one, in row-major order).
+        """
+        dt = None if dtype is None else check_float_dtype(dtype)
+        rows, cols, vals, shape = _nonzero_triples(A)
+        if dt is None:
+            dt = vals.dtype if vals.dtype in FLOAT_DTYPES else np.dtype(np.float64)
+        p, t = layout.diagonal_of(shape, rows, cols)
+        if offsets is None:
+            offsets = np.unique(p)
+        else:
+            offsets = backend.to_numpy(validate_offsets(backend.unwrap(offsets), shape))
+            _check_on_offsets(p, rows, cols, vals, offsets, shape)
+        values = np.zeros((offsets.size, layout.diagonal_length(shape)), dtype=dt)
+        values[np.searchsorted(offsets, p), t] = vals
+        return cls._trusted(np.ascontiguousarray(offsets, dtype=np.int64), values, shape)
+
+    @classmethod
     def random(cls, shape, sparsity=None, k=None, rng=None, dtype=np.float32,
                device=None) -> "DiagMatrix":
         """A matrix with ``K`` distinct random diagonals and uniform random values.
@@ -378,13 +421,7 @@ class DiagMatrix:
         shape = validate_shape(shape)
         dt = check_float_dtype(dtype)
         K = resolve_num_diagonals(shape, sparsity, k)
-        if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
-            gen = np.random.default_rng(rng)
-        elif isinstance(rng, np.random.Generator):
-            gen = rng
-        else:
-            raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator; "
-                            f"got {type(rng).__name__}")
+        gen = np.random.default_rng() if rng is None else _random.as_generator(rng)
         m, n = shape
         P, L = max(m, n), min(m, n)
         offsets = np.sort(gen.choice(P, size=K, replace=False)).astype(np.int64)
@@ -460,6 +497,45 @@ class DiagMatrix:
         if isinstance(other, DiagMatrix):
             return NotImplemented
         return self.rmatmul(other)
+
+
+def _nonzero_triples(A):
+    """``(rows, cols, values, shape)`` of the non-zeros of a SciPy sparse or NumPy ``A``."""
+    import scipy.sparse as sp
+
+    sparse = sp.issparse(A)
+    if not sparse:
+        A = backend.unwrap(A)  # a diagnet Tensor -> its array
+        if not isinstance(A, np.ndarray):
+            raise TypeError(f"A must be a SciPy sparse matrix or array, or a 2-D NumPy array; "
+                            f"got {type(A).__name__} (a GPU array: use DiagMatrix.from_dense)")
+    if len(A.shape) != 2:
+        raise ValueError(f"A must be 2-D (m, n); got shape {tuple(A.shape)}")
+    shape = validate_shape(tuple(int(s) for s in A.shape), "A.shape")
+    if np.dtype(A.dtype).kind not in "fiub":
+        raise TypeError(f"A must hold real numbers (float, int or bool); got dtype {A.dtype}")
+    if sparse:
+        coo = sp.coo_array(A, copy=True)  # a copy: summing duplicates must not touch A
+        coo.sum_duplicates()
+        rows, cols, vals = coo.row, coo.col, coo.data
+    else:
+        A = np.asarray(A)  # an np.matrix would index to 2-D rows
+        rows, cols = np.nonzero(A)
+        vals = A[rows, cols]
+    keep = vals != 0  # explicit zeros say nothing about which diagonals are used
+    return rows[keep].astype(np.int64), cols[keep].astype(np.int64), vals[keep], shape
+
+
+def _check_on_offsets(p, rows, cols, vals, offsets, shape):
+    """Raise `ValueError` naming the first non-zero (row-major) whose diagonal ``p`` is not
+    in ``offsets``."""
+    off = ~np.isin(p, offsets)
+    if off.any():
+        bad = np.flatnonzero(off)
+        i = bad[np.argmin(rows[bad] * shape[1] + cols[bad])]
+        raise ValueError(f"A has a non-zero off the given offsets: A[{rows[i]}, {cols[i]}] = "
+                         f"{vals[i].item()!r} lies on diagonal {p[i]} (shape {shape}, P = "
+                         f"{max(shape)}); offsets must include it")
 
 
 def _unwrap_operand(x, what):

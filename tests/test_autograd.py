@@ -543,3 +543,189 @@ def test_set_grad_enabled_call_and_block_forms():
     finally:
         diagnet.set_grad_enabled(True)
     assert diagnet.is_grad_enabled()
+
+
+# ----------------------------------------------------------------------------- gradient shapes
+
+class TransposedGrad(Function):
+    """A custom function whose backward returns the right number of elements in the wrong
+    shape (the transpose of its input's)."""
+
+    def forward(self, x):
+        return x.sum()
+
+    def backward(self, gy):
+        return np.full((3, 2), gy)
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused_not_reshaped():
+    x = t64(np.zeros((2, 3)))
+    y = TransposedGrad()(x)
+    with pytest.raises(RuntimeError, match=r"TransposedGrad\.backward returned a gradient of "
+                                           r"shape \(3, 2\) for input 0 of shape \(2, 3\)"):
+        y.backward()
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("grad_shape, input_shape", [
+    ((3, 2), (2, 3)),        # same size, other order
+    ((6,), (2, 3)),          # flattened
+    ((2, 3), (6,)),          # the leading axis is not an extra one
+    ((2, 3), (2, 1, 3)),     # fewer dims than the input
+    ((4, 3), (2, 3)),        # a non-size-1 axis differs
+])
+def test_only_broadcast_reduction_may_change_a_gradient_shape(grad_shape, input_shape):
+    class Wrong(Function):
+        def forward(self, x):
+            return x.sum()
+
+        def backward(self, gy):
+            return np.ones(grad_shape)
+
+    y = Wrong()(t64(np.zeros(input_shape)))
+    with pytest.raises(RuntimeError, match=rf"Wrong\.backward returned a gradient of shape "
+                                           rf"{re_shape(grad_shape)} for input 0 of shape "
+                                           rf"{re_shape(input_shape)}"):
+        y.backward()
+    with pytest.raises(ValueError, match="cannot be summed to shape"):
+        sum_to(np, np.ones(grad_shape), input_shape)
+
+
+@pytest.mark.parametrize("grad_shape, input_shape", [
+    ((5, 2, 3), (2, 3)), ((2, 3), (1, 3)), ((2, 3), (2, 1)), ((4, 2, 3), (1, 1)), ((2, 3), ()),
+])
+def test_broadcast_gradients_are_still_summed(grad_shape, input_shape):
+    class Broadcasting(Function):
+        def forward(self, x):
+            return x.sum()
+
+        def backward(self, gy):
+            return np.ones(grad_shape)
+
+    x = t64(np.zeros(input_shape))
+    Broadcasting()(x).backward()
+    np.testing.assert_array_equal(
+        x.grad.numpy(), np.full(input_shape, np.prod(grad_shape) / max(1, np.prod(input_shape))))
+
+
+def re_shape(shape):
+    import re
+
+    return re.escape(str(tuple(shape)))
+
+
+# ----------------------------------------------------------------------------- integer dtypes
+
+@pytest.mark.parametrize("data, dtype, shown", [
+    ([300, -1], "uint8", r"\[0, 255\].*300"),
+    ([1, -1], "uint32", r"\[0, 4294967295\].*-1"),
+    ([float("nan")], "int32", "nan"),
+    ([1.0, float("inf")], "int64", "inf"),
+    ([3e9], "int32", r"\[-2147483648, 2147483647\].*3e\+09|3000000000"),
+    (np.array([70000], dtype=np.int64), "int16", "70000"),
+    (np.array([2**63], dtype=np.uint64), "int64", "9223372036854775808"),
+    (np.array([-5], dtype=np.int8), "uint16", "-5"),
+    (np.array([1e10], dtype=np.float32), "int32", r"1e\+10|10000000000"),
+    (128, "int8", "128"),
+])
+def test_values_that_do_not_fit_an_integer_dtype_are_refused(data, dtype, shown):
+    with pytest.raises(ValueError, match=rf"(?s)dtype {dtype}.*{shown}"):
+        diagnet.tensor(data, dtype=dtype)
+
+
+@pytest.mark.parametrize("data, dtype, expected", [
+    ([255, 0], "uint8", [255, 0]),
+    ([-128, 127], "int8", [-128, 127]),
+    ([1.9, -1.9], "int32", [1, -1]),            # truncation toward zero, as NumPy and PyTorch
+    ([-0.5], "uint8", [0]),
+    (np.array([2**31 - 1], dtype=np.int64), "int32", [2**31 - 1]),
+    (np.array([-2.0**63]), "int64", [-2**63]),
+    (np.array([True, False]), "uint8", [1, 0]),
+])
+def test_values_that_fit_an_integer_dtype_are_converted(data, dtype, expected):
+    t = diagnet.tensor(data, dtype=dtype)
+    assert t.dtype == np.dtype(dtype)
+    assert t.tolist() == expected
+
+
+def test_astype_to_an_integer_dtype_checks_the_range():
+    with pytest.raises(ValueError, match=r"(?s)dtype uint8.*-1"):
+        diagnet.tensor([1.0, -1.0]).astype("uint8")
+    with pytest.raises(ValueError, match=r"(?s)dtype int16.*nan"):
+        diagnet.tensor([float("nan")], dtype="float64").astype(np.int16)
+    with pytest.raises(ValueError, match=r"(?s)dtype int8.*200"):
+        diagnet.tensor([200]).astype("int8")
+    assert diagnet.tensor([2.7, -3.0]).astype("int64").tolist() == [2, -3]
+
+
+def test_data_already_in_the_target_integer_dtype_is_not_scanned(monkeypatch):
+    """The range check runs only on a conversion, not on batches already in their dtype."""
+    from diagnet import autograd
+
+    calls = []
+    real = autograd.check_integer_range
+    monkeypatch.setattr(autograd, "check_integer_range",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    labels = np.arange(10, dtype=np.int64)
+    diagnet.tensor(labels)
+    diagnet.tensor(labels, dtype="int64")
+    diagnet.Tensor(labels, dtype=np.int64)
+    assert calls == []
+    diagnet.tensor(labels, dtype="int32")
+    assert calls == [1]
+
+
+# ----------------------------------------------------------------------------- dtype arguments
+
+@pytest.mark.parametrize("make", [
+    lambda: diagnet.tensor([1.0], dtype="bogus"),
+    lambda: diagnet.Tensor([1.0], dtype="bogus"),
+    lambda: diagnet.tensor([1.0]).astype("bogus"),
+    lambda: diagnet.tensor([1.0]).to(dtype="bogus"),
+], ids=["tensor", "Tensor", "astype", "to"])
+def test_an_unknown_dtype_names_the_argument_expected_and_received(make):
+    with pytest.raises(TypeError, match=r"dtype must be float32, float64, an integer or bool "
+                                        r"dtype.*; got 'bogus'"):
+        make()
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.complex64])
+def test_astype_refuses_unsupported_dtypes(dtype):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, an integer or bool"):
+        diagnet.tensor([1.0]).astype(dtype)
+
+
+def test_to_accepts_a_dtype_a_device_or_both():
+    x = t64([1.0, 2.0])
+    for y in (x.to("float32"), x.to(np.float32), x.to(dtype="float32"), x.to("cpu", "float32"),
+              x.to("cpu", dtype=np.float32), x.to(device="cpu", dtype="float32")):
+        assert y.dtype == np.float32 and y.device == "cpu"
+        assert y.tolist() == [1.0, 2.0]
+    y = x.to("float32")
+    (y * 3.0).sum().backward()  # differentiable, like astype
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
+    assert x.grad.dtype == np.float64
+    assert x.to("cpu") is x and x.to("float64") is x and x.to() is x
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("bogus",), {}, r"to: expected a device \('cpu', 'cuda'\) or a dtype.*; got 'bogus'"),
+    (("cpu", "cpu"), {}, "dtype must be float32, float64"),
+    (("float32",), {"dtype": "float64"}, "to: got the dtype twice"),
+    (("cpu",), {"device": "cpu"}, "to: got the device twice"),
+    (("cpu", "float32", "x"), {}, "to: takes at most a device and a dtype"),
+])
+def test_to_errors_name_the_problem(args, kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        t64([1.0]).to(*args, **kwargs)
+
+
+@pytest.mark.gpu
+def test_integer_range_check_on_cuda():
+    x = diagnet.tensor([1.5, -1.0], device="cuda")
+    with pytest.raises(ValueError, match=r"astype: cannot convert to dtype uint8.*got -1\.0"):
+        x.astype("uint8")
+    assert x.astype("int16").numpy().tolist() == [1, -1]
+    with pytest.raises(ValueError, match=r"dtype int8 .*got 300"):
+        diagnet.tensor(diagnet.tensor([1, 300], device="cuda"), dtype="int8")
+    assert x.to("float64").device == "cuda" and x.to("float64").dtype == np.float64

@@ -201,3 +201,32 @@ def test_gpu_ops_match_cpu_and_gradcheck():
 def test_gpu_mixed_devices_raise():
     with pytest.raises(ValueError, match="different devices"):
         diagnet.tensor([1.0], device="cuda") + diagnet.tensor([1.0], device="cpu")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("cuda:1", "diagnet uses one GPU.*'cuda' or 'cuda:0'.*CUDA_VISIBLE_DEVICES=1.*got 'cuda:1'"),
+    ("cuda:12", "CUDA_VISIBLE_DEVICES=12.*got 'cuda:12'"),
+    ("cuda:x", "one of \\('cpu', 'cuda'\\).*got 'cuda:x'"),
+    ("cuda:", "got 'cuda:'"),
+])
+def test_a_gpu_index_other_than_0_is_refused_not_ignored(name, expected):
+    with pytest.raises(ValueError, match=expected):
+        backend.check_device(name)
+    with pytest.raises(ValueError, match=expected):
+        backend.resolve_device(name)
+
+
+def test_unwrap_takes_only_a_tensor_s_array_not_any_data_attribute():
+    # a SciPy sparse matrix has an array ``.data`` too (its stored values): unwrapping it
+    # would silently hand on the wrong array, e.g. offsets [1] for the matrix [[0, 1]]
+    import scipy.sparse
+
+    import diagnet as dn
+    from diagnet import nn
+
+    matrix = scipy.sparse.csr_matrix(np.array([[0, 1]]))
+    assert backend.unwrap(matrix) is matrix
+    t = dn.tensor([1.0, 2.0])
+    assert backend.unwrap(t) is t.data
+    with pytest.raises((TypeError, ValueError)):
+        nn.DiagLinear(3, 3, offsets=matrix)

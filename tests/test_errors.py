@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -137,7 +139,9 @@ def test_requires_grad_on_integer_tensor():
 
 
 def test_bad_dtype_argument():
-    with pytest.raises(TypeError, match="dtype must be a NumPy dtype such as 'float32'; got 'floot'"):
+    with pytest.raises(TypeError, match=r"dtype must be float32, float64, an integer or bool "
+                                        r"dtype \(a name such as 'float32' or a NumPy dtype\); "
+                                        r"got 'floot'"):
         diagnet.tensor([1.0], dtype="floot")
 
 
@@ -210,3 +214,73 @@ def test_tensor_matmul_with_diagmatrix_points_to_diag_linear():
     x = diagnet.tensor(np.ones((3, 4), dtype=np.float32))
     with pytest.raises(TypeError, match="DiagMatrix; use diagnet.functional.diag_linear"):
         x @ W
+
+
+# ----------------------------------------------------------------------------- layer arguments
+
+def _mlp():
+    return diagnet.nn.Sequential(diagnet.nn.Linear(4, 8, rng=0), diagnet.nn.ReLU(),
+                                 diagnet.nn.Linear(8, 4, rng=0))
+
+
+def _builders():
+    from diagnet.dst import sparsify
+    from diagnet.dst.dynadiag import DynaDiagLinear
+
+    return {
+        "DiagLinear": lambda **kw: diagnet.nn.DiagLinear(4, 6, **kw),
+        "DynaDiagLinear": lambda **kw: DynaDiagLinear(4, 6, **kw),
+        "sparsify diag": lambda **kw: sparsify(_mlp(), "diag", **kw),
+        "sparsify dynadiag": lambda **kw: sparsify(_mlp(), "dynadiag", **kw),
+    }
+
+
+@pytest.mark.parametrize("builder", ["DiagLinear", "DynaDiagLinear", "sparsify diag",
+                                     "sparsify dynadiag"])
+@pytest.mark.parametrize("sparsity, error, expected", [
+    (None, TypeError, "a number in {}; got NoneType None"),
+    (True, TypeError, "a number in {}; got bool True"),
+    (np.bool_(False), TypeError, "a number in {}; got bool " + repr(np.bool_(False))),
+    ("0.5", TypeError, "a number in {}; got str '0.5'"),
+    (float("nan"), ValueError, "in {}; got nan"),
+])
+def test_bad_sparsity_names_the_argument_the_range_and_the_value(builder, sparsity, error,
+                                                                 expected):
+    state = diagnet.random.get_state()
+    interval = "[0, 1)" if builder.startswith("sparsify") else "[0, 1]"
+    message = "sparsity must be " + expected.format(interval)
+    with pytest.raises(error, match=re.escape(message) + "$"):
+        _builders()[builder](sparsity=sparsity)
+    assert diagnet.random.get_state() == state  # refused before drawing anything
+
+
+def test_refused_sparsify_leaves_the_model_as_it_was():
+    from diagnet.dst import sparsify
+
+    model = _mlp()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match="sparsity must be a number"):
+        sparsify(model, "diag", sparsity=None)
+    assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("make", [
+    lambda: diagnet.nn.Linear(4, 6, rng=-1),
+    lambda: diagnet.nn.DiagLinear(4, 6, rng=-1),
+    lambda: _builders()["DynaDiagLinear"](rng=-1),
+    lambda: _builders()["sparsify diag"](rng=-1),
+    lambda: diagnet.DiagMatrix.random((4, 6), rng=-1),
+    lambda: diagnet.random.as_generator(-1),
+])
+def test_negative_rng_seed_names_what_rng_accepts(make):
+    with pytest.raises(ValueError, match=r"^rng must be None, a non-negative int seed or a "
+                                         r"numpy Generator; got -1$"):
+        make()
+
+
+@pytest.mark.parametrize("rng, received", [("7", "str '7'"), (True, "bool True"),
+                                           (1.5, "float 1.5")])
+def test_rng_of_the_wrong_type(rng, received):
+    with pytest.raises(TypeError, match=rf"rng must be None, a non-negative int seed or a "
+                                        rf"numpy Generator; got {received}$"):
+        diagnet.random.as_generator(rng)

@@ -258,3 +258,50 @@ def test_set_offsets_remaps_the_state_of_every_optimizer_holding_values():
     layer(_x((4, 8), seed=3)).sum().backward()
     adam.step()
     assert np.all(layer.values.numpy()[[0, 3]] != 0)
+
+
+@pytest.mark.parametrize("offsets", [[], (), np.zeros(0, dtype=np.int64)])
+def test_empty_offsets_make_a_layer_without_diagonals(offsets):
+    # the format allows K = 0 (W = 0, y = bias); an empty list is read as int64
+    layer = nn.DiagLinear(4, 6, offsets=offsets, rng=0, dtype=np.float64)
+    assert layer.K == 0 and layer.values.shape == (0, 4) and layer.sparsity == 1.0
+    y = layer(_x((2, 4)))
+    np.testing.assert_array_equal(y.numpy(), np.broadcast_to(layer.bias.numpy(), (2, 6)))
+    layer.set_offsets([1, 2])
+    assert layer.offsets.numpy().tolist() == [1, 2]
+    layer.set_offsets([])
+    assert layer.K == 0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(offsets=[0, True]), TypeError,
+     r"offsets must hold ints, not bools; got offsets\[1\] = True"),
+    (dict(offsets=True), TypeError,
+     r"offsets must be a 1-D array or sequence of ints \(K,\); got bool True"),
+    (dict(offsets=[0, 1], sparsity=float("nan")), ValueError,
+     r"sparsity must be in \[0, 1\]; got nan"),
+    (dict(offsets=[0, 1], sparsity="0.5"), TypeError,
+     r"sparsity must be a number in \[0, 1\]; got str '0.5'"),
+])
+def test_constructor_refuses_bools_and_garbage_sparsity_next_to_offsets(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nn.DiagLinear(4, 6, rng=0, **kwargs)
+
+
+def test_sparsity_is_ignored_next_to_offsets_and_none_is_accepted_there():
+    layer = nn.DiagLinear(4, 6, offsets=[0, 3], sparsity=None, rng=0)
+    assert layer.K == 2 and layer.target_sparsity == pytest.approx(1 - 2 / 6)
+
+
+def test_set_offsets_refuses_bools_and_leaves_the_layer_unchanged():
+    layer = nn.DiagLinear(8, 8, offsets=[1, 3], rng=0)
+    values = layer.values.numpy()
+    with pytest.raises(TypeError, match=r"offsets must hold ints, not bools"):
+        layer.set_offsets([1, True])
+    assert layer.offsets.numpy().tolist() == [1, 3]
+    np.testing.assert_array_equal(layer.values.numpy(), values)
+
+
+def test_from_dense_k_zero_is_named_as_k():
+    with pytest.raises(ValueError, match=r"k must be in \[1, P\] = \[1, 6\]"):
+        nn.DiagLinear.from_dense(nn.Linear(4, 6, rng=0), k=0)

@@ -885,3 +885,65 @@ def test_layer_norm_gradients_float32(lead, norm, mean, std, eps, affine):
     # a check of the reference itself: d/dx sums to zero over each row (shifting x is free)
     rows = dx.reshape(-1, int(np.prod(norm))).sum(axis=1)
     assert np.all(np.abs(rows) <= 1e-12 * dx_s.reshape(rows.shape[0], -1).sum(axis=1))
+
+
+# ----------------------------------------------------------------------------- dim= for axis=
+
+_X = np.arange(24.0).reshape(2, 3, 4) % 7 - 3.0
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("sum", {}), ("mean", {}), ("max", {}), ("min", {}), ("var", {}), ("argmax", {}),
+    ("sum", {"keepdims": True}), ("var", {"ddof": 1}),
+])
+@pytest.mark.parametrize("dim", [1, -1, (0, 2)])
+def test_reductions_accept_dim_as_an_alias_of_axis(name, kwargs, dim):
+    if name == "argmax" and isinstance(dim, tuple):
+        pytest.skip("argmax takes one axis")
+    x = diagnet.tensor(_X, dtype="float64")
+    expected = getattr(F, name)(x, axis=dim, **kwargs).numpy()
+    for got in (getattr(F, name)(x, dim=dim, **kwargs), getattr(x, name)(dim=dim, **kwargs)):
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_accepts_dim_and_defaults_to_the_last_axis(name):
+    x = diagnet.tensor(_X, dtype="float64")
+    fn = getattr(F, name)
+    np.testing.assert_array_equal(fn(x, dim=0).numpy(), fn(x, axis=0).numpy())
+    np.testing.assert_array_equal(fn(x).numpy(), fn(x, axis=-1).numpy())
+    np.testing.assert_array_equal(fn(x).numpy(), fn(x, dim=2).numpy())
+
+
+def test_concatenate_and_stack_accept_dim():
+    a, b = diagnet.tensor(_X[0]), diagnet.tensor(_X[1])
+    assert F.concatenate([a, b], dim=1).shape == (3, 8) == F.concatenate([a, b], axis=1).shape
+    assert F.concatenate([a, b]).shape == (6, 4)
+    assert F.stack([a, b], dim=2).shape == (3, 4, 2) == F.stack([a, b], axis=2).shape
+    assert F.stack([a, b]).shape == (2, 3, 4)
+
+
+def test_any_and_all_accept_dim():
+    x = diagnet.tensor(_X > 0)
+    np.testing.assert_array_equal(x.any(dim=1).numpy(), (_X > 0).any(axis=1))
+    np.testing.assert_array_equal(x.all(dim=-1).numpy(), (_X > 0).all(axis=-1))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: F.sum(x, axis=0, dim=1), lambda x: x.sum(0, dim=0), lambda x: x.mean(axis=1, dim=1),
+    lambda x: x.max(1, dim=1), lambda x: x.min(axis=0, dim=0), lambda x: x.var(0, dim=1),
+    lambda x: x.argmax(0, dim=0), lambda x: x.any(0, dim=0), lambda x: x.all(0, dim=0),
+    lambda x: F.softmax(x, axis=-1, dim=0), lambda x: F.log_softmax(x, -1, dim=-1),
+    lambda x: F.concatenate([x, x], axis=0, dim=1), lambda x: F.stack([x, x], 0, dim=0),
+])
+def test_axis_and_dim_together_raise(call):
+    with pytest.raises(TypeError, match=r"got axis=.* and dim=.*; dim is another name for axis"):
+        call(diagnet.tensor(_X))
+
+
+@pytest.mark.parametrize("value", ["0.1", None, [0.1], True])
+def test_cross_entropy_label_smoothing_must_be_a_number(value):
+    logits = diagnet.tensor([[1.0, 2.0]])
+    with pytest.raises(TypeError, match=rf"label_smoothing must be a float in \[0, 1\); got "
+                                        rf"{type(value).__name__} "):
+        F.cross_entropy(logits, [0], label_smoothing=value)

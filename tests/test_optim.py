@@ -18,6 +18,7 @@ from diagnet import backend
 from diagnet.autograd import Tensor
 from diagnet.nn.parameter import Parameter
 from diagnet.optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm_, clip_grad_value_
+from diagnet.optim import adam as adam_module
 from tolerances import F32_TOL, F64_TOL
 
 SHAPE = (3, 4)
@@ -198,6 +199,52 @@ def test_adamw_default_weight_decay_and_decoupled_shrink():
     np.testing.assert_allclose(p.data, 2.0 * (1 - 0.1 * 1e-2), **F64_TOL)
 
 
+BIT_CASES = {
+    "adam": (Adam, dict(lr=0.01, weight_decay=0.1)),
+    "adam_amsgrad": (Adam, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    "adamw": (AdamW, dict(lr=0.01, weight_decay=0.1)),
+    "adamw_amsgrad_maximize": (AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True,
+                                           maximize=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", BIT_CASES)
+def test_adam_numpy_path_equals_the_compiled_loop_bit_for_bit(case, dtype, monkeypatch):
+    """A C-ordered parameter takes the compiled CPU loop, a Fortran-ordered one with the same
+    values the NumPy code (the path of every CuPy array): the two must agree exactly."""
+    cls, kwargs = BIT_CASES[case]
+    loops = adam_module._fused_updates()
+    calls = []
+
+    def counted(loop):
+        def run(*arrays):
+            calls.append(loop)
+            return loop(*arrays)
+        return run
+
+    monkeypatch.setattr(adam_module, "_fused_updates", lambda: tuple(map(counted, loops)))
+    p0 = _start(43, (9, 13)).astype(dtype)
+    grads = [g.astype(dtype) for g in _grads(43, (9, 13), steps=7)]
+    fused = Parameter(p0.copy())
+    numpy_path = Parameter(np.asfortranarray(p0))
+    assert not numpy_path.data.flags.c_contiguous
+    opts = [cls([p], **kwargs) for p in (fused, numpy_path)]
+    for g in grads:
+        _set_grad(fused, g)
+        numpy_path.grad = Tensor._wrap(np.asfortranarray(g))
+        opts[0].step()
+        assert len(calls) == 1  # the compiled loop ran for the C-ordered parameter only
+        opts[1].step()
+        assert len(calls) == 1
+        calls.clear()
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kwargs.get("amsgrad") else [])
+    np.testing.assert_array_equal(numpy_path.data, fused.data)
+    for key in keys:
+        np.testing.assert_array_equal(opts[1].state[numpy_path][key], opts[0].state[fused][key])
+    assert not np.array_equal(fused.data, p0)
+
+
 # ----------------------------------------------------------------------------- groups, dtypes
 
 def test_parameter_groups_with_different_lrs():
@@ -257,14 +304,6 @@ def test_float32_parameters_stay_float32(make):
     else:
         want = adam_reference(p0, grads, decoupled=isinstance(opt, AdamW), **group)[0]
     np.testing.assert_allclose(p.data, want, **F32_TOL)
-
-
-def test_float64_gradient_on_float32_parameter_keeps_float32():
-    p = Parameter(np.ones(3, dtype=np.float32))
-    opt = Adam([p], lr=0.1)
-    p.grad = Tensor._wrap(np.ones(3))  # float64
-    opt.step()
-    assert p.dtype == np.float32 and opt.state[p]["exp_avg"].dtype == np.float32
 
 
 # ----------------------------------------------------------------------------- step mechanics
@@ -409,6 +448,161 @@ def test_repr_lists_groups_and_hyperparameters():
     assert "    momentum: 0.9\n" in text and "params" not in text
 
 
+# ----------------------------------------------------------------------------- mismatched arrays
+
+@pytest.fixture
+def guarded_loops(monkeypatch):
+    """Adam's compiled CPU loops behind a guard that fails the test when their arrays differ
+    in size. Such a loop reads and writes out of bounds (a segfault or damaged memory), so
+    without the guard a regression would take the test process down instead of failing."""
+    loops = adam_module._fused_updates()
+
+    def guard(loop):
+        def run(*arrays):
+            sizes = {a.size for a in arrays[:-1]}  # the last array holds the scalars
+            assert len(sizes) == 1, f"a compiled Adam loop ran on arrays of sizes {sizes}"
+            return loop(*arrays)
+        return run
+
+    monkeypatch.setattr(adam_module, "_fused_updates", lambda: tuple(map(guard, loops)))
+
+
+MISMATCH_OPTIMIZERS = {
+    "adam": lambda ps: Adam(ps, lr=0.01),
+    "adamw_amsgrad": lambda ps: AdamW(ps, lr=0.01, amsgrad=True),
+    "sgd_momentum": lambda ps: SGD(ps, lr=0.1, momentum=0.9),
+    "sgd": lambda ps: SGD(ps, lr=0.1),
+}
+
+
+def _linear_params(seed=40, dtype=np.float32):
+    """A ``(4, 6)`` weight and a ``(4,)`` bias, as ``nn.Linear(6, 4)`` has them."""
+    return (Parameter(_start(seed, (4, 6)).astype(dtype)),
+            Parameter(_start(seed + 1, (4,)).astype(dtype)))
+
+
+def _stepped(make, params, steps=2):
+    """``make(named params)`` after ``steps`` good steps (so that state exists)."""
+    opt = make(list(zip(["bias", "weight"], params[::-1])))
+    _run(opt, list(params), [_grads(41 + i, p.shape, steps) for i, p in enumerate(params)])
+    return opt
+
+
+def _snapshot_all(opt):
+    return [p.data.copy() for p in opt._params()], _snapshot(opt)
+
+
+def _assert_unchanged(before, opt):
+    values, snapshot = before
+    for p, v in zip(opt._params(), values):
+        np.testing.assert_array_equal(p.data, v)
+    _assert_same(snapshot, opt)
+
+
+@pytest.mark.parametrize("bad_grad, error, message", [
+    (lambda w: Tensor._wrap(np.ones((1, 6), w.dtype)), ValueError,
+     r"gradient of parameter 'weight' has shape \(1, 6\), but the parameter has shape \(4, 6\)"),
+    (lambda w: Tensor._wrap(np.ones(6, w.dtype)), ValueError,  # would broadcast
+     r"gradient of parameter 'weight' has shape \(6,\), but the parameter has shape \(4, 6\)"),
+    (lambda w: Tensor._wrap(np.ones((4, 6))), ValueError,
+     "gradient of parameter 'weight' has dtype float64, but the parameter has dtype float32"),
+    (lambda w: np.ones((4, 6), w.dtype), TypeError,
+     "gradient of parameter 'weight' must be a Tensor; got ndarray"),
+], ids=["shape", "broadcastable", "dtype", "array"])
+@pytest.mark.parametrize("make", MISMATCH_OPTIMIZERS.values(), ids=MISMATCH_OPTIMIZERS.keys())
+def test_step_refuses_a_gradient_unlike_its_parameter_and_changes_nothing(
+        make, bad_grad, error, message, guarded_loops):
+    w, b = _linear_params()
+    opt = _stepped(make, (w, b))
+    before = _snapshot_all(opt)
+    _set_grad(b, np.ones(4))  # b comes first and is fine: a refused step must not update it
+    w.grad = bad_grad(w)
+    with pytest.raises(error, match=message):
+        opt.step()
+    _assert_unchanged(before, opt)
+
+
+def test_step_refusal_names_an_unnamed_parameter_by_group_and_index(guarded_loops):
+    a, b = Parameter(np.zeros(3)), Parameter(np.zeros((2, 3)))
+    opt = Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    _set_grad(a, np.ones(3))
+    b.grad = Tensor._wrap(np.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"gradient of params\[0\] in param group 1 has shape"):
+        opt.step()
+    assert not opt.state
+    np.testing.assert_array_equal(a.data, 0.0)
+
+
+def test_step_accepts_arrays_of_another_class_on_the_same_device():
+    """The check compares array types for speed; an ndarray subclass is still a CPU array."""
+    class Buffer(np.ndarray):
+        pass
+
+    p = Parameter(np.zeros((2, 3)))
+    opt = SGD([p], lr=0.5, momentum=0.9)
+    p.grad = Tensor._wrap(np.ones((2, 3)).view(Buffer))
+    opt.step()
+    opt.step()
+    np.testing.assert_allclose(p.data, -0.5 - 0.5 * 1.9, **F64_TOL)
+
+
+@pytest.mark.parametrize("replace, message", [
+    (lambda w: np.zeros((8, 6), w.dtype),
+     r"state '(exp_avg|momentum_buffer)' of parameter 'weight' has shape \(4, 6\), but the "
+     r"parameter has shape \(8, 6\)"),
+    (lambda w: np.zeros((2, 6), w.dtype), r"has shape \(4, 6\), but the parameter has shape"),
+    (lambda w: w.data.astype(np.float64),
+     "state '(exp_avg|momentum_buffer)' of parameter 'weight' has dtype float32, but the "
+     "parameter has dtype float64"),
+], ids=["larger", "smaller", "dtype"])
+@pytest.mark.parametrize("make", [MISMATCH_OPTIMIZERS[k] for k in (
+    "adam", "adamw_amsgrad", "sgd_momentum")], ids=["adam", "adamw_amsgrad", "sgd_momentum"])
+def test_step_refuses_parameter_data_replaced_after_its_state_was_made(
+        make, replace, message, guarded_loops):
+    w, b = _linear_params()
+    opt = _stepped(make, (w, b))
+    w.data = replace(w)
+    _set_grad(b, np.ones(4))
+    _set_grad(w, np.ones(w.shape))
+    before = _snapshot_all(opt)
+    with pytest.raises(ValueError, match=message) as info:
+        opt.step()
+    assert "del optimizer.state[param]" in str(info.value)  # and says what to do instead
+    _assert_unchanged(before, opt)
+    # dropping the stale state is one way out: the parameter starts afresh
+    del opt.state[w]
+    opt.step()
+    assert all(v.shape == w.shape for v in opt.state[w].values() if backend.is_array(v))
+
+
+@pytest.mark.gpu
+def test_step_after_the_model_moved_to_the_gpu_names_the_devices():
+    cp = backend.cupy_or_none()
+    model = dn.nn.Linear(3, 2, device="cpu")
+    opt = Adam(model.named_parameters(), lr=0.01)
+    x = dn.tensor(_start(42, (5, 3)), dtype="float32", device="cpu")
+    model(x).sum().backward()
+    opt.step()
+    model.to("cuda")
+    model.zero_grad()
+    model(x.to("cuda")).sum().backward()
+    before = model.weight.numpy()
+    with pytest.raises(ValueError, match="state 'exp_avg' of parameter 'weight' is on cpu, "
+                                         "but the parameter is on cuda") as info:
+        opt.step()
+    assert "load_state_dict" in str(info.value)  # says how to move the state
+    np.testing.assert_array_equal(model.weight.numpy(), before)
+    # the way out that the message gives: load_state_dict copies the state to the parameters
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert isinstance(opt.state[model.weight]["exp_avg"], cp.ndarray)
+    assert opt.state[model.weight]["step"] == 2
+    model.weight.grad = Tensor._wrap(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="gradient of parameter 'weight' is on cpu, but the "
+                                         "parameter is on cuda"):
+        opt.step()
+
+
 # ----------------------------------------------------------------------------- state dicts
 
 def _adam_setup(seed=7, names=False):
@@ -542,6 +736,10 @@ def _wrong_dtype(sd):
     (lambda sd: sd["param_groups"][0].update(lr=-1.0), "invalid lr=-1.0 in loaded param group 0"),
     (lambda sd: sd["state"].update({5: {}}), "state entry 5 names no parameter"),
     (lambda sd: sd.update(param_names=["w", "c"]), "named 'b' here but 'c'"),
+    *[pytest.param(lambda sd, step=step: sd["state"][1].update(step=step),
+                   r"state 'step' of parameter 'b' must be an int in \[0, 2\*\*63\)",
+                   id=f"step={step!r}")
+      for step in (-1, float("nan"), 1e308, 2.5, 3.0, True, np.bool_(True), 2 ** 63, "3")],
 ])
 def test_load_state_dict_errors_leave_the_optimizer_unchanged(spoil, message):
     (w, b), opt = _adam_setup(names=True)
@@ -557,6 +755,19 @@ def test_load_state_dict_errors_leave_the_optimizer_unchanged(spoil, message):
     with pytest.raises(ValueError, match=message):
         other.load_state_dict(sd)
     _assert_same(before, other)
+
+
+def test_load_state_dict_takes_numpy_integer_steps_as_python_ints():
+    (w, b), opt = _adam_setup()
+    _run(opt, [w, b], [_grads(7, w.shape, 2), _grads(8, b.shape, 2)])
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = np.int64(2)
+    sd["state"][1]["step"] = 0  # saved before a first update: valid
+    (w2, b2), other = _adam_setup()
+    other.load_state_dict(sd)
+    assert type(other.state[w2]["step"]) is int and other.state[w2]["step"] == 2
+    _run(other, [w2, b2], [_grads(9, w.shape, 1), _grads(10, b.shape, 1)])
+    assert other.state[b2]["step"] == 1 and np.all(np.isfinite(b2.data))
 
 
 def test_load_state_dict_moves_state_into_place_in_parameter_order():
@@ -868,3 +1079,32 @@ def test_mask_state_zeroes_masked_entries_of_every_per_element_state_in_place():
         adam.mask_state(p, keep[:2])
     with pytest.raises(TypeError, match="keep must be a boolean array"):
         adam.mask_state(p, keep.astype(np.float64))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mask_state_zeroes_masked_entries_that_hold_nan_or_inf(device):
+    xp = backend.xp_for(device)
+    p = Parameter(xp.asarray(_start(19, (3, 4))))
+    opt = Adam([p], lr=0.1, amsgrad=True)
+    for g in _grads(19, (3, 4), 2):
+        p.grad = Tensor._wrap(xp.asarray(g))
+        opt.step()
+    keep = np.random.default_rng(2).random((3, 4)) < 0.5
+    assert keep.any() and (~keep).sum() >= 3
+    kept_nan = np.unravel_index(np.argmax(keep), keep.shape)
+    arrays = {k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    before = {}
+    for key, value in arrays.items():
+        host = backend.to_numpy(value).copy()
+        # NaN, inf and -inf at the masked entries: a product with the mask would keep NaN
+        host[~keep] = np.resize([np.nan, np.inf, -np.inf], (~keep).sum())
+        host[kept_nan] = np.nan  # a kept NaN stays: masking is not cleaning
+        value[...] = xp.asarray(host)
+        before[key] = host
+    opt.mask_state(p, keep)
+    for key, value in arrays.items():
+        assert opt.state[p][key] is value
+        got = backend.to_numpy(value)
+        np.testing.assert_array_equal(got[~keep], 0.0)
+        np.testing.assert_array_equal(got[keep], before[key][keep])
+        assert np.isnan(got[kept_nan])

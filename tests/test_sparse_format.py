@@ -15,6 +15,7 @@ with rtol 1e-10 for float64 and 1e-4 for float32 (``dense_reference.assert_close
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -331,8 +332,11 @@ def test_random_offsets_and_value_bound(shape, seed, data):
 def test_random_errors():
     with pytest.raises(TypeError, match="dtype must be float32 or float64; got int32"):
         DiagMatrix.random((3, 3), dtype=np.int32)
-    with pytest.raises(TypeError, match="rng must be None, an int seed"):
+    with pytest.raises(TypeError, match="rng must be None, a non-negative int seed"):
         DiagMatrix.random((3, 3), rng="seed")
+    with pytest.raises(ValueError, match=r"rng must be None, a non-negative int seed or a "
+                                         r"numpy Generator; got -1"):
+        DiagMatrix.random((3, 3), rng=-1)
     with pytest.raises(ValueError, match="device must be one of"):
         DiagMatrix.random((3, 3), device="tpu")
 
@@ -353,6 +357,11 @@ GOOD_VALUES = np.zeros((2, 4))
     (np.array([True, False]), TypeError, r"offsets must have an integer dtype.*got dtype bool"),
     (np.array([[0, 1]]), ValueError, r"offsets must be 1-D with shape \(K,\); got shape \(1, 2\)"),
     ([[0], [1, 2]], TypeError, r"offsets must be an array"),
+    ([0, True], TypeError, r"offsets must hold ints, not bools; got offsets\[1\] = True"),
+    ((np.False_, 1), TypeError, r"offsets must hold ints, not bools; got offsets\[0\] = "
+                                + re.escape(repr(np.False_))),
+    (True, TypeError, r"offsets must be a 1-D array or sequence of ints \(K,\); got bool True"),
+    (3, TypeError, r"offsets must be a 1-D array or sequence of ints \(K,\); got int 3"),
 ])
 def test_bad_offsets_are_rejected_with_a_clear_message(offsets, exc, message):
     with pytest.raises(exc, match=message):
@@ -434,6 +443,143 @@ def test_empty_matrix_k_zero():
     with pytest.raises(ValueError, match="format must be one of"):
         W.to_scipy("bsr")
 
+
+@pytest.mark.parametrize("empty", [[], (), np.zeros(0, dtype=np.int32)])
+def test_an_empty_offsets_sequence_is_the_all_zero_matrix(empty):
+    # the format allows K = 0; an empty list holds no dtype, so it is read as int64
+    W = DiagMatrix(empty, np.zeros((0, 3)), (5, 3))
+    assert W.K == 0 and W.offsets.dtype == np.int64 and W.offsets.shape == (0,)
+    np.testing.assert_array_equal(W.to_dense(), np.zeros((5, 3)))
+
+
+
+# ----------------------------------------------------------------------------- from_scipy
+
+SCIPY_FORMATS = ("csr", "csc", "coo", "dia", "lil", "dok", "bsr")
+
+
+def _as_scipy(dense, fmt, kind):
+    """``dense`` as a SciPy sparse array (``kind="array"``) or matrix of format ``fmt``."""
+    import scipy.sparse as sp
+
+    return getattr(sp, f"{fmt}_{kind}")(dense)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.sparse.SparseEfficiencyWarning")  # DIA, many diags
+@given(diag_matrices(), st.sampled_from(SCIPY_FORMATS + ("numpy",)),
+       st.sampled_from(["array", "matrix"]))
+def test_from_scipy_round_trips_to_scipy_and_to_dense(case, fmt, kind):
+    offsets, values, shape, _ = case
+    values[values == 0] = 1.0            # every stored diagonal holds non-zeros
+    W = DiagMatrix(offsets, values, shape)
+    if fmt == "numpy":
+        A = W.to_dense()
+    else:
+        A = _as_scipy(W.to_scipy("coo"), fmt, kind)
+    R = DiagMatrix.from_scipy(A)
+    assert R.shape == shape and R.dtype == values.dtype and R.device == "cpu"
+    np.testing.assert_array_equal(R.offsets, offsets)
+    np.testing.assert_array_equal(R.values, values)
+
+
+@given(diag_matrices(), st.sampled_from(["csr", "coo", "dia"]))
+def test_from_scipy_inverts_every_to_scipy_format(case, fmt):
+    offsets, values, shape, _ = case
+    values[values == 0] = 1.0
+    R = DiagMatrix.from_scipy(DiagMatrix(offsets, values, shape).to_scipy(fmt))
+    np.testing.assert_array_equal(R.offsets, offsets)
+    np.testing.assert_array_equal(R.values, values)
+
+
+@given(diag_matrices(dtypes=(np.float64,)), st.data())
+def test_from_scipy_keeps_the_diagonals_that_hold_a_non_zero(case, data):
+    """Zeros inside a kept diagonal stay; a diagonal of zeros only (stored explicitly or
+    not) is left out; the dense matrix is the same either way."""
+    offsets, values, shape, seed = case
+    rng = np.random.default_rng(seed)
+    values[rng.random(values.shape) < data.draw(st.sampled_from([0.0, 0.5, 1.0]))] = 0.0
+    W = DiagMatrix(offsets, values, shape)
+    R = DiagMatrix.from_scipy(W.to_scipy("coo"))    # explicit zeros included
+    np.testing.assert_array_equal(R.offsets, offsets[np.any(values != 0, axis=1)])
+    np.testing.assert_array_equal(R.to_dense(), W.to_dense())
+
+
+def test_from_scipy_worked_example_tall():
+    # tall 4 x 3: entry (i, j) is on diagonal (i - j) % 4 at position j
+    A = np.zeros((4, 3))
+    A[3, 0], A[0, 1], A[1, 2] = 1.0, 2.0, 3.0       # diagonal 3
+    A[1, 0] = 4.0                                   # diagonal 1, positions 1 and 2 zero
+    R = DiagMatrix.from_scipy(A)
+    assert R.offsets.tolist() == [1, 3]
+    np.testing.assert_array_equal(R.values, [[4.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+
+
+def test_from_scipy_sums_duplicate_coo_entries_and_ignores_explicit_zeros():
+    import scipy.sparse as sp
+
+    # wide 2 x 3: entry (i, j) is on diagonal (j - i) % 3 at position i
+    A = sp.coo_array(([1.0, 2.0, 0.0, 5.0, -5.0], ([0, 0, 1, 1, 1], [0, 0, 0, 2, 2])),
+                     shape=(2, 3))
+    R = DiagMatrix.from_scipy(A)
+    assert R.offsets.tolist() == [0]                # (1, 0) is stored zero, (1, 2) sums to 0
+    np.testing.assert_array_equal(R.values, [[3.0, 0.0]])
+    assert A.nnz == 5                               # the argument is left as it was
+
+
+def test_from_scipy_with_offsets_refuses_a_non_zero_off_them():
+    A = np.zeros((4, 3))
+    A[0, 0], A[2, 1] = 1.0, 2.0                     # diagonals 0 and 1
+    R = DiagMatrix.from_scipy(A, offsets=[0, 1, 2])
+    assert R.offsets.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(R.values[2], np.zeros(3))
+    with pytest.raises(ValueError, match=r"A has a non-zero off the given offsets: A\[2, 1\] = "
+                                         r"2.0 lies on diagonal 1 \(shape \(4, 3\)"):
+        DiagMatrix.from_scipy(A, offsets=[0, 2])
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, P\) = \[0, 4\)"):
+        DiagMatrix.from_scipy(A, offsets=[0, 4])
+
+
+def test_from_scipy_dtypes():
+    import scipy.sparse as sp
+
+    ints = sp.csr_array(np.eye(3, dtype=np.int32))
+    assert DiagMatrix.from_scipy(ints).dtype == np.float64        # exact for |v| < 2**53
+    assert DiagMatrix.from_scipy(ints, dtype=np.float32).dtype == np.float32
+    assert DiagMatrix.from_scipy(np.eye(3, dtype=np.float32)).dtype == np.float32
+    assert DiagMatrix.from_scipy(np.eye(3, dtype=bool)).values.tolist() == [[1.0, 1.0, 1.0]]
+    nan = DiagMatrix.from_scipy(np.array([[np.nan, 0.0], [0.0, 0.0]]))
+    assert nan.offsets.tolist() == [0]                            # NaN is not a zero
+
+
+def test_from_scipy_never_densifies_a_large_sparse_matrix():
+    import scipy.sparse as sp
+
+    m, n = 200_000, 100_000                         # dense float64: 160 GB
+    t = np.arange(n)
+    rows = np.concatenate([t, (t + 7) % m])
+    cols = np.concatenate([t, t])
+    A = sp.csr_array((np.ones(2 * n), (rows, cols)), shape=(m, n))
+    R = DiagMatrix.from_scipy(A)
+    assert R.offsets.tolist() == [0, 7] and R.values.shape == (2, n)
+
+
+@pytest.mark.parametrize("A, exc, message", [
+    ([[1.0, 0.0]], TypeError, r"A must be a SciPy sparse matrix or array, or a 2-D NumPy "
+                              r"array; got list"),
+    (np.ones(3), ValueError, r"A must be 2-D \(m, n\); got shape \(3,\)"),
+    (np.ones((0, 3)), ValueError, r"A.shape must be two positive ints; got \(0, 3\)"),
+    (np.ones((2, 2), dtype=np.complex128), TypeError,
+     r"A must hold real numbers \(float, int or bool\); got dtype complex128"),
+    (np.ones((2, 2), dtype=object), TypeError, r"got dtype object"),
+])
+def test_from_scipy_rejects_bad_input(A, exc, message):
+    with pytest.raises(exc, match=message):
+        DiagMatrix.from_scipy(A)
+
+
+def test_from_scipy_rejects_bad_dtype_argument():
+    with pytest.raises(TypeError, match="dtype must be float32 or float64; got int64"):
+        DiagMatrix.from_scipy(np.eye(2), dtype=np.int64)
 
 @pytest.mark.gpu
 def test_cuda_round_trip_and_products():

@@ -33,7 +33,11 @@ def diagonal_length(shape) -> int:
 
 
 def diagonals_for_sparsity(shape, sparsity: float) -> int:
-    """``K = max(1, ceil((1 - sparsity) * P))``: the diagonals kept at a target sparsity."""
+    """``K = max(1, ceil((1 - sparsity) * P))``: the diagonals kept at a target sparsity.
+
+    ``sparsity`` is a number in ``[0, 1]``; the public entry points check its type first
+    with `diagnet.diag.validate.check_sparsity`, so that ``None`` or a bool is named there.
+    """
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1]; got {sparsity!r}")
     P = num_diagonals(shape)

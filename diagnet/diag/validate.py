@@ -93,8 +93,9 @@ def validate_offsets(offsets, shape, name="offsets", xp=None):
         already contiguous int64).
 
     Raises:
-        TypeError: not an array of integers (floats and bools are rejected, even when they
-            hold whole numbers).
+        TypeError: not an array or sequence of integers (floats and bools are rejected,
+            even when they hold whole numbers; a scalar is not a sequence). An empty
+            sequence holds no dtype and is read as int64.
         ValueError: not 1-D, unsorted, repeated, or out of range; the message names the
             first offending element.
     """
@@ -102,7 +103,7 @@ def validate_offsets(offsets, shape, name="offsets", xp=None):
     P = max(m, n)
     # A sequence is checked on the host and only then moved to ``xp``'s device: checking it
     # there would cost a GPU synchronisation for data that was on the host all along.
-    arr = as_array(offsets, name)
+    arr = _offsets_array(offsets, name)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype (int32/int64); got dtype "
                         f"{arr.dtype}")
@@ -121,6 +122,21 @@ def validate_offsets(offsets, shape, name="offsets", xp=None):
     if xp is not None and xp is not np and isinstance(arr, np.ndarray):
         return xp.asarray(arr)
     return backend.get_array_module(arr).ascontiguousarray(arr)
+
+
+def _offsets_array(offsets, name):
+    """``offsets`` as an array, refusing what NumPy would silently turn into integers."""
+    if isinstance(offsets, (numbers.Number, np.generic)):
+        raise TypeError(f"{name} must be a 1-D array or sequence of ints (K,); got "
+                        f"{type(offsets).__name__} {offsets!r}")
+    if isinstance(offsets, (list, tuple)):
+        if not offsets:
+            return np.zeros(0, dtype=np.int64)
+        # np.asarray([0, True]) is [0, 1]: a bool among ints would pass as a diagonal
+        for i, v in enumerate(offsets):
+            if isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{name} must hold ints, not bools; got {name}[{i}] = {v!r}")
+    return as_array(offsets, name)
 
 
 def _raise_offsets_error(host, shape, name):
@@ -198,11 +214,25 @@ def resolve_num_diagonals(shape, sparsity=None, k=None):
                              f"got {int(k)}")
         return int(k)
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-            raise TypeError(f"sparsity must be a float in [0, 1]; got "
-                            f"{type(sparsity).__name__} {sparsity!r}")
-        return layout.diagonals_for_sparsity(shape, float(sparsity))
+        return layout.diagonals_for_sparsity(shape, check_sparsity(sparsity))
     return P
+
+
+def check_sparsity(sparsity, name="sparsity", allow_one=True):
+    """``sparsity`` as a Python float in ``[0, 1]`` (``[0, 1)`` with ``allow_one=False``).
+
+    Raises `TypeError` unless a real number (``None``, ``bool`` and strings are not), and
+    `ValueError` when NaN or out of the interval; the message names ``name``, the interval
+    and the value received.
+    """
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"{name} must be a number in {interval}; got "
+                        f"{type(sparsity).__name__} {sparsity!r}")
+    s = float(sparsity)
+    if not (0.0 <= s <= 1.0 if allow_one else 0.0 <= s < 1.0):  # NaN fails both
+        raise ValueError(f"{name} must be in {interval}; got {sparsity!r}")
+    return s
 
 
 def check_float_dtype(dtype, name="dtype"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 
 from .. import random as _random
+from ..diag import validate
 from ..nn import DiagLinear, Linear, Module
 from .base import SparsityController
 from .density import diagonal_budgets, element_budgets
@@ -97,8 +98,7 @@ def sparsify(model, kind, sparsity=0.9, distribution="uniform", dense=(), rng=No
     if init not in ("fresh", "dense") or (init == "dense" and kind == "dynadiag"):
         raise ValueError(f"init must be 'fresh' or 'dense' ('dense' is not available for "
                          f"dynadiag); got {init!r} for kind {kind!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1); got {sparsity!r}")
+    sparsity = validate.check_sparsity(sparsity, allow_one=False)
     dense = (dense,) if isinstance(dense, str) else tuple(dense)
     linears = dense_linears(model)
     for pattern in dense:
@@ -117,7 +117,7 @@ def sparsify(model, kind, sparsity=0.9, distribution="uniform", dense=(), rng=No
     gen = _random.as_generator(rng)
     diagonal = not kind.startswith("unstructured")
     budgets = (diagonal_budgets if diagonal else element_budgets)(
-        shapes, 1.0 - float(sparsity), distribution, dense=keep if count_dense else ())
+        shapes, 1.0 - sparsity, distribution, dense=keep if count_dense else ())
     layers = {}
     for name, old in linears.items():
         if name in keep:

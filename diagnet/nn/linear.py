@@ -102,12 +102,14 @@ class DiagLinear(Module):
 
     Args:
         in_features, out_features: sizes ``n`` and ``m`` of ``W`` (``m x n``).
-        sparsity: target fraction of zeros in ``W``; ``K = max(1, ceil((1 - sparsity) P))``
-            diagonals are kept (ignored when ``offsets`` is given). The realised sparsity,
-            ``1 - K / P``, is the `sparsity` property.
+        sparsity: target fraction of zeros in ``W``, a number in ``[0, 1]``;
+            ``K = max(1, ceil((1 - sparsity) P))`` diagonals are kept. Ignored when
+            ``offsets`` is given (it may then be None). The realised sparsity, ``1 - K / P``,
+            is the `sparsity` property.
         bias: learn a bias ``(m,)``.
-        offsets: the stored diagonals (sorted, unique, in ``[0, P)``); default a uniformly
-            random ``K``-subset drawn from ``rng``.
+        offsets: the stored diagonals (sorted, unique ints in ``[0, P)``; an empty sequence
+            gives ``K = 0``, ``W = 0``); default a uniformly random ``K``-subset drawn from
+            ``rng``.
         rng: None (the default generator of `diagnet.random`), an int seed or a Generator;
             draws the offsets, then the values, then the bias.
         dtype: float32 (default) or float64. device: ``"cpu"``/``"cuda"`` (default device).
@@ -136,11 +138,14 @@ class DiagLinear(Module):
         dt, dev, gen = _dtype(dtype), backend.resolve_device(device), _random.as_generator(rng)
         P = max(m, n)
         if offsets is None:
-            K = layout.diagonals_for_sparsity((m, n), sparsity)
-            host = np.sort(gen.choice(P, size=K, replace=False)).astype(np.int64)
+            sparsity = validate.check_sparsity(sparsity)
+            host = np.sort(gen.choice(P, size=layout.diagonals_for_sparsity((m, n), sparsity),
+                                      replace=False)).astype(np.int64)
         else:
-            host = validate.validate_offsets(backend.to_numpy(backend.unwrap(offsets)), (m, n))
-        self.target_sparsity = float(sparsity) if offsets is None else 1.0 - host.size / P
+            if sparsity is not None:  # ignored next to offsets, but never garbage
+                validate.check_sparsity(sparsity)
+            host = validate.validate_offsets(_on_host(offsets), (m, n))
+        self.target_sparsity = sparsity if offsets is None else 1.0 - host.size / P
         self.register_buffer("offsets", Tensor._wrap(backend.to_device(host, dev)))
         bound = self.init_bound(host.size)
         self.values = Parameter(init.uniform_array((host.size, min(m, n)), bound, dt, dev, gen))
@@ -237,7 +242,7 @@ class DiagLinear(Module):
         (kept rows keep their moments, new rows start at zero), through
         `Parameter.remap_rows`. Validation of ``offsets`` happens here, once.
         """
-        new = validate.validate_offsets(backend.to_numpy(backend.unwrap(offsets)), self.shape)
+        new = validate.validate_offsets(_on_host(offsets), self.shape)
         old = backend.to_numpy(self.offsets.data)
         pos = np.searchsorted(old, new)
         found = (pos < old.size) & (old[np.minimum(pos, max(old.size - 1, 0))] == new) \
@@ -288,11 +293,14 @@ class DiagLinear(Module):
 
         Args:
             linear: an `nn.Linear` (its weight's dtype and device are kept, the bias copied).
-            sparsity: target sparsity (``K = max(1, ceil((1 - s) P))``), or give ``k``.
+            sparsity: target sparsity (``K = max(1, ceil((1 - s) P))``), or give ``k``
+                (the number of diagonals, in ``[1, P]``); ``sparsity=None`` keeps all ``P``.
         """
         if not isinstance(linear, Linear):
             raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
-        mat = DiagMatrix.from_dense(linear.weight.data, sparsity=None if k else sparsity, k=k)
+        if k is not None:
+            sparsity = None  # k replaces the default sparsity rather than clashing with it
+        mat = DiagMatrix.from_dense(linear.weight.data, sparsity=sparsity, k=k)
         out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   offsets=backend.to_numpy(mat.offsets), rng=0, dtype=linear.weight.dtype,
                   device=linear.weight.device)
@@ -309,6 +317,13 @@ class DiagLinear(Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"K={self.K}/{self.P}, sparsity={self.sparsity:.4f}, bias={self.bias is not None}")
+
+
+def _on_host(offsets):
+    """``offsets`` with a device array copied to the host; a sequence is passed on as it is,
+    so that validation sees what the caller wrote (``[]``, a bool among ints)."""
+    offsets = backend.unwrap(offsets)
+    return backend.to_numpy(offsets) if backend.is_array(offsets) else offsets
 
 
 def _init_uniform(layer, K_new, rng):

@@ -53,6 +53,7 @@ class Parameter(Tensor):
     __slots__ = ("_optimizers",)
 
     def __init__(self, data, requires_grad=True):
+        source = data
         if isinstance(data, Tensor):
             data = data.data
         if backend.is_array(data):
@@ -67,6 +68,8 @@ class Parameter(Tensor):
         self.generation = 0
         self.name = None
         self._output_index = 0
+        # made from a tensor, it wraps that tensor's array, so it shares its version too
+        self._version = source._version_counter() if isinstance(source, Tensor) else None
         self._optimizers = weakref.WeakSet()
 
     def __repr__(self):
@@ -102,6 +105,7 @@ class Parameter(Tensor):
             fresh = (index < 0).reshape((-1,) + (1,) * (data.ndim - 1))
             data = xp.where(fresh, xp.asarray(new_rows, dtype=data.dtype), data)
         self.data = data
+        self._version_counter().bump()  # a graph that used the old rows must not use these
         if self.grad is not None:
             self.grad = Tensor._wrap(remap_rows_array(self.grad.data, index))
         for opt in list(self._optimizers):

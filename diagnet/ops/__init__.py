@@ -5,6 +5,8 @@ One concept per module:
 * `basic`: element-wise arithmetic and math, selection (where, maximum, clip), clone,
   dtype casts and device moves;
 * `shape`: reshape, squeeze/unsqueeze, transpose, broadcast_to, indexing, joins, numel;
+* `inplace`: the in-place ops behind ``+=``, ``add_``, ``fill_``, ``copy_``, ``t[i] = v``
+  (methods of `Tensor`, not part of the functional API);
 * `reduce`: sum, mean, var, max, min, argmax;
 * `activation`: relu, gelu, log_sigmoid, softmax, log_softmax;
 * `loss`: cross_entropy, mse_loss;
@@ -13,12 +15,12 @@ One concept per module:
 * `dense`: the dense linear map ``x @ W.T + b`` as one node;
 * `diagonal`: the diagonal sparse linear map and its regrowth score.
 
-Each module lists its public names in ``__all__``; this package re-exports them all and
-`diagnet.functional` is the public namespace. Adding an op edits only its own module.
+Each module lists its public names in ``__all__``; this package re-exports them all (but
+those of `inplace`) and `diagnet.functional` is the public namespace. Adding an op edits only its own module.
 """
 
-from . import (activation, basic, dense, diagonal, loss, normalization, reduce, regularization,
-               shape)
+from . import (activation, basic, dense, diagonal, inplace, loss, normalization, reduce,
+               regularization, shape)
 from .activation import *  # noqa: F401,F403
 from .basic import *  # noqa: F401,F403
 from .diagonal import *  # noqa: F401,F403

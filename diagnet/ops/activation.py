@@ -13,7 +13,7 @@ import math
 
 from .. import backend
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
-from ..autograd import Function
+from ..autograd import Function, axis_or_dim
 
 __all__ = ["relu", "gelu", "log_sigmoid", "softmax", "log_softmax"]
 
@@ -113,9 +113,10 @@ class Softmax(Function):
         return y * (gy - (gy * y).sum(axis=self.axis, keepdims=True))
 
 
-def softmax(x, axis=-1):
-    """``exp(x) / sum(exp(x))`` along ``axis``, computed after subtracting the max."""
-    return Softmax(axis)(x)
+def softmax(x, axis=None, *, dim=None):
+    """``exp(x) / sum(exp(x))`` along ``axis`` (or ``dim``; default the last axis),
+    computed after subtracting the max."""
+    return Softmax(axis_or_dim("softmax", axis, dim, default=-1))(x)
 
 
 class LogSoftmax(Function):
@@ -131,6 +132,7 @@ class LogSoftmax(Function):
         return gy - xp.exp(self.y) * gy.sum(axis=self.axis, keepdims=True)
 
 
-def log_softmax(x, axis=-1):
-    """``x - logsumexp(x)`` along ``axis`` (stable for large logits)."""
-    return LogSoftmax(axis)(x)
+def log_softmax(x, axis=None, *, dim=None):
+    """``x - logsumexp(x)`` along ``axis`` (or ``dim``; default the last axis), stable for
+    large logits."""
+    return LogSoftmax(axis_or_dim("log_softmax", axis, dim, default=-1))(x)

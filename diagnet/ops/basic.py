@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
-from ..autograd import FLOAT_DTYPES, Function, Tensor
+from ..autograd import (FLOAT_DTYPES, Function, Tensor, as_tensor_like, canonical_dtype,
+                        check_integer_range)
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul",
@@ -383,12 +384,19 @@ class AsType(Function):
 
 
 def astype(x, dtype):
-    """``x`` cast to ``dtype``; the gradient is cast back (float to float only)."""
-    dt = np.dtype(dtype)
-    if isinstance(x, Tensor) and x.dtype == dt:
+    """``x`` cast to ``dtype``; the gradient is cast back (float to float only).
+
+    A cast to an integer dtype truncates floats toward zero and raises `ValueError` for
+    values that do not fit (NaN, infinities, out of range), instead of wrapping them.
+    """
+    dt = canonical_dtype(dtype)
+    x = as_tensor_like(x, [x])
+    if x.dtype == dt:
         return x
-    if isinstance(x, Tensor) and x.requires_grad and dt not in FLOAT_DTYPES:
+    if x.requires_grad and dt not in FLOAT_DTYPES:
         raise TypeError(f"astype: cannot cast a tensor that requires grad to {dt}; detach() it first")
+    if dt.kind in "iu":
+        check_integer_range(x.data, dt, "astype")
     return AsType(dt)(x)
 
 

@@ -6,6 +6,8 @@ composed of basic ops and needs none).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
@@ -105,6 +107,10 @@ def cross_entropy(logits, labels, label_smoothing=0.0, reduction="mean"):
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(label_smoothing,
+                                                                       numbers.Real):
+        raise TypeError(f"cross_entropy: label_smoothing must be a float in [0, 1); got "
+                        f"{type(label_smoothing).__name__} {label_smoothing!r:.40}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1); got {label_smoothing}")
     shape = tuple(logits.shape)

@@ -1,5 +1,7 @@
 """Reductions over all or some axes, with ``keepdims``: sum, mean, var, max, min, argmax.
 
+Every reduction takes the axes as ``axis=`` or, as in PyTorch, ``dim=`` (not both).
+
 Each public function follows the `Function` class that implements it (`argmax` has none:
 an index has no gradient).
 """
@@ -12,7 +14,7 @@ import operator
 import numpy as np
 
 from .. import backend
-from ..autograd import Function, Tensor, as_tensor_like
+from ..autograd import Function, Tensor, as_tensor_like, axis_or_dim
 
 __all__ = ["sum", "mean", "var", "max", "min", "argmax"]
 
@@ -69,9 +71,9 @@ class Sum(Function):
         return xp.broadcast_to(g, self.in_shape)
 
 
-def sum(x, axis=None, keepdims=False):  # noqa: A001
-    """Sum over ``axis`` (int, tuple or None for all)."""
-    return Sum(_normalise_axis(axis, x.ndim, "sum"), keepdims)(x)
+def sum(x, axis=None, keepdims=False, *, dim=None):  # noqa: A001
+    """Sum over ``axis`` (or ``dim``: int, tuple or None for all)."""
+    return Sum(_normalise_axis(axis_or_dim("sum", axis, dim), x.ndim, "sum"), keepdims)(x)
 
 
 class Mean(Sum):
@@ -83,9 +85,9 @@ class Mean(Sum):
         return super().backward(gy / _count(self.in_shape, self.axes))
 
 
-def mean(x, axis=None, keepdims=False):
-    """Mean over ``axis`` (int, tuple or None for all)."""
-    return Mean(_normalise_axis(axis, x.ndim, "mean"), keepdims)(x)
+def mean(x, axis=None, keepdims=False, *, dim=None):
+    """Mean over ``axis`` (or ``dim``: int, tuple or None for all)."""
+    return Mean(_normalise_axis(axis_or_dim("mean", axis, dim), x.ndim, "mean"), keepdims)(x)
 
 
 class Var(Function):
@@ -107,8 +109,8 @@ class Var(Function):
         return self.centred * (g * (2.0 / self.divisor))
 
 
-def var(x, axis=None, keepdims=False, ddof=0):
-    """Variance over ``axis``: ``sum((x - mean)**2) / (N - ddof)``.
+def var(x, axis=None, keepdims=False, ddof=0, *, dim=None):
+    """Variance over ``axis`` (or ``dim``): ``sum((x - mean)**2) / (N - ddof)``.
 
     ``ddof=0`` (the default, as in NumPy's ``var`` and in `layer_norm`) is the population
     variance; ``ddof=1`` is the unbiased sample variance, PyTorch's default (its
@@ -118,6 +120,7 @@ def var(x, axis=None, keepdims=False, ddof=0):
     """
     if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
         raise ValueError(f"var: ddof must be a non-negative int; got {ddof!r}")
+    axis = axis_or_dim("var", axis, dim)
     axes = _normalise_axis(axis, x.ndim, "var")
     n = _count(tuple(x.shape), axes)
     if n - ddof <= 0:
@@ -148,8 +151,12 @@ class Max(Function):
         return self.mask * (g / count)
 
 
-def max(x, axis=None, keepdims=False):  # noqa: A001
-    """Maximum over ``axis``; tied maxima share the gradient equally."""
+def max(x, axis=None, keepdims=False, *, dim=None):  # noqa: A001
+    """Maximum over ``axis`` (or ``dim``); tied maxima share the gradient equally.
+
+    Returns the values only (PyTorch's ``max(dim=...)`` also returns indices: see `argmax`).
+    """
+    axis = axis_or_dim("max", axis, dim)
     if x.size == 0:
         raise ValueError("max: the tensor is empty")
     return Max(_normalise_axis(axis, x.ndim, "max"), keepdims)(x)
@@ -160,20 +167,23 @@ class Min(Max):
         return x.min(axis=self.axes, keepdims=True)
 
 
-def min(x, axis=None, keepdims=False):  # noqa: A001
-    """Minimum over ``axis``; tied minima share the gradient equally."""
+def min(x, axis=None, keepdims=False, *, dim=None):  # noqa: A001
+    """Minimum over ``axis`` (or ``dim``); tied minima share the gradient equally."""
+    axis = axis_or_dim("min", axis, dim)
     if x.size == 0:
         raise ValueError("min: the tensor is empty")
     return Min(_normalise_axis(axis, x.ndim, "min"), keepdims)(x)
 
 
-def argmax(x, axis=None, keepdims=False):
-    """Index of the maximum along ``axis`` (an int), or in the flattened tensor (``None``).
+def argmax(x, axis=None, keepdims=False, *, dim=None):
+    """Index of the maximum along ``axis`` (or ``dim``: an int), or in the flattened tensor
+    (``None``).
 
     Returns an int64 tensor that does not require grad (an index is not differentiable).
     The first index wins at ties, as in NumPy. ``keepdims`` keeps the reduced axis with
     size 1 (every axis for ``axis=None``), as NumPy's ``argmax`` does.
     """
+    axis = axis_or_dim("argmax", axis, dim)
     x = as_tensor_like(x, [x])
     if x.size == 0:
         raise ValueError("argmax: the tensor is empty")

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
-from ..autograd import Function, Tensor, as_tensor_like, sum_to
+from ..autograd import Function, Tensor, as_tensor_like, axis_or_dim, sum_to
 
 __all__ = ["reshape", "squeeze", "unsqueeze", "transpose", "permute", "broadcast_to",
            "getitem", "concatenate", "stack", "numel"]
@@ -43,6 +43,9 @@ def _dims_arg(name, dim, ndim):
 
 
 class Reshape(Function):
+    # a view (when NumPy has to copy a non-contiguous input, sharing its version is cautious)
+    is_view = True
+
     def __init__(self, shape):
         self.shape = shape
 
@@ -95,6 +98,8 @@ def unsqueeze(x, dim):
 
 
 class Transpose(Function):
+    is_view = True
+
     def __init__(self, axes):
         self.axes = axes
 
@@ -124,6 +129,8 @@ permute = transpose
 
 
 class BroadcastTo(Function):
+    is_view = True  # a read-only view: in-place ops on it are refused
+
     def __init__(self, shape):
         self.shape = shape
 
@@ -150,6 +157,7 @@ def broadcast_to(x, shape):
 class GetItem(Function):
     def __init__(self, index):
         self.index = index
+        self.is_view = _is_basic_index(index)
 
     def forward(self, x):
         self.in_shape = x.shape
@@ -163,6 +171,15 @@ class GetItem(Function):
         return gx
 
 
+def _is_basic_index(index) -> bool:
+    """Whether NumPy indexes with ``index`` by basic indexing (ints, slices, None, Ellipsis),
+    which returns a view; integer and boolean arrays return a copy."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, slice)
+               or (isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)))
+               for p in parts)
+
+
 def _unwrap_index(index):
     if isinstance(index, Tensor):
         return index.data
@@ -173,18 +190,24 @@ def _unwrap_index(index):
     return index
 
 
-def getitem(x, index):
-    """``x[index]`` for basic (ints, slices, None, Ellipsis) and integer/bool-array indexing.
-
-    Repeated integer indices accumulate their gradients.
-    """
+def device_index(x, index):
+    """``index`` with Tensors unwrapped and index arrays moved to the device of ``x``."""
     index = _unwrap_index(index)
     xp = _xp(x.data if isinstance(x, Tensor) else x)
     if xp is not np:  # integer arrays must live on the same device as x
         index = tuple(xp.asarray(i) if isinstance(i, np.ndarray) else i for i in index) \
             if isinstance(index, tuple) else (xp.asarray(index) if isinstance(index, np.ndarray)
                                               else index)
-    return GetItem(index)(x)
+    return index
+
+
+def getitem(x, index):
+    """``x[index]`` for basic (ints, slices, None, Ellipsis) and integer/bool-array indexing.
+
+    Repeated integer indices accumulate their gradients. Basic indexing gives a view that
+    shares ``x``'s memory (and version), as in NumPy.
+    """
+    return GetItem(device_index(x, index))(x)
 
 
 def _check_same_rank(name, xs, axis, same_axis):
@@ -223,8 +246,10 @@ class Concatenate(Function):
         return tuple(xp.split(gy, cuts, axis=self.axis))
 
 
-def concatenate(xs, axis=0):
-    """Join tensors along an existing ``axis``; shapes must agree elsewhere."""
+def concatenate(xs, axis=None, *, dim=None):
+    """Join tensors along an existing ``axis`` (or ``dim``; default 0); shapes must agree
+    elsewhere."""
+    axis = axis_or_dim("concatenate", axis, dim, default=0)
     xs = list(xs)
     tensors = [as_tensor_like(x, xs) for x in xs]
     _check_same_rank("concatenate", tensors, axis, same_axis=False)
@@ -244,8 +269,9 @@ class Stack(Function):
         return tuple(xp.take(gy, i, axis=self.axis) for i in range(gy.shape[self.axis]))
 
 
-def stack(xs, axis=0):
-    """Join tensors of equal shape along a new ``axis``."""
+def stack(xs, axis=None, *, dim=None):
+    """Join tensors of equal shape along a new ``axis`` (or ``dim``; default 0)."""
+    axis = axis_or_dim("stack", axis, dim, default=0)
     xs = list(xs)
     tensors = [as_tensor_like(x, xs) for x in xs]
     _check_same_rank("stack", tensors, 0, same_axis=True)

@@ -87,10 +87,15 @@ def _fused_updates():
 
 
 def _fusable(*arrays):
-    """True when every array is a C-contiguous NumPy array of the first one's float dtype."""
-    dtype = arrays[0].dtype
-    return all(type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous
-               for a in arrays)
+    """True when every array is a C-contiguous NumPy array of the first one's shape and dtype.
+
+    The compiled loops index every array by the first one's flat size, with no bounds check:
+    this is the guard that keeps them in bounds (`Optimizer.step` refuses mismatched arrays
+    before, with a message).
+    """
+    shape, dtype = arrays[0].shape, arrays[0].dtype
+    return all(type(a) is np.ndarray and a.shape == shape and a.dtype == dtype
+               and a.flags.c_contiguous for a in arrays)
 
 
 class Adam(Optimizer):

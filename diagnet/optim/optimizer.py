@@ -9,7 +9,11 @@ distinct keys.
 
 ``step()`` updates each parameter whose ``grad`` is not None **in place on its backend array**
 (NumPy or CuPy, written once against ``xp``), outside autograd. Subclasses only write
-``_init_state`` and ``_update`` for one parameter.
+``_init_state`` and ``_update`` for one parameter. Before it updates anything, ``step()``
+checks every gradient and state array against its parameter (device, shape, dtype: attribute
+comparisons, no array scans) and refuses the whole step, naming the parameter, if one
+differs: NumPy would broadcast a ``(n,)`` gradient onto a ``(m, n)`` weight without a word,
+and a compiled loop handed a smaller array reads and writes past its end.
 
 State dicts follow PyTorch's layout, with parameters numbered in group order::
 
@@ -41,6 +45,9 @@ __all__ = ["Optimizer"]
 
 #: group keys that schedulers add (``LRScheduler`` records the base lr as ``initial_lr``)
 _SCHEDULER_KEYS = ("initial_lr",)
+#: the largest step count a state dict may hold: an int64 counter, small enough that the
+#: bias corrections ``beta ** step`` stay ordinary floats
+_MAX_STEP = 2 ** 63 - 1
 
 
 def _plain(value):
@@ -66,6 +73,32 @@ def _check_param(param, label):
     if not param.is_leaf:
         raise ValueError(f"can't optimize a non-leaf Tensor: {label} was computed by "
                          f"{type(param.creator).__name__}; pass the leaf tensor it came from")
+
+
+def _mismatch(array, param_array) -> tuple:
+    """``(kind, description)`` of the first way ``array`` differs from ``param_array``: kind
+    ``"device"``, ``"shape"`` or ``"dtype"``; ``("", "")`` when it does not differ."""
+    device, param_device = backend.device_of(array), backend.device_of(param_array)
+    if device != param_device:
+        return "device", f"is on {device}, but the parameter is on {param_device}"
+    if array.shape != param_array.shape:
+        return "shape", (f"has shape {tuple(array.shape)}, but the parameter has shape "
+                         f"{tuple(param_array.shape)}")
+    if array.dtype != param_array.dtype:
+        return "dtype", f"has dtype {array.dtype}, but the parameter has dtype {param_array.dtype}"
+    return "", ""
+
+
+#: what to do when a parameter's data no longer matches its optimizer state, by mismatch
+_STALE_STATE_REMEDIES = {
+    "device": "move the model before making the optimizer, or move the state with "
+              "optimizer.load_state_dict(optimizer.state_dict()), which copies it onto each "
+              "parameter's device",
+    "shape": "change a parameter's rows with Parameter.remap_rows (which moves the state "
+             "along), or drop the stale state with `del optimizer.state[param]`, or make a "
+             "new optimizer",
+    "dtype": "drop the stale state with `del optimizer.state[param]`, or make a new optimizer",
+}
 
 
 def _copy_to_device_of(value, param_array):
@@ -103,7 +136,7 @@ class Optimizer:
 
     #: names of the per-parameter state entries that are arrays shaped like the parameter
     state_arrays: tuple = ()
-    #: names of the per-parameter state entries that are Python numbers (step counts)
+    #: names of the per-parameter state entries that are step counts (Python ints >= 0)
     state_scalars: tuple = ()
     #: the entries every saved per-parameter state must have (checked by load_state_dict)
     state_required: tuple = ()
@@ -206,24 +239,80 @@ class Optimizer:
 
         Returns:
             the closure's loss, or None.
+
+        Raises:
+            TypeError, ValueError: a gradient is not a Tensor, or a gradient or a state array
+                differs from its parameter in device, shape or dtype (the message names the
+                parameter). Everything is checked first: a refused step updates nothing.
         """
         loss = None
         if closure is not None:
             with enable_grad():
                 loss = closure()
         with no_grad():
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is None:
-                        continue
-                    grad = param.grad.data
-                    if grad.dtype != param.data.dtype:  # keep state and update in the
-                        grad = grad.astype(param.data.dtype)  # parameter's dtype
-                    state = self.state.get(param)
-                    if state is None:
-                        state = self.state[param] = self._init_state(param.data, group)
-                    self._update(param.data, grad, state, group)
+            for param, grad, group in self._checked_updates():
+                state = self.state.get(param)
+                if state is None:
+                    state = self.state[param] = self._init_state(param.data, group)
+                self._update(param.data, grad, state, group)
+                # a graph that saved the old value must not backward through the new one
+                param._version_counter().bump()
         return loss
+
+    def _checked_updates(self) -> list:
+        """``(param, grad array, group)`` for every parameter that has a gradient.
+
+        Every gradient and every state array is checked against its parameter first (device,
+        shape, dtype), so that a refused step updates nothing and no update, compiled loop
+        included, ever sees arrays that do not match. Attribute comparisons only: this runs
+        at every step.
+
+        Raises:
+            TypeError: a gradient is not a Tensor.
+            ValueError: a gradient or a state array differs from its parameter.
+        """
+        updates = []
+        for number, group in enumerate(self.param_groups):
+            for index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None:
+                    continue
+                if not isinstance(grad, Tensor):
+                    raise TypeError(f"the gradient of {self._label(param, number, index)} "
+                                    f"must be a Tensor; got {type(grad).__name__}")
+                data = param.data
+                kind, shape, dtype = type(data), data.shape, data.dtype
+                g = grad.data
+                # the usual case in three comparisons; a differing array type (another
+                # device, or an ndarray subclass) gets the full check
+                if type(g) is not kind or g.shape != shape or g.dtype != dtype:
+                    self._check_array(param, number, index, None, g)
+                state = self.state.get(param)
+                if state:
+                    for key in self.state_arrays:
+                        value = state.get(key)
+                        if value is not None and (type(value) is not kind
+                                                  or value.shape != shape
+                                                  or value.dtype != dtype):
+                            self._check_array(param, number, index, key, value)
+                updates.append((param, g, group))
+        return updates
+
+    def _check_array(self, param, number, index, key, array) -> None:
+        """Raise a ValueError if ``array``, the gradient (``key`` None) or the state entry
+        ``key`` of ``param``, differs from the parameter in device, shape or dtype."""
+        kind, problem = _mismatch(array, param.data)
+        if not kind:
+            return
+        label = self._label(param, number, index)
+        if key is None:
+            raise ValueError(f"the gradient of {label} {problem}")
+        raise ValueError(f"optimizer state {key!r} of {label} {problem}: the parameter's data "
+                         f"changed after the state was made; {_STALE_STATE_REMEDIES[kind]}")
+
+    def _label(self, param, number, index) -> str:
+        """``param`` as error messages name it: its name, else its place in its group."""
+        return _describe(self._names[param], index, f" in param group {number}")
 
     def _init_state(self, param, group) -> dict:
         """The initial state of one parameter (``param``: its backend array)."""
@@ -378,7 +467,8 @@ class Optimizer:
 
         Checked: the keys, the number of groups and of parameters per group, the
         hyperparameters, the parameter names (where both sides have them), every state
-        entry's name, and every state array's shape and dtype against its parameter.
+        entry's name, every state array's shape and dtype against its parameter, and every
+        step count (an int in ``[0, 2**63)``).
 
         Raises:
             ValueError: naming the first mismatch (TypeError: ``state_dict`` is no dict).
@@ -488,10 +578,11 @@ class Optimizer:
                                  f"parameter has dtype {param.dtype}")
             return value
         if name in self.state_scalars:
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-                raise ValueError(f"state {name!r} of {label} must be a number; got "
-                                 f"{type(value).__name__} {value!r:.40}")
-            return int(value) if isinstance(value, numbers.Integral) else float(value)
+            if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+                    or not 0 <= value <= _MAX_STEP):
+                raise ValueError(f"state {name!r} of {label} must be an int in [0, 2**63) "
+                                 f"(a step count); got {type(value).__name__} {value!r:.40}")
+            return int(value)
         known = sorted(self.state_arrays + self.state_scalars)
         raise ValueError(f"unknown state entry {name!r} for {label}; {type(self).__name__} "
                          f"keeps {known}")

@@ -20,6 +20,9 @@ What it mirrors from CuPy, because diagnet could get it wrong:
 * Indexing follows CuPy's rules where they differ from NumPy's in ways that raise: one
   boolean mask per index at most, and basic-slice assignment takes a scalar or a device
   array (``a[1:3] = numpy_array`` is an error in CuPy).
+* DLPack: arrays say they are in CUDA memory (``__dlpack_device__``), so only `from_dlpack`
+  imports them (zero copy); ``np.from_dlpack`` of one raises, and `from_dlpack` of host
+  memory raises.
 * `empty` memory is poisoned (NaN, or -12345 for integers), so an output a kernel forgets to
   write shows up.
 * `RawModule` / `RawKernel` check their arguments as strictly as CuPy *needs* them: device
@@ -51,6 +54,9 @@ import numpy as np
 from . import harness
 
 __version__ = "0.0.0+simt"  # not a real CuPy: the SIMT emulation stand-in of diagnet's tests
+
+#: DLPack's device types (``DLDeviceType``) of host and CUDA memory
+_DLPACK_CPU, _DLPACK_CUDA = 1, 2
 
 _IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
                         "Please use `.get()` to construct a NumPy array explicitly.")
@@ -388,6 +394,18 @@ class ndarray:
     def __array__(self, dtype=None, copy=None):
         raise TypeError(_IMPLICIT_CONVERSION)
 
+    # -- DLPack: CUDA memory, which only `from_dlpack` imports (a host consumer such as
+    #    ``np.from_dlpack`` is refused, as it is by a real CuPy array)
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if not _dlpack_import.active:
+            raise BufferError("the stand-in exports CUDA memory, which only cupy.from_dlpack "
+                              "imports")
+        options = {"max_version": max_version, "copy": copy}
+        return self._a.__dlpack__(**{k: v for k, v in options.items() if v is not None})
+
+    def __dlpack_device__(self):
+        return (_DLPACK_CUDA, 0)
+
     # -- NumPy protocols
     def __array_ufunc__(self, ufunc_, method, *inputs, **kwargs):
         for x in inputs + tuple(kwargs.get("out", ())):
@@ -627,6 +645,37 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True) -> np.ndarray:
         out[...] = a
         return out
     return np.asarray(a, order=order)
+
+
+class _AsHostMemory:
+    """An exporter of CUDA memory presented to NumPy as host memory (which, here, it is)."""
+
+    def __init__(self, exporter):
+        self._exporter = exporter
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        options = {"max_version": max_version, "copy": copy}
+        return self._exporter.__dlpack__(**{k: v for k, v in options.items() if v is not None})
+
+    def __dlpack_device__(self):
+        return (_DLPACK_CPU, 0)
+
+
+_dlpack_import = types.SimpleNamespace(active=False)  # inside `from_dlpack`
+
+
+def from_dlpack(array):
+    """A device array sharing memory with ``array``, an exporter whose ``__dlpack_device__``
+    says CUDA (a stand-in array, or a diagnet tensor holding one); host memory is refused."""
+    device_type = array.__dlpack_device__()[0]
+    if device_type != _DLPACK_CUDA:
+        raise BufferError(f"the CuPy stand-in imports CUDA memory only; got DLPack device "
+                          f"type {device_type}")
+    _dlpack_import.active = True
+    try:
+        return ndarray._from_numpy(np.from_dlpack(_AsHostMemory(array)))
+    finally:
+        _dlpack_import.active = False
 
 
 def get_array_module(*args):
