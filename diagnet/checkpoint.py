@@ -26,7 +26,8 @@ a JSON string (next to it, ``__metadata__["diagnet_sha256"]``, the checksum)::
 A *skeleton* is a component's state dict with every array replaced by a placeholder that
 names its tensor (`split_state` / `join_state`). The encoding round-trips what JSON alone
 does not: dicts with int keys (the optimizer's parameter indices), tuples, NumPy scalars
-(stored as 0-d tensors, so their dtype survives) and non-finite floats.
+(stored as 0-d tensors, so their dtype survives) and non-finite floats. Containers may nest
+`MAX_STATE_DEPTH` deep, so that the JSON stays within the reader's `MAX_JSON_DEPTH`.
 
 Guarantees
 ----------
@@ -36,9 +37,9 @@ Guarantees
   and whatever was at the final name before is untouched: a reader never sees a partial
   checkpoint.
 * **Strict reading.** Every structural property of the file is checked (lengths, UTF-8,
-  JSON, dtypes, shapes against offsets, offsets tiling the data section, no trailing
-  bytes); a violation raises `CheckpointError` (a ``ValueError``) naming the file and the
-  problem.
+  JSON and its nesting depth, dtypes, shapes against offsets, offsets tiling the data
+  section, no trailing bytes), and so is the saved generator state; a violation raises
+  `CheckpointError` (a ``ValueError``) naming the file and the problem.
 * **Checksum.** ``__metadata__["diagnet_sha256"]`` is the SHA-256 of every tensor (name,
   dtype, shape, bytes) and of the metadata JSON; `load` recomputes it, so a changed byte
   that would leave the file well-formed (a digit of the training state, a weight) is
@@ -66,12 +67,13 @@ import numpy as np
 from . import backend
 from . import random as _random
 from .autograd import Tensor
-from .tensorfile import (CheckpointError, _dtype_name, _host_array, _is_int, _no_duplicates,
-                         load_tensors, save_tensors)
+from .tensorfile import (CheckpointError, _check_text, _dtype_name, _host_array, _is_int,
+                         _loads_json, load_tensors, save_tensors)
 
 __all__ = [
     "CheckpointError", "Checkpoint", "save", "load", "save_tensors", "load_tensors",
     "split_state", "join_state", "FORMAT", "FORMAT_VERSION", "METADATA_KEY", "CHECKSUM_KEY",
+    "MAX_STATE_DEPTH",
 ]
 
 #: value of the ``format`` field of a diagnet checkpoint
@@ -82,6 +84,10 @@ FORMAT_VERSION = 1
 METADATA_KEY = "diagnet"
 #: the ``__metadata__`` key that holds the checksum of the checkpoint
 CHECKSUM_KEY = "diagnet_sha256"
+#: how deeply dicts, lists and tuples may nest in a saved state dict, ``state`` or
+#: ``config``: each level takes at most 3 JSON levels (an int-keyed dict is an object, a list
+#: and a pair), and the metadata adds 3, so the JSON stays within the reader's limit
+MAX_STATE_DEPTH = 32
 
 # component names that `save`/`load` reserve for themselves
 _RESERVED = ("model", "optimizer", "scheduler", "state", "config", "rng")
@@ -119,6 +125,8 @@ def split_state(obj, prefix):
 
     Raises:
         TypeError: a value or a dict key of an unsupported type, naming where it is.
+        ValueError: containers nested deeper than `MAX_STATE_DEPTH` (or one holding itself),
+            or a str that is not valid Unicode (a lone surrogate), naming where it is.
     """
     tensors = {}
 
@@ -142,12 +150,18 @@ def split_state(obj, prefix):
             name = name_for(path)
             tensors[name] = _host_array(np.asarray(value), name)
             return {_TENSOR: name, _SCALAR: True}
-        if value is None or isinstance(value, (bool, str)):
+        if isinstance(value, str):
+            _check_text(value, f"{where(path)}: the str")
+            return value
+        if value is None or isinstance(value, bool):
             return value
         if isinstance(value, numbers.Integral):
             return int(value)
         if isinstance(value, float):
             return float(value)
+        if isinstance(value, (list, tuple, dict)) and len(path) == MAX_STATE_DEPTH:
+            raise ValueError(f"{where(path)}: nested deeper than {MAX_STATE_DEPTH} levels of "
+                             "dicts, lists and tuples (or a container that holds itself)")
         if isinstance(value, list):
             return [enc(v, path + [str(i)]) for i, v in enumerate(value)]
         if isinstance(value, tuple):
@@ -157,6 +171,8 @@ def split_state(obj, prefix):
                 if not isinstance(k, str) and not _is_int(k):
                     raise TypeError(f"{where(path)}: dict keys must be str or int to be saved; "
                                     f"got {type(k).__name__} {k!r}")
+                if isinstance(k, str):
+                    _check_text(k, f"{where(path)}: the key")
             if all(isinstance(k, str) for k in value) and not _MARKERS.intersection(value):
                 return {k: enc(v, path + [k]) for k, v in value.items()}
             return {_DICT: [[k, enc(v, path + [str(k)])] for k, v in value.items()]}
@@ -246,6 +262,7 @@ def _component_items(model, optimizer, scheduler, components):
     for name, obj in components.items():
         if not name or "/" in name or name.startswith("__"):
             raise ValueError(f"component name {name!r} is not allowed (no '/', no leading '__')")
+        _check_text(name, "component name")
         items[name] = obj
     return {k: v for k, v in items.items() if v is not None}
 
@@ -272,7 +289,9 @@ def save(path, *, model=None, optimizer=None, scheduler=None, state=None, config
     Raises:
         TypeError: a state dict, ``state`` or ``config`` holds a value that cannot be saved
             (the message says where), or a component lacks ``state_dict``.
-        ValueError: a component name is not allowed.
+        ValueError: a component name is not allowed, or a state dict, ``state`` or
+            ``config`` nests deeper than `MAX_STATE_DEPTH` or holds a str with a lone
+            surrogate (the message says where); nothing is written.
         FileNotFoundError: the destination folder does not exist.
         OSError: writing failed; nothing was written at ``path``.
     """
@@ -346,9 +365,9 @@ def _read_checkpoint(path):
         fail(f"not a diagnet checkpoint: a safetensors file without the {METADATA_KEY!r} "
              f"metadata (it has {len(tensors)} tensors; read it with load_tensors)")
     try:
-        meta = json.loads(header_meta[METADATA_KEY], object_pairs_hook=_no_duplicates)
+        meta = _loads_json(header_meta[METADATA_KEY], f"the {METADATA_KEY!r} entry")
     except ValueError as exc:
-        fail(f"corrupt checkpoint metadata: not valid JSON ({exc})")
+        fail(f"corrupt checkpoint metadata: {exc}")
     if not isinstance(meta, dict):
         fail("corrupt checkpoint metadata: not a JSON object")
     if meta.get("format") != FORMAT:
@@ -392,13 +411,37 @@ def _read_checkpoint(path):
     return info, parts, state, config, rng_state
 
 
+def _check_components(targets, parts, strict):
+    """Validate each target against its saved state dict with its ``check_state_dict``.
+
+    Returns ``(model_keys, unchecked, checked)``: the model's ``IncompatibleKeys`` (or None),
+    the names of the objects without ``check_state_dict`` and of those checked.
+    """
+    model_keys = None
+    unchecked, checked = [], []
+    for name, obj in targets.items():
+        sd = parts[name]
+        if name == "model" and callable(getattr(obj, "check_state_dict", None)):
+            model_keys = obj.check_state_dict(sd, strict=strict)
+            checked.append(name)
+        elif callable(getattr(obj, "check_state_dict", None)):
+            obj.check_state_dict(sd)
+            checked.append(name)
+        else:
+            unchecked.append(name)
+    return model_keys, unchecked, checked
+
+
 def load(path, *, model=None, optimizer=None, scheduler=None, rng=True, strict=True,
          **components):
     """Load a checkpoint written by `save`, validating everything before assigning anything.
 
     Steps: read and validate the whole file (`load_tensors`, then the diagnet metadata);
     rebuild each component's state dict; check that every object given has its component
-    in the file; validate each: ``model.check_state_dict(sd, strict)``, and
+    in the file; let the model's layers take the saved sizes (``model.prepare_state_dict``:
+    a frozen `DynaDiagLinear` stores fewer diagonals than a fresh one, and an optimizer's
+    saved moments are checked against the resized parameters; undone if anything below is
+    refused); validate each: ``model.check_state_dict(sd, strict)``, and
     ``check_state_dict(sd)`` for every other object that has one; check that the saved
     generator state is usable; only then call the ``load_state_dict`` methods and
     `diagnet.random.set_state`.
@@ -411,7 +454,9 @@ def load(path, *, model=None, optimizer=None, scheduler=None, rng=True, strict=T
     earlier components loaded.)
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file; or a `Checkpoint` that `load` returned, whose components
+            (those it holds) are then loaded without reading the file again: a caller that
+            checks the saved ``state`` before it loads anything reads the file once.
         model: a `Module` to load the model's state into (arrays go to each parameter's
             device); None to leave it in `Checkpoint.components`.
         optimizer, scheduler, **components: objects with ``load_state_dict`` to restore.
@@ -435,8 +480,13 @@ def load(path, *, model=None, optimizer=None, scheduler=None, rng=True, strict=T
         OSError: the file cannot be read.
         In every case nothing in memory has been changed.
     """
-    path = os.fspath(path)
-    info, parts, state, config, rng_state = _read_checkpoint(path)
+    if isinstance(path, Checkpoint):
+        info, parts, state, config, rng_state = (path.metadata, path.components, path.state,
+                                                 path.config, path.rng_state)
+        path = path.path
+    else:
+        path = os.fspath(path)
+        info, parts, state, config, rng_state = _read_checkpoint(path)
     targets = _component_items(model, optimizer, scheduler, components)
     missing = [name for name in targets if name not in parts]
     if missing:
@@ -447,29 +497,26 @@ def load(path, *, model=None, optimizer=None, scheduler=None, rng=True, strict=T
         if not callable(getattr(obj, "load_state_dict", None)):
             raise TypeError(f"{name}: a {type(obj).__name__} has no load_state_dict()")
 
-    # ---- validate everything
-    model_keys = None
-    unchecked, checked = [], []
-    for name, obj in targets.items():
-        sd = parts[name]
-        if name == "model" and callable(getattr(obj, "check_state_dict", None)):
-            model_keys = obj.check_state_dict(sd, strict=strict)
-            checked.append(name)
-        elif callable(getattr(obj, "check_state_dict", None)):
-            obj.check_state_dict(sd)
-            checked.append(name)
-        else:
-            unchecked.append(name)
-    if rng and rng_state is not None:
-        try:
-            probe = type(_random.default_generator().bit_generator)()
-            probe.state = rng_state
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{path}: the saved random generator state is unusable: "
-                                  f"{exc}") from exc
+    # ---- validate everything, the model resized to the saved sizes
+    prepare = getattr(model, "prepare_state_dict", None)
+    undo = prepare(parts["model"]) if "model" in targets and callable(prepare) else None
+    try:
+        model_keys, unchecked, checked = _check_components(targets, parts, strict)
+        if rng and rng_state is not None:
+            try:
+                rng_state = _random.check_state(rng_state)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: the saved random generator state is "
+                                      f"unusable: {exc}") from None
+        for name in unchecked:  # validated only by loading: first, while nothing else is
+            targets[name].load_state_dict(parts[name])
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
 
     # ---- assign
-    for name in unchecked + checked:
+    for name in checked:
         obj = targets[name]
         if name == "model":
             result = obj.load_state_dict(parts[name], strict=strict)

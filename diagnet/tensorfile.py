@@ -15,9 +15,10 @@ A safetensors file (https://github.com/huggingface/safetensors) is::
 `save_tensors` / `load_tensors` write and read that format for any dict of arrays with
 nothing but the standard library and NumPy (no pickle, no dependency on the
 ``safetensors`` package); any safetensors reader opens our files and we read theirs (for
-the dtypes NumPy has). The reader checks every structural property (lengths, UTF-8, JSON,
-dtypes, shapes against offsets, offsets tiling the data section, no trailing bytes) and
-raises `CheckpointError` naming the file and the problem.
+the dtypes NumPy has). The reader checks every structural property (lengths, UTF-8, JSON
+nested at most `MAX_JSON_DEPTH` deep and free of lone surrogates, dtypes, shapes against
+offsets and NumPy's limits, offsets tiling the data section, no trailing bytes) and raises
+`CheckpointError` naming the file and the problem.
 
 `atomic_write(path, write)` is how every file of diagnet is written: into a temporary file
 in the destination folder, flushed, ``fsync``-ed and renamed onto the final name, so that a
@@ -29,16 +30,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
 
 from . import backend
 
-__all__ = ["CheckpointError", "save_tensors", "load_tensors", "atomic_write", "MAX_HEADER_BYTES"]
+__all__ = ["CheckpointError", "save_tensors", "load_tensors", "atomic_write", "MAX_HEADER_BYTES",
+           "MAX_JSON_DEPTH"]
 
 #: the largest header accepted, as the reference implementation (100 MB)
 MAX_HEADER_BYTES = 100_000_000
+#: the deepest nesting of JSON arrays and objects accepted in a header (a safetensors header
+#: needs 3 levels); it keeps the parser, and every walk over the result, far from Python's
+#: recursion limit
+MAX_JSON_DEPTH = 100
 
 # safetensors dtype names <-> NumPy dtypes (always little-endian in the file)
 _DTYPES = {
@@ -159,7 +166,8 @@ def save_tensors(path, tensors, metadata=None):
     Raises:
         TypeError: a name or metadata entry is not a str, a value is not an array, or its
             dtype has no safetensors equivalent.
-        ValueError: a tensor is called ``"__metadata__"``.
+        ValueError: a tensor is called ``"__metadata__"``, or a name or metadata entry holds
+            a lone surrogate (a str UTF-8 cannot encode); nothing is written.
         FileNotFoundError: the destination folder does not exist.
         OSError: writing failed (the previous file at ``path``, if any, is untouched).
     """
@@ -171,6 +179,7 @@ def save_tensors(path, tensors, metadata=None):
             raise TypeError(f"tensor names must be str; got {type(name).__name__} {name!r}")
         if name == "__metadata__":
             raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+        _check_text(name, "tensor name")
         arr = _host_array(value, name)
         header[name] = {"dtype": _dtype_name(arr), "shape": [int(s) for s in arr.shape],
                         "data_offsets": [offset, offset + arr.nbytes]}
@@ -180,6 +189,9 @@ def save_tensors(path, tensors, metadata=None):
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("metadata must be a dict with str keys and str values")
+        for key, value in metadata.items():
+            _check_text(key, "metadata: the key")
+            _check_text(value, f"metadata[{key!r}]: the str")
         header = {"__metadata__": dict(metadata), **header}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False,
                      allow_nan=False).encode("utf-8")
@@ -193,6 +205,55 @@ def save_tensors(path, tensors, metadata=None):
                 f.write(arr.reshape(-1).view(np.uint8).data)
 
     atomic_write(path, write)
+
+
+def _check_text(text, what):
+    """Raise ValueError if the str ``text`` cannot be written as UTF-8 (it holds a lone
+    surrogate, such as ``"\\ud800"``); the message starts with ``what`` and ``text``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} {text!r:.80} is not valid Unicode: it holds the lone surrogate "
+                         f"{text[exc.start]!r} at index {exc.start}, which UTF-8 cannot "
+                         "encode") from None
+
+
+# a JSON string; one left open runs to the end of the text (so a scan never backtracks)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def _json_depth(text):
+    """How deeply arrays and objects nest in JSON ``text`` (brackets in strings do not count).
+
+    A linear scan without parsing, so that a hostile header cannot make the parser recurse.
+    """
+    codes = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), np.uint8)
+    steps = np.isin(codes, _OPEN).astype(np.int32) - np.isin(codes, _CLOSE)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _loads_json(text, what):
+    """Parse JSON ``text`` strictly: nested at most `MAX_JSON_DEPTH` deep, no duplicate keys,
+    no lone surrogate escapes (``"\\ud800"``, which no UTF-8 file can hold).
+
+    Raises:
+        ValueError: naming ``what`` (e.g. ``"the header"``) and the problem.
+    """
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels of arrays and "
+                         f"objects ({depth})")
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON ({exc})") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds a lone surrogate escape (such as \\ud800), which is not "
+                         "valid Unicode") from None
+    return value
 
 
 def _no_duplicates(pairs):
@@ -218,9 +279,9 @@ def _parse_header(path, raw, size, n):
     except UnicodeDecodeError as exc:
         fail(f"not a safetensors file: the header is not valid UTF-8 ({exc})")
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = _loads_json(text, "the header")
     except ValueError as exc:
-        fail(f"not a safetensors file: the header is not valid JSON ({exc})")
+        fail(f"not a safetensors file: {exc}")
     if not isinstance(header, dict):
         fail(f"not a safetensors file: the header is a JSON {type(header).__name__}, not an "
              "object")
@@ -287,8 +348,10 @@ def load_tensors(path):
     Raises:
         CheckpointError (a ValueError): the file is shorter than 8 bytes; the header length
             is larger than the file or than 100 MB; the header is not UTF-8 JSON, not an
-            object, or has duplicate keys; an entry has an unknown dtype (or one NumPy lacks,
+            object, nested deeper than `MAX_JSON_DEPTH`, has duplicate keys or a lone
+            surrogate escape; an entry has an unknown dtype (or one NumPy lacks,
             such as BF16), a bad shape or offsets, or offsets that disagree with its shape;
+            a shape NumPy cannot hold (more dimensions, or elements, than it allows);
             offsets overlap or leave gaps; the data section is shorter (truncated) or longer
             (trailing bytes) than the header says; ``__metadata__`` has non-string values; a
             BOOL tensor holds bytes other than 0 and 1.
@@ -314,7 +377,11 @@ def load_tensors(path):
         entries, metadata = _parse_header(path, raw, size, n)
         arrays = {}
         for begin, end, name, dtype, shape in entries:
-            arr = np.empty(shape, dtype=dtype.newbyteorder("="))
+            try:
+                arr = np.empty(shape, dtype=dtype.newbyteorder("="))
+            except ValueError as exc:  # e.g. [0, 2**64]: no bytes, but a dimension too large
+                raise CheckpointError(f"{path}: tensor {name!r}: NumPy cannot hold the shape "
+                                      f"{list(shape)} ({exc})"[:300]) from None
             if end > begin:
                 f.seek(8 + n + begin)
                 got = f.readinto(arr.reshape(-1).view(np.uint8))

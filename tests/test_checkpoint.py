@@ -833,6 +833,309 @@ def test_overwrite_replaces_contents(tmp_path):
     assert_same(snapshot(target), snapshot(small_model(1)))
 
 
+# ----------------------------------------------------------------------------- edited files
+
+
+def resign_metadata(src, dst, edit, raw=None):
+    """Copy checkpoint ``src`` to ``dst`` with its metadata JSON edited *and the checksum
+    recomputed*, as a buggy or hostile writer would: only the content checks can refuse it.
+
+    ``edit(body)`` changes the decoded metadata; ``raw`` (optional) maps placeholder
+    strings in the re-encoded JSON to raw JSON text (for nesting too deep to encode).
+    """
+    tensors, meta = load_tensors(src)
+    body = json.loads(meta[METADATA_KEY])
+    edit(body)
+    text = json.dumps(body)
+    for placeholder, json_text in (raw or {}).items():
+        text = text.replace(json.dumps(placeholder), json_text)
+    checksum = checkpoint._digest(tensors, text)
+    save_tensors(dst, tensors, {METADATA_KEY: text, CHECKSUM_KEY: checksum})
+    return dst
+
+
+@pytest.fixture
+def with_table(tmp_path):
+    """A valid checkpoint whose state holds a float32 (2, 3) tensor ``state/table``."""
+    dn.manual_seed(0)
+    model = small_model(0)
+    opt = Momentum(model)
+    train_step(model, opt, 1)
+    path = tmp_path / "table.safetensors"
+    dn.save(path, model=model, optimizer=opt,
+            state={"epoch": 1, "table": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    return path
+
+
+@pytest.mark.parametrize("old, new", [
+    (b'"dtype":"F32","shape":[2,3]', b'"dtype":"F32","shape":[3,2]'),
+    (b'"dtype":"F32","shape":[2,3]', b'"dtype":"I32","shape":[2,3]'),
+    (b'"dtype":"F32","shape":[2,3]', b'"dtype":"U32","shape":[6,1]'),
+])
+def test_checksum_covers_dtype_and_shape(with_table, tmp_path, old, new):
+    """Same byte size, still a well-formed file: only the checksum tells the difference."""
+    data = with_table.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    bad = tmp_path / "edited.safetensors"
+    bad.write_bytes(data.replace(old, new))
+    load_tensors(bad)  # a valid safetensors file
+    model, opt = fresh()
+    assert_load_fails(bad, model, opt, match="checksum does not match")
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        dn.load(bad)
+
+
+# ----------------------------------------------------------------------------- nesting
+
+
+def deep(depth):
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [101, 5000, 200_000])
+def test_deeply_nested_header_is_refused(tmp_path, depth):
+    path = write_raw(tmp_path / "deep.safetensors",
+                     b'{"__metadata__":{"k":"v"},"x":' + deep(depth).encode() + b"}")
+    with pytest.raises(CheckpointError, match="nested deeper than 100 levels") as info:
+        load_tensors(path)
+    assert str(path) in str(info.value)
+    model, opt = fresh()
+    assert_load_fails(path, model, opt, match="the header is nested deeper than 100")
+
+
+def test_brackets_inside_header_strings_do_not_count(tmp_path):
+    name = '[{"\\"' + "[" * 300 + "{" * 300
+    header = {"__metadata__": {"note": "]" * 50 + "[" * 500}, name: F32([1], 0)}
+    got, meta = load_tensors(write_raw(tmp_path / "h.safetensors", header, b"\0" * 4))
+    assert list(got) == [name] and meta == {"note": "]" * 50 + "[" * 500}
+
+
+@pytest.mark.parametrize("depth", [101, 900, 5000])
+def test_deeply_nested_metadata_is_refused(good, tmp_path, depth):
+    bad = resign_metadata(good, tmp_path / "deep.safetensors",
+                          lambda m: m.update(state="DEEP"), raw={"DEEP": deep(depth)})
+    model, opt = fresh()
+    assert_load_fails(bad, model, opt, match="'diagnet' entry is nested deeper than 100 levels")
+
+
+def test_deepest_savable_state_round_trips(tmp_path):
+    """The save-side limit fits the load-side one, even for the costliest containers."""
+    state = "leaf"
+    for _ in range(checkpoint.MAX_STATE_DEPTH - 2):
+        state = {0: state}                            # int keys: 3 JSON levels per dict
+    state = {0: {"a": np.zeros(2, np.float32), "b": state}}
+    path = tmp_path / "c.safetensors"
+    dn.save(path, model=small_model(0), state=state)
+    ck = dn.load(path, model=small_model(1))
+    got = ck.state[0]["b"]
+    for _ in range(checkpoint.MAX_STATE_DEPTH - 2):
+        got = got[0]
+    assert got == "leaf" and np.array_equal(ck.state[0]["a"], np.zeros(2, np.float32))
+
+
+def test_too_deep_or_cyclic_state_is_refused_at_save(good):
+    before, listing = good.read_bytes(), sorted(os.listdir(good.parent))
+    nested = []
+    for _ in range(checkpoint.MAX_STATE_DEPTH):
+        nested = [nested]
+    cyclic = {"a": {}}
+    cyclic["a"]["self"] = cyclic
+    with pytest.raises(ValueError, match=r"state/0/0/0/.*: nested deeper than 32 levels"):
+        dn.save(good, model=small_model(0), state=nested)
+    with pytest.raises(ValueError, match=r"config/a/self/a/self/.*nested deeper than 32"):
+        dn.save(good, model=small_model(0), config=cyclic)
+    assert good.read_bytes() == before and sorted(os.listdir(good.parent)) == listing
+
+
+# ----------------------------------------------------------------------------- Unicode
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(state={"epoch": 1, "name": "\ud800"}), r"state/name: the str '\\ud800'"),
+    (dict(config={"runs": ["ok", "bad \udfff here"]}), r"config/runs/1: the str 'bad \\udfff"),
+    (dict(config={"opt": {"lr\udc80": 0.1}}), r"config/opt: the key 'lr\\udc80'"),
+    (dict(state=("\ud83d",)), r"state/0: the str '\\ud83d'"),
+    ({"extra\udc00": small_model(1)}, r"component name 'extra\\udc00'"),
+])
+def test_lone_surrogate_is_refused_at_save(good, kwargs, match):
+    before, listing = good.read_bytes(), sorted(os.listdir(good.parent))
+    with pytest.raises(ValueError, match=match + ".*lone surrogate"):
+        dn.save(good, model=small_model(0), **kwargs)
+    assert good.read_bytes() == before and sorted(os.listdir(good.parent)) == listing
+
+
+def test_valid_non_ascii_strings_round_trip(tmp_path):
+    state = {"name": "run-ü-😀-日本", "ключ": ["\u00e9", "\U0001f600"]}
+    path = tmp_path / "c.safetensors"
+    dn.save(path, state=state)
+    assert dn.load(path).state == state
+
+
+@pytest.mark.parametrize("tensors, metadata, match", [
+    ({"w": np.zeros(2)}, {"note": "a\ud800b"}, r"metadata\['note'\]: the str 'a\\ud800b'"),
+    ({"w": np.zeros(2)}, {"k\udfff": "v"}, r"metadata: the key 'k\\udfff'"),
+    ({"w\ud800": np.zeros(2)}, None, r"tensor name 'w\\ud800'"),
+])
+def test_save_tensors_refuses_lone_surrogates(tmp_path, tensors, metadata, match):
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match=match + ".*lone surrogate"):
+        save_tensors(path, tensors, metadata)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["t.safetensors"]
+
+
+@pytest.mark.parametrize("header", [
+    b'{"__metadata__":{"k":"\\ud800"}}',
+    b'{"__metadata__":{"\\udfff":"v"}}',
+    b'{"w\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+])
+def test_reader_refuses_lone_surrogate_escapes(tmp_path, header):
+    path = write_raw(tmp_path / "s.safetensors", header, b"\0" * 4 if b'"w' in header else b"")
+    with pytest.raises(CheckpointError, match="lone surrogate"):
+        load_tensors(path)
+
+
+def test_lone_surrogate_escape_in_metadata_is_refused(good, tmp_path):
+    bad = resign_metadata(good, tmp_path / "s.safetensors",
+                          lambda m: m["state"].update(note="NOTE"), raw={"NOTE": '"\\udc00"'})
+    model, opt = fresh()
+    assert_load_fails(bad, model, opt, match="'diagnet' entry .*lone surrogate")
+
+
+# ----------------------------------------------------------------------------- NumPy's limits
+
+
+@pytest.mark.parametrize("shape, match", [
+    ([2 ** 64, 0], "NumPy cannot hold"),
+    ([2 ** 63 - 1, 0], "NumPy cannot hold"),
+    ([2 ** 40, 2 ** 40, 0], "NumPy cannot hold"),
+    ([1] * 65, "NumPy cannot hold"),
+])
+def test_shape_numpy_cannot_hold_is_refused(tmp_path, shape, match):
+    nbytes = 0 if 0 in shape else 4
+    header = {"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}}
+    path = write_raw(tmp_path / "s.safetensors", header, b"\0" * nbytes)
+    with pytest.raises(CheckpointError, match=match):
+        load_tensors(path)
+
+
+def test_largest_zero_size_shape_loads(tmp_path):
+    shape = [2 ** 31, 0, 2 ** 29]   # 2**60 elements of 4 bytes, but none stored
+    header = {"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}
+    got, _ = load_tensors(write_raw(tmp_path / "s.safetensors", header))
+    assert got["x"].shape == tuple(shape)
+
+
+# ----------------------------------------------------------------------------- generator states
+
+
+DELETE = object()
+
+
+def pcg_state(**edits):
+    """A valid PCG64 state with ``edits`` applied (``state``/``inc`` go into the inner dict;
+    the value ``DELETE`` removes a key)."""
+    state = dn_random.get_state()
+    for key, value in edits.items():
+        target = state["state"] if key in ("state", "inc") else state
+        if value is DELETE:
+            del target[key]
+        else:
+            target[key] = value
+    return state
+
+
+GARBAGE_STATES = [
+    pytest.param(pcg_state(state=2 ** 200), r"\['state'\]\['state'\] must be an int in "
+                 r"\[0, 2\*\*128\)", id="huge-int"),
+    pytest.param(pcg_state(state=-1), r"\['state'\]\['state'\] must be an int in", id="negative"),
+    pytest.param(pcg_state(state=1.5), r"\['state'\]\['state'\] must be an int in .*float",
+                 id="float"),
+    pytest.param(pcg_state(inc=True), r"\['state'\]\['inc'\] must be .*bool", id="bool"),
+    pytest.param(pcg_state(inc=2), r"\['state'\]\['inc'\] must be odd", id="even-inc"),
+    pytest.param(pcg_state(inc=DELETE), r"\['state'\] must have the keys \['inc', 'state'\]",
+                 id="missing-inc"),
+    pytest.param(pcg_state(uinteger=DELETE), r" must have the keys \['bit_generator', "
+                 r"'has_uint32', 'state', 'uinteger'\]", id="missing-uinteger"),
+    pytest.param(pcg_state(extra=1), " must have the keys", id="extra-key"),
+    pytest.param(pcg_state(has_uint32="0"), r"\['has_uint32'\] must be 0 or 1", id="str"),
+    pytest.param(pcg_state(has_uint32=2), r"\['has_uint32'\] must be 0 or 1", id="flag-2"),
+    pytest.param(pcg_state(uinteger=2 ** 40), r"\['uinteger'\] must be an int in \[0, 2\*\*32\)",
+                 id="uinteger-2**40"),
+    pytest.param(pcg_state(state=[1, 2]), r"\['state'\]\['state'\] must be an int in .*list",
+                 id="list"),
+    pytest.param({**pcg_state(), "state": [1, 2]}, r"\['state'\] must be a dict; got list",
+                 id="inner-list"),
+    pytest.param(pcg_state(bit_generator="MT19937"), " is for a MT19937 bit generator; "
+                 "expected PCG64", id="other-kind"),
+    pytest.param(pcg_state(bit_generator=None), " is for a None bit generator", id="no-kind"),
+    pytest.param({}, " must have the keys", id="empty"),
+]
+
+
+@pytest.mark.parametrize("bad, match", GARBAGE_STATES)
+def test_set_state_refuses_garbage_and_changes_nothing(bad, match):
+    dn.manual_seed(3)
+    before = dn_random.get_state()
+    with pytest.raises(ValueError, match=r"^state" + match):
+        dn_random.set_state(bad)
+    assert dn_random.get_state() == before
+
+
+@pytest.mark.parametrize("bad", [None, [1, 2], "PCG64"])
+def test_set_state_refuses_a_non_dict(bad):
+    before = dn_random.get_state()
+    with pytest.raises(TypeError, match=r"^state must be a dict"):
+        dn_random.set_state(bad)
+    assert dn_random.get_state() == before
+
+
+def test_set_state_round_trips_every_field():
+    dn.manual_seed(11)
+    dn_random.default_generator().integers(0, 10, 3, dtype=np.uint32)  # buffers a uint32
+    state = dn_random.get_state()
+    assert state["has_uint32"] == 1
+    want = dn_random.default_generator().integers(0, 2 ** 31, 5, dtype=np.uint32)
+    dn.manual_seed(0)
+    dn_random.set_state(state)
+    assert dn_random.get_state() == state
+    assert np.array_equal(dn_random.default_generator().integers(0, 2 ** 31, 5, dtype=np.uint32),
+                          want)
+    assert dn_random.check_state(state) == state and dn_random.check_state(state) is not state
+
+
+@pytest.mark.parametrize("bad, match", GARBAGE_STATES)
+def test_garbage_rng_state_in_checkpoint(good, tmp_path, bad, match):
+    path = resign_metadata(good, tmp_path / "rng.safetensors", lambda m: m.update(rng=bad))
+    model, opt = fresh()
+    assert_load_fails(path, model, opt, match="the saved random generator state is unusable: "
+                                              "state" + match)
+    dn.load(path, model=model, optimizer=opt, rng=False)  # the rest is usable without it
+    assert_same(snapshot(model), dn.load(good, rng=False).components["model"])
+
+
+def test_garbage_controller_generator_state_is_refused(tmp_path):
+    """A DST controller's saved generator state goes through the controller's own check: a
+    garbage one is a ValueError (not numpy's OverflowError) and nothing is loaded."""
+    from diagnet.dst.prune_grow import DiagPruneGrow
+
+    model = small_model(0)
+    path = tmp_path / "c.safetensors"
+    dn.save(path, model=model, dst=DiagPruneGrow({"0": model[0]}, t_end=10, rng=0))
+
+    def garbage(m):
+        m["components"]["dst"]["rng"]["state"]["state"] = 2 ** 200
+    bad = resign_metadata(path, tmp_path / "bad.safetensors", garbage)
+    target, _ = fresh()
+    controller = DiagPruneGrow({"0": target[0]}, t_end=10, rng=5)
+    rng_before = controller.rng.bit_generator.state
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="controller state 'rng' is not a valid PCG64 state"):
+        dn.load(bad, model=target, dst=controller)
+    assert_same(snapshot(target), before)
+    assert controller.rng.bit_generator.state == rng_before
+
+
 # ----------------------------------------------------------------------------- size
 
 

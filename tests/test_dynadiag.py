@@ -10,8 +10,7 @@ import pytest
 import diagnet as dn
 from diagnet import nn
 from diagnet.diag.layout import diagonal_coordinates
-from diagnet.dst import (DynaDiag, DynaDiagLinear, TemperatureSchedule, dynadiag_layers,
-                         match_stored_diagonals)
+from diagnet.dst import DynaDiag, DynaDiagLinear, TemperatureSchedule, dynadiag_layers
 
 from tolerances import F32_GRAD_TOL, F32_TOL, F64_GRAD_TOL, F64_TOL, GRADCHECK_TOL
 
@@ -398,6 +397,31 @@ def test_freeze_keeps_the_function_and_the_hard_top_k(mode, dtype, atol):
     assert layer.weight_stats() == (layer.active_k * 9, 108)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "reference"])
+def test_freeze_folds_the_scale_into_the_kept_values_at_any_temperature(mode):
+    """At T = 1 with random alpha the scales are far from 1: the kept diagonals' values are
+    multiplied by them, and the frozen layer computes ``W`` of the kept diagonals, scaled
+    (float64, against the dense formula)."""
+    layer = DynaDiagLinear(12, 9, sparsity=0.6, pool=0.5, mode=mode, rng=0, dtype=np.float64)
+    layer.alpha.data = np.random.default_rng(3).normal(size=layer.P)
+    layer.bias.data = _x((9,), seed=1)
+    layer.T = 1.0
+    offsets, values = layer.offsets.numpy(), layer.values.numpy().copy()
+    s, _, _ = soft_scale(layer.alpha.numpy()[offsets], layer.active_k, 1.0)
+    kept = layer.freeze()
+    rows = np.searchsorted(offsets, kept)
+    assert np.sum(s[rows] < 0.99) >= 3               # the fold matters here
+    np.testing.assert_allclose(layer.values.numpy(), values[rows] * s[rows, None],
+                               rtol=1e-15, atol=0)
+    r, c = diagonal_coordinates(layer.shape, np.asarray(kept))
+    W = np.zeros(layer.shape)
+    for k, row in enumerate(rows):
+        W[r[k], c[k]] += s[row] * values[row]
+    x = _x((5, 12), seed=4)
+    np.testing.assert_allclose(layer(dn.tensor(x)).numpy(), x @ W.T + layer.bias.numpy(),
+                               **F64_TOL)
+
+
 def test_freeze_ties_go_to_the_lower_offset():
     layer = DynaDiagLinear(10, 10, sparsity=0.7, pool=1.0, rng=0)   # K = 3, S = 6
     layer.set_offsets([1, 2, 4, 5, 7, 9])
@@ -431,23 +455,74 @@ def test_frozen_state_dict_loads_into_a_fresh_layer():
     np.testing.assert_array_equal(fresh(x).numpy(), soft(x).numpy())
 
 
-def test_nested_layers_are_resized_by_match_stored_diagonals():
-    def model(seed):
-        return nn.Sequential(DynaDiagLinear(12, 9, sparsity=0.6, rng=seed), nn.ReLU(),
-                             DynaDiagLinear(9, 12, sparsity=0.6, rng=seed + 1))
+def _nested(seed):
+    return nn.Sequential(DynaDiagLinear(12, 9, sparsity=0.6, rng=seed), nn.ReLU(),
+                         DynaDiagLinear(9, 12, sparsity=0.6, rng=seed + 1))
 
-    saved = model(0)
+
+def _trained_nested(model, steps, opt=None, seed=0):
+    """Adam steps on ``_nested``'s model (a new Adam unless ``opt``); returns the optimizer."""
+    opt = opt or dn.optim.Adam(model.parameters(), lr=0.05)
+    for i in range(steps):
+        opt.zero_grad()
+        (model(dn.tensor(_x((8, 12), seed=seed + i, dtype=np.float32))) ** 2).mean().backward()
+        opt.step()
+    return opt
+
+
+def test_nested_layers_take_the_stored_count_of_the_state():
+    saved = _nested(0)
     saved[0].freeze()
     state = _copy_state(saved)
-    target = model(5)
-    with pytest.raises(ValueError, match="shape"):
-        target.load_state_dict(state)                # Module compares shapes first
-    assert match_stored_diagonals(target, state) == ["0"]
+    target = _nested(5)
+    opt = _trained_nested(target, steps=1)
+    before, moments = _copy_state(target), opt.state[target[0].values]["exp_avg"]
+    target.check_state_dict(state)                   # fits; changes nothing
+    # refused by the other layer after the first was resized: the resize is undone
+    bad = dict(state, **{"2.temperature": np.array(-1.0, np.float32)})
+    with pytest.raises(ValueError, match="temperature"):
+        target.load_state_dict(bad)
+    for key, value in _copy_state(target).items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    assert opt.state[target[0].values]["exp_avg"] is moments and not target[0].frozen
     target.load_state_dict(state)
     assert target[0].frozen and not target[2].frozen
+    assert opt.state[target[0].values]["exp_avg"].shape == target[0].values.shape
     x = dn.tensor(_x((3, 12), seed=1, dtype=np.float32))
     np.testing.assert_array_equal(target(x).numpy(), saved(x).numpy())
     assert list(dynadiag_layers(target)) == ["0", "2"]
+
+
+def test_a_frozen_checkpoint_loads_into_a_fresh_model_and_optimizer(tmp_path):
+    """The fresh layers store S diagonals, the checkpoint's frozen one K: `diagnet.load`
+    resizes the layer (and the optimizer's per-row state) before it checks the optimizer's
+    saved moments, and undoes that when any component is refused."""
+    saved = _nested(0)
+    saved_opt = _trained_nested(saved, steps=2)
+    saved[0].freeze()
+    _trained_nested(saved, steps=1, opt=saved_opt, seed=9)
+    path = tmp_path / "frozen.safetensors"
+    dn.save(path, model=saved, optimizer=saved_opt, dst=DynaDiag(saved, rng=0))
+
+    target = _nested(5)
+    opt = _trained_nested(target, steps=1)
+    before = _copy_state(target)
+    moments = {name: dict(opt.state[p]) for name, p in target.named_parameters()}
+    with pytest.raises(ValueError, match="layers"):  # a controller of other layers
+        dn.load(path, model=target, optimizer=opt, dst=DynaDiag({"x": target[0]}, rng=0))
+    for key, value in _copy_state(target).items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    for name, p in target.named_parameters():
+        assert opt.state[p] == moments[name] or all(
+            opt.state[p][k] is moments[name][k] for k in moments[name]), name
+
+    dn.load(path, model=target, optimizer=opt)
+    assert target[0].frozen and target[0].K == target[0].active_k
+    for (key, a), b in zip(saved_opt.state_dict()["state"].items(),
+                           opt.state_dict()["state"].values()):
+        np.testing.assert_array_equal(a["exp_avg"], b["exp_avg"], err_msg=str(key))
+    x = dn.tensor(_x((3, 12), seed=1, dtype=np.float32))
+    np.testing.assert_array_equal(target(x).numpy(), saved(x).numpy())
 
 
 def test_inconsistent_states_are_refused():
@@ -601,8 +676,7 @@ def test_resumed_run_continues_bit_for_bit(half):
     model3 = _model(42)                       # another init, another structure
     opt3 = dn.optim.Adam(model3.parameters(), lr=2e-2)
     ctrl3 = _controller(model3, rng=1)
-    match_stored_diagonals(model3, saved_model)
-    model3.load_state_dict(saved_model)
+    model3.load_state_dict(saved_model)          # takes the saved stored counts
     opt3.load_state_dict(saved_opt)
     ctrl3.load_state_dict(saved_ctrl)
     events += _run(model3, opt3, ctrl3, N - half, start=half)

@@ -126,6 +126,40 @@ def test_initial_lr_base_lrs_and_get_last_lr():
     assert "LinearWarmup(warmup_steps=2, start_factor=0.0, last_epoch=0)" == repr(sched)
 
 
+def test_a_second_scheduler_keeps_the_first_initial_lr():
+    """Warm-up, then cosine on the same optimizer: the second scheduler's base lrs are the
+    ``initial_lr`` the first recorded, not the part-warmed lrs the groups hold when it is
+    made (PyTorch's ``setdefault``)."""
+    opt = _optimizer()
+    warmup = LinearWarmup(opt, warmup_steps=4, start_factor=0.25)
+    warmup.step()
+    warmup.step()
+    held = [g["lr"] for g in opt.param_groups]
+    assert held == pytest.approx([b * 0.625 for b in BASES], rel=1e-12)
+    cosine = CosineAnnealingLR(opt, T_max=6, eta_min=1e-4)
+    assert [g["initial_lr"] for g in opt.param_groups] == list(BASES)
+    assert cosine.base_lrs == list(BASES)
+    _check(cosine, lambda b, t: cosine_formula(b, t, 6, 1e-4), 8)
+
+
+def test_a_second_scheduler_takes_its_base_lr_as_torch_does():
+    torch = pytest.importorskip("torch", reason="torch is not installed: the comparison with "
+                                                "torch.optim.lr_scheduler needs it")
+    weight = torch.zeros(2, requires_grad=True)
+    theirs = torch.optim.SGD([weight], lr=0.1)
+    torch_warmup = torch.optim.lr_scheduler.LinearLR(theirs, start_factor=0.25, total_iters=4)
+    ours = _optimizer(bases=(0.1,))
+    warmup = LinearWarmup(ours, warmup_steps=4, start_factor=0.25)
+    for _ in range(2):
+        theirs.step()
+        torch_warmup.step()
+        warmup.step()
+    assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"])
+    torch_cosine = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=6)
+    cosine = CosineAnnealingLR(ours, T_max=6)
+    assert cosine.base_lrs == torch_cosine.base_lrs == [0.1]
+
+
 @pytest.mark.parametrize("make", [
     lambda opt: StepLR(opt, step_size=3, gamma=0.7),
     lambda opt: CosineAnnealingLR(opt, T_max=9, eta_min=1e-4),
@@ -220,3 +254,29 @@ def test_scheduler_with_adam_state_dict_round_trip():
     opt2.load_state_dict(opt.state_dict())  # carries lr and initial_lr
     sched2 = WarmupCosine(opt2, warmup_steps=2, total_steps=6, last_epoch=2)
     assert sched2.get_last_lr() == sched.get_last_lr() == [opt.param_groups[0]["lr"]]
+
+
+@pytest.mark.parametrize("make, key, formula", [
+    (lambda opt, n: CosineAnnealingLR(opt, T_max=n, eta_min=1e-4), "T_max",
+     lambda b, t, n: cosine_formula(b, t, n, 1e-4)),
+    (lambda opt, n: WarmupCosine(opt, warmup_steps=2, total_steps=n, eta_min=1e-4), "total_steps",
+     lambda b, t, n: warmup_cosine_formula(b, t, 2, n, 1e-4, 0.0)),
+])
+def test_with_length_extends_a_saved_schedule_from_the_step_reached(make, key, formula):
+    """A run resumed with more steps: the saved position, the new length."""
+    first = make(_optimizer(), 6)
+    _lrs(first, 6)                                   # at the end: lr = eta_min
+    saved = json.loads(json.dumps(first.state_dict()))
+    longer = make(_optimizer(bases=(5.0, 6.0)), 10)
+    state = longer.with_length(saved)
+    assert state == {**saved, key: 10} and saved[key] == 6   # a copy
+    longer.load_state_dict(state)
+    assert longer.last_epoch == 6 and getattr(longer, key) == 10
+    for t, lrs in enumerate(_lrs(longer, 4), start=6):
+        assert lrs == pytest.approx([formula(b, t, 10) for b in BASES], rel=1e-12), t
+    with pytest.raises(ValueError, match=rf"cannot shorten the schedule to {key}=5: the saved "
+                                         r"state has taken 6 steps"):
+        make(_optimizer(), 5).with_length(saved)
+    assert make(_optimizer(), 6).with_length(saved) == saved
+    step = StepLR(_optimizer(), step_size=2)         # no length: the state as it is
+    assert step.length_key is None and step.with_length(step.state_dict()) == step.state_dict()

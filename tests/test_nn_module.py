@@ -178,6 +178,74 @@ def test_load_state_dict_errors_leave_the_model_unchanged(edit, error, match):
     _assert_unchanged(dst, before)
 
 
+class Growing(nn.Module):
+    """A module whose parameter takes the length of the state it loads (as a
+    `DynaDiagLinear` takes the stored count of its state), through `_prepare_state`."""
+
+    def __init__(self, n, most=10):
+        super().__init__()
+        self.w = nn.Parameter(np.arange(n, dtype=np.float32))
+        self.most = most
+
+    def _prepare_state(self, local):
+        saved = local.get("w")
+        if saved is None or saved.shape == self.w.shape:
+            return None
+        if saved.shape[0] > self.most:
+            raise ValueError(f"w: at most {self.most} entries; the state dict has "
+                             f"{saved.shape[0]}")
+        old = self.w.data
+        self.w.data = np.zeros(saved.shape, np.float32)
+
+        def undo():
+            self.w.data = old
+        return undo
+
+
+def test_prepare_state_resizes_before_the_shape_checks_and_is_undone_on_refusal():
+    src = nn.Sequential(Growing(5), nn.Linear(2, 2, rng=0))
+    src[0].w.data = np.linspace(1, 2, 5).astype(np.float32)
+    sd = _snapshot(src)
+    dst = nn.Sequential(Growing(3), nn.Linear(2, 2, rng=1))
+    old_w = dst[0].w.data
+    assert dst.check_state_dict(sd) == ([], [])        # fits, once resized; changes nothing
+    assert dst[0].w.data is old_w
+    # refused after the resize (another module's entry): the resize is undone
+    bad = dict(sd, **{"1.weight": np.ones((2, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"1\.weight: shape \(2, 3\)"):
+        dst.load_state_dict(bad)
+    assert dst[0].w.data is old_w
+    # refused by a later module's own hook: the earlier ones are undone
+    two = nn.Sequential(Growing(3), Growing(3, most=4))
+    kept = [m.w.data for m in two]
+    with pytest.raises(ValueError, match="at most 4 entries"):
+        two.load_state_dict({"0.w": np.zeros(5, np.float32), "1.w": np.zeros(6, np.float32)})
+    assert [m.w.data for m in two] == kept
+    dst.load_state_dict(sd)
+    np.testing.assert_array_equal(dst[0].w.numpy(), src[0].w.numpy())
+    # prepare_state_dict alone: resize now, undo later (as a checkpoint load does while it
+    # validates the optimizer against the new shapes)
+    other = nn.Sequential(Growing(3), nn.Linear(2, 2, rng=1))
+    undo = other.prepare_state_dict(sd)
+    assert other[0].w.shape == (5,)
+    undo()
+    assert other[0].w.shape == (3,)
+
+
+def test_mismatch_errors_list_a_few_keys_and_every_kind():
+    src = nn.Sequential(*[nn.Linear(3, 3, rng=i) for i in range(12)])
+    dst = nn.Sequential(*[nn.Linear(3, 3, rng=i) for i in range(10)], nn.Linear(3, 4))
+    with pytest.raises(KeyError) as info:
+        dst.load_state_dict(_snapshot(src))
+    message = info.value.args[0]
+    assert "unexpected keys: 11.weight, 11.bias" in message
+    assert "10.weight: shape (3, 3) in the state dict, (4, 3) in the model" in message
+    few = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(KeyError, match=r"unexpected keys: 1\.weight, 1\.bias, 2\.weight, "
+                                        r"2\.bias, 3\.weight, 3\.bias and 16 more"):
+        few.load_state_dict(_snapshot(src))
+
+
 def test_non_strict_load_reports_keys_and_loads_the_rest():
     src = nn.Sequential(nn.Linear(4, 4, rng=0), nn.Linear(4, 2, rng=1))
     dst = nn.Sequential(nn.Linear(4, 4, rng=2), nn.Linear(4, 2, rng=3))

@@ -24,8 +24,9 @@ from diagnet.checkpoint import CheckpointError
 from diagnet.data import ArrayDataset, DataLoader
 from diagnet.dst import (DiagPruneGrow, DynaDiag, DynaDiagLinear, SparsityController,
                          TemperatureSchedule, event)
-from diagnet.optim.lr_scheduler import StepLR
+from diagnet.optim.lr_scheduler import CosineAnnealingLR, StepLR
 from diagnet.train import TIME_KEYS, NonFiniteLossError, Trainer, jsonable, read_log
+from diagnet.train.state import TrainerState
 
 N, D, C, B = 96, 8, 3, 16
 STEPS_PER_EPOCH = N // B
@@ -120,21 +121,29 @@ class Setup:
 
     ``controller``: ``"swap"`` (`SwapController`), ``"set"`` / ``"rigl"`` (`DiagPruneGrow`),
     ``"dynadiag"`` (`DynaDiag`, whose first layer is then a `DynaDiagLinear`) or False.
+    ``layer``: the first layer's kind, ``"dynadiag"`` or ``"diag"`` (default: as the
+    controller needs) and ``sparsity``; ``head``: the outputs of the last layer; ``t_max``: a
+    `CosineAnnealingLR` of that length instead of the `StepLR`.
     """
 
     def __init__(self, tmp_path, name, *, epochs=2, interval="epoch", fail_at=None, loss_fn=None,
-                 controller="swap", batch_size=B, device="cpu", **kwargs):
+                 controller="swap", batch_size=B, device="cpu", layer=None, sparsity=0.75,
+                 head=C, t_max=None, **kwargs):
         # as in a new process, the global generator is in some other state: a resumed run
         # must restore it from the checkpoint (and a fresh one reseed it)
         diagnet.manual_seed(987654321)
         x, y = make_data()
-        first = (DynaDiagLinear(D, 16, sparsity=0.75, pool=0.5, rng=0, device=device)
-                 if controller == "dynadiag" else nn.DiagLinear(D, 16, rng=0, device=device))
+        layer = layer or ("dynadiag" if controller == "dynadiag" else "diag")
+        first = (DynaDiagLinear(D, 16, sparsity=sparsity, pool=0.5, rng=0, device=device)
+                 if layer == "dynadiag" else nn.DiagLinear(D, 16, rng=0, device=device))
         self.model = nn.Sequential(first, nn.ReLU(), nn.Dropout(0.2),
-                                   nn.Linear(16, C, rng=1, device=device))
+                                   nn.Linear(16, head, rng=1, device=device))
         self.optimizer = optim.Adam(self.model.named_parameters(), lr=0.02)
-        self.scheduler = StepLR(self.optimizer, step_size=1 if interval == "epoch" else 4,
-                                gamma=0.5)
+        if t_max is None:
+            self.scheduler = StepLR(self.optimizer, step_size=1 if interval == "epoch" else 4,
+                                    gamma=0.5)
+        else:
+            self.scheduler = CosineAnnealingLR(self.optimizer, T_max=t_max)
         self.controller = make_controller(controller, self.model, fail_at)
         self.loader = DataLoader(ArrayDataset(x, y), batch_size, shuffle=True, seed=11,
                                  device=device)
@@ -578,6 +587,214 @@ def test_resume_refuses_mismatched_objects(tmp_path):
         f.write(b"X")
     with pytest.raises(ValueError, match="not this run's log"):
         Setup(tmp_path, "run").trainer.fit(resume=ckpt)
+
+
+def memory_state(setup):
+    """A bit-level copy of everything a resume may change in memory: a refused resume must
+    leave all of it as it was."""
+    def plain(value):
+        if isinstance(value, diagnet.Tensor):
+            value = value.data
+        if diagnet.backend.is_array(value):
+            host = diagnet.backend.to_numpy(value)
+            return (host.dtype.str, host.shape, host.tobytes())
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    layers = [(name, type(m).__name__, m.K, getattr(m, "frozen", None), getattr(m, "T", None))
+              for name, m in setup.model.named_modules() if isinstance(m, nn.DiagLinear)]
+    return {"model": plain(setup.model.state_dict()),
+            "optimizer": plain(setup.optimizer.state_dict()),
+            "scheduler": setup.scheduler.state_dict() if setup.scheduler else None,
+            "loader": setup.loader.state_dict(),
+            "controller": json.dumps(jsonable(setup.controller.state_dict()))
+            if setup.controller else None,
+            "layers": layers, "rng": diagnet.random.get_state()}
+
+
+def file_bytes(setup):
+    out = {}
+    for name in ("log.jsonl", "last.safetensors", "best.safetensors"):
+        if os.path.exists(setup.path(name)):
+            with open(setup.path(name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def _damage_log(setup, how):
+    path = setup.path("log.jsonl")
+    if how == "missing":
+        os.remove(path)
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        f.seek(0)
+        if how == "edited":       # one changed byte: the checksum no longer matches
+            f.write(data[:20] + bytes([data[20] ^ 1]) + data[21:])
+        else:                     # shorter than when the checkpoint was saved
+            f.truncate(len(data) // 3)
+
+
+REFUSALS = {
+    # name: (options of the resuming Setup, damage to the log, error, message)
+    "loader batch size": (dict(batch_size=32), None, ValueError, "train loader differs"),
+    "best_metric": (dict(best_metric="eval_accuracy"), None, ValueError, "best_metric"),
+    "controller missing": (dict(controller=False, layer="dynadiag"), None, ValueError,
+                           "controller"),
+    "scheduler missing": (dict(scheduler=None), None, ValueError, "scheduler"),
+    "log missing": ({}, "missing", FileNotFoundError, "log"),
+    "log edited": ({}, "edited", ValueError, "not this run's log"),
+    "log shortened": ({}, "shortened", ValueError, "not this run's log"),
+    "another head": (dict(head=C + 1), None, CheckpointError, "another structure"),
+    "another layer kind": (dict(controller="swap"), None, CheckpointError, "another structure"),
+    "another sparsity": (dict(sparsity=0.5), None, CheckpointError,
+                         r"another structure \(module '0' \(DynaDiagLinear\): offsets: a "
+                         r"frozen DynaDiagLinear stores 8 diagonals"),
+    "schedule shorter than the steps taken": (dict(t_max=1, epochs=3), None, ValueError,
+                                              "T_max=1"),
+}
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    """A finished DynaDiag run (frozen at epoch 1: its layer stores K diagonals, a fresh one
+    S) with a cosine lr schedule."""
+    s = Setup(tmp_path_factory.mktemp("frozen"), "run", controller="dynadiag", t_max=2)
+    s.trainer.fit()
+    assert s.model[0].frozen and s.model[0].K == s.model[0].active_k < s.model[0].n_stored
+    return s
+
+
+@pytest.mark.parametrize("reason", list(REFUSALS))
+def test_a_refused_resume_changes_nothing(frozen_run, tmp_path, reason):
+    import shutil
+
+    options, damage, exc, match = REFUSALS[reason]
+    options = {"controller": "dynadiag", "t_max": 2, **options}
+    run_dir = tmp_path / "run"
+    shutil.copytree(frozen_run.out_dir, run_dir)
+    second = Setup(tmp_path, "run", **options)
+    if damage:
+        _damage_log(second, damage)
+    before, files = memory_state(second), file_bytes(second)
+    with pytest.raises(exc, match=match):
+        second.trainer.fit(resume=True)
+    assert memory_state(second) == before
+    assert file_bytes(second) == files
+    if isinstance(second.model[0], DynaDiagLinear):  # still the fresh, soft layer
+        assert not second.model[0].frozen and second.model[0].K == second.model[0].n_stored
+
+
+def test_a_checkpoint_without_controller_is_refused_before_any_resize(tmp_path):
+    first = Setup(tmp_path, "run", controller=False, layer="dynadiag", epochs=1)
+    first.model[0].freeze()                 # stores K diagonals, as a frozen run's layer
+    first.trainer.fit()
+    second = Setup(tmp_path, "run", controller="dynadiag")
+    before, files = memory_state(second), file_bytes(second)
+    with pytest.raises(CheckpointError, match="controller"):
+        second.trainer.fit(resume=True)
+    assert memory_state(second) == before and file_bytes(second) == files
+    assert second.model[0].K == second.model[0].n_stored
+
+
+def test_another_structure_is_named_in_readable_form(frozen_run, tmp_path):
+    other = Setup(tmp_path, "other", controller="swap")
+    with pytest.raises(CheckpointError) as info:
+        other.trainer.fit(resume=frozen_run.path("last.safetensors"))
+    message = str(info.value)
+    assert "saved from a model of another structure" in message
+    assert "unexpected keys: 0.alpha, 0.temperature, 0.is_frozen, 0.ever_active" in message
+    k = frozen_run.model[0].active_k
+    assert f"0.values: shape ({k}, {D}) in the state dict, ({other.model[0].K}, {D})" in message
+    wider = Setup(tmp_path, "wider", controller="dynadiag", head=C + 1)
+    with pytest.raises(CheckpointError, match=rf"3\.weight: shape \({C}, 16\) in the state "
+                                              rf"dict, \({C + 1}, 16\) in the model"):
+        wider.trainer.fit(resume=frozen_run.path("last.safetensors"))
+
+
+def test_a_frozen_dynadiag_run_resumes_into_fresh_objects(frozen_run, tmp_path):
+    """The fresh layer stores S diagonals, the checkpoint's K: the layer and the optimizer's
+    per-row state take the checkpoint's size, and the run continues."""
+    import shutil
+
+    shutil.copytree(frozen_run.out_dir, tmp_path / "run")
+    second = Setup(tmp_path, "run", controller="dynadiag", t_max=2)
+    result = second.trainer.fit(resume=True)
+    assert result.epochs_completed == 2
+    assert second.model[0].frozen and second.model[0].K == second.model[0].active_k
+    assert_identical(snapshot(second), snapshot(frozen_run))
+
+
+@pytest.mark.gpu
+def test_a_frozen_dynadiag_run_resumes_on_the_gpu(tmp_path):
+    first = Setup(tmp_path, "run", controller="dynadiag", device="cuda", t_max=2)
+    first.trainer.fit()
+    wider = Setup(tmp_path, "run", controller="dynadiag", device="cuda", t_max=2, head=C + 1)
+    before = memory_state(wider)
+    with pytest.raises(CheckpointError, match="another structure"):  # after the layer's resize
+        wider.trainer.fit(resume=True)
+    assert memory_state(wider) == before
+    more = Setup(tmp_path, "run", controller="dynadiag", device="cuda", epochs=3, t_max=3)
+    result = more.trainer.fit(resume=True)
+    layer = more.model[0]
+    assert result.epochs_completed == 3 and layer.frozen and layer.K == layer.active_k
+    assert layer.values.device == "cuda"
+    assert more.optimizer.state[layer.values]["exp_avg"].shape == layer.values.shape
+
+
+# ----------------------------------------------------------------------------- extending a run
+
+
+def test_extending_a_run_extends_the_lr_schedule(tmp_path, capsys):
+    first = Setup(tmp_path, "run", epochs=2, t_max=2)
+    first.trainer.fit()
+    more = Setup(tmp_path, "run", epochs=3, t_max=3, progress=True)
+    more.trainer.fit(resume=True)
+    log = more.log()
+    change = [r for r in log if r["event"] == "lr_schedule"]
+    assert change == [{"event": "lr_schedule", "epoch": 2, "step": 12,
+                       "scheduler": "CosineAnnealingLR", "T_max": [2, 3],
+                       "lr": pytest.approx(0.005)}]
+    epochs = [r for r in log if r["event"] == "epoch"]
+    # epochs 0, 1 ran on the 2-epoch schedule; epoch 2 on the 3-epoch one, not at lr 0
+    assert [r["lr"] for r in epochs] == pytest.approx([0.02, 0.01, 0.005])
+    assert log.index(change[0]) == log.index(epochs[1]) + 1
+    assert more.scheduler.T_max == 3
+    printed = capsys.readouterr()
+    assert "T_max 2 -> 3" in printed.out + printed.err
+    # resuming with the length of the checkpoint's run changes nothing and logs nothing
+    again = Setup(tmp_path, "again", epochs=2, t_max=2)
+    again.trainer.fit()
+    Setup(tmp_path, "again", epochs=2, t_max=2).trainer.fit(resume=True)
+    assert not [r for r in again.log() if r["event"] == "lr_schedule"]
+
+
+def test_a_schedule_shorter_than_the_steps_taken_is_refused(tmp_path):
+    first = Setup(tmp_path, "run", epochs=2, t_max=2)
+    first.trainer.fit()
+    short = Setup(tmp_path, "run", epochs=3, t_max=1)
+    before, files = memory_state(short), file_bytes(short)
+    with pytest.raises(ValueError, match=r"T_max=1: .*taken 2 steps"):
+        short.trainer.fit(resume=True)
+    assert memory_state(short) == before and file_bytes(short) == files
+
+
+# ----------------------------------------------------------------------------- best checkpoint
+
+
+def test_a_tie_with_the_best_so_far_is_not_a_new_best(tmp_path):
+    for mode in ("max", "min"):
+        state = TrainerState(seed=0, loader={}, best_metric="m", best_mode=mode,
+                             best_value=0.5, best_epoch=0)
+        assert not state.improves(0.5)
+        assert state.improves(0.6 if mode == "max" else 0.4)
+    s = Setup(tmp_path, "run", eval_fn=lambda model: {"const": 1.0}, best_metric="const",
+              best_mode="max", epochs=3)
+    result = s.trainer.fit()
+    assert [r["best"] for r in s.log() if r["event"] == "epoch"] == [True, False, False]
+    assert (result.best_epoch, result.best_value) == (0, 1.0)
+    assert diagnet.load(result.best_checkpoint, rng=False).state["epoch"] == 1
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -19,5 +19,5 @@ from .masked import MaskedLinear
 from .prune_grow import (DiagPruneGrow, UnstructuredPruneGrow, drop_fraction, drop_lowest,
                          grow_random, grow_top, update_size)
 from .temperature import SCHEDULES, TemperatureSchedule
-from .dynadiag import DynaDiag, DynaDiagLinear, dynadiag_layers, match_stored_diagonals
+from .dynadiag import DynaDiag, DynaDiagLinear, dynadiag_layers
 from .convert import KINDS, sparsify

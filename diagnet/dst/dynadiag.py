@@ -81,8 +81,7 @@ from .base import SparsityController, event
 from .capture import GradientTap
 from .temperature import TemperatureSchedule
 
-__all__ = ["DynaDiagLinear", "DynaDiag", "dynadiag_layers", "match_stored_diagonals",
-           "MODES", "EFFECTIVE_THRESHOLD"]
+__all__ = ["DynaDiagLinear", "DynaDiag", "dynadiag_layers", "MODES", "EFFECTIVE_THRESHOLD"]
 
 #: the values of ``DynaDiagLinear(mode=...)``
 MODES = ("sparse", "reference")
@@ -133,10 +132,10 @@ class DynaDiagLinear(DiagLinear):
         ``is_frozen`` (0-d, so that ``T`` and the freeze travel with the state dict) and
         ``ever_active`` (bool ``(P,)``).
 
-    State dicts: a frozen layer stores ``K`` diagonals, a soft one ``S``. `load_state_dict`
-    of this layer resizes it to the saved stored count before loading (through
-    `set_offsets`, so optimizers holding ``values`` follow); for a layer inside a larger
-    model, call `match_stored_diagonals` first (see there).
+    State dicts: a frozen layer stores ``K`` diagonals, a soft one ``S``. Loading a state
+    (`load_state_dict` of the layer or of any model holding it, `diagnet.load`) first gives
+    the layer the saved stored count (`_prepare_state`, through `set_offsets`, so that
+    optimizers holding ``values`` follow), and undoes that if anything is refused.
     """
 
     def __init__(self, in_features, out_features, sparsity=0.9, bias=True, mode="sparse",
@@ -151,7 +150,7 @@ class DynaDiagLinear(DiagLinear):
         n = positive_int("in_features", in_features)
         shape = (m, n)
         P, L = layout.num_diagonals(shape), layout.diagonal_length(shape)
-        K = layout.diagonals_for_sparsity(shape, sparsity)
+        K = layout.diagonals_for_sparsity(shape, validate.check_sparsity(sparsity))
         if mode == "reference":
             S = P
         else:  # round() first, as in diagonals_for_sparsity: 0.25 * 4 must stay 1
@@ -359,6 +358,7 @@ class DynaDiagLinear(DiagLinear):
         xp = backend.get_array_module(self.alpha.data)
         rows = xp.asarray(grown)
         self.alpha.data[rows] = self.alpha.dtype.type(median)
+        self.alpha._version_counter().bump()  # a graph that read alpha must not backward now
         for opt in list(self.alpha._optimizers):
             opt.reset_rows(self.alpha, rows)
         return dropped.tolist(), grown.tolist()
@@ -417,43 +417,47 @@ class DynaDiagLinear(DiagLinear):
                 f"T={self._T:.4g}, frozen={self._frozen}, bias={self.bias is not None}")
 
     # ------------------------------------------------------------------ state dicts
-    def _saved_count(self, state_dict):
-        """The stored count of the state dict's own ``offsets`` (this layer as the root)."""
-        saved = state_dict.get("offsets") if hasattr(state_dict, "get") else None
-        saved = backend.unwrap(saved)
-        if backend.is_array(saved) and saved.ndim == 1:
-            return int(saved.shape[0])
-        return None
+    def _prepare_state(self, local):
+        """Take the stored count of the incoming ``offsets`` (``K`` frozen, ``S`` soft), before
+        `Module` compares shapes; return the undo (see `Module._prepare_state`).
 
-    def _plan_load(self, state_dict, strict):
-        # Module checks every shape against the current ones before any hook runs; a saved
-        # state may hold another stored count (frozen vs soft). Check it against a stand-in
-        # structure of the saved count, restoring ours afterwards: nothing changes here.
-        count = self._saved_count(state_dict)
-        if count is None or count == self.K:
-            return super()._plan_load(state_dict, strict)
-        xp = backend.get_array_module(self.values.data)
-        kept = self.offsets.data, self.values.data
-        try:
-            self.offsets.data = xp.zeros((count,), dtype=kept[0].dtype)
-            self.values.data = xp.zeros((count, self.L), dtype=kept[1].dtype)
-            return super()._plan_load(state_dict, strict)
-        finally:
-            self.offsets.data, self.values.data = kept
-
-    def load_state_dict(self, state_dict, strict=True):
-        """`Module.load_state_dict`, accepting a saved stored count other than ours.
-
-        Everything is checked first (against the saved count); then, if the count differs,
-        the layer takes the saved offsets through `set_offsets` (so every optimizer holding
-        ``values`` resizes its state with it, ready for its own ``load_state_dict``), and
-        the entries are loaded.
+        The layer takes the saved offsets through `DiagLinear.set_offsets`, so every
+        optimizer holding ``values`` resizes its per-row state with it (to zeros: the saved
+        moments come with the optimizer's own state); the values come with the load.
         """
-        self.check_state_dict(state_dict, strict)
-        count = self._saved_count(state_dict)
-        if count is not None and count != self.K:
-            self._restructure(backend.unwrap(state_dict["offsets"]), keep=False)
-        return super().load_state_dict(state_dict, strict)
+        saved = local.get("offsets")
+        if saved is None or saved.ndim != 1 or saved.shape[0] == self.K:
+            return None  # no offsets, or the same count: the shape checks handle it
+        flag = local.get("is_frozen")
+        frozen = bool(backend.to_numpy(flag)) if flag is not None and flag.shape == () \
+            else self._frozen
+        want = self.active_k if frozen else self.n_stored
+        if saved.shape[0] != want:
+            state = "frozen" if frozen else "soft"
+            raise ValueError(f"offsets: a {state} DynaDiagLinear stores {want} diagonals "
+                             f"(active_k={self.active_k}, n_stored={self.n_stored}); the "
+                             f"state dict has {saved.shape[0]}")
+        host = validate.validate_offsets(backend.to_numpy(saved), self.shape, "offsets")
+        undo = self._structure_restorer()
+        DiagLinear.set_offsets(self, host, keep=False)
+        return undo
+
+    def _structure_restorer(self):
+        """A callable that puts back the current offsets, values (and gradient) and every
+        optimizer's state of ``values``: the undo of a resize."""
+        values = self.values
+        kept = (self.offsets.data, values.data, values.grad, self._prepared,
+                self._prepared_from)
+        states = [(opt.state[values], dict(opt.state[values]))
+                  for opt in list(values._optimizers) if values in opt.state]
+
+        def undo():
+            (self.offsets.data, values.data, values.grad, self._prepared,
+             self._prepared_from) = kept
+            for live, saved in states:  # the optimizer's own dict: references stay valid
+                live.clear()
+                live.update(saved)
+        return undo
 
     def _check_state(self, local):
         super()._check_state(local)
@@ -484,44 +488,6 @@ def dynadiag_layers(model) -> dict:
     if not isinstance(model, Module):
         raise TypeError(f"model must be a Module; got {type(model).__name__}")
     return {name: m for name, m in model.named_modules() if isinstance(m, DynaDiagLinear)}
-
-
-def match_stored_diagonals(model, state_dict) -> list:
-    """Give every `DynaDiagLinear` of ``model`` the stored diagonals of ``state_dict``.
-
-    A layer frozen in the saved run stores ``K`` diagonals, a fresh one ``S``: `Module`'s
-    ``load_state_dict`` (and a checkpoint's validation) compare shapes first and would
-    refuse. Call this before loading the model's (and then the optimizer's) state: each
-    layer whose saved ``offsets`` differ in count takes them through `set_offsets` (values
-    and every optimizer's per-row state resized; the values themselves come with the load).
-    All layers are checked before any is changed.
-
-    Args:
-        model: a `Module` (a `DynaDiagLinear` itself, or a model containing some).
-        state_dict: the model's state dict (dotted names -> Tensors/arrays).
-
-    Returns:
-        the names of the layers that were resized.
-    """
-    todo = []
-    for name, layer in dynadiag_layers(model).items():
-        key = f"{name}.offsets" if name else "offsets"
-        saved = backend.unwrap(state_dict.get(key)) if hasattr(state_dict, "get") else None
-        if not backend.is_array(saved) or saved.ndim != 1 or saved.shape[0] == layer.K:
-            continue  # absent or same count: the ordinary load handles (or reports) it
-        host = validate.validate_offsets(backend.to_numpy(saved), layer.shape, key)
-        frozen_key = f"{name}.is_frozen" if name else "is_frozen"
-        frozen = state_dict.get(frozen_key)
-        frozen = bool(backend.to_numpy(backend.unwrap(frozen))) if frozen is not None \
-            else layer.frozen
-        want = layer.active_k if frozen else layer.n_stored
-        if host.size != want:
-            raise ValueError(f"{key}: a {'frozen' if frozen else 'soft'} layer stores {want} "
-                             f"diagonals; the state dict has {host.size}")
-        todo.append((name, layer, host))
-    for _, layer, host in todo:
-        layer._restructure(host, keep=False)
-    return [name for name, _, _ in todo]
 
 
 class DynaDiag(SparsityController):

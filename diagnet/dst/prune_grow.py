@@ -321,7 +321,7 @@ class _PruneGrow(SparsityController):
         probe = kind()
         try:
             probe.state = saved
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:  # numpy raises all 4
             raise ValueError(f"controller state 'rng' is not a valid {kind.__name__} state: "
                              f"{exc}") from None
         return probe.state

@@ -18,6 +18,11 @@ lrs:
 * `WarmupCosine`: the linear warm-up for ``t < W``, then
   ``eta_min + (b - eta_min) * (1 + cos(pi * (t - W) / (T - W))) / 2`` up to
   ``T = total_steps``, then ``eta_min``.
+
+A state dict holds the hyperparameters too, so loading one brings back the saved run's
+schedule. To extend a run, build the scheduler for the new length and load
+``scheduler.with_length(saved)``: the saved position along a schedule of the new ``T_max`` or
+``total_steps`` (`LRScheduler.length_key`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class LRScheduler:
 
     #: names of the subclass's hyperparameters (attributes, saved in the state dict)
     hyperparameters: tuple = ()
+    #: the hyperparameter that is the schedule's length in steps (``T_max``,
+    #: ``total_steps``); None for a schedule without an end (`StepLR`)
+    length_key: str | None = None
 
     def __init__(self, optimizer, last_epoch=-1):
         if not isinstance(optimizer, Optimizer):
@@ -121,6 +129,35 @@ class LRScheduler:
                 or ``base_lrs`` (not one lr per param group), naming it.
         """
         self._checked_state_dict(state_dict)
+
+    def with_length(self, state_dict: dict) -> dict:
+        """A copy of the saved ``state_dict`` that takes this scheduler's length.
+
+        For a run resumed with more (or fewer) steps: build the scheduler for the run's new
+        length (its `length_key`, ``T_max`` or ``total_steps``) and load
+        ``with_length(saved)``. The saved state alone would bring the old length back, and
+        the steps added would run past the old end (a cosine at ``eta_min``, often 0). The
+        copy keeps the saved step count, base lrs and other hyperparameters: the lr
+        continues from the step reached, along the schedule of the new length. A schedule
+        without a length gets the state unchanged.
+
+        Raises:
+            ValueError: the saved state has taken more steps than the new length (a schedule
+                is not cut short before the point it reached), or it is not a valid state
+                of this scheduler (`check_state_dict`).
+        """
+        self.check_state_dict(state_dict)
+        out = dict(state_dict)
+        if self.length_key is None:
+            return out
+        length, taken = getattr(self, self.length_key), state_dict["last_epoch"]
+        if length < taken:
+            raise ValueError(f"{type(self).__name__}: cannot shorten the schedule to "
+                             f"{self.length_key}={length}: the saved state has taken {taken} "
+                             "steps already")
+        out[self.length_key] = length
+        self.check_state_dict(out)
+        return out
 
     def _checked_state_dict(self, state_dict):
         if not isinstance(state_dict, dict):
@@ -199,6 +236,7 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     hyperparameters = ("T_max", "eta_min")
+    length_key = "T_max"
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):  # noqa: N803 - torch's name
         self.__dict__.update(self._checked(T_max=T_max, eta_min=eta_min))
@@ -261,6 +299,7 @@ class WarmupCosine(LRScheduler):
     """
 
     hyperparameters = ("warmup_steps", "total_steps", "eta_min", "start_factor")
+    length_key = "total_steps"
 
     def __init__(self, optimizer, warmup_steps, total_steps, eta_min=0.0, start_factor=0.0,
                  last_epoch=-1):

@@ -76,15 +76,15 @@ class RunLog:
         """Start an empty log at ``path`` (an existing file is emptied)."""
         return cls(path, open(path, "wb"), 0, hashlib.sha256())
 
-    @classmethod
-    def resume(cls, path, nbytes, sha256):
-        """Reopen ``path``, check that its first ``nbytes`` bytes have checksum ``sha256``,
-        and cut everything after them.
+    @staticmethod
+    def verify(path, nbytes, sha256):
+        """Check that the first ``nbytes`` bytes of ``path`` have checksum ``sha256``; change
+        nothing. Returns the running SHA-256 of those bytes (a ``hashlib`` object).
 
         Raises:
             FileNotFoundError: there is no log at ``path``.
             ValueError: the file is shorter than ``nbytes`` or its first bytes differ (it is
-                not the log of the run the checkpoint came from); the file is not changed.
+                not the log of the run the checkpoint came from).
         """
         path = os.fspath(path)
         if not os.path.exists(path):
@@ -104,6 +104,17 @@ class RunLog:
         if digest.hexdigest() != sha256:
             raise ValueError(f"cannot resume the log {path!r}: its first {nbytes} bytes are not "
                              "those the checkpoint saw (not this run's log?)")
+        return digest
+
+    @classmethod
+    def resume(cls, path, nbytes, sha256):
+        """Reopen ``path``, check it (`verify`) and cut everything after its first ``nbytes``
+        bytes.
+
+        Raises:
+            FileNotFoundError, ValueError: as `verify`; the file is not changed.
+        """
+        digest = cls.verify(path, nbytes, sha256)
         file = open(path, "r+b")
         file.truncate(nbytes)
         file.seek(nbytes)

@@ -24,7 +24,9 @@ Files in ``out_dir``:
   ``run_start`` (seed, config, diagnet version, model size, optimizer / scheduler /
   controller hyperparameters, loader settings), the controller's events as they come
   (``controller.after_step`` / ``start_epoch``, written as the controller made them: step,
-  layer, dropped, grown, ...), one ``epoch`` record per epoch, and a last record:
+  layer, dropped, grown, ...), one ``epoch`` record per epoch, an ``lr_schedule`` record
+  where a resumed run changes the learning rate schedule's length (see below), and a last
+  record:
   ``run_end``, ``interrupted``, ``stopped_nonfinite`` or ``error``. An ``epoch`` record has
   ``epoch`` (0-based), ``step`` (steps done), ``train_loss`` and ``train_accuracy`` (means
   over the epoch's batches, weighted by batch size), ``eval_loss`` / ``eval_accuracy`` and
@@ -39,14 +41,28 @@ Files in ``out_dir``:
   random generator, the run's ``config``, and the `TrainerState` as ``state`` (epoch, batch,
   step, running sums, best value, last metrics, seed, and the log's length and checksum).
 
-Resumption. ``fit(resume=path)`` loads all of that into the objects given to the Trainer
-(build them as for the first run), cuts ``log.jsonl`` back to its length at the checkpoint
-(so whatever the interrupted process wrote after it disappears) and continues. The result
-is bit for bit that of an uninterrupted run: the same parameters, optimizer and controller
-states, and the same log lines except the time fields. A checkpoint taken at an epoch's end
-continues with the next epoch; one taken by an interrupt continues mid-epoch, with the next
-batch. The run's length may be extended by resuming with a larger ``epochs`` (the
-``run_start`` line keeps the original settings).
+Resumption. ``fit(resume=path)`` reads the checkpoint once and checks that it continues
+with the objects given to the Trainer (build them as for the first run: the same model
+structure, a scheduler and controller where the run had them, the same loader settings and
+``best_metric``) and that ``log.jsonl`` is the run's own (its length and checksum at the
+checkpoint); only then does it load everything into those objects, cut ``log.jsonl`` back to
+its length at the checkpoint (so whatever the interrupted process wrote after it
+disappears) and continue. A refused resume raises and changes nothing: no object, no file,
+not the random generator. The result is bit for bit that of an uninterrupted run: the same
+parameters, optimizer and controller states, and the same log lines except the time
+fields. A checkpoint taken at an epoch's end continues with the next epoch; one taken by an
+interrupt continues mid-epoch, with the next batch. Layers whose size is part of their state
+(a `DynaDiagLinear` stores fewer diagonals once frozen) take the checkpoint's size as they
+load (`Module.prepare_state_dict`).
+
+The run's length may be extended by resuming with a larger ``epochs`` (the ``run_start``
+line keeps the original settings). Build the scheduler for the new length: a scheduler with
+a length (``T_max``, ``total_steps``: its ``length_key``) keeps the one it was built with and
+continues from the step reached (`LRScheduler.with_length`); the saved length would run the
+added epochs past the end of the old schedule (a cosine at lr 0). The change is logged as an
+``lr_schedule`` record (``epoch``, ``step``, ``scheduler``, the length's key with ``[old,
+new]``, the ``lr`` now) and printed (with ``progress``); a length shorter than the steps the
+schedule has taken is refused.
 
 Interrupts. The first Ctrl-C only asks the trainer to stop (`DeferredInterrupt`): it stops
 after the current step, with a consistent state. A ``KeyboardInterrupt`` raised anywhere
@@ -60,8 +76,7 @@ and `fit` returns with ``interrupted=True``.
 Assumptions for exactness: running ``controller.before_step(step)`` again after a rollback
 has the same effect as running it once (it arms gradient taps or sets a per-step
 temperature, a function of ``step``), and the loader order is fixed by ``(seed, epoch)``
-(as in `diagnet.data.DataLoader`). Models with `DynaDiagLinear` layers are resized to the
-checkpoint's stored diagonals before loading (`diagnet.dst.match_stored_diagonals`).
+(as in `diagnet.data.DataLoader`).
 """
 
 from __future__ import annotations
@@ -79,7 +94,7 @@ import numpy as np
 from .. import backend
 from .. import random as _random
 from ..autograd import Tensor
-from ..checkpoint import load, save
+from ..checkpoint import CheckpointError, load, save
 from ..config import no_grad
 from ..nn.module import Module
 from ..ops import cross_entropy
@@ -285,6 +300,10 @@ class Trainer:
         TypeError / ValueError: invalid arguments, naming the argument.
     """
 
+    #: how the message after Ctrl-C says to resume; a command-line program that wraps the
+    #: Trainer sets its own (its ``--resume`` flag, say)
+    resume_hint = "fit(resume=...)"
+
     def __init__(self, model, optimizer, train_loader, *, out_dir, loss_fn=cross_entropy,
                  epochs=1, eval_loader=None, eval_fn=None, scheduler=None,
                  scheduler_interval="epoch", controller=None, checkpoint_every=1,
@@ -358,16 +377,23 @@ class Trainer:
                 ``stopped_nonfinite`` record; no checkpoint is written).
             FileExistsError: a fresh run in an ``out_dir`` with a previous run's files.
             CheckpointError / ValueError: the checkpoint cannot be resumed with these
-                objects (see `diagnet.load`; loader or best-metric settings that differ).
+                objects (see `diagnet.load`): a model of another structure, a scheduler or
+                controller missing or extra, loader or best-metric settings that differ, a
+                learning-rate schedule shorter than the steps taken.
+            FileNotFoundError / ValueError: ``log.jsonl`` is missing or is not the
+                checkpoint's run's. A refused resume changes nothing.
             Any error of the model, loss or controller (after an ``error`` record).
         """
+        note = None
         if resume is None or resume is False:
             self._start_fresh()
         else:
-            self._resume(self.last_path if resume is True else resume)
+            note = self._resume(self.last_path if resume is True else resume)
         st = self.state
         interrupted = False
         self._bars = ProgressBars(self.progress, self.epochs, min(st.epoch, self.epochs))
+        if note:
+            self._bars.write(note)
         self._interrupt = DeferredInterrupt(self._bars.write)
         try:
             with self._interrupt:
@@ -439,18 +465,46 @@ class Trainer:
         return parts
 
     def _resume(self, path):
+        """Continue the run saved at ``path``: read the checkpoint once, check that it
+        continues with these objects and settings, then load it. A refused resume changes
+        no object, file or generator state. Returns a note to print, or None."""
         path = os.fspath(path)
-        self._match_structure(path)
+        saved = load(path, rng=False)  # read and verified; nothing assigned
+        state, log_bytes, log_sha = self._check_resume(path, saved)
+        schedule = self._extend_schedule(path, saved, state)
         # diagnet.load validates every component against its object before assigning any
-        ckpt = load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                    rng=True, **self._components())
-        # Past this point the objects hold the checkpoint's state; what follows checks that
-        # they are the ones the checkpoint's run used.
-        unclaimed = [n for n in ckpt.metadata["components"] if n not in ckpt.loaded]
+        load(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+             rng=True, **self._components())
+        if self.config is not None and self.config != saved.config:
+            warnings.warn(f"resuming {path}: the config given differs from the checkpoint's; "
+                          "the checkpoint's is kept (it is the run's)", stacklevel=3)
+        self.config, self.seed = saved.config, state.seed
+        self.log = RunLog.resume(self.log_path, log_bytes, log_sha)
+        self.state = state
+        if schedule is None:
+            return None
+        schedule["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.log.write({**schedule, "time": _now()})
+        old, new = schedule[self.scheduler.length_key]
+        return (f"Resumed at epoch {state.epoch}: the learning rate schedule takes this run's "
+                f"length ({schedule['scheduler']} {self.scheduler.length_key} {old} -> {new}); "
+                f"lr {schedule['lr']:.4g} now.")
+
+    def _check_resume(self, path, saved):
+        """Check that the checkpoint ``saved`` continues with these objects and settings;
+        change nothing. Returns ``(TrainerState, log bytes, log sha256)``."""
+        state, log_bytes, log_sha = TrainerState.from_dict(saved.state, where=path)
+        in_file = saved.metadata["components"]
+        objects = {"model": self.model, "optimizer": self.optimizer,
+                   "scheduler": self.scheduler, **self._components()}
+        absent = [name for name, obj in objects.items() if obj is not None and name not in in_file]
+        if absent:
+            raise CheckpointError(f"{path}: this Trainer has a {' and a '.join(absent)}, but "
+                                  "the checkpoint's run had none")
+        unclaimed = [name for name in in_file if objects.get(name) is None]
         if unclaimed:
             raise ValueError(f"{path}: the checkpoint also holds {unclaimed}, which this Trainer "
                              "has no object for (a scheduler or controller left out?)")
-        state, log_bytes, log_sha = TrainerState.from_dict(ckpt.state, where=path)
         if hasattr(self.train_loader, "describe") and state.loader != self.train_loader.describe():
             raise ValueError(f"{path}: the train loader differs from the checkpoint's run: "
                              f"{self.train_loader.describe()} vs {state.loader}")
@@ -459,32 +513,46 @@ class Trainer:
             raise ValueError(f"{path}: best_metric/best_mode {self.best_metric!r}/"
                              f"{self.best_mode!r} differ from the checkpoint's run "
                              f"({state.best_metric!r}/{state.best_mode!r})")
-        position = self.train_loader.state_dict()
+        position = saved.components["loader"]
         if position != {"epoch": state.epoch, "batch": state.batch}:
             raise ValueError(f"{path}: the loader position {position} does not match the trainer "
                              f"state (epoch {state.epoch}, batch {state.batch})")
-        if self.config is not None and self.config != ckpt.config:
-            warnings.warn(f"resuming {path}: the config given differs from the checkpoint's; "
-                          "the checkpoint's is kept (it is the run's)", stacklevel=3)
-        self.config, self.seed = ckpt.config, state.seed
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.log = RunLog.resume(self.log_path, log_bytes, log_sha)
-        self.state = state
+        self._check_model(path, saved.components["model"])
+        RunLog.verify(self.log_path, log_bytes, log_sha)
+        return state, log_bytes, log_sha
 
-    def _match_structure(self, path):
-        """Resize the model's DynaDiag layers to the checkpoint's stored diagonals.
+    def _check_model(self, path, model_state):
+        """CheckpointError if the checkpoint's model is not built as ``self.model`` (another
+        method, layer kind, sparsity or size); changes nothing."""
+        try:
+            self.model.check_state_dict(model_state)
+        except (KeyError, ValueError) as exc:
+            detail = str(exc.args[0] if exc.args else exc).removeprefix("load_state_dict: ")
+            raise CheckpointError(f"{path}: the checkpoint was saved from a model of another "
+                                  f"structure ({detail}); build the model as its run did (see "
+                                  "its config)") from None
 
-        A `DynaDiagLinear` frozen in the saved run stores ``K`` diagonals, a fresh one ``S``:
-        the load's shape checks would refuse the model (and the optimizer's state) otherwise.
-        See `diagnet.dst.match_stored_diagonals`; this costs a second read of the file, and
-        only for models that have such layers.
+    def _extend_schedule(self, path, saved, state):
+        """Give the scheduler's saved state the length of ``self.scheduler``, built for this
+        run (a run resumed with more epochs); return the log event of the change, or None.
+
+        A run extended with the saved length would train its added epochs past the end of
+        the schedule (a cosine at lr 0). Raises ValueError if this length is shorter than
+        the steps the schedule has taken; changes only ``saved``.
         """
-        from ..dst.dynadiag import dynadiag_layers, match_stored_diagonals
-
-        if dynadiag_layers(self.model):
-            saved = load(path, rng=False).components.get("model")
-            if saved is not None:
-                match_stored_diagonals(self.model, saved)
+        key = getattr(self.scheduler, "length_key", None)
+        if key is None or "scheduler" not in saved.components:
+            return None
+        old = saved.components["scheduler"]
+        try:
+            new = self.scheduler.with_length(old)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if new[key] == old[key]:
+            return None
+        saved.components["scheduler"] = new
+        return {"event": "lr_schedule", "epoch": state.epoch, "step": state.step,
+                "scheduler": type(self.scheduler).__name__, key: [old[key], new[key]]}
 
     # ------------------------------------------------------------------ consistency points
     def _safe_point(self, check_interrupt=True):
@@ -636,7 +704,7 @@ class Trainer:
         self.log.write({"event": "interrupted", "epoch": st.epoch, "batch": st.batch,
                         "step": st.step, "checkpoint": LAST_NAME, "exact": exact,
                         "time": _now()})
-        self._bars.write(f"Saved {self.last_path}; resume with fit(resume=...).")
+        self._bars.write(f"Saved {self.last_path}; resume with {self.resume_hint}.")
 
     @staticmethod
     def _existing(path):
