@@ -11,9 +11,12 @@ takes it from the offline source) into the cache folder.
     python examples/train_mnist_mlp.py --linear unstructured --method rigl
     python examples/train_mnist_mlp.py --linear dense
     python examples/train_mnist_mlp.py --resume                 # continue the run in --out
+    python examples/train_mnist_mlp.py --overwrite              # replace the run in --out
 
 Writes to ``--out`` (default ``runs/mnist_mlp``): ``log.jsonl``, ``last.safetensors`` and
 ``best.safetensors``, ``learning_curves.png`` and ``diagonal_activity.png`` (with matplotlib).
+An earlier run there is never replaced without ``--overwrite``; ``--resume`` continues it
+with its own flags.
 """
 
 import argparse
@@ -31,19 +34,16 @@ from diagnet.train import Trainer  # noqa: E402
 
 import common  # noqa: E402
 
+EXAMPLE = "train_mnist_mlp"  # the name in the run's config, checked by --resume
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_flags(parser, epochs=10, lr=3e-3, batch_size=128, out="runs/mnist_mlp")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    args = parser.parse_args(argv)
-    if args.linear == "unstructured" and args.method == "dynadiag":
-        parser.error("--method dynadiag needs --linear diag (pick rigl, set or static)")
-    if args.smoke:
-        args.epochs = min(args.epochs, 1 if not args.resume else 2)
-        args.hidden = [32, 32]
+    parser.add_argument("--hidden", type=common.positive_int, nargs="+", default=[256, 256])
+    args = common.parse_args(parser, argv, EXAMPLE, smoke={"hidden": [32, 32]})
     started = time.perf_counter()
-    device = common.pick_device(args.device)
+    device = common.pick_device(parser, args.device)
     train, test, source = common.mnist_loaders(args, flatten=True, device=device)
     print(f"data: {source}; device {device}")
 
@@ -56,15 +56,14 @@ def main(argv=None):
                               rng=args.seed, **options)
     optimizer = optim.Adam(model.parameters(), lr=args.lr)
     scheduler = optim.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    config = {"example": "train_mnist_mlp", "kind": kind or "dense",
-              **{k: v for k, v in vars(args).items() if k not in ("resume",)},
-              **common.structure_config(model)}
+    config = common.run_config(args, EXAMPLE, kind or "dense", model)
     print(dn.nn.summary(model))
 
     trainer = Trainer(model, optimizer, train, eval_loader=test, scheduler=scheduler,
                       controller=controller, epochs=args.epochs, out_dir=args.out,
                       best_metric="eval_accuracy", seed=args.seed, config=config,
-                      progress=not args.no_progress, overwrite=not args.resume)
+                      progress=not args.no_progress, overwrite=args.overwrite)
+    common.compile_kernels(model, optimizer, train, test)
     return common.fit_and_report(trainer, model, args, started)
 
 if __name__ == "__main__":

@@ -28,24 +28,21 @@ from diagnet.train import Trainer  # noqa: E402
 
 import common  # noqa: E402
 
+EXAMPLE = "train_vit_mnist"  # the name in the run's config, checked by --resume
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_flags(parser, epochs=8, lr=2e-3, batch_size=128, out="runs/mnist_vit")
     parser.set_defaults(method="static")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--mlp-ratio", type=int, default=2)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    args = parser.parse_args(argv)
-    if args.linear == "unstructured" and args.method == "dynadiag":
-        parser.error("--method dynadiag needs --linear diag (pick rigl, set or static)")
-    if args.smoke:
-        args.epochs = min(args.epochs, 1 if not args.resume else 2)
-        args.depth, args.dim = 1, 32
+    parser.add_argument("--dim", type=common.positive_int, default=64)
+    parser.add_argument("--depth", type=common.positive_int, default=4)
+    parser.add_argument("--heads", type=common.positive_int, default=4)
+    parser.add_argument("--mlp-ratio", type=common.positive_int, default=2)
+    parser.add_argument("--weight-decay", type=common.non_negative_number, default=0.05)
+    args = common.parse_args(parser, argv, EXAMPLE, smoke={"depth": 1, "dim": 32})
     started = time.perf_counter()
-    device = common.pick_device(args.device)
+    device = common.pick_device(parser, args.device)
     train, test, source = common.mnist_loaders(args, flatten=False, device=device)
     print(f"data: {source}; device {device}")
 
@@ -62,15 +59,14 @@ def main(argv=None):
     steps = len(train) * args.epochs
     scheduler = optim.WarmupCosine(optimizer, warmup_steps=min(len(train), steps // 4),
                                    total_steps=steps)
-    config = {"example": "train_vit_mnist", "kind": kind or "dense",
-              **{k: v for k, v in vars(args).items() if k not in ("resume",)},
-              **common.structure_config(model)}
+    config = common.run_config(args, EXAMPLE, kind or "dense", model)
     print(dn.nn.summary(model))
 
     trainer = Trainer(model, optimizer, train, eval_loader=test, scheduler=scheduler,
                       scheduler_interval="step", controller=controller, epochs=args.epochs,
                       out_dir=args.out, best_metric="eval_accuracy", seed=args.seed,
-                      config=config, progress=not args.no_progress, overwrite=not args.resume)
+                      config=config, progress=not args.no_progress, overwrite=args.overwrite)
+    common.compile_kernels(model, optimizer, train, test)
     return common.fit_and_report(trainer, model, args, started)
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from diagnet.dst import SCHEDULES, TemperatureSchedule
+from diagnet.dst.temperature import MAY_RISE
 
 T0, T1, TMIN, TMAX = 5.0, 0.05, 0.1, 4.0
 GAMMA, STEP, W, CYCLES = 0.9, 3, 4, 3
@@ -126,3 +127,22 @@ def test_counter_must_be_an_int():
     for bad in (1.5, True, "3", None):
         with pytest.raises(TypeError, match="counter"):
             sched(bad)
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant"])
+def test_linear_and_constant_may_rise(kind):
+    sched = TemperatureSchedule(kind, span=5, t_start=0.5, t_end=5.0)
+    expected = [0.5, 1.625, 2.75, 3.875, 5.0] if kind == "linear" else [0.5] * 5
+    assert [sched(e) for e in range(5)] == pytest.approx(expected, rel=0, abs=1e-12)
+    assert kind in MAY_RISE
+
+
+@pytest.mark.parametrize("kind, names", [
+    ("cosine", "t_min.*t_max"), ("warmup_cosine", "t_min.*t_max"), ("cyclic", "t_min.*t_max"),
+    ("exponential", "t_end.*t_start"), ("step", "t_end.*t_start"),
+])
+def test_schedules_that_only_fall_refuse_t_end_above_t_start(kind, names):
+    assert kind not in MAY_RISE
+    with pytest.raises(ValueError, match=f"{kind} .*falls.*{names}.*got") as info:
+        TemperatureSchedule(kind, span=5, t_start=0.5, t_end=5.0)
+    assert "0.5" in str(info.value) and "5.0" in str(info.value)

@@ -36,10 +36,17 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["TemperatureSchedule", "SCHEDULES", "temperature_at"]
+__all__ = ["TemperatureSchedule", "SCHEDULES", "MAY_RISE", "temperature_at"]
 
 #: the schedule kinds, in the reference's order
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "step", "warmup_cosine", "cyclic")
+
+#: the kinds that may run from a low ``t_start`` up to a high ``t_end``; the others only fall
+#: (their cosine runs from ``t_max`` down to ``t_min``; exponential and step decay to the
+#: floor ``t_end``)
+MAY_RISE = ("constant", "linear")
+
+_COSINE_KINDS = ("cosine", "warmup_cosine", "cyclic")
 
 
 def _clamp(counter: int, span: int) -> int:
@@ -111,7 +118,7 @@ class TemperatureSchedule:
             (default 0.05).
         t_min: ``Tmin``, where the cosine parts end (default: ``t_end``).
         t_max: ``Tmax``, where the cosine parts start and the warm-up ends (default:
-            ``t_start``). Must be >= ``t_min``.
+            ``t_start``). Must be >= ``t_min`` for the kinds with a cosine part.
         warmup: ``W``, warm-up counts of ``warmup_cosine`` (default 0).
         gamma: decay factor of exponential and step, in ``(0, 1]`` (default 0.95).
         step_size: counts per decay of ``step`` (default 10).
@@ -121,7 +128,9 @@ class TemperatureSchedule:
             step accordingly.
 
     Every temperature is a positive finite number; arguments that a schedule does not use
-    are still validated, so a typo fails early. Raises ValueError naming the argument.
+    are still validated, so a typo fails early. Only the kinds in `MAY_RISE` may have
+    ``t_end > t_start`` (a temperature that rises); the others refuse it. Raises ValueError
+    naming the argument.
     Calling the schedule gives a Python float: ``TemperatureSchedule("cosine", 30)(10)``.
     """
 
@@ -137,15 +146,24 @@ class TemperatureSchedule:
         self.t_end = _positive_float("t_end", t_end)
         self.t_min = _positive_float("t_min", self.t_end if t_min is None else t_min)
         self.t_max = _positive_float("t_max", self.t_start if t_max is None else t_max)
-        if self.t_min > self.t_max:
-            raise ValueError(f"t_min must be <= t_max; got t_min={self.t_min}, "
-                             f"t_max={self.t_max}")
+        self._check_direction()
         self.warmup = _int_at_least("warmup", warmup, 0)
         self.gamma = _positive_float("gamma", gamma)
         if self.gamma > 1:
             raise ValueError(f"gamma must be in (0, 1]; got {self.gamma}")
         self.step_size = _int_at_least("step_size", step_size, 1)
         self.cycles = _int_at_least("cycles", cycles, 1)
+
+    def _check_direction(self):
+        """ValueError when a schedule that only falls is asked to rise (see `MAY_RISE`)."""
+        if self.kind in _COSINE_KINDS and self.t_min > self.t_max:
+            raise ValueError(f"{self.kind} falls from t_max (default: t_start) to t_min "
+                             f"(default: t_end), so t_min must be <= t_max; got "
+                             f"t_min={self.t_min}, t_max={self.t_max}")
+        if self.kind in ("exponential", "step") and self.t_end > self.t_start:
+            raise ValueError(f"{self.kind} falls from t_start to its floor t_end, so t_end "
+                             f"must be <= t_start; got t_end={self.t_end}, "
+                             f"t_start={self.t_start}")
 
     def __call__(self, counter) -> float:
         """The temperature at ``counter`` (an int; clamped to ``[0, span - 1]``)."""
