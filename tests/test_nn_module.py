@@ -403,3 +403,12 @@ def test_replacing_a_submodule_keeps_its_place():
     setattr(seq, "0", nn.DiagLinear(4, 4, sparsity=0.5, rng=2))
     assert [type(m).__name__ for m in seq] == ["DiagLinear", "ReLU", "Linear"]
     assert [n for n, _ in seq.named_parameters()] == ["0.values", "0.bias", "2.weight", "2.bias"]
+
+
+def test_softmax_module_takes_dim_as_torch_does():
+    x = dn.tensor(np.arange(6.0).reshape(2, 3), dtype="float64")
+    want = dn.functional.softmax(x, axis=0).numpy()
+    np.testing.assert_allclose(nn.Softmax(dim=0)(x).numpy(), want)
+    np.testing.assert_allclose(nn.Softmax(axis=0)(x).numpy(), want)
+    with pytest.raises(TypeError, match="dim"):
+        nn.Softmax(axis=0, dim=1)

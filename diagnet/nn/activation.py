@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import functional as F
+from ..autograd import axis_or_dim
 from .module import Module
 
 __all__ = ["ReLU", "GELU", "Tanh", "Sigmoid", "Softmax"]
@@ -46,11 +47,11 @@ class Sigmoid(Module):
 
 
 class Softmax(Module):
-    """Softmax over ``axis`` (default the last)."""
+    """Softmax over ``axis`` (default the last; ``dim=`` is PyTorch's name for it)."""
 
-    def __init__(self, axis=-1):
+    def __init__(self, axis=None, *, dim=None):
         super().__init__()
-        self.axis = axis
+        self.axis = axis_or_dim("Softmax", axis, dim, default=-1)
 
     def forward(self, x):
         return F.softmax(x, axis=self.axis)
