@@ -18,6 +18,8 @@ Rules kept in this one place, so no op needs to repeat them:
   graph is collected like any other Python object.
 * A node whose inputs or outputs were changed in place after it ran refuses to run its
   backward (`VersionCounter`), rather than compute a gradient from values that are gone.
+* A call that nothing will differentiate (under `no_grad`, or no input requires grad)
+  records nothing: inference pays for the arithmetic and the dispatch only.
 
 Dtype policy: floating tensors are float32 by default, float64 on request. A binary op
 between two floating tensors of different dtypes raises `TypeError`; Python scalars, NumPy
@@ -27,6 +29,7 @@ arrays and integer/bool tensors mixed with a floating tensor take that tensor's 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import sys
@@ -594,10 +597,18 @@ def _names_dtype(arg) -> bool:
     return True
 
 
-def _ops():
-    from . import ops
+_ops_module = None
 
-    return ops
+
+def _ops():
+    """`diagnet.ops`, imported on first use (it imports this module), then kept: the
+    operators of `Tensor` call this on every use."""
+    global _ops_module
+    if _ops_module is None:
+        from . import ops
+
+        _ops_module = ops
+    return _ops_module
 
 
 # ----------------------------------------------------------------------------- Function
@@ -611,6 +622,10 @@ class Function:
     ``self.save(...)`` or set attributes; both are dropped when the graph is freed).
     ``self.needs_input_grad`` tells backward which gradients are wanted. Backward must not
     modify its ``grad_outputs`` in place: the same array may be shared with other nodes.
+
+    A call is recorded only when grad mode is on and an input requires grad. Otherwise
+    (inference, `no_grad`) it runs ``forward`` and wraps the results, nothing more: no graph
+    links, no version counters but a view's, nothing to free.
 
     A subclass that sets ``elementwise = True`` (a broadcasting element-wise op such as
     add or where) gets two more checks here: its operands must broadcast together (else a
@@ -627,47 +642,77 @@ class Function:
 
     elementwise = False
     is_view = False
+    _applied = False  # set on the instance by its one call
+    freed = False  # set by `release`
 
     def __call__(self, *inputs):
-        if getattr(self, "_applied", False):
+        if self._applied:
             # One instance is one node of the graph: applying it twice would overwrite the
             # first call's inputs and saved arrays, and corrupt that call's gradients.
             raise RuntimeError(f"this {type(self).__name__} instance was already applied; "
                                "create a new instance for every call")
         self._applied = True
         # (The engine runs once per op per step, so this path avoids what it can: no
-        # wrapping of inputs that are Tensors already, no Tensor properties, one pass.)
-        tensors = [x if isinstance(x, Tensor) else as_tensor_like(x, inputs) for x in inputs]
+        # wrapping of inputs that are Tensors already, no Tensor properties, no throw-away
+        # containers, and nothing recorded when no gradient is wanted.)
+        tensors = inputs
+        for x in inputs:
+            if not isinstance(x, Tensor):
+                tensors = tuple(as_tensor_like(a, inputs) for a in inputs)
+                break
         if len(tensors) > 1:  # a single operand cannot mix dtypes or devices
-            _check_float_dtypes(type(self).__name__, tensors)
-            if self.elementwise:
-                tensors = _check_elementwise(type(self).__name__, tensors)
+            tensors = _check_operands(self, tensors)
         outputs = self.forward(*[t.data for t in tensors])
-        single = not isinstance(outputs, tuple)
-        if single:
-            outputs = (outputs,)
-        needs = tuple(t.requires_grad for t in tensors)
-        record = any(needs) and is_grad_enabled()
-        if self.is_view:
-            version = tensors[0]._version_counter()
-        else:  # made now only if the node must keep it (to check its outputs at backward)
-            version = VersionCounter() if record else None
-        results = [Tensor._wrap(y, record, version) for y in outputs]
+        record = False
+        if is_grad_enabled():
+            for t in tensors:
+                if t.requires_grad:
+                    record = True
+                    break
         if record:
-            self.generation = generation = max(t.generation for t in tensors)
-            self.inputs = tensors
-            self.needs_input_grad = needs
-            self.output_meta = [(y.shape, y.dtype) for y in outputs]
-            self.outputs = [weakref.ref(r) for r in results]
-            self.output_version = version
-            self.clock = VersionCounter.clock
-            for i, r in enumerate(results):
-                r.creator = self
-                r.generation = generation + 1
-                r._output_index = i
-        else:
-            self.release()
-        return results[0] if single else tuple(results)
+            return self._record(tensors, outputs)
+        # Not recorded: the outputs are plain tensors, and this node is garbage once its
+        # caller lets go of it. A view still shares its input's version (changing one in
+        # place changes the other, recorded or not).
+        version = tensors[0]._version_counter() if self.is_view else None
+        if not isinstance(outputs, tuple):
+            return Tensor._wrap(outputs, False, version)
+        return tuple(Tensor._wrap(y, False, version) for y in outputs)
+
+    def _record(self, tensors, outputs):
+        """Make this node the creator of ``outputs`` (its forward's arrays); return them as
+        tensors that require grad."""
+        generation = 0
+        needs = []
+        for t in tensors:
+            needs.append(t.requires_grad)
+            if t.generation > generation:
+                generation = t.generation
+        self.generation = generation
+        self.inputs = tensors
+        self.needs_input_grad = tuple(needs)
+        # the outputs of a view share its input's version; those of any other node share
+        # one new counter, checked at backward
+        version = tensors[0]._version_counter() if self.is_view else VersionCounter()
+        self.output_version = version
+        self.clock = VersionCounter.clock
+        if not isinstance(outputs, tuple):
+            self.output_meta = [(outputs.shape, outputs.dtype)]
+            y = self._output(outputs, 0, version)
+            self.outputs = [weakref.ref(y)]
+            return y
+        self.output_meta = [(y.shape, y.dtype) for y in outputs]
+        results = tuple(self._output(y, i, version) for i, y in enumerate(outputs))
+        self.outputs = [weakref.ref(r) for r in results]
+        return results
+
+    def _output(self, array, index, version):
+        """The tensor for output ``index`` (``array``) of this recorded node."""
+        t = Tensor._wrap(array, True, version)
+        t.creator = self
+        t.generation = self.generation + 1
+        t._output_index = index
+        return t
 
     def forward(self, *arrays):
         raise NotImplementedError
@@ -680,45 +725,93 @@ class Function:
         self.saved = arrays
 
     def release(self):
-        """Drop everything kept for backward (the graph is being freed)."""
+        """Drop everything kept for backward (the graph is being freed); keep what the
+        "already applied" and "already freed" errors need, and ``needs_input_grad``."""
         state = vars(self)
-        kept = {key: state[key] for key in _KEPT_AFTER_RELEASE if key in state}
-        state.clear()
-        state.update(kept)
-        self.freed = True
+        # (a new dict, not a loop over the names to keep: this runs for every node)
+        self.__dict__ = {"_applied": state.get("_applied", False), "freed": True,
+                         "generation": state.get("generation", 0),
+                         "needs_input_grad": state.get("needs_input_grad"),
+                         "output_meta": state.get("output_meta")}
 
 
-#: what a released `Function` keeps: enough to report "already applied" and "already freed"
-_KEPT_AFTER_RELEASE = ("generation", "needs_input_grad", "output_meta", "_applied")
+def _check_operands(fn, tensors):
+    """The rules for an op of several operands (see `Function`): one float dtype, one
+    device and, for an element-wise op, shapes that broadcast together and integer operands
+    cast to the float dtype. Returns the operands to use (``tensors`` unless one was cast).
+
+    The common case (operands of one dtype, on the CPU) costs one comparison per operand.
+    """
+    name = type(fn).__name__
+    dtype = tensors[0].data.dtype
+    uniform = True
+    for t in tensors:
+        if t.data.dtype != dtype:
+            uniform = False
+            break
+    if not uniform:
+        _check_float_dtypes(name, tensors)
+    if "cupy" in sys.modules:  # every array is a NumPy array until CuPy is imported
+        _check_devices(name, tensors)
+    if fn.elementwise:
+        shape = tensors[0].data.shape
+        for t in tensors:
+            if t.data.shape != shape:
+                _check_broadcast(name, tuple(t.data.shape for t in tensors))
+                break
+        if not uniform:
+            tensors = _promote_integers(tensors)
+    return tensors
 
 
 def _check_float_dtypes(op_name, tensors):
+    """Refuse operands of two float dtypes (the dtype policy of the module docstring)."""
     floats = {t.data.dtype for t in tensors if t.data.dtype in FLOAT_DTYPES}
     if len(floats) > 1:
         got = ", ".join(str(t.dtype) for t in tensors)
         raise TypeError(f"{op_name}: operands have different float dtypes ({got}); "
                         "convert one with .astype() first")
-    if "cupy" not in sys.modules:
-        return  # every array is a NumPy array until CuPy is imported: one device
+
+
+def _check_devices(op_name, tensors):
+    """Refuse operands on different devices."""
+    kind = type(tensors[0].data)
+    for t in tensors:
+        if type(t.data) is not kind:
+            break
+    else:
+        return  # arrays of one type are on one device
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"{op_name}: operands are on different devices ({sorted(devices)}); "
                          "move them with .to(device) first")
 
 
-def _check_elementwise(op_name, tensors):
-    """Broadcast check and integer-to-float promotion for element-wise ops (see `Function`)."""
-    shapes = [t.shape for t in tensors]
+def _check_broadcast(op_name, shapes):
+    """Refuse operand ``shapes`` that do not broadcast together."""
+    if not _broadcastable(shapes):
+        raise ValueError(f"{op_name}: operands could not be broadcast together; got shapes "
+                         + " and ".join(str(s) for s in shapes))
+
+
+@functools.lru_cache(maxsize=1024)
+def _broadcastable(shapes) -> bool:
+    """Whether the ``shapes`` (a tuple of shape tuples) broadcast together; cached, since a
+    training loop meets the same few pairs of shapes on every step."""
     try:
         np.broadcast_shapes(*shapes)
     except ValueError:
-        raise ValueError(f"{op_name}: operands could not be broadcast together; got shapes "
-                         + " and ".join(str(s) for s in shapes)) from None
-    floats = [t.dtype for t in tensors if t.dtype in FLOAT_DTYPES]
-    if floats:  # exactly one float dtype here (_check_float_dtypes ran first)
-        tensors = [t if t.dtype.kind not in "biu" else Tensor._wrap(t.data.astype(floats[0]))
-                   for t in tensors]
-    return tensors
+        return False
+    return True
+
+
+def _promote_integers(tensors):
+    """Integer/bool operands cast to the dtype of the floating operands (if any)."""
+    floats = [t.data.dtype for t in tensors if t.data.dtype in FLOAT_DTYPES]
+    if not floats:
+        return tensors
+    return tuple(t if t.data.dtype.kind not in "biu" else Tensor._wrap(t.data.astype(floats[0]))
+                 for t in tensors)
 
 
 def as_tensor_like(x, peers):
@@ -750,7 +843,7 @@ def _run_backward(root, grad, retain_graph):
     heap = []
 
     def push(fn, index, g):
-        if getattr(fn, "freed", False):
+        if fn.freed:
             raise RuntimeError("trying to backward through a graph that was already freed; "
                                "pass retain_graph=True to the first backward() call")
         slot = pending.get(fn)
@@ -765,7 +858,8 @@ def _run_backward(root, grad, retain_graph):
         grads_out = pending.pop(fn)
         if fn.clock != VersionCounter.clock:  # something was changed in place since fn ran
             _check_versions(fn)
-        if any(g is None for g in grads_out):  # an output nobody used: zero gradient
+        if len(grads_out) > 1 and any(g is None for g in grads_out):
+            # an output nobody used: zero gradient (a single output always has one)
             xp = backend.get_array_module(*[g for g in grads_out if g is not None])
             grads_out = [xp.zeros(shape, dtype) if g is None else g
                          for g, (shape, dtype) in zip(grads_out, fn.output_meta)]

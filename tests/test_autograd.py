@@ -12,7 +12,7 @@ import pytest
 import diagnet
 from diagnet import Function, Tensor
 from diagnet import functional as F
-from diagnet.autograd import sum_to
+from diagnet.autograd import VersionCounter, sum_to
 from helpers import t64
 
 
@@ -86,6 +86,30 @@ def test_enable_grad_inside_no_grad_and_decorator_form():
 
     assert not evaluate(x).requires_grad
     assert diagnet.is_grad_enabled()
+
+
+def test_a_call_that_records_nothing_does_no_graph_bookkeeping(monkeypatch):
+    """Under no_grad, or when no input requires grad, a Function call runs its forward and
+    wraps the result, nothing more: no VersionCounter, no graph attributes on the node,
+    nothing to free (the node is garbage once the call returns), so that inference pays
+    only for arithmetic and dispatch. A view still shares its input's counter."""
+    made, released = [], []
+    init, release = VersionCounter.__init__, Function.release
+    monkeypatch.setattr(VersionCounter, "__init__", lambda self: (made.append(1), init(self))[1])
+    monkeypatch.setattr(Function, "release", lambda self: (released.append(1), release(self))[1])
+    x = t64([1.0, -2.0])
+    c = diagnet.tensor([3.0, 4.0], dtype=np.float64)
+    node = Counting()
+    with diagnet.no_grad():
+        y = F.softmax(node(x) * 2.0 + c)
+    z = F.relu(c * c - c)  # recording on, but no input requires grad
+    assert made == [] and released == []
+    assert vars(node) == {"_applied": True}
+    for t in (y, z):
+        assert not t.requires_grad and t.creator is None and t._version is None
+    with diagnet.no_grad():
+        view = x.reshape(2, 1)
+    assert view._version is x._version is not None
 
 
 def test_no_grad_restores_mode_after_an_exception():

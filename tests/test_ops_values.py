@@ -386,6 +386,37 @@ def test_boolean_mask_indexing():
     np.testing.assert_array_equal(tx.grad.numpy(), ref)
 
 
+BASIC_INDICES = [1, -1, np.int64(2), (1, 2, 0), (), slice(1, 3), slice(None, None, -2),
+                 slice(3, 1), (None, 2), (Ellipsis, 1), (1, Ellipsis, None),
+                 (slice(None), 0, slice(None, None, -1)), (slice(0, 4, 3), None, Ellipsis, 2)]
+ADVANCED_INDICES = [[0, 0, 2], (np.array([3, 3, 0]), slice(None), 1), np.array([True, False] * 2),
+                    (slice(None), np.array([[1, 1], [4, 0]]))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index, basic", [(i, True) for i in BASIC_INDICES]
+                         + [(i, False) for i in ADVANCED_INDICES], ids=repr)
+def test_getitem_gradient_equals_the_scatter_add_reference(index, basic, dtype, monkeypatch):
+    """A basic index (ints, slices, None, Ellipsis) selects each element at most once, so its
+    gradient is assigned into zeros, without the slow ``add.at`` scatter; integer and boolean
+    arrays may repeat an element and keep accumulating. Both equal ``numpy.add.at`` into
+    zeros exactly (one addend per element for basic indices)."""
+    scatters = []
+    scatter_add = diagnet.backend.scatter_add
+    monkeypatch.setattr(diagnet.backend, "scatter_add",
+                        lambda *args: (scatters.append(args[1]), scatter_add(*args)))
+    rng = np.random.default_rng(8)
+    x = tensor(rng.standard_normal((4, 5, 3)).astype(dtype), requires_grad=True)
+    out = x[index]
+    g = rng.standard_normal(out.shape).astype(dtype)
+    out.backward(g)
+    ref = np.zeros(x.shape, dtype)
+    np.add.at(ref, index, g)
+    assert x.grad.dtype == dtype
+    np.testing.assert_array_equal(x.grad.numpy(), ref)
+    assert len(scatters) == (0 if basic else 1)
+
+
 @settings(deadline=None)
 @given(shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=4), data=st.data())
 def test_reshape_transpose_match_numpy(shape, data):

@@ -164,10 +164,11 @@ class GetItem(Function):
         return x[self.index]
 
     def backward(self, gy):
-        xp = _xp(gy)
-        gx = xp.zeros(self.in_shape, dtype=gy.dtype)
-        # accumulate, so that repeated integer indices (x[[0, 0]]) add their gradients
-        backend.scatter_add(gx, self.index, gy)
+        gx = _xp(gy).zeros(self.in_shape, dtype=gy.dtype)
+        if self.is_view:  # a basic index selects each element at most once: assign
+            gx[self.index] = gy
+        else:  # integer arrays may repeat an element (x[[0, 0]]): accumulate, slowly
+            backend.scatter_add(gx, self.index, gy)
         return gx
 
 
