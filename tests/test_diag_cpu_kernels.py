@@ -36,11 +36,16 @@ RTOL = {np.float32: CPU_KERNEL_RTOL[np.dtype(np.float32)],
 DTYPES = [np.float32, np.float64]
 
 
+# The thresholds below which a call runs on the calling thread; all 0 forces the threads.
+THRESHOLDS = ("_SERIAL_WORK", "_SERIAL_WORK_VGRAD", "_MIN_PARALLEL_ROWS")
+
+
 @pytest.fixture(params=["serial", "parallel"])
 def path(request, monkeypatch):
     """Run a test once on the serial path and once on the forced threaded path."""
     if request.param == "parallel":
-        monkeypatch.setattr(cpu, "_SERIAL_WORK", 0)
+        for name in THRESHOLDS:
+            monkeypatch.setattr(cpu, name, 0)
         # three "threads" split rows and diagonals unevenly; numba runs the tasks on however
         # many threads it really has, so this checks the chunking on any machine
         monkeypatch.setattr(cpu, "_threads", lambda: 3)
@@ -144,27 +149,30 @@ def test_property_random_shapes(B, layout, f64, parallel, seed):
     m, n, K = layout
     rng = np.random.default_rng(seed)
     case = make_case(rng, B, m, n, K, dtype)
-    saved = cpu._SERIAL_WORK, cpu._threads
+    saved = {name: getattr(cpu, name) for name in THRESHOLDS + ("_threads",)}
     if parallel:  # (not the fixture: Hypothesis runs every example inside one test call)
-        cpu._SERIAL_WORK, cpu._threads = 0, (lambda: 2)
+        for name in THRESHOLDS:
+            setattr(cpu, name, 0)
+        cpu._threads = lambda: 2
     try:
         check_all(*case)
     finally:
-        cpu._SERIAL_WORK, cpu._threads = saved
+        for name, value in saved.items():
+            setattr(cpu, name, value)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
                     reason="numba has one thread here: nothing to compare one thread with")
-@pytest.mark.parametrize("shape, K, B", [((200, 120), 50, 96), ((120, 200), 50, 96),
-                                         ((160, 160), 50, 96), ((200, 120), 3, 256)],
+@pytest.mark.parametrize("shape, K, B", [((200, 120), 50, 200), ((120, 200), 50, 200),
+                                         ((160, 160), 50, 200), ((200, 120), 3, 3000)],
                          ids=["tall", "wide", "square", "K3"])
 def test_thread_count_does_not_change_results(shape, K, B):
     """All of numba's threads give the one-thread results, and both match the reference.
 
-    The sizes take the threaded path (``B * K * L`` over ``_SERIAL_WORK``) of every kernel:
-    the scatter (tall forward, wide input grad), the gather (wide forward, tall input grad),
-    the rotated square gather, and the value grad split by diagonals (K = 50) and, with too
-    few diagonals for the threads, by batch rows too (K = 3)."""
+    The sizes take the threaded path (``B * K * L`` over ``_SERIAL_WORK_VGRAD``, the larger
+    threshold) of every kernel: the scatter (tall forward, wide input grad), the gather (wide
+    forward, tall input grad), the rotated square gather, and the value grad split by
+    diagonals (K = 50) and, with too few diagonals for the threads, by batch rows too (K = 3)."""
     m, n = shape
     rng = np.random.default_rng(3)
     x, dy, offsets, values = make_case(rng, B, m, n, K, np.float64)
@@ -173,7 +181,8 @@ def test_thread_count_does_not_change_results(shape, K, B):
     for threads in (1, numba.config.NUMBA_NUM_THREADS):
         numba.set_num_threads(threads)
         try:
-            assert cpu._serial(B, K, min(m, n)) == (threads == 1)
+            assert cpu._row_threads(B, K, min(m, n)) == threads
+            assert cpu._diagonal_threads(B, K, min(m, n)) == threads
             results[threads] = (cpu.forward(x, offsets, values, m),
                                 cpu.input_grad(dy, offsets, values, n),
                                 cpu.value_grad(dy, x, offsets))
@@ -190,6 +199,76 @@ def test_thread_count_does_not_change_results(shape, K, B):
         # the same sums, split among threads by rows or diagonals (partial sums over batch
         # chunks only reorder the value grad's batch sum): equal to a few roundings of S
         assert_close(many, one, sc, np.float64)
+
+
+PARALLEL_KERNELS = ("_gather_parallel", "_scatter_parallel", "_gather_rotated_parallel",
+                    "_vgrad_parallel")
+
+
+def spy_on_parallel_kernels(monkeypatch):
+    """Count the calls of the threaded kernels (which still run): ``{name: calls}``."""
+    calls = dict.fromkeys(PARALLEL_KERNELS, 0)
+    for name in PARALLEL_KERNELS:
+        def spy(*args, _name=name, _real=getattr(cpu, name)):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(cpu, name, spy)
+    return calls
+
+
+def run_all(B, m, n, K, grads=True, seed=0):
+    """The kernels on a random float32 case (results unchecked: see `check_all`): forward and
+    input grad, and the value grad too with ``grads``."""
+    x, dy, offsets, values = make_case(np.random.default_rng(seed), B, m, n, K, np.float32)
+    cpu.forward(x, offsets, values, m)
+    cpu.input_grad(dy, offsets, values, n)
+    if grads:
+        cpu.value_grad(dy, x, offsets)
+
+
+@pytest.mark.parametrize("shape, K", [((256, 784), 79), ((768, 768), 77), ((3072, 768), 308),
+                                      ((768, 3072), 308)], ids=str)
+def test_small_batches_run_on_the_calling_thread(shape, K, monkeypatch):
+    """Batch 1 (online inference) never wakes numba's pool at these sizes (90% sparse).
+
+    With fewer than two tiles of rows a forward or input grad is one task, which the pool
+    would run on one thread after the wake-up; the value grad follows its own (measured)
+    work threshold. Before, 3072 x 768 at batch 1 took the threaded path: ``B * K * L =
+    236,544`` was over the single threshold of 65,536."""
+    calls = spy_on_parallel_kernels(monkeypatch)
+    m, n = shape
+    run_all(1, m, n, K)
+    for B in range(2, cpu._MIN_PARALLEL_ROWS):
+        run_all(B, m, n, K, grads=False)
+    assert calls == dict.fromkeys(PARALLEL_KERNELS, 0)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="numba has one thread here: every call runs on the calling thread")
+@pytest.mark.parametrize("shape, K", [((64, 64), 7), ((128, 64), 13), ((64, 128), 13),
+                                      ((192, 64), 20)], ids=str)
+def test_vit_sized_calls_use_the_threads(shape, K, monkeypatch):
+    """The linears of the example ViT (width 64, 17 tokens x batch 128 = 2176 rows, 90%
+    sparse) are large enough for both threads in forward and input grad."""
+    calls = spy_on_parallel_kernels(monkeypatch)
+    m, n = shape
+    run_all(2176, m, n, K)
+    row_kernels = ("_gather_parallel", "_scatter_parallel", "_gather_rotated_parallel")
+    assert sum(calls[name] for name in row_kernels) == 2
+
+
+def test_ready_arguments_are_not_copied():
+    """C-contiguous arrays of the right dtype reach the kernels as they are (no copy)."""
+    x = np.ones((3, 5), np.float32)
+    values = np.ones((2, 5), np.float32)
+    offsets = np.array([0, 4])
+    assert all(a is b for a, b in zip(cpu._float_pair(x, values), (x, values)))
+    assert cpu._as_offsets(offsets) is offsets
+    # otherwise converted: strided arrays, other dtypes, lists
+    fx, fv = cpu._float_pair(x[:, ::2], values.astype(np.float64))
+    assert fx.flags.c_contiguous and fv.dtype == np.float32 and fv.flags.c_contiguous
+    assert cpu._as_offsets([0, 4]).dtype == np.int64
+    assert cpu._as_offsets(offsets[::-1][::-1].astype(np.int32)).dtype == np.int64
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

@@ -50,9 +50,19 @@ thread, so uneven batches still balance). The square forward gives each thread o
 its own rotated copy of the diagonals, because reading a copy that the other core just wrote
 cost more than rotating twice. The value grad gives each thread its own diagonals
 (its own rows of ``dvalues``: no reduction); only when there are too few diagonals for that
-is the batch split too, with per-split partial results added at the end. Calls with little
-work (``B * K * L`` below ``_SERIAL_WORK``) run on the calling thread: waking the pool would
-cost more.
+is the batch split too, with per-split partial results added at the end.
+
+Calls with little work run on the calling thread: forward and input grad below
+``_SERIAL_WORK`` multiply-adds (``B * K * L``) or with fewer than two tiles of rows, value
+grad below ``_SERIAL_WORK_VGRAD`` (each of its threads loads every batch row, so it gains
+less from a second thread). A threaded call pays for the fork and join of numba's pool: a
+few microseconds while the workers still spin from the previous call, but 170-270 us once
+they sleep (`diagnet.diag.threadpools` makes them sleep after about 0.2 ms, so that they
+leave the cores to BLAS), measured on a shared 2-core machine. The forward / input grad
+threshold sits above the crossover measured with spinning workers (about 1.3e5
+multiply-adds, float32) to leave a margin for the wake-up; the value grad's sits at its own
+crossover (0.5-1e6), since in a backward pass it follows the input grad, whose threads are
+then still spinning. Serial and threaded calls give the same sums up to their order.
 
 **Indexing.** Hot loops index with unsigned integers (``_u``): numba treats a signed index as
 possibly negative ("from the end"), and that per-element check on ``a[t + p]`` stops LLVM from
@@ -89,8 +99,13 @@ _FASTMATH = {"contract", "reassoc"}
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 
-# Below this many multiply-adds (B * K * L) a call runs on the calling thread.
-_SERIAL_WORK = 1 << 16
+# Below these many multiply-adds (B * K * L) a call runs on the calling thread (the
+# crossovers measured on 2 cores, see "Threads" above): forward and input grad...
+_SERIAL_WORK = 1 << 18
+# ...and value grad, whose threads each load every batch row.
+_SERIAL_WORK_VGRAD = 1 << 19
+# Forward / input grad with fewer batch rows than this make one task: run on the caller.
+_MIN_PARALLEL_ROWS = 8
 # Forward / input grad split the batch into about this many tasks per thread...
 _TASKS_PER_THREAD = 4
 # ...of at most this many rows.
@@ -553,7 +568,7 @@ def _vgrad_parallel(partial, short, long, offsets, n_kchunks, marker):
 
 
 # --------------------------------------------------------------------------------------
-# Dispatch
+# Dispatch: serial or threaded
 # --------------------------------------------------------------------------------------
 
 
@@ -561,36 +576,47 @@ def _threads():
     return numba.get_num_threads()
 
 
-def _rows_per_task(B):
+def _row_threads(B, K, L):
+    """Threads for a forward / input grad (split by batch rows): 1 when the work is below
+    ``_SERIAL_WORK`` or the batch too small for two tasks, else numba's thread count."""
+    if B * K * L < _SERIAL_WORK or B < _MIN_PARALLEL_ROWS:
+        return 1
+    return _threads()
+
+
+def _diagonal_threads(B, K, L):
+    """Threads for a value grad (split by diagonals): 1 below ``_SERIAL_WORK_VGRAD``."""
+    return 1 if B * K * L < _SERIAL_WORK_VGRAD else _threads()
+
+
+def _rows_per_task(B, threads):
     """Rows per forward/input-grad task: about ``_TASKS_PER_THREAD`` tasks per thread, whole
     tiles, at most ``_MAX_ROWS_PER_TASK``."""
-    rows = -(-B // (_threads() * _TASKS_PER_THREAD))
+    rows = -(-B // (threads * _TASKS_PER_THREAD))
     rows = -(-rows // _TILE_ROWS) * _TILE_ROWS
     return max(_TILE_ROWS, min(rows, _MAX_ROWS_PER_TASK))
-
-
-def _serial(B, K, L):
-    return B * K * L < _SERIAL_WORK or _threads() == 1
 
 
 def _gather(out, inp, vals, shifts):
     """``out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]]``."""
     B = out.shape[0]
     marker = _marker(out.shape[1] + inp.shape[1] - 1)
-    if _serial(B, *vals.shape):
+    threads = _row_threads(B, *vals.shape)
+    if threads == 1:
         _gather_block(out, inp, vals, shifts, 0, B, marker)
     else:
-        _gather_parallel(out, inp, vals, shifts, _rows_per_task(B), marker)
+        _gather_parallel(out, inp, vals, shifts, _rows_per_task(B, threads), marker)
 
 
 def _scatter(out, inp, vals, offsets):
     """``out[b, (t + offsets[k]) % out.shape[1]] = sum_k vals[k, t] * inp[b, t]``."""
     B = out.shape[0]
     marker = _marker(out.shape[1] + inp.shape[1] - 1)
-    if _serial(B, *vals.shape):
+    threads = _row_threads(B, *vals.shape)
+    if threads == 1:
         _scatter_block(out, inp, vals, offsets, 0, B, marker)
     else:
-        _scatter_parallel(out, inp, vals, offsets, _rows_per_task(B), marker)
+        _scatter_parallel(out, inp, vals, offsets, _rows_per_task(B, threads), marker)
 
 
 def _to_long_side(out, short, values, offsets):
@@ -599,26 +625,28 @@ def _to_long_side(out, short, values, offsets):
     if short.shape[1] != out.shape[1] or B < _TILE_ROWS:
         # rectangular, or too few rows to pay for rotating the diagonals: scatter
         _scatter(out, short, values, offsets)
-    elif _serial(B, *values.shape):
-        # square: rotate the diagonals into output order, then the faster gather applies
+        return
+    # square: rotate the diagonals into output order, then the faster gather applies
+    marker = _marker(2 * out.shape[1] - 1)
+    threads = _row_threads(B, *values.shape)
+    if threads == 1:
         rot, shifts = _rotate_square(values, offsets)
-        _gather_block(out, short, rot, shifts, 0, B, _marker(2 * out.shape[1] - 1))
+        _gather_block(out, short, rot, shifts, 0, B, marker)
     else:
-        _gather_rotated_parallel(out, short, values, offsets, _threads(),
-                                 _marker(2 * out.shape[1] - 1))
+        _gather_rotated_parallel(out, short, values, offsets, threads, marker)
 
 
 def _value_grad(short, long, offsets):
     B, L = short.shape
     K = offsets.shape[0]
     marker = _marker(L + long.shape[1] - 1)
-    if _serial(B, K, L):
+    threads = _diagonal_threads(B, K, L)
+    if threads == 1:
         out = np.zeros((K, L), dtype=short.dtype)
         _vgrad_block(out, short, long, offsets, 0, K, 0, B, marker)
         return out
     # Give each thread its own diagonals (no reduction); only when there are too few
     # groups of 4 diagonals for that, split the batch too and add the partial results.
-    threads = _threads()
     n_kchunks = min(threads, (K + 3) // 4)
     n_bchunks = max(1, min(threads // n_kchunks, (B + 3) // 4))
     partial = np.zeros((n_bchunks, K, L), dtype=short.dtype)
@@ -627,26 +655,38 @@ def _value_grad(short, long, offsets):
 
 
 # --------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks (O(1) apart from the offsets range check)
 # --------------------------------------------------------------------------------------
 
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64 = np.dtype(np.int64)
 
-def _float_arrays(primary, *others):
-    """C-contiguous 2-D arrays, all of ``primary``'s dtype (which must be float32/float64)."""
-    primary = np.ascontiguousarray(primary)
-    if primary.dtype not in (np.float32, np.float64):
-        raise TypeError(f"expected a float32 or float64 array; got {primary.dtype}")
-    converted = [primary]
-    for a in others:
-        converted.append(np.ascontiguousarray(a, dtype=primary.dtype))
-    for a in converted:
+
+def _is_ready(a, dtype):
+    """Whether ``a`` is a C-contiguous NumPy array of ``dtype``: usable without a copy."""
+    return type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous
+
+
+def _float_pair(primary, other):
+    """``primary`` and ``other`` as C-contiguous 2-D arrays of ``primary``'s dtype (which must
+    be float32/float64). Arrays that are so already are returned as they are (no copy)."""
+    if type(primary) is not np.ndarray or not primary.flags.c_contiguous:
+        primary = np.ascontiguousarray(primary)
+    dtype = primary.dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"expected a float32 or float64 array; got {dtype}")
+    if not _is_ready(other, dtype):
+        other = np.ascontiguousarray(other, dtype=dtype)
+    for a in (primary, other):
         if a.ndim != 2:
             raise ValueError(f"expected a 2-D array; got shape {a.shape}")
-    return converted
+    return primary, other
 
 
 def _as_offsets(offsets):
     """``offsets`` as a contiguous 1-D int64 array (from any integer dtype or a list)."""
+    if _is_ready(offsets, _INT64) and offsets.ndim == 1:
+        return offsets
     offsets = np.asarray(offsets).reshape(-1)
     if offsets.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -668,7 +708,10 @@ def _offsets_in_range(offsets, P):
 def _check_layout(m, n, offsets, K, L):
     """Raise unless ``values`` is ``(len(offsets), min(m, n))`` and ``0 <= offsets < max(m, n)``.
 
-    The kernels do not bounds-check, so this is what keeps them inside the arrays.
+    The kernels do not bounds-check, so this is what keeps them inside the arrays. The range
+    check is one compiled pass over ``K`` offsets (about 0.2 us, most of it the call): kept on
+    every call, so that offsets changed in place after their validation cannot make a
+    kernel write outside its arrays.
     """
     if m < 1 or n < 1:
         raise ValueError(f"the weight shape must be positive; got ({m}, {n})")
@@ -684,7 +727,6 @@ def _check_layout(m, n, offsets, K, L):
 # Public API
 # --------------------------------------------------------------------------------------
 
-
 def forward(x, offsets, values, m):
     """``y = x @ W.T`` for the diagonal weight ``W`` of shape ``(m, n)``, ``n = x.shape[1]``.
 
@@ -692,7 +734,7 @@ def forward(x, offsets, values, m):
     ``[0, max(m, n))``, normally sorted and unique. ``values``: ``(K, min(m, n))``, converted to
     ``x.dtype``. Non-contiguous inputs are copied. Returns ``y``: ``(B, m)``, ``x.dtype``.
     """
-    x, values = _float_arrays(x, values)
+    x, values = _float_pair(x, values)
     offsets = _as_offsets(offsets)
     m = int(m)
     B, n = x.shape
@@ -715,7 +757,7 @@ def input_grad(dy, offsets, values, n):
     ``dy``: ``(B, m)`` float32 or float64; ``offsets`` and ``values`` as in `forward`
     (``values`` converted to ``dy.dtype``). Returns ``dx``: ``(B, n)``, ``dy.dtype``.
     """
-    dy, values = _float_arrays(dy, values)
+    dy, values = _float_pair(dy, values)
     offsets = _as_offsets(offsets)
     n = int(n)
     B, m = dy.shape
@@ -739,7 +781,7 @@ def value_grad(dy, x, offsets):
     ``offsets``: ``(K,)`` integers in ``[0, max(m, n))``. Returns ``(K, min(m, n))``,
     ``dy.dtype``.
     """
-    dy, x = _float_arrays(dy, x)
+    dy, x = _float_pair(dy, x)
     offsets = _as_offsets(offsets)
     B, m = dy.shape
     if x.shape[0] != B:

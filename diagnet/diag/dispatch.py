@@ -21,17 +21,28 @@ from .. import backend
 from . import reference
 
 
+_cpu = None  # diagnet.diag.cpu once loaded (importing it loads numba: only on first use)
+
+
+def _cpu_kernels():
+    global _cpu
+    if _cpu is None:
+        from . import cpu
+
+        _cpu = cpu
+    return _cpu
+
+
 def implementation(array):
     """The kernel module to use for ``array`` (a NumPy or CuPy array)."""
-    if backend.get_array_module(array) is not np:
+    # a NumPy array is the common case: answered without asking the backend
+    if type(array) is not np.ndarray and backend.get_array_module(array) is not np:
         from . import cuda
 
         return cuda
     if os.environ.get("DIAGNET_CPU_KERNELS", "numba") == "reference":
         return reference
-    from . import cpu
-
-    return cpu
+    return _cpu_kernels()
 
 
 def prepare_offsets(offsets):
