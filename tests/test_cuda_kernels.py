@@ -32,7 +32,7 @@ from simt import fake_cupy
 from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, ROOT, HarnessError, binary_unusable,
                           run_harness, shared_builder)
 
-from diagnet import backend
+from diagnet import backend, cuda_launch
 from diagnet.diag import cuda, reference
 from tolerances import cuda_kernel_tol
 
@@ -236,8 +236,9 @@ def harness_builder():
     # start every build the session needs at once (the cores compile in parallel)
     for config in (SMALL, cuda.DEFAULT_CONFIG):
         for dtype in (np.float32, np.float64):
-            builder.submit(cuda.compile_options(dtype, config), "asan")
-    builder.check_flavor(cuda.compile_options(np.float32, SMALL))  # ASan where it runs
+            builder.submit(cuda.KERNEL_FILE, cuda.compile_options(dtype, config), "asan")
+    # ASan where it runs
+    builder.check_flavor(cuda.KERNEL_FILE, cuda.compile_options(np.float32, SMALL))
     return builder
 
 
@@ -253,7 +254,7 @@ def make_fake(harness_builder, tmp_path, monkeypatch):
     def install(flavor=None):
         device = fake_cupy.SimtDevice(harness_builder, flavor or harness_builder.flavor, tmp_path)
         stack.enter_context(fake_cupy.use_device(device))
-        monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)
+        monkeypatch.setattr(cuda_launch, "require_cupy", lambda what="": fake_cupy)
         cuda.clear_cache()  # compiled modules belong to the previous device
         return device
 
@@ -472,7 +473,7 @@ def test_emulated_long_side_runs_with_unwrapped_or_unsorted_offsets(fake):
 def test_launcher_argument_errors(monkeypatch, tmp_path):
     """Clear TypeError/ValueError naming the argument (needs no compiler: nothing launches)."""
     fake = fake_cupy.SimtDevice(builder=None, workdir=tmp_path)
-    monkeypatch.setattr(cuda, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cuda_launch, "require_cupy", lambda what="": fake_cupy)
     monkeypatch.setattr(fake_cupy, "_device", fake)
     cuda.clear_cache()
     dev = fake_cupy.asarray
@@ -509,7 +510,8 @@ def test_launcher_argument_errors(monkeypatch, tmp_path):
 
 
 def _tsan_usable(builder) -> str:
-    return binary_unusable(builder, "tsan", cuda.compile_options(np.float32, SMALL))
+    return binary_unusable(builder, "tsan", cuda.KERNEL_FILE,
+                           cuda.compile_options(np.float32, SMALL))
 
 
 @needs_gxx
@@ -541,7 +543,8 @@ def test_harness_detects_missing_syncthreads(make_fake, harness_builder):
 @needs_gxx
 def test_harness_rejects_wrong_scalar_types(harness_builder, tmp_path):
     """A Python int would reach the kernel as long long: the harness refuses int64 for int."""
-    binary = harness_builder.build(cuda.compile_options(np.float32, SMALL), harness_builder.flavor)
+    binary = harness_builder.build(cuda.KERNEL_FILE, cuda.compile_options(np.float32, SMALL),
+                                   harness_builder.flavor)
     x = np.ones((2, 4), np.float32)
     args = (x, np.array([1], np.int32), np.ones((1, 3), np.float32), np.empty((2, 3), np.float32),
             np.int32(2), np.int64(3), np.int32(4), np.int32(1))

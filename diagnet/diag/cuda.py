@@ -24,8 +24,8 @@ Kernel design (details in ``docs/kernels.md`` and the comments of the ``.cu`` fi
   such as ``b * n`` and ``k * L`` are computed in 64 bits, so ``B * m`` may exceed 2**31.
 * **Tuning constants** are ``#define``\\ s in the ``.cu`` file. `KernelConfig` holds them on
   the Python side and passes every one as a ``-D`` option, so the grid computed by
-  `launch_config` always matches what the compiled kernel assumes. Modules are compiled with
-  ``cupy.RawModule`` once per (dtype, options) and memoised.
+  `launch_config` always matches what the compiled kernel assumes. Compilation (once per
+  dtype and options, memoised) and the checked launches are `diagnet.cuda_launch`'s.
 
 `launch_config` is pure Python (no CuPy) so that the tests can hand the real launch geometry
 to the CPU emulation harness in ``tests/simt``.
@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.resources
 import operator
 
 import numpy as np
 
-from .. import backend
+from .. import cuda_launch
 
 KERNEL_FILE = "diag_linear.cu"
 
@@ -49,7 +48,7 @@ MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
 _INT32_MAX = 2**31 - 1
 
-_DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_DTYPE_SUFFIX = cuda_launch.DTYPE_SUFFIX
 
 #: KernelConfig fields that are compiled into the kernels, and their ``#define`` names.
 COMPILED_FIELDS = {
@@ -175,48 +174,47 @@ def launch_config(kind: str, B: int, m: int, n: int, K: int,
 
 # ---- compilation ------------------------------------------------------------------------
 
+#: The entry points, launched through `diagnet.cuda_launch` (which checks every argument).
+_KERNELS = {kernel.entry: kernel for kernel in (
+    cuda_launch.Kernel(KERNEL_FILE, "diag_forward",
+                       "x:F offsets:I values:F y:O B:i m:i n:i K:i", "DIAG"),
+    cuda_launch.Kernel(KERNEL_FILE, "diag_input_grad",
+                       "dy:F offsets:I values:F dx:O B:i m:i n:i K:i", "DIAG"),
+    cuda_launch.Kernel(KERNEL_FILE, "diag_value_grad",
+                       "dy:F x:F offsets:I out:O B:i m:i n:i K:i batch_per_split:i", "DIAG"),
+    cuda_launch.Kernel(KERNEL_FILE, "diag_value_grad_reduce", "partial:F out:O S:i KL:l", "DIAG"),
+)}
+
 
 def kernel_source() -> str:
     """The CUDA C source of the kernels, as shipped in the ``diagnet.kernels`` package."""
-    return importlib.resources.files("diagnet.kernels").joinpath(KERNEL_FILE).read_text()
+    return cuda_launch.source(KERNEL_FILE)
 
 
 def compile_options(dtype, config: KernelConfig | None = None) -> tuple[str, ...]:
     """The NVRTC options of the module for ``dtype``: tuning constants and dtype selection."""
     cfg = DEFAULT_CONFIG if config is None else config
-    suffix = _DTYPE_SUFFIX[np.dtype(dtype)]
-    return cfg.defines() + (f"-DDIAG_ENABLE_F32={int(suffix == 'f32')}",
-                            f"-DDIAG_ENABLE_F64={int(suffix == 'f64')}")
+    return cuda_launch.compile_options("DIAG", dtype, _defines(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _defines(config: KernelConfig) -> tuple[str, ...]:
+    # rendered once per config: the tuple is also the memo key of the compiled module
+    return config.defines()
 
 
 def _cupy():
     """CuPy, or a RuntimeError saying why it cannot be used."""
-    cp = backend.cupy_or_none()
-    if cp is None:
-        raise RuntimeError("the CUDA diagonal kernels need CuPy and a CUDA device: "
-                           + backend.cuda_unavailable_reason())
-    return cp
+    return cuda_launch.require_cupy("the CUDA diagonal kernels")
 
 
-@functools.lru_cache(maxsize=None)
-def _module(dtype_name: str, options: tuple[str, ...]):
-    # dtype_name is part of the key for readability; options already encode the dtype.
-    return _cupy().RawModule(code=kernel_source(), options=options)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(base: str, dtype, config: KernelConfig):
-    # Memoised on (kernel, dtype, config) rather than on the option strings: building those
-    # on every launch cost more host time than the launch itself on small problems.
-    dtype = np.dtype(dtype)
-    module = _module(dtype.name, compile_options(dtype, config))
-    return module.get_function(f"{base}_{_DTYPE_SUFFIX[dtype]}")
+def _launch(entry: str, dtype, grid, block, args, config: KernelConfig) -> None:
+    _KERNELS[entry](dtype, grid, block, args, defines=_defines(config))
 
 
 def clear_cache() -> None:
     """Forget compiled modules (e.g. after switching devices, or in tests)."""
-    _kernel.cache_clear()
-    _module.cache_clear()
+    cuda_launch.clear_cache()
 
 
 # ---- argument checks --------------------------------------------------------------------
@@ -326,9 +324,8 @@ def _launch_gather(kind: str, inp, inp_name: str, offsets, values, n_out, out_na
         return cp.zeros((B, n_out), dtype=inp.dtype)
     out = cp.empty((B, n_out), dtype=inp.dtype)
     plan = launch_config(kind, B, m, n, K, cfg)
-    _kernel(plan.kernel, inp.dtype, cfg)(
-        plan.grid, plan.block,
-        (inp, offsets, values, out, np.int32(B), np.int32(m), np.int32(n), np.int32(K)))
+    _launch(plan.kernel, inp.dtype, plan.grid, plan.block,
+            (inp, offsets, values, out, B, m, n, K), cfg)
     return out
 
 
@@ -350,13 +347,10 @@ def value_grad(dy, x, offsets, *, config: KernelConfig | None = None):
         return cp.zeros((K, L), dtype=dy.dtype)
     out = cp.empty((K, L), dtype=dy.dtype)
     plan = launch_config("value_grad", B, m, n, K, cfg)
-    kernel = _kernel(plan.kernel, dy.dtype, cfg)
     target = out if plan.splits == 1 else cp.empty((plan.splits, K, L), dtype=dy.dtype)
-    kernel(plan.grid, plan.block,
-           (dy, x, offsets, target, np.int32(B), np.int32(m), np.int32(n), np.int32(K),
-            np.int32(plan.batch_per_split)))
+    _launch(plan.kernel, dy.dtype, plan.grid, plan.block,
+            (dy, x, offsets, target, B, m, n, K, plan.batch_per_split), cfg)
     if plan.splits > 1:
-        _kernel("diag_value_grad_reduce", dy.dtype, cfg)(
-            plan.reduce_grid, plan.reduce_block,
-            (target, out, np.int32(plan.splits), np.int64(K * L)))
+        _launch("diag_value_grad_reduce", dy.dtype, plan.reduce_grid, plan.reduce_block,
+                (target, out, plan.splits, K * L), cfg)
     return out

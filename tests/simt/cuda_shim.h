@@ -19,8 +19,12 @@
 #pragma once
 
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <mutex>
+
+// The CUDA math functions the kernels call, as the host C++ overloads (float and double).
+using std::sqrt;
 
 struct uint3 {
     unsigned int x, y, z;

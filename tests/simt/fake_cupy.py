@@ -29,8 +29,8 @@ What it mirrors from CuPy, because diagnet could get it wrong:
   arrays must be stand-in arrays and C-contiguous, scalars must be ``np.int32``/``np.int64``/
   ``np.float32``/``np.float64`` (CuPy silently passes a Python int as a 64-bit ``long long``
   and a float as ``double``, whatever the kernel declares), grid and block are tuples of three
-  ints. The kernels then run from the real ``.cu`` source in the SIMT emulation harness
-  (`simt.harness`), built with the launcher's own ``-D`` options.
+  ints. The kernels then run from the real ``kernels/*.cu`` source in the SIMT emulation
+  harness (`simt.harness`), built with the launcher's own ``-D`` options.
 
 What it does not mirror (only a real GPU run shows these): NVRTC compilation, the GPU memory
 model and warp timing, streams and asynchrony (everything is synchronous), performance,
@@ -65,6 +65,15 @@ _IMPLICIT_CONVERSION = ("Implicit conversion to a NumPy array is not allowed. "
 #: ``item()``, ``tolist()``. Each one makes real CuPy wait for the GPU, so tests read this
 #: counter to check that a hot path (a training step) never synchronises.
 host_transfers = 0
+
+#: Launches so far, so that tests can bound the launches of a training step:
+#: ``kernel_launches`` of our own kernels (`RawKernel` calls), ``array_ops`` an estimate of
+#: CuPy's own: one for each stand-in call that writes device memory (an element-wise op, a
+#: reduction, a product, a copy, an assignment, an ``out=`` or in-place op, a gather by an
+#: index array), none for views (reshape, transpose, basic indexing), uploads and reads back.
+#: (Real CuPy may split such a call into several kernels, or run a small one on the host.)
+kernel_launches = 0
+array_ops = 0
 
 
 def _host_transfer():
@@ -131,7 +140,24 @@ def _call(func, args, kwargs, allow_host: bool = False, originals: dict | None =
     originals = {} if originals is None else originals
     args = _unwrap(args, originals, allow_host)
     kwargs = _unwrap(kwargs, originals, allow_host)
-    return _wrap(func(*args, **kwargs), originals)
+    result = _wrap(func(*args, **kwargs), originals)
+    if result is None or "out" in kwargs or _writes_new_memory(result, originals):
+        _count_array_op()
+    return result
+
+
+def _writes_new_memory(result, originals: dict) -> bool:
+    """Whether ``result`` holds an array that is no view of an input (in ``originals``)."""
+    inputs = [a._a for a in originals.values()]
+    results = result if type(result) in (tuple, list) else (result,)
+    return any(isinstance(r, ndarray) and not any(np.may_share_memory(r._a, a) for a in inputs)
+               for r in results)
+
+
+def _count_array_op():
+    """Count one of CuPy's own kernel launches (see `array_ops`)."""
+    global array_ops
+    array_ops += 1
 
 
 def _device_function(func, name: str):
@@ -445,7 +471,9 @@ class ndarray:
         return _unwrap(key, {}, allow_host=True), bool(arrays)
 
     def __getitem__(self, key):
-        index, _ = self._index(key)
+        index, advanced = self._index(key)
+        if advanced:  # a gather; basic indexing is a view
+            _count_array_op()
         return _wrap(self._a[index], {id(self._a): self})
 
     def __setitem__(self, key, value):
@@ -458,6 +486,7 @@ class ndarray:
             else:
                 raise _unsupported(value)
         self._a[index] = _unwrap(value, {}, allow_host=True)
+        _count_array_op()
 
     # -- conversions that synchronise in CuPy (allowed: they go through get())
     def item(self):
@@ -932,8 +961,9 @@ class SimtDevice:
         self.launches: list[tuple[str, tuple, tuple]] = []
         self.compiles: list[tuple[str, ...]] = []
 
-    def build(self, options: tuple[str, ...]) -> Path:
-        """The harness binary for ``options`` (skips the test where g++ is absent)."""
+    def build(self, source: str, options: tuple[str, ...]) -> Path:
+        """The harness binary of ``kernels/<source>`` for ``options`` (skips the test where
+        g++ is absent)."""
         if harness.GXX is None:
             import pytest
 
@@ -942,10 +972,10 @@ class SimtDevice:
             self.builder = harness.shared_builder()
         flavor = self.flavor
         if flavor is None:
-            self.builder.check_flavor(options)  # ASan where it runs, else plain
+            self.builder.check_flavor(source, options)  # ASan where it runs, else plain
             flavor = self.builder.flavor
         self.compiles.append(tuple(options))
-        return self.builder.build(tuple(options), flavor)
+        return self.builder.build(source, tuple(options), flavor)
 
     def run(self, binary: Path, name: str, grid, block, args):
         """Run one launch and copy the output arrays back into the stand-in arrays."""
@@ -1020,28 +1050,31 @@ class RawKernel:
             raise NotImplementedError("dynamic shared memory and cooperative groups are not emulated")
         for a in args:
             _kernel_value(a)  # check every argument before anything runs
+        global kernel_launches
+        kernel_launches += 1
         module = self._raw_module
         module._device.run(module._binary(), self.name, grid, block, args)
 
 
 class RawModule:
-    """``cupy.RawModule(code=..., options=...)`` for the shipped ``kernels/diag_linear.cu``.
+    """``cupy.RawModule(code=..., options=...)`` for a shipped ``kernels/*.cu`` file.
 
-    The harness #includes that file, so the code must be it, unchanged; the options must be
-    ``-D`` definitions (they become g++ ``-D`` options of the harness build). Built lazily on
-    the first `get_function`, on the `SimtDevice` current at construction.
+    The harness #includes that file, so the code must be one of them, unchanged; the options
+    must be ``-D`` definitions (they become g++ ``-D`` options of the harness build). Built
+    lazily on the first `get_function`, on the `SimtDevice` current at construction.
     """
-
-    KERNEL_FILE = harness.KERNEL_DIR / "diag_linear.cu"
 
     def __init__(self, code=None, *, path=None, options=(), backend="nvrtc",
                  translate_cucomplex=False, enable_backends=False, name_expressions=None,
                  log_stream=None, jitify=False):
         if path is not None or code is None:
             raise NotImplementedError("the SIMT stand-in compiles source code only (code=...)")
-        if code != self.KERNEL_FILE.read_text():
-            raise ValueError("the SIMT harness runs kernels/diag_linear.cu: the code must be "
-                             "that file, unchanged")
+        sources = {p.read_text(): p.name for p in sorted(harness.KERNEL_DIR.glob("*.cu"))}
+        if code not in sources:
+            raise ValueError("the SIMT harness runs the shipped kernels/*.cu files ("
+                             + ", ".join(sources.values()) + "): the code must be one of them, "
+                             "unchanged")
+        self.source = sources[code]
         if not isinstance(options, (tuple, list)) or not all(isinstance(o, str) for o in options):
             raise TypeError(f"options must be a tuple of str; got {options!r}")
         self.options = tuple(options)
@@ -1050,7 +1083,7 @@ class RawModule:
 
     def _binary(self) -> Path:
         if self._path is None:
-            self._path = self._device.build(self.options)
+            self._path = self._device.build(self.source, self.options)
         return self._path
 
     def get_function(self, name: str) -> RawKernel:

@@ -1,9 +1,12 @@
-// SIMT emulation driver: runs one launch of a kernel from kernels/diag_linear.cu on the CPU.
+// SIMT emulation driver: runs one launch of a kernel from a kernels/*.cu file on the CPU.
 //
 //   harness PROBLEM_FILE RESULT_FILE
 //
-// The kernel source is #included as is (build with -I kernels -I tests/simt); tuning constants
-// come in as the same -D options the Python launcher gives NVRTC.
+// The build names the kernel source and its table of entry points (tests/simt/harness.py):
+//   -DSIMT_SOURCE='"layer_norm.cu"' -DSIMT_TABLE='"layer_norm.kernels.h"'
+// The source is #included as is (build with -I kernels -I tests/simt); tuning constants come in
+// as the same -D options the Python launcher gives NVRTC. The table lists the entry points, one
+// SIMT_KERNEL(name) each; their signatures are derived from the C declarations (`Param`).
 //
 // PROBLEM_FILE (little endian), written by tests/simt/harness.py (run_harness):
 //   "DIAGSIM1"  u32 name_length  name  u32 grid[3]  u32 block[3]  u32 nargs
@@ -11,26 +14,29 @@
 //     'A' (device array): u8 dtype ('f' float32, 'd' float64, 'i' int32, 'q' int64),
 //                         u64 nbytes, nbytes of data
 //     'i' (int32 scalar): i32       'l' (int64 scalar): i64
+//     'f' (float32 scalar): f32     'd' (float64 scalar): f64
 // RESULT_FILE: per output array: u32 argument index, u64 nbytes, data.
 //
-// Each kernel has a signature below; an argument of the wrong kind or dtype is an error, which
-// catches a launcher that passes a Python int (a 64-bit long long to CuPy) where the kernel
-// takes an int, or the wrong array dtype. Every array lives in its own heap block of exactly
-// its size, so an AddressSanitizer build reports any out-of-bounds access.
+// An argument of the wrong kind or dtype is an error, which catches a launcher that passes a
+// Python int (a 64-bit long long to CuPy) where the kernel takes an int, or the wrong array
+// dtype. Every array lives in its own heap block of exactly its size, so an AddressSanitizer
+// build reports any out-of-bounds access.
 //
 // Exit status: 0 ok, 2 usage/IO error, 3 bad launch (unknown kernel, signature mismatch,
 // invalid grid or block), 4 divergent __syncthreads.
 
 #include "cuda_shim.h"
 
-#include "diag_linear.cu"
+#include SIMT_SOURCE
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -43,58 +49,70 @@ namespace {
 }
 
 struct Arg {
-    char kind = 0;    // 'A', 'i', 'l'
+    char kind = 0;    // 'A', 'i', 'l', 'f', 'd'
     char dtype = 0;   // for arrays
     std::vector<unsigned char> bytes;
     std::int32_t i32 = 0;
     std::int64_t i64 = 0;
+    float f32 = 0;
+    double f64 = 0;
 };
 
-struct Args {
-    std::vector<Arg> items;
-    template <typename T>
-    T* ptr(std::size_t i) { return reinterpret_cast<T*>(items[i].bytes.data()); }
-    int i32(std::size_t i) const { return items[i].i32; }
-    long long i64(std::size_t i) const { return items[i].i64; }
+// How one C parameter type travels: its signature letter, the argument kind and array dtype
+// it needs, and how to get it from an Arg. Letters (as in diagnet/cuda_launch.py): F / O float
+// array (input / output), I int32 array (input), i int32, l int64, f float scalar.
+template <typename P> struct Param;
+template <typename T, char LETTER, char DTYPE>
+struct ArrayParam {
+    static constexpr char letter = LETTER, kind = 'A', dtype = DTYPE;
+    static T get(Arg& a) { return reinterpret_cast<T>(a.bytes.data()); }
+};
+template <> struct Param<const float*> : ArrayParam<const float*, 'F', 'f'> {};
+template <> struct Param<float*> : ArrayParam<float*, 'O', 'f'> {};
+template <> struct Param<const double*> : ArrayParam<const double*, 'F', 'd'> {};
+template <> struct Param<double*> : ArrayParam<double*, 'O', 'd'> {};
+template <> struct Param<const int*> : ArrayParam<const int*, 'I', 'i'> {};
+template <> struct Param<int> {
+    static constexpr char letter = 'i', kind = 'i', dtype = 0;
+    static int get(Arg& a) { return a.i32; }
+};
+template <> struct Param<long long> {
+    static constexpr char letter = 'l', kind = 'l', dtype = 0;
+    static long long get(Arg& a) { return a.i64; }
+};
+template <> struct Param<float> {
+    static constexpr char letter = 'f', kind = 'f', dtype = 0;
+    static float get(Arg& a) { return a.f32; }
+};
+template <> struct Param<double> {
+    static constexpr char letter = 'f', kind = 'd', dtype = 0;
+    static double get(Arg& a) { return a.f64; }
 };
 
-// Signature letters: F / O float array of the kernel's dtype (input / output), I int32 array
-// (input), i int32 scalar, l int64 scalar.
 struct Kernel {
     const char* name;
-    const char* signature;
-    char float_dtype;
-    void (*call)(Args&);
+    std::string signature;  // one letter per parameter
+    std::string kinds;      // the argument kind each parameter needs
+    std::string dtypes;     // the array dtype each parameter needs ('-' for scalars)
+    std::function<void(std::vector<Arg>&)> call;
 };
 
-#define SIMT_GATHER(NAME, T, DT)                                                             \
-    Kernel{#NAME, "FIFOiiii", DT, [](Args& a) {                                              \
-               NAME(a.ptr<const T>(0), a.ptr<const int>(1), a.ptr<const T>(2), a.ptr<T>(3), \
-                    a.i32(4), a.i32(5), a.i32(6), a.i32(7));                                 \
-           }}
-#define SIMT_VALUE_GRAD(NAME, T, DT)                                                         \
-    Kernel{#NAME, "FFIOiiiii", DT, [](Args& a) {                                             \
-               NAME(a.ptr<const T>(0), a.ptr<const T>(1), a.ptr<const int>(2), a.ptr<T>(3), \
-                    a.i32(4), a.i32(5), a.i32(6), a.i32(7), a.i32(8));                       \
-           }}
-#define SIMT_REDUCE(NAME, T, DT)                                                        \
-    Kernel{#NAME, "FOil", DT, [](Args& a) {                                             \
-               NAME(a.ptr<const T>(0), a.ptr<T>(1), a.i32(2), a.i64(3));                \
-           }}
+template <typename... P, std::size_t... I>
+void invoke(void (*fn)(P...), std::vector<Arg>& args, std::index_sequence<I...>) {
+    fn(Param<P>::get(args[I])...);
+}
 
-const Kernel kKernels[] = {
-#if DIAG_ENABLE_F32
-    SIMT_GATHER(diag_forward_f32, float, 'f'),
-    SIMT_GATHER(diag_input_grad_f32, float, 'f'),
-    SIMT_VALUE_GRAD(diag_value_grad_f32, float, 'f'),
-    SIMT_REDUCE(diag_value_grad_reduce_f32, float, 'f'),
-#endif
-#if DIAG_ENABLE_F64
-    SIMT_GATHER(diag_forward_f64, double, 'd'),
-    SIMT_GATHER(diag_input_grad_f64, double, 'd'),
-    SIMT_VALUE_GRAD(diag_value_grad_f64, double, 'd'),
-    SIMT_REDUCE(diag_value_grad_reduce_f64, double, 'd'),
-#endif
+template <typename... P>
+Kernel make_kernel(const char* name, void (*fn)(P...)) {
+    return Kernel{name, std::string{Param<P>::letter...}, std::string{Param<P>::kind...},
+                  std::string{(Param<P>::dtype ? Param<P>::dtype : '-')...},
+                  [fn](std::vector<Arg>& args) { invoke(fn, args, std::index_sequence_for<P...>{}); }};
+}
+
+#define SIMT_KERNEL(NAME) make_kernel(#NAME, NAME),
+
+const std::vector<Kernel> kKernels = {
+#include SIMT_TABLE
 };
 
 class Reader {
@@ -125,26 +143,20 @@ std::size_t dtype_size(char dtype) {
     }
 }
 
-void check_signature(const Kernel& k, const Args& args) {
-    const std::size_t n = std::strlen(k.signature);
-    if (args.items.size() != n) {
+void check_signature(const Kernel& k, const std::vector<Arg>& args) {
+    const std::size_t n = k.signature.size();
+    if (args.size() != n) {
         fail(3, std::string(k.name) + " takes " + std::to_string(n) + " arguments; got " +
-                    std::to_string(args.items.size()));
+                    std::to_string(args.size()));
     }
     for (std::size_t i = 0; i < n; ++i) {
-        const char want = k.signature[i];
-        const Arg& a = args.items[i];
-        bool ok = false;
-        switch (want) {
-            case 'F': case 'O': ok = a.kind == 'A' && a.dtype == k.float_dtype; break;
-            case 'I': ok = a.kind == 'A' && a.dtype == 'i'; break;
-            case 'i': ok = a.kind == 'i'; break;
-            case 'l': ok = a.kind == 'l'; break;
-        }
+        const Arg& a = args[i];
+        const bool ok = a.kind == k.kinds[i] && (a.kind != 'A' || a.dtype == k.dtypes[i]);
         if (!ok) {
             fail(3, std::string(k.name) + ": argument " + std::to_string(i) + " should be '" +
-                        want + "' (signature " + k.signature + "), got kind '" + a.kind +
-                        "' dtype '" + (a.dtype ? a.dtype : '-') + "'");
+                        k.signature[i] + "' (signature " + k.signature + ", kind '" + k.kinds[i] +
+                        "' dtype '" + k.dtypes[i] + "'), got kind '" + a.kind + "' dtype '" +
+                        (a.dtype ? a.dtype : '-') + "'");
         }
     }
 }
@@ -153,7 +165,7 @@ void check_signature(const Kernel& k, const Args& args) {
 // thread, all running at once. The team is created once per launch and reused for every block:
 // after a block, each thread waits at a team barrier whose last arrival checks the block's
 // barrier counts and resets __syncthreads' barrier for the next block.
-void launch(const Kernel& k, dim3 grid, dim3 block, Args& args) {
+void launch(const Kernel& k, dim3 grid, dim3 block, std::vector<Arg>& args) {
     if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 2147483647u || grid.y > 65535 ||
         grid.z > 65535) {
         fail(3, "invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
@@ -230,9 +242,8 @@ int main(int argc, char** argv) {
     block.y = in.get<std::uint32_t>();
     block.z = in.get<std::uint32_t>();
 
-    Args args;
-    args.items.resize(in.get<std::uint32_t>());
-    for (Arg& a : args.items) {
+    std::vector<Arg> args(in.get<std::uint32_t>());
+    for (Arg& a : args) {
         a.kind = in.get<char>();
         if (a.kind == 'A') {
             a.dtype = in.get<char>();
@@ -244,6 +255,10 @@ int main(int argc, char** argv) {
             a.i32 = in.get<std::int32_t>();
         } else if (a.kind == 'l') {
             a.i64 = in.get<std::int64_t>();
+        } else if (a.kind == 'f') {
+            a.f32 = in.get<float>();
+        } else if (a.kind == 'd') {
+            a.f64 = in.get<double>();
         } else {
             fail(2, std::string("unknown argument kind '") + a.kind + "'");
         }
@@ -259,12 +274,12 @@ int main(int argc, char** argv) {
 
     std::FILE* out = std::fopen(argv[2], "wb");
     if (!out) fail(2, std::string("cannot write ") + argv[2]);
-    for (std::uint32_t i = 0; i < args.items.size(); ++i) {
+    for (std::uint32_t i = 0; i < args.size(); ++i) {
         if (kernel->signature[i] != 'O') continue;
-        const std::uint64_t nbytes = args.items[i].bytes.size();
+        const std::uint64_t nbytes = args[i].bytes.size();
         std::fwrite(&i, sizeof i, 1, out);
         std::fwrite(&nbytes, sizeof nbytes, 1, out);
-        std::fwrite(args.items[i].bytes.data(), 1, nbytes, out);
+        std::fwrite(args[i].bytes.data(), 1, nbytes, out);
     }
     if (std::fclose(out) != 0) fail(2, "write error");
     return 0;

@@ -1,7 +1,8 @@
 """Build ``tests/simt/harness.cpp`` with g++ and run emulated kernel launches through it.
 
-The harness #includes the real ``kernels/diag_linear.cu`` (see ``harness.cpp`` for the file
-protocol and ``cuda_shim.h`` for the emulation model). A build is specific to one set of
+The harness #includes one real ``kernels/<name>.cu`` and the table of its entry points,
+``tests/simt/<name>.kernels.h`` (see ``harness.cpp`` for the file protocol and
+``cuda_shim.h`` for the emulation model). A build is specific to one source, one set of
 ``-D`` options (the launcher's tuning constants and dtype selection, exactly as it passes them
 to NVRTC) and one *flavor*:
 
@@ -55,7 +56,9 @@ class HarnessError(RuntimeError):
 
 
 class HarnessBuilder:
-    """Builds tests/simt/harness.cpp once per (options, flavor), in parallel when asked.
+    """Builds tests/simt/harness.cpp once per (source, options, flavor), in parallel when asked.
+
+    ``source`` is the name of a ``kernels/*.cu`` file, e.g. ``"diag_linear.cu"``.
 
     ``flavor`` is the default flavor for correctness runs: ``"asan"``, or ``"plain"`` once
     `check_flavor` found that sanitized binaries cannot run here.
@@ -71,42 +74,47 @@ class HarnessBuilder:
         self.fallback_reason = ""  # why flavor fell back to "plain" ("" when it did not)
         self._flavor_checked = False
 
-    def command(self, options, flavor, out: Path):
-        """The g++ command line that builds the harness with ``options`` as ``flavor``."""
+    def command(self, source, options, flavor, out: Path):
+        """The g++ command line that builds the harness of ``source`` with ``options`` as
+        ``flavor``."""
         if GXX is None:
             raise HarnessError(NO_GXX_REASON)
+        table = kernel_table(source)
         for opt in options:
             if not opt.startswith("-D"):
                 raise AssertionError(f"the launcher passed a non -D option {opt!r} to RawModule")
         return [GXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unknown-pragmas", *SANITIZERS[flavor], f"-I{SIMT_DIR}", f"-I{KERNEL_DIR}",
+                f'-DSIMT_SOURCE="{source}"', f'-DSIMT_TABLE="{table.name}"',
                 *options, str(SIMT_DIR / "harness.cpp"), "-o", str(out)]
 
-    def _build(self, options, flavor):
+    def _build(self, source, options, flavor):
         with self._lock:
             self._count += 1
-            out = self.workdir / f"harness_{flavor}_{self._count}"
-        res = subprocess.run(self.command(options, flavor, out), capture_output=True, text=True,
-                             timeout=300)
+            out = self.workdir / f"harness_{Path(source).stem}_{flavor}_{self._count}"
+        res = subprocess.run(self.command(source, options, flavor, out), capture_output=True,
+                             text=True, timeout=300)
         if res.returncode != 0:
             raise HarnessError(f"g++ failed to build the harness ({flavor}):\n{res.stderr}")
         return out
 
-    def submit(self, options, flavor="asan"):
-        """Start building (or join the running build of) ``options`` as ``flavor``; a Future."""
-        key = (tuple(options), flavor)
+    def submit(self, source, options, flavor="asan"):
+        """Start building (or join the running build of) ``source`` with ``options`` as
+        ``flavor``; a Future."""
+        key = (source, tuple(options), flavor)
         with self._lock:
             if key not in self._futures:
-                self._futures[key] = self._pool.submit(self._build, tuple(options), flavor)
+                self._futures[key] = self._pool.submit(self._build, *key)
             return self._futures[key]
 
-    def build(self, options, flavor="asan") -> Path:
-        """The path of the harness built with ``options`` as ``flavor`` (built once)."""
-        return self.submit(options, flavor).result()
+    def build(self, source, options, flavor="asan") -> Path:
+        """The path of the harness of ``source`` built with ``options`` as ``flavor`` (built
+        once)."""
+        return self.submit(source, options, flavor).result()
 
-    def check_flavor(self, options) -> str:
-        """Fall back to ``"plain"`` (with a warning) when an ``asan`` build of ``options``
-        cannot run here; returns the reason ('' when ASan works).
+    def check_flavor(self, source, options) -> str:
+        """Fall back to ``"plain"`` (with a warning) when an ``asan`` build of ``source`` with
+        ``options`` cannot run here; returns the reason ('' when ASan works).
 
         (ASan needs to map its shadow memory; some sandboxes and emulators refuse.) Emulation
         still works without it, only without out-of-bounds detection.
@@ -115,7 +123,7 @@ class HarnessBuilder:
             if self._flavor_checked:
                 return self.fallback_reason
             self._flavor_checked = True
-        reason = binary_unusable(self, "asan", options)
+        reason = binary_unusable(self, "asan", source, options)
         if reason:
             self.flavor, self.fallback_reason = "plain", reason
             warnings.warn(f"SIMT harness runs without AddressSanitizer: {reason}")
@@ -125,10 +133,22 @@ class HarnessBuilder:
         self._pool.shutdown(wait=True)
 
 
-def binary_unusable(builder: HarnessBuilder, flavor: str, options) -> str:
-    """'' if a ``flavor`` build of the harness compiles and runs here, else why not."""
+def kernel_table(source) -> Path:
+    """``tests/simt/<name>.kernels.h``, the table of the entry points of ``kernels/<name>.cu``."""
+    if not (KERNEL_DIR / source).is_file():
+        raise HarnessError(f"no kernel source {KERNEL_DIR / source}")
+    table = SIMT_DIR / f"{Path(source).stem}.kernels.h"
+    if not table.is_file():
+        raise HarnessError(f"{source} has no table of entry points for the harness: write "
+                           f"{table.relative_to(ROOT)} (one SIMT_KERNEL(name) per entry point)")
+    return table
+
+
+def binary_unusable(builder: HarnessBuilder, flavor: str, source, options) -> str:
+    """'' if a ``flavor`` build of the harness of ``source`` compiles and runs here, else why
+    not."""
     try:
-        binary = builder.build(tuple(options), flavor)
+        binary = builder.build(source, tuple(options), flavor)
     except HarnessError as exc:
         return f"g++ cannot build the {flavor} harness here: {str(exc)[-300:]}"
     res = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60,
@@ -169,9 +189,9 @@ _DTYPE_CODE = {np.dtype(np.float32): b"f", np.dtype(np.float64): b"d",
 def run_harness(binary: Path, name: str, grid, block, args, workdir: Path):
     """One emulated launch of kernel ``name``; returns {argument index: output bytes}.
 
-    ``args`` holds NumPy arrays (the device memory) and ``np.int32``/``np.int64`` scalars; the
-    harness checks them against the kernel's signature and returns the bytes of every output
-    array (the caller copies them back).
+    ``args`` holds NumPy arrays (the device memory) and ``np.int32``/``np.int64``/
+    ``np.float32``/``np.float64`` scalars; the harness checks them against the kernel's
+    signature and returns the bytes of every output array (the caller copies them back).
     """
     parts = [b"DIAGSIM1", struct.pack("<I", len(name)), name.encode(),
              struct.pack("<6I", *grid, *block), struct.pack("<I", len(args))]
@@ -186,9 +206,10 @@ def run_harness(binary: Path, name: str, grid, block, args, workdir: Path):
             parts += [b"i", struct.pack("<i", int(a))]
         elif isinstance(a, np.int64):
             parts += [b"l", struct.pack("<q", int(a))]
-        elif isinstance(a, (np.float32, np.float64)):
-            raise AssertionError(f"kernel argument {i} is a {type(a).__name__} scalar: valid for "
-                                 "CuPy, but no kernel takes one, so the harness protocol has none")
+        elif isinstance(a, np.float32):
+            parts += [b"f", struct.pack("<f", float(a))]
+        elif isinstance(a, np.float64):
+            parts += [b"d", struct.pack("<d", float(a))]
         else:
             # CuPy would pass a Python int as a 64-bit long long without checking it against
             # the kernel's parameter types: the launcher must cast explicitly.

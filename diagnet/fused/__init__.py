@@ -1,0 +1,22 @@
+"""Fused ops: what a transformer block does in several array passes, done in one.
+
+Each op follows the pattern of the diagonal layer (`diagnet.diag`): one module with the
+readable reference, composed of NumPy/CuPy array operations (``xp``), and the dispatch that
+picks an implementation by the device of the array; a compiled CPU kernel (numba) beside it;
+a CUDA kernel in ``kernels/<op>.cu`` launched through `diagnet.cuda_launch`. The tests check
+the kernels against the reference. ``DIAGNET_CPU_KERNELS=reference`` runs the reference on
+the CPU instead of the numba kernels (for debugging, or where numba is unavailable).
+
+* `layer_norm`: forward and backward of layer normalisation, one pass over each row
+  (``layer_norm_cpu``, ``layer_norm_cuda``, ``kernels/layer_norm.cu``).
+* `gelu`: GELU (erf and tanh forms) forward and backward, one pass over a flat array
+  (numba; the reference and the CuPy path are `diagnet.ops.activation.GELU`).
+* `softmax`: softmax, log-softmax and softmax cross-entropy, one pass per row each way
+  (numba; the references and the CuPy path are in `diagnet.ops.activation` and
+  `diagnet.ops.loss`).
+* `attention`: scaled dot-product attention forward and backward (numba, opt-in with
+  ``DIAGNET_ATTENTION_KERNELS=numba``: it is not yet faster than the reference at a ViT's
+  sizes; the reference, the dispatch and the CuPy path are `diagnet.ops.attention`).
+
+The differentiable ops built on them live in `diagnet.ops`.
+"""

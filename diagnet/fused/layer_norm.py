@@ -1,0 +1,122 @@
+"""Layer normalisation over the rows of a 2-D array: the reference, and the dispatch.
+
+Rows are every leading dimension of the input flattened (``R`` of them); ``N`` is the
+normalised width. With ``mean`` and ``rstd`` the per-row statistics::
+
+    mean = x.mean(axis=1)          var = ((x - mean) ** 2).mean(axis=1)   (population variance)
+    rstd = 1 / sqrt(var + eps)     xhat = (x - mean) * rstd
+    y = xhat * weight + bias       (each factor optional)
+
+and for an upstream gradient ``dy``, with ``g = dy * weight`` (``dy`` without a weight)::
+
+    dx = rstd * (g - g.mean(axis=1) - xhat * (g * xhat).mean(axis=1))
+    dweight = (dy * xhat).sum(axis=0)        dbias = dy.sum(axis=0)
+
+`forward` and `backward` pick the implementation by the array's device: the numba kernels
+of `diagnet.fused.layer_norm_cpu` for NumPy arrays (or `reference_forward` and
+`reference_backward` with ``DIAGNET_CPU_KERNELS=reference``), the CUDA kernels of
+``kernels/layer_norm.cu`` (`diagnet.fused.layer_norm_cuda`) for CuPy arrays. The forward
+keeps ``mean`` and ``rstd`` (``(R,)``, the input's dtype) for the backward, which then needs
+``x``, not ``xhat``. The reference is the definition: the kernels are tested against it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import backend
+
+__all__ = ["forward", "backward", "reference_forward", "reference_backward"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def reference_forward(x, weight, bias, eps):
+    """``(y, mean, rstd)`` of layer norm over the rows of ``x``, in composed array operations.
+
+    ``x``: ``(R, N)`` float32 or float64 (NumPy or CuPy); ``weight``, ``bias``: ``(N,)`` of
+    that dtype, or ``None``; ``eps``: float added to the variance. Returns ``y`` ``(R, N)``,
+    ``mean`` and ``rstd`` ``(R,)``, all of ``x``'s dtype.
+    """
+    xp = backend.get_array_module(x)
+    mean = x.mean(axis=1)
+    centred = x - mean[:, None]
+    var = (centred * centred).mean(axis=1)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    y = centred * rstd[:, None]
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y, mean, rstd
+
+
+def reference_backward(dy, x, weight, mean, rstd, want_params):
+    """``(dx, dweight, dbias)`` of layer norm, in composed array operations.
+
+    ``dy``, ``x``: ``(R, N)``; ``weight``: ``(N,)`` or ``None``; ``mean``, ``rstd``: ``(R,)``
+    from the forward; all of one float dtype. ``dweight`` and ``dbias`` (``(N,)``) are
+    computed when ``want_params`` (else ``None``); ``dweight`` is the gradient of a weight
+    whether or not the forward had one.
+    """
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    g = dy if weight is None else dy * weight
+    dx = rstd[:, None] * (g - g.mean(axis=1, keepdims=True)
+                          - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    if not want_params:
+        return dx, None, None
+    return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
+def _implementation(array):
+    """The ``(forward, backward)`` pair for ``array``'s device."""
+    if backend.get_array_module(array) is not np:
+        from . import layer_norm_cuda as impl
+    elif os.environ.get("DIAGNET_CPU_KERNELS", "numba") == "reference":
+        return reference_forward, reference_backward
+    else:
+        from . import layer_norm_cpu as impl
+    return impl.forward, impl.backward
+
+
+def _check_rows(name, a, dtype, shape):
+    """Raise unless ``a`` is an array of ``dtype`` and ``shape`` (O(1): no data is read)."""
+    if a.dtype != dtype:
+        raise TypeError(f"layer_norm: {name} must have dtype {dtype}; got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"layer_norm: {name} must have shape {shape}; got {tuple(a.shape)}")
+
+
+def _check_x(x):
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"layer_norm: x must be float32 or float64; got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"layer_norm: x must be (rows, N) with N >= 1; got shape {tuple(x.shape)}")
+
+
+def forward(x, weight, bias, eps):
+    """``(y, mean, rstd)``: layer norm over the rows of ``x`` (see `reference_forward`).
+
+    Shapes and dtypes are checked here, before any kernel runs (the compiled kernels do not
+    check bounds).
+    """
+    _check_x(x)
+    for name, a in (("weight", weight), ("bias", bias)):
+        if a is not None:
+            _check_rows(name, a, x.dtype, x.shape[1:])
+    fwd, _ = _implementation(x)
+    return fwd(x, weight, bias, float(eps))
+
+
+def backward(dy, x, weight, mean, rstd, want_params):
+    """``(dx, dweight, dbias)`` of layer norm (see `reference_backward`); checked as `forward`."""
+    _check_x(x)
+    _check_rows("dy", dy, x.dtype, x.shape)
+    _check_rows("mean", mean, x.dtype, x.shape[:1])
+    _check_rows("rstd", rstd, x.dtype, x.shape[:1])
+    if weight is not None:
+        _check_rows("weight", weight, x.dtype, x.shape[1:])
+    _, bwd = _implementation(x)
+    return bwd(dy, x, weight, mean, rstd, bool(want_params))
