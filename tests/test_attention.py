@@ -11,13 +11,16 @@ reference use ``F32_TOL`` of `tolerances`; gradients use `diagnet.gradcheck` wit
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 import diagnet as dn
 from diagnet import backend, nn
+from diagnet import functional as F
 from diagnet.nn.linear import make_linear
-from tolerances import F32_TOL, GRADCHECK_TOL
+from tolerances import F32_TOL, F64_TOL, GRADCHECK_TOL
 
 #: float64 attention vs the NumPy reference: the same sums in another order (the diagonal
 #: kernels gather per diagonal, NumPy's matmul per row) and a softmax in between; values are
@@ -123,6 +126,56 @@ def test_heads_are_independent():
     attn.proj = proj
     assert not np.allclose(before[..., :2], after[..., :2])
     np.testing.assert_array_equal(before[..., 2:], after[..., 2:])
+
+
+def composed_forward(attn, x, mask=None):
+    """The layer's forward as plain diagnet ops: the qkv split by reshape, transpose and
+    three indexings, attention by matmul, where, softmax and dropout, the heads merged by
+    transpose and reshape. Its backward is the engine's."""
+    B, N, _ = x.shape
+    H, hd = attn.heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scores = F.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = F.where(mask, scores, -1e9)
+    weights = F.dropout(F.softmax(scores, axis=-1), attn.dropout, attn.training)
+    out = F.matmul(weights, v)
+    return attn.proj(out.transpose(0, 2, 1, 3).reshape(B, N, attn.dim))
+
+
+@pytest.mark.parametrize("linear", ["dense", "diag"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_outputs_and_gradients_equal_the_composed_ops(linear, masked, training):
+    """float64, within F64_TOL (1e-12): outputs, and the gradients of input and parameters;
+    in training mode with dropout 0.3, both draw the same mask from the same seed."""
+    attn = nn.MultiHeadSelfAttention(8, 2, linear=linear, sparsity=0.5, dropout=0.3,
+                                     dtype=np.float64, rng=0)
+    attn.train(training)
+    x = _x((3, 5, 8), requires_grad=True)
+    mask = np.random.default_rng(1).random((3, 1, 5, 5)) < 0.7 if masked else None
+    results = []
+    for forward in (attn, lambda x, mask: composed_forward(attn, x, mask)):
+        attn.zero_grad()
+        x.grad = None
+        dn.manual_seed(3)
+        y = forward(x, mask=mask)
+        (y * y).sum().backward()
+        results.append([y.numpy(), x.grad.numpy()] + [p.grad.numpy() for p in attn.parameters()])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, **F64_TOL)
+
+
+@pytest.mark.parametrize("linear, keys", [
+    ("dense", {"qkv.weight": (24, 8), "qkv.bias": (24,), "proj.weight": (8, 8),
+               "proj.bias": (8,)}),
+    ("diag", {"qkv.values": (12, 8), "qkv.bias": (24,), "qkv.offsets": (12,),
+              "proj.values": (4, 8), "proj.bias": (8,), "proj.offsets": (4,)}),
+])
+def test_state_dict_layout(linear, keys):
+    attn = nn.MultiHeadSelfAttention(8, 2, linear=linear, sparsity=0.5, rng=0)
+    assert {name: t.shape for name, t in attn.state_dict().items()} == keys
 
 
 # ----------------------------------------------------------------------------- masks

@@ -1,13 +1,12 @@
 """`MultiHeadSelfAttention`: multi-head self-attention with dense or diagonal projections.
 
-Attention is composed of diagnet ops only (``linear``/``diag_linear`` inside the layers,
-``reshape``, ``transpose``, batched ``matmul``, ``softmax``, ``dropout``), so its backward
-is the engine's and it runs wherever those ops run (NumPy and CuPy).
+A forward is five graph nodes: the ``qkv`` projection (``linear`` or ``diag_linear``),
+`functional.qkv_split`, `functional.scaled_dot_product_attention` (scores, mask, softmax,
+dropout and the weighted sum in one op), `functional.merge_heads` and the ``proj``
+projection.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -19,12 +18,6 @@ from .linear import make_linear
 from .module import Module
 
 __all__ = ["MultiHeadSelfAttention"]
-
-
-# Score given to masked-out keys. Finite, not -inf: a query whose keys are all masked then
-# attends uniformly instead of producing NaN (softmax subtracts the row maximum first, so
-# exp(-1e9 - max) is exactly 0 next to any unmasked key, in float32 and float64).
-_MASKED_SCORE = -1e9
 
 
 class MultiHeadSelfAttention(Module):
@@ -74,33 +67,10 @@ class MultiHeadSelfAttention(Module):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MultiHeadSelfAttention expects x of shape (B, N, {self.dim}); "
                              f"got {x.shape}")
-        B, N, _ = x.shape
-        H, hd = self.heads, self.head_dim
-        # (B, N, 3*dim) -> (3, B, heads, N, head_dim): the qkv layout is [q | k | v], each
-        # split into heads of head_dim consecutive features
-        qkv = self.qkv(x).reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = F.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hd))
-        if mask is not None:
-            scores = F.where(self._mask(mask, scores.shape), scores, _MASKED_SCORE)
-        attn = F.dropout(F.softmax(scores, axis=-1), self.dropout, self.training)
-        out = F.matmul(attn, v)                                  # (B, heads, N, head_dim)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, self.dim))
-
-    @staticmethod
-    def _mask(mask, shape):
-        m = mask.data if isinstance(mask, Tensor) else mask
-        if getattr(m, "dtype", None) != np.dtype(bool):
-            raise TypeError(f"mask must be a boolean array or Tensor; got "
-                            f"{getattr(m, 'dtype', type(m).__name__)}")
-        try:
-            fits = np.broadcast_shapes(tuple(m.shape), shape) == tuple(shape)
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(f"mask of shape {tuple(m.shape)} does not broadcast to the "
-                             f"attention scores' shape {tuple(shape)} (B, heads, N, N)")
-        return m
+        q, k, v = F.qkv_split(self.qkv(x), self.heads)          # each (B, heads, N, head_dim)
+        out = F.scaled_dot_product_attention(
+            q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(F.merge_heads(out))                     # (B, N, dim)
 
     def extra_repr(self):
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, "

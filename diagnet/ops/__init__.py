@@ -12,6 +12,7 @@ One concept per module:
 * `loss`: cross_entropy, mse_loss;
 * `regularization`: dropout;
 * `normalization`: layer_norm;
+* `attention`: scaled dot-product attention, the qkv split and the head merge;
 * `dense`: the dense linear map ``x @ W.T + b`` as one node;
 * `diagonal`: the diagonal sparse linear map and its regrowth score.
 
@@ -19,9 +20,10 @@ Each module lists its public names in ``__all__``; this package re-exports them 
 those of `inplace`) and `diagnet.functional` is the public namespace. Adding an op edits only its own module.
 """
 
-from . import (activation, basic, dense, diagonal, inplace, loss, normalization, reduce,
-               regularization, shape)
+from . import (activation, attention, basic, dense, diagonal, inplace, loss, normalization,
+               reduce, regularization, shape)
 from .activation import *  # noqa: F401,F403
+from .attention import *  # noqa: F401,F403
 from .basic import *  # noqa: F401,F403
 from .diagonal import *  # noqa: F401,F403
 from .dense import *  # noqa: F401,F403
@@ -32,4 +34,5 @@ from .regularization import *  # noqa: F401,F403
 from .shape import *  # noqa: F401,F403
 
 __all__ = (basic.__all__ + shape.__all__ + reduce.__all__ + activation.__all__ + loss.__all__
-           + regularization.__all__ + normalization.__all__ + dense.__all__ + diagonal.__all__)
+           + regularization.__all__ + normalization.__all__ + attention.__all__ + dense.__all__
+           + diagonal.__all__)

@@ -1,7 +1,9 @@
 """Losses: softmax cross-entropy with integer labels, mean squared error.
 
 Each public function follows the `Function` class that implements it (`mse_loss` is
-composed of basic ops and needs none).
+composed of basic ops and needs none). On NumPy float arrays the cross-entropy runs on the
+compiled row kernels of `diagnet.fused.softmax`; its composed array code is the reference
+they are tested against and the CuPy path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import Function, Tensor
 from . import basic, reduce
-from .activation import _log_softmax_array
+from .activation import _log_softmax_array, fused_cpu
 
 __all__ = ["cross_entropy", "mse_loss"]
 
@@ -37,6 +39,10 @@ class CrossEntropy(Function):
     were range-checked on the host; for labels that live on the GPU it is an ``(N,)`` bool
     array (and ``labels`` are clamped into range), and the rows with an invalid label get a
     NaN loss and a NaN gradient.
+
+    With the CPU kernels (NumPy logits, ``valid`` None) forward keeps each row's max and
+    ``log(sum(exp(z - max)))`` instead of the ``(N, C)`` log-probabilities, and backward
+    rebuilds the softmax from them and the logits in the same pass that writes the gradient.
     """
 
     def __init__(self, labels, label_smoothing, reduction, valid=None):
@@ -46,6 +52,21 @@ class CrossEntropy(Function):
         xp = _xp(logits)
         self.in_shape = logits.shape
         z = logits.reshape(-1, logits.shape[-1])
+        self.kernels = fused_cpu(z, "softmax") if self.valid is None and z.size else None
+        if self.kernels is not None:
+            losses, self.shift, self.log_sum = self.kernels.cross_entropy_rows(
+                z, self.labels, self.eps)
+            self.z = z
+        else:
+            losses = self._losses_reference(xp, z)
+        if self.reduction == "mean":
+            return losses.mean()
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses.reshape(self.in_shape[:-1])
+
+    def _losses_reference(self, xp, z):
+        """The loss of each row of ``z`` ``(N, C)``, composed of array ops; keeps ``logp``."""
         n, c = z.shape
         logp = _log_softmax_array(z, axis=1)
         losses = -(1.0 - self.eps) * logp[xp.arange(n), self.labels]
@@ -54,13 +75,17 @@ class CrossEntropy(Function):
         if self.valid is not None:
             losses = xp.where(self.valid, losses, np.nan)
         self.logp = logp
-        if self.reduction == "mean":
-            return losses.mean()
-        if self.reduction == "sum":
-            return losses.sum()
-        return losses.reshape(self.in_shape[:-1])
+        return losses
 
     def backward(self, gy):
+        if self.kernels is not None:
+            n = self.z.shape[0]
+            if self.reduction == "none":
+                scale = gy.reshape(n)
+            else:
+                scale = np.full(n, float(gy) / n if self.reduction == "mean" else float(gy))
+            return self.kernels.cross_entropy_grad(self.z, self.labels, self.eps, self.shift,
+                                                   self.log_sum, scale).reshape(self.in_shape)
         xp = _xp(gy)
         n, c = self.logp.shape
         g = xp.exp(self.logp)  # softmax (0 at a -inf logit)

@@ -31,10 +31,20 @@ def dropout(x, p=0.5, training=True, rng=None):
         raise ValueError(f"dropout: p must be in [0, 1); got {p}")
     if not training or p == 0.0:
         return x
-    gen = _random.as_generator(rng)
     xp = backend.get_array_module(x.data if isinstance(x, Tensor) else x)
     dtype = x.dtype if x.dtype in FLOAT_DTYPES else np.dtype(np.float32)
-    # compare in float32 on every backend, so that CPU and GPU masks agree bit for bit
-    keep = _random.uniform(tuple(x.shape), xp, np.float32, gen) >= np.float32(p)
-    scale = keep.astype(dtype) / (1.0 - p)
+    scale = dropout_scale(tuple(x.shape), p, xp, dtype, rng)
     return basic.mul(x, Tensor._wrap(scale))
+
+
+def dropout_scale(shape, p, xp, dtype, rng=None):
+    """The multiplier of `dropout`: an array of ``shape`` and ``dtype`` on ``xp``'s device,
+    0 where an element is dropped and ``1 / (1 - p)`` where it is kept.
+
+    Also used by `scaled_dot_product_attention` for its weights, so that both draw the same
+    mask from the same ``rng`` state.
+    """
+    gen = _random.as_generator(rng)
+    # compare in float32 on every backend, so that CPU and GPU masks agree bit for bit
+    keep = _random.uniform(shape, xp, np.float32, gen) >= np.float32(p)
+    return keep.astype(dtype) / (1.0 - p)

@@ -1,0 +1,304 @@
+"""Attention ops: scaled dot-product attention, and the head split and merge around it.
+
+* `scaled_dot_product_attention`: ``softmax(q k^T * scale) v`` per batch and head as one
+  graph node, with an optional boolean mask and dropout on the weights. Its forward and
+  backward run in the composed reference below (`reference_forward`, `reference_backward`:
+  readable, and what the kernels are tested against), on both devices (no CUDA kernel of
+  ours yet), or in the compiled CPU kernels of `diagnet.fused.attention` when
+  ``DIAGNET_ATTENTION_KERNELS=numba``. The reference is the CPU default because it measured
+  faster at a ViT's sizes: NumPy's batched matmul runs the tiny products with BLAS, while
+  the numba kernels load two operands per multiply-add.
+* `qkv_split`: the output of a fused ``qkv`` projection, ``(B, N, 3*H*d)``, as ``q``, ``k``,
+  ``v`` of shape ``(B, H, N, d)`` in one node, whose backward writes the three gradients
+  into one buffer (instead of one zero-filled input-sized array per indexed part).
+* `merge_heads`: ``(B, H, N, d) -> (B, N, H*d)``, the inverse layout, in one node.
+
+Each public function follows the `Function` class that implements it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import numpy as np
+
+from .. import backend
+from ..autograd import FLOAT_DTYPES, Function, Tensor
+from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
+from .regularization import dropout_scale
+
+__all__ = ["scaled_dot_product_attention", "qkv_split", "merge_heads"]
+
+#: The score given to masked-out keys. Finite, not -inf: a query whose keys are all masked
+#: then attends uniformly instead of producing NaN (softmax subtracts the row maximum first,
+#: so exp(-1e9 - max) is exactly 0 next to any allowed key, in float32 and float64).
+MASKED_SCORE = -1e9
+
+
+# ----------------------------------------------------------------------------- reference
+
+def reference_forward(q, k, v, mask, drop, scale, masked_score):
+    """``(out, weights)`` of attention, composed from array ops (NumPy or CuPy).
+
+    ``q`` ``(B, H, L, E)``, ``k`` ``(B, H, S, E)``, ``v`` ``(B, H, S, Ev)``, one float dtype;
+    ``mask``: None or a bool array broadcastable to ``(B, H, L, S)``, False where a score is
+    replaced by ``masked_score``; ``drop``: None or the dropout multiplier ``(B, H, L, S)``.
+    ``weights = softmax(q @ k^T * scale)`` over the keys ``(B, H, L, S)`` (before dropout:
+    what backward needs), ``out = (weights * drop) @ v`` ``(B, H, L, Ev)``.
+    """
+    xp = _xp(q)
+    scores = (q @ xp.swapaxes(k, -1, -2)) * scale
+    if mask is not None:
+        scores = xp.where(mask, scores, masked_score)
+    e = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights = e / e.sum(axis=-1, keepdims=True)
+    kept = weights if drop is None else weights * drop
+    return kept @ v, weights
+
+
+def reference_backward(dout, q, k, v, weights, mask, drop, scale):
+    """``(dq, dk, dv)`` of `reference_forward` given ``dout`` ``(B, H, L, Ev)`` and its
+    ``weights``; the other arguments as given to it."""
+    xp = _xp(q)
+    kept = weights if drop is None else weights * drop
+    dv = xp.swapaxes(kept, -1, -2) @ dout
+    dweights = dout @ xp.swapaxes(v, -1, -2)
+    if drop is not None:
+        dweights = dweights * drop
+    # the softmax backward, row by row; a masked score is a constant (no gradient)
+    dscores = weights * (dweights - (dweights * weights).sum(axis=-1, keepdims=True))
+    if mask is not None:
+        dscores = xp.where(mask, dscores, 0)
+    dscores = dscores * scale
+    return dscores @ k, xp.swapaxes(dscores, -1, -2) @ q, dv
+
+
+#: The environment variable that picks the CPU implementation: ``reference`` (the default)
+#: or ``numba``; read at every call.
+ENV_KERNELS = "DIAGNET_ATTENTION_KERNELS"
+
+
+def _kernels(array):
+    """``(forward, backward)`` for ``array``: the numba kernels for a NumPy array when
+    `ENV_KERNELS` is ``numba``, the composed reference otherwise."""
+    if _xp(array) is np and os.environ.get(ENV_KERNELS, "reference") == "numba":
+        from ..fused import attention as cpu
+
+        return cpu.forward, cpu.backward
+    return reference_forward, reference_backward
+
+
+# ----------------------------------------------------------------------------- attention
+
+class ScaledDotProductAttention(Function):
+    """``softmax(q k^T * scale) v``; inputs ``(q, k, v)``. The mask and the dropout
+    multiplier are constants given to the constructor, already checked and on the device
+    of ``q``. Keeps ``q``, ``k``, ``v`` and the weights for backward."""
+
+    def __init__(self, mask, drop, scale):
+        self.mask = mask
+        self.drop = drop
+        self.scale = scale
+
+    def forward(self, q, k, v):
+        forward, _ = _kernels(q)
+        out, weights = forward(q, k, v, self.mask, self.drop, self.scale, MASKED_SCORE)
+        self.save(q, k, v, weights)
+        return out
+
+    def backward(self, gy):
+        _, backward = _kernels(gy)
+        return backward(gy, *self.saved, self.mask, self.drop, self.scale)
+
+
+def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, rng=None, scale=None):
+    """``softmax(q @ k^T * scale) @ v`` over the keys, per batch and head, as one node.
+
+    Args:
+        q: Tensor ``(B, H, L, E)``: ``L`` queries of ``E`` features per batch and head.
+        k: Tensor ``(B, H, S, E)``: ``S >= 1`` keys.
+        v: Tensor ``(B, H, S, Ev)``: one value per key. ``q``, ``k``, ``v``: float32 or
+            float64, one dtype, one device.
+        mask: None, or a boolean array or Tensor broadcastable to ``(B, H, L, S)`` (e.g.
+            ``(L, S)``, or ``(B, 1, 1, S)`` for key padding): True where query ``i`` may
+            attend to key ``j``, PyTorch's convention for a boolean ``attn_mask``. A query
+            with no allowed key attends **uniformly** to all ``S`` keys (its output is the
+            mean of ``v``; PyTorch gives NaN there), and passes no gradient to ``q`` or
+            ``k``. A NumPy mask is moved to the device of ``q``.
+        dropout_p: probability in ``[0, 1)`` of zeroing each attention weight (the kept
+            ones are scaled by ``1 / (1 - p)``), applied whenever it is not 0: pass 0.0 in
+            evaluation (a module passes ``p if self.training else 0.0``). The mask is drawn
+            as `dropout` draws it, on the device of ``q``, before the kernels run, so every
+            implementation applies the same mask.
+        rng: the generator of the dropout mask: None (the default generator of
+            `diagnet.random`), an int seed or a ``numpy.random.Generator``.
+        scale: the factor of the scores; None for ``1 / sqrt(E)``.
+
+    Returns:
+        Tensor ``(B, H, L, Ev)`` of the dtype of ``q``. Gradients flow to ``q``, ``k`` and
+        ``v``; backward keeps the weights ``(B, H, L, S)`` (and the dropout multiplier).
+
+    Raises:
+        TypeError: ``q``, ``k`` or ``v`` is not a float Tensor, their dtypes differ, the
+            mask is not boolean, or ``dropout_p``/``scale`` is not a real number.
+        ValueError: the shapes do not fit, the mask does not broadcast, ``dropout_p`` is
+            outside ``[0, 1)``, ``scale`` is not finite, or the tensors or mask are on
+            different devices.
+    """
+    B, H, L, S, E = _check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(E) if scale is None else _real("scale", scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scaled_dot_product_attention: scale must be finite; got {scale}")
+    dropout_p = _real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1); got "
+                         f"{dropout_p}")
+    xp = _xp(q.data)
+    mask = None if mask is None else _check_mask(mask, (B, H, L, S), xp)
+    drop = None
+    if dropout_p > 0.0:
+        drop = dropout_scale((B, H, L, S), dropout_p, xp, q.dtype, rng)
+    return ScaledDotProductAttention(mask, drop, scale)(q, k, v)
+
+
+def _real(name, value):
+    """``value`` as a float if it is a real number (not a bool), else `TypeError`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"scaled_dot_product_attention: {name} must be a real number; got "
+                        f"{type(value).__name__} {value!r:.40}")
+    return float(value)
+
+
+def _check_qkv(q, k, v):
+    """``(B, H, L, S, E)`` of ``q``, ``k``, ``v`` after checking their types and shapes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"scaled_dot_product_attention: {name} must be a Tensor; got "
+                            f"{type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"scaled_dot_product_attention: {name} must be float32 or "
+                            f"float64; got dtype {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"scaled_dot_product_attention: q, k and v must have one dtype; got "
+                        f"{q.dtype}, {k.dtype} and {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"scaled_dot_product_attention: q, k and v must be on one device; "
+                         f"got {q.device}, {k.device} and {v.device}")
+    if q.ndim != 4:
+        raise ValueError(f"scaled_dot_product_attention: q must have shape (B, H, L, E); got "
+                         f"{q.shape}")
+    B, H, L, E = q.shape
+    if k.ndim != 4 or k.shape[:2] != (B, H) or k.shape[3] != E or k.shape[2] < 1:
+        raise ValueError(f"scaled_dot_product_attention: k must have shape (B, H, S, E) = "
+                         f"({B}, {H}, S, {E}) with S >= 1 keys; got {k.shape}")
+    S = k.shape[2]
+    if v.ndim != 4 or v.shape[:3] != (B, H, S):
+        raise ValueError(f"scaled_dot_product_attention: v must have shape (B, H, S, Ev) = "
+                         f"({B}, {H}, {S}, Ev); got {v.shape}")
+    return B, H, L, S, E
+
+
+def _check_mask(mask, shape, xp):
+    """``mask`` as a bool array on ``xp``'s device, after checking it broadcasts to
+    ``shape`` = (B, H, L, S)."""
+    m = mask.data if isinstance(mask, Tensor) else mask
+    if getattr(m, "dtype", None) != np.dtype(bool):
+        raise TypeError(f"scaled_dot_product_attention: mask must be a boolean array or "
+                        f"Tensor; got {getattr(m, 'dtype', type(m).__name__)}")
+    try:
+        fits = np.broadcast_shapes(tuple(m.shape), shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(m.shape)} does "
+                         f"not broadcast to the attention scores' shape (B, H, L, S) = {shape}")
+    if xp is np and backend.device_of(m) != "cpu":
+        raise ValueError("scaled_dot_product_attention: the mask is on cuda but q is on cpu; "
+                         "move it with .to('cpu') first")
+    return xp.asarray(m)
+
+
+# ----------------------------------------------------------------------------- heads
+
+class QKVSplit(Function):
+    """``(B, N, 3*H*d) -> q, k, v``, each ``(B, H, N, d)`` and C-contiguous.
+
+    The features are laid out ``[q | k | v]``, each part split into ``H`` heads of ``d``
+    consecutive features (the layout of a fused ``qkv`` projection). Forward is one copy;
+    backward writes the three gradients into one ``(B, N, 3*H*d)`` buffer (the engine
+    passes zeros for an output nobody used).
+    """
+
+    def __init__(self, heads):
+        self.heads = heads
+
+    def forward(self, x):
+        B, N, F = x.shape
+        H = self.heads
+        parts = x.reshape(B, N, 3, H, F // (3 * H)).transpose(2, 0, 3, 1, 4)
+        qkv = _xp(x).ascontiguousarray(parts)   # (3, B, H, N, d): q, k, v contiguous
+        return qkv[0], qkv[1], qkv[2]
+
+    def backward(self, gq, gk, gv):
+        B, H, N, d = gq.shape
+        gx = _xp(gq).empty((B, N, 3, H, d), dtype=gq.dtype)
+        parts = gx.transpose(2, 0, 3, 1, 4)   # a view: assigning writes gx
+        parts[0] = gq
+        parts[1] = gk
+        parts[2] = gv
+        return gx.reshape(B, N, 3 * H * d)
+
+
+def qkv_split(x, heads):
+    """Split a fused ``qkv`` projection ``(B, N, 3*E)`` into ``q``, ``k``, ``v``, each
+    ``(B, heads, N, E // heads)``.
+
+    Feature ``f`` of part ``i`` (0: q, 1: k, 2: v) is ``x[..., i*E + f]``, and head ``h``
+    takes features ``h*d .. (h+1)*d - 1``, ``d = E // heads``: the same as
+    ``x.reshape(B, N, 3, heads, d).transpose(2, 0, 3, 1, 4)`` indexed by part, in one node.
+
+    Raises:
+        TypeError: ``x`` is not a Tensor, or ``heads`` not an int.
+        ValueError: ``x`` is not 3-D with a last dim divisible by ``3 * heads``, or
+            ``heads < 1``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"qkv_split: x must be a Tensor; got {type(x).__name__}")
+    if isinstance(heads, (bool, np.bool_)) or not isinstance(heads, numbers.Integral):
+        raise TypeError(f"qkv_split: heads must be an int; got {type(heads).__name__} "
+                        f"{heads!r:.40}")
+    if heads < 1:
+        raise ValueError(f"qkv_split: heads must be at least 1; got {heads}")
+    if x.ndim != 3 or x.shape[2] % (3 * heads):
+        raise ValueError(f"qkv_split: x must have shape (B, N, 3 * heads * head_dim) with "
+                         f"heads={heads}, a last dim divisible by {3 * heads}; got {x.shape}")
+    return QKVSplit(int(heads))(x)
+
+
+class MergeHeads(Function):
+    """``(B, H, N, d) -> (B, N, H*d)``, C-contiguous; backward is a view of the gradient."""
+
+    def forward(self, x):
+        self.in_shape = B, H, N, d = x.shape
+        return _xp(x).ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B, N, H * d)
+
+    def backward(self, gy):
+        B, H, N, d = self.in_shape
+        return gy.reshape(B, N, H, d).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """Concatenate the heads of ``x`` ``(B, H, N, d)`` along the features: ``(B, N, H*d)``,
+    head ``h`` in features ``h*d .. (h+1)*d - 1`` (the inverse layout of `qkv_split`'s parts).
+
+    Raises:
+        TypeError: ``x`` is not a Tensor.
+        ValueError: ``x`` is not 4-D.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"merge_heads: x must be a Tensor; got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"merge_heads: x must have shape (B, H, N, d); got {x.shape}")
+    return MergeHeads()(x)
