@@ -2,11 +2,12 @@
 
     python bench/bench_train_step.py                    # CPU -> section of docs/benchmarks.md
     python bench/bench_train_step.py --quick --steps 3  # a smoke run, printed only
+    python bench/bench_train_step.py --device cuda      # GPU -> section of docs/gpu-benchmarks.md
 
 The model is ``diagnet.models.MLP(784, [256, 256], 10)``, float32. One training step =
 forward, ``F.cross_entropy`` on integer labels, ``zero_grad``, backward, ``Adam.step()`` (lr
 1e-3), on synthetic MNIST-shaped data (pixels uniform in [0, 1), random labels; a few
-batches used in turn). Variants, timed in one process at batch 128 and 1024:
+batches used in turn). Variants, timed in one process at batch 128 and 1024 (``--batches``):
 
 * **diagnet dense**: every layer `nn.Linear` (NumPy's BLAS);
 * **diagnet diag 90% static**: ``MLP(..., linear="diag", sparsity=0.9)``: the two hidden
@@ -17,13 +18,17 @@ batches used in turn). Variants, timed in one process at batch 128 and 1024:
   hooks run, no swap happens);
 * **diagnet DynaDiag 90% frozen**: the same after ``freeze()`` (a `DiagLinear` with ``K``);
 * **PyTorch dense**: the same MLP in torch (``nn.Linear`` x 3, ReLU, Adam), when torch
-  imports; otherwise the table compares with the reference figure `TORCH_REFERENCE_MS`,
-  which was *not* measured here.
+  imports (on CUDA with ``--device cuda``, when torch has it); otherwise the report says
+  "PyTorch not installed" and has no PyTorch column: a ratio is only ever computed against
+  PyTorch measured in the same run.
 
 Each variant runs ``--steps`` steps per round after warm-up steps, for several rounds with the
-order of the variants rotating; the table gives the median over all timed steps.
+order of the variants rotating; the table gives the median over all timed steps. With
+``--device cuda`` diagnet runs on CuPy and a step is timed with the GPU synchronised before
+and after it.
 
-The report has three more parts:
+On the CPU the report has three more parts (not run with ``--device cuda``: they time the
+CPU's kernels and thread pools):
 
 * **where the time goes** in one step (diag static and dense, batch 128 and 1024): the
   diagonal kernels, the dense linear ops (BLAS), ``Adam.step``, and the rest (element-wise
@@ -57,7 +62,7 @@ for _path in (ROOT, ROOT / "bench"):  # run from a checkout without installing; 
         sys.path.insert(0, str(_path))
 
 import diagnet as dn  # noqa: E402
-from diagnet import autograd, functional as F  # noqa: E402
+from diagnet import autograd, backend, functional as F  # noqa: E402
 from diagnet.diag import dispatch, threadpools  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP  # noqa: E402
@@ -69,9 +74,6 @@ IN, HIDDEN, CLASSES = 784, [256, 256], 10
 SPARSITY = 0.9
 BATCHES = (128, 1024)
 N_BATCHES = 4  # synthetic batches used in turn
-#: PyTorch 2.x dense training step of this MLP at batch 128 on 2 CPU cores, as stated in the
-#: issue that asked for this benchmark; used only when torch does not import here
-TORCH_REFERENCE_MS = {128: 1.6}
 #: the interleaved micro-benchmark: one diagonal layer and its dense equivalent
 INTERLEAVED = dict(m=768, n=768, batch=256, sparsity=0.9)
 
@@ -101,13 +103,14 @@ def make_data(batch, seed=0):
             for _ in range(N_BATCHES)]
 
 
-def make_model(name, seed=0):
-    """``(model, controller or None)`` of a diagnet variant."""
+def make_model(name, seed=0, device="cpu"):
+    """``(model, controller or None)`` of a diagnet variant on ``device``."""
     if name == DENSE:
-        return MLP(IN, HIDDEN, CLASSES, rng=seed), None
+        return MLP(IN, HIDDEN, CLASSES, rng=seed, device=device), None
     if name == STATIC:
-        return MLP(IN, HIDDEN, CLASSES, linear="diag", sparsity=SPARSITY, rng=seed), None
-    model = MLP(IN, HIDDEN, CLASSES, rng=seed)
+        return MLP(IN, HIDDEN, CLASSES, linear="diag", sparsity=SPARSITY, rng=seed,
+                   device=device), None
+    model = MLP(IN, HIDDEN, CLASSES, rng=seed, device=device)
     # swap_every far away: the timed steps are ordinary steps (the hooks still run)
     ctrl = sparsify(model, "dynadiag", SPARSITY, dense=("head",), rng=seed,
                     schedule=TemperatureSchedule("cosine", span=10_000, per="step"),
@@ -124,17 +127,28 @@ def hidden_structure(model):
     return "K " + ", ".join(parts) if parts else "dense"
 
 
-def diagnet_step(name, batch, seed=0):
+def synchronizer(device):
+    """``sync()`` that waits for the GPU's queued work with ``device="cuda"`` (else nothing),
+    called before reading the clock."""
+    if device == "cuda":
+        return lambda: backend.synchronize("cuda")
+    return lambda: None
+
+
+def diagnet_step(name, batch, seed=0, device="cpu"):
     """``(step, model)``: ``step()`` runs one training step and returns its seconds."""
-    model, ctrl = make_model(name, seed)
+    model, ctrl = make_model(name, seed, device)
     opt = dn.optim.Adam(model.parameters(), lr=1e-3)
-    data = [(dn.tensor(x), dn.tensor(y)) for x, y in make_data(batch, seed)]
+    data = [(dn.tensor(x, device=device), dn.tensor(y, device=device))
+            for x, y in make_data(batch, seed)]
     counter = [0]
+    sync = synchronizer(device)
 
     def step():
         i = counter[0]
         counter[0] += 1
         x, y = data[i % len(data)]
+        sync()
         t0 = time.perf_counter()
         if ctrl is not None:
             ctrl.before_step(i)
@@ -144,13 +158,15 @@ def diagnet_step(name, batch, seed=0):
         opt.step()
         if ctrl is not None:
             ctrl.after_step(i)
+        sync()
         return time.perf_counter() - t0
 
     return step, model
 
 
-def torch_step(batch, seed=0):
-    """``step()`` of the same MLP in PyTorch, or None when torch does not import."""
+def torch_step(batch, seed=0, device="cpu"):
+    """``step()`` of the same MLP in PyTorch on ``device``, or None when torch does not
+    import."""
     try:
         import torch
     except ImportError:
@@ -158,30 +174,38 @@ def torch_step(batch, seed=0):
     torch.manual_seed(seed)
     nn = torch.nn
     model = nn.Sequential(nn.Linear(IN, HIDDEN[0]), nn.ReLU(), nn.Linear(HIDDEN[0], HIDDEN[1]),
-                          nn.ReLU(), nn.Linear(HIDDEN[1], CLASSES))
+                          nn.ReLU(), nn.Linear(HIDDEN[1], CLASSES)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in make_data(batch, seed)]
+    data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            for x, y in make_data(batch, seed)]
     counter = [0]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         x, y = data[counter[0] % len(data)]
         counter[0] += 1
+        sync()
         t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - t0
 
     return step
 
 
-def torch_info():
-    try:
-        import torch
-    except ImportError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    return f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)", ""
+def torch_info(device="cpu"):
+    """``(line naming PyTorch, "")``, or ``(None, why it cannot be measured on device)``."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch not installed"
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, f"PyTorch {torch.__version__} has no CUDA device here"
+    where = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads{where})", ""
 
 
 def time_variants(steps_by_name, steps, warmup, rounds):
@@ -265,25 +289,26 @@ def breakdown(name, batch, steps, warmup):
 
 def adam_paths(name, batch, reps):
     """Median seconds of ``Adam.step()`` on the model's parameters (gradients of one step),
-    fused CPU loop vs the NumPy code (``{"fused": s, "numpy": s}``), timed alternately."""
-    from diagnet.optim import adam
+    the compiled loop over all parameters vs the NumPy code (``{"fused": s, "numpy": s}``),
+    timed alternately."""
+    from diagnet.optim import _foreach
 
     model, _ = make_model(name, seed=2)
     opt = dn.optim.Adam(model.parameters(), lr=1e-3)
     x, y = make_data(batch, seed=2)[0]
     F.cross_entropy(model(dn.tensor(x)), dn.tensor(y)).backward()
-    fusable = adam._fusable
+    compilable = _foreach.compilable
     times = {"fused": [], "numpy": []}
     try:
         for i in range(2 * reps + 4):
             path = "fused" if i % 2 else "numpy"
-            adam._fusable = fusable if path == "fused" else (lambda *arrays: False)
+            _foreach.compilable = compilable if path == "fused" else (lambda *arrays: False)
             t0 = time.perf_counter()
             opt.step()
             if i >= 4:  # the first calls compile and make the state
                 times[path].append(time.perf_counter() - t0)
     finally:
-        adam._fusable = fusable
+        _foreach.compilable = compilable
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -357,17 +382,23 @@ def interleaved(reps):
 def torch_child(args):
     """Time the PyTorch step alone in this fresh process (no diagnet kernel runs here, so no
     numba or OpenBLAS pool of ours); print JSON ``{batch: ms}``."""
-    steps = {str(b): torch_step(b) for b in BATCHES}
+    steps = {str(b): torch_step(b, device=args.device) for b in args.batches}
     times = time_variants(steps, args.steps, args.warmup, args.rounds)
     print("RESULT " + json.dumps({b: float(np.median(t)) * 1e3 for b, t in times.items()}))
 
 
+def child_flags(args):
+    """The flags a child process repeats: steps, rounds, warm-up, batches."""
+    return ["--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup",
+            str(args.warmup), "--batches", *map(str, args.batches)]
+
+
 def run_torch_child(args):
     """``{batch: ms}`` of PyTorch timed in its own process, or None without torch."""
-    if torch_info()[0] is None:
+    if torch_info(args.device)[0] is None:
         return None
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--steps",
-           str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
+           args.device, *child_flags(args)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if res.returncode or line is None:
@@ -380,7 +411,7 @@ def child(args):
     out = {"threadpools": threadpools.configure(),
            "interleaved": interleaved(args.reps)}
     steps = {}
-    for batch in BATCHES:
+    for batch in args.batches:
         steps[f"{STATIC} @ {batch}"] = diagnet_step(STATIC, batch)[0]
         steps[f"{DENSE} @ {batch}"] = diagnet_step(DENSE, batch)[0]
     times = time_variants(steps, args.steps, args.warmup, args.rounds)
@@ -408,9 +439,8 @@ def run_children(args):
     for label, env_changes in SETTINGS:
         env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
         env.update(env_changes)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
-               "--steps", str(args.steps), "--rounds", str(args.rounds),
-               "--warmup", str(args.warmup), "--reps", str(args.reps)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *child_flags(args),
+               "--reps", str(args.reps)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if res.returncode or line is None:
@@ -439,6 +469,16 @@ def machine():
     if hasattr(os, "sched_getaffinity"):
         text += f" ({len(os.sched_getaffinity(0))} usable)"
     return text
+
+
+def gpu_name():
+    """The current CUDA device's name, as CuPy reports it ("unknown" where it cannot)."""
+    cp = backend.cupy_or_none()
+    try:
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    except Exception:  # no properties (the CPU stand-in of the tests, an old CuPy)
+        return "unknown"
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def load_average():
@@ -570,30 +610,32 @@ the robust choice (about 2 ms of CPU per diag 90% step at batch 128, table above
 
 def report(med, structures, torch_note, profile, adam_times, per_op, children, args, command,
            loads):
+    """The Markdown section (a string)."""
     import numba
 
+    batches = args.batches
     torch_line, torch_missing = torch_note
     # the baseline: PyTorch in a process of its own (no other thread pools), else in ours
-    ref = {b: med.get((TORCH_ALONE, b), med.get((TORCH, b))) for b in BATCHES}
+    ref = {b: med.get((TORCH_ALONE, b), med.get((TORCH, b))) for b in batches}
     measured_torch = any(v is not None for v in ref.values())
-    if not measured_torch:
-        ref = {b: TORCH_REFERENCE_MS.get(b) for b in BATCHES}
     tp = threadpools.status() or {}
     lines = [
-        "## Training step of the MNIST MLP (784-256-256-10, float32, Adam)",
+        "## Training step of the MNIST MLP (784-256-256-10, float32, Adam)"
+        + (" on the GPU" if args.device == "cuda" else ""),
         "",
         f"Generated by `{command}` on {datetime.date.today().isoformat()}.",
         "",
-        f"* Machine: {machine()}",
+        f"* Machine: {machine()}" + (f"; GPU: {gpu_name()}" if args.device == "cuda" else ""),
         f"* Python {platform.python_version()}, NumPy {np.__version__}, numba "
         f"{numba.__version__} ({numba.get_num_threads()} threads, "
-        f"{numba.threading_layer()} layer); "
-        + (torch_line if torch_line else f"PyTorch not importable here ({torch_missing})"),
+        f"{numba.threading_layer()} layer); " + (torch_line or torch_missing),
         f"* Thread pools (`diagnet.diag.threadpools`): {tp.get('note', 'not configured')}; "
         f"{tp.get('gomp', '')}",
         f"* One step: forward, `F.cross_entropy`, `zero_grad`, backward, `Adam.step()` (lr "
         f"1e-3); median of {args.steps * args.rounds} steps per variant ({args.rounds} rounds "
-        f"of {args.steps}, order rotating, after {args.warmup} warm-up steps each).",
+        f"of {args.steps}, order rotating, after {args.warmup} warm-up steps each)"
+        + ("; the GPU synchronised before and after each step." if args.device == "cuda"
+           else "."),
         f"* Load average (1 min) at start / end: {loads[0]:.2f} / {loads[1]:.2f} (2 cores: "
         "anything above ~2.5 means other processes took cores during the run)",
         "",
@@ -605,45 +647,46 @@ def report(med, structures, torch_note, profile, adam_times, per_op, children, a
                      "after diagnet's variants, rotating with the static diagonal MLP (the "
                      "two \"PyTorch dense\" / \"next to PyTorch\" rows: with PyTorch's "
                      "OpenMP pool in the process, diagnet's steps are slower, so the diagnet "
-                     "rows above were timed before PyTorch first ran). The issue's reference "
-                     f"figure, {TORCH_REFERENCE_MS[128]} ms at batch 128 on 2 cores, came "
-                     "from another machine.")
+                     "rows above were timed before PyTorch first ran).")
     else:
         lines.append(f"Ratios are `time of the baseline / time of the variant` (above 1: the "
-                     f"variant is faster). **PyTorch was not measured here**: the PyTorch "
-                     f"column uses the reference figure of "
-                     f"{TORCH_REFERENCE_MS[128]} ms at batch 128 (PyTorch 2.x, 2 CPU cores, "
-                     f"from the issue), and has no reference at batch 1024.")
+                     f"variant is faster). {torch_missing}: no PyTorch column.")
+    torch_cols = batches if measured_torch else ()
     lines += [
         "",
-        "| variant | hidden layers | " + " | ".join(f"ms / step @ {b}" for b in BATCHES)
-        + " | " + " | ".join(f"PyTorch / variant @ {b}" for b in BATCHES)
-        + " | " + " | ".join(f"diagnet dense / variant @ {b}" for b in BATCHES) + " |",
-        "|---|---|" + "---|" * (3 * len(BATCHES)),
+        "| variant | hidden layers | " + " | ".join(f"ms / step @ {b}" for b in batches)
+        + "".join(f" | PyTorch / variant @ {b}" for b in torch_cols)
+        + " | " + " | ".join(f"diagnet dense / variant @ {b}" for b in batches) + " |",
+        "|---|---|" + "---|" * (2 * len(batches) + len(torch_cols)),
     ]
     names = [n for n in (DENSE, STATIC, SOFT, FROZEN, TORCH, STATIC_NEXT_TO_TORCH, TORCH_ALONE)
-             if any((n, b) in med for b in BATCHES)]
+             if any((n, b) in med for b in batches)]
     for name in names:
         row = [name, structures.get(name if name != STATIC_NEXT_TO_TORCH else STATIC, "dense")]
-        row += [f"{med[(name, b)]:.2f}" if (name, b) in med else "—" for b in BATCHES]
-        row += [fmt_ratio(ref[b], med.get((name, b))) for b in BATCHES]
-        row += [fmt_ratio(med.get((DENSE, b)), med.get((name, b))) for b in BATCHES]
+        row += [f"{med[(name, b)]:.2f}" if (name, b) in med else "—" for b in batches]
+        row += [fmt_ratio(ref[b], med.get((name, b))) for b in torch_cols]
+        row += [fmt_ratio(med.get((DENSE, b)), med.get((name, b))) for b in batches]
         lines.append("| " + " | ".join(row) + " |")
-    if not measured_torch:
-        lines.append(f"| PyTorch dense (reference, not measured) | dense | "
-                     f"{TORCH_REFERENCE_MS[128]:.2f} | — | 1.00 | — | — | — |")
-    b0 = BATCHES[0]
+    b0 = batches[0]
     ours = med.get((STATIC, b0))
     if ours is not None and ref.get(b0) is not None:
         met = ours <= ref[b0]
-        text = (f"**Target** (the diag 90% step at batch {b0} no slower than PyTorch's "
-                f"dense step): {'met' if met else 'NOT met'}, {ours:.2f} ms against "
-                f"{ref[b0]:.2f} ms ({'PyTorch measured here' if measured_torch else 'the reference figure, not measured here'}).")
-        if measured_torch:
-            text += (f" Against the issue's figure of {TORCH_REFERENCE_MS[b0]} ms (another "
-                     f"machine): {'met' if ours <= TORCH_REFERENCE_MS[b0] else 'NOT met'}.")
-        lines += ["", text]
+        lines += ["", f"**Target** (the diag 90% step at batch {b0} no slower than PyTorch's "
+                      f"dense step, measured here): {'met' if met else 'NOT met'}, "
+                      f"{ours:.2f} ms against {ref[b0]:.2f} ms."]
+    if args.device == "cuda":
+        lines += ["", "The CPU's sections (where the time goes, `Adam.step`'s loops, the "
+                      "thread-pool clash) are not run with `--device cuda`."]
+    else:
+        lines += cpu_sections(profile, adam_times, per_op, children, args)
+    return "\n".join(lines) + "\n"
 
+
+def cpu_sections(profile, adam_times, per_op, children, args):
+    """The CPU report's lines after the table: the parts of a step, `Adam.step`, the
+    thread-pool clash, the notes."""
+    batches = args.batches
+    lines = []
     lines += ["", "### Where the time goes", "",
               "Mean ms per step of each part, from timers around the diagonal kernel calls, "
               "the dense linear op (`LinearFunction` forward and backward: the BLAS "
@@ -681,19 +724,19 @@ def report(med, structures, torch_note, profile, adam_times, per_op, children, a
               f"alternating (diag, matmul, diag, ...); median ms, best of 3 passes. Then the "
               f"training step in the same process ({args.steps * args.rounds} steps).", "",
               "| setting | diag alone | diag alternating | matmul alone | matmul alternating | "
-              + " | ".join(f"{n} @ {b}" for b in BATCHES for n in ("diag 90% step", "dense step"))
+              + " | ".join(f"{n} @ {b}" for b in batches for n in ("diag 90% step", "dense step"))
               + " |",
-              "|---|---|---|---|---|" + "---|" * (2 * len(BATCHES))]
+              "|---|---|---|---|---|" + "---|" * (2 * len(batches))]
     for label, res in children.items():
         it, st = res["interleaved"], res["steps"]
         row = [label] + [f"{it[k]:.2f}" for k in ("diag alone", "diag interleaved",
                                                    "dense alone", "dense interleaved")]
-        row += [f"{st[f'{n} @ {b}']:.2f}" for b in BATCHES for n in (STATIC, DENSE)]
+        row += [f"{st[f'{n} @ {b}']:.2f}" for b in batches for n in (STATIC, DENSE)]
         lines.append("| " + " | ".join(row) + " |")
     if not children:
-        lines.append("| (not run: `--no-children`) |" + " |" * (4 + 2 * len(BATCHES)))
+        lines.append("| (not run: `--no-children`) |" + " |" * (4 + 2 * len(batches)))
     lines += ["", NOTES]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None):
@@ -713,11 +756,14 @@ def main(argv=None):
                     help="skip the fresh-process comparison of the thread-pool settings")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--device", choices=("cpu",), default="cpu",
-                    help="only the CPU: the thread-pool clash and PyTorch CPU are the subject")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where diagnet (and PyTorch) run (default cpu); with cuda only the "
+                         "table: the other sections are about the CPU")
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
+                    help="batch sizes (default: %(default)s)")
     ap.add_argument("--out", default=None,
                     help="Markdown file whose section to write (default docs/benchmarks.md, "
-                         "none with --quick)")
+                         "docs/gpu-benchmarks.md with --device cuda; none with --quick)")
     args = ap.parse_args(argv)
     quick = args.quick
     args.steps = args.steps or (3 if quick else 30)
@@ -728,7 +774,11 @@ def main(argv=None):
     for name in ("steps", "rounds", "warmup", "reps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    os.environ.setdefault("DIAGNET_DEVICE", "cpu")
+    if min(args.batches) < 1:
+        ap.error("--batches must be >= 1")
+    if args.device == "cuda" and not backend.cuda_available():
+        ap.error(f"--device cuda: {backend.cuda_unavailable_reason()}")
+    os.environ.setdefault("DIAGNET_DEVICE", args.device)
     if args.child:
         child(args)
         return
@@ -738,44 +788,41 @@ def main(argv=None):
 
     load_start = load_average()
     threadpools.configure()
-    have_torch = importlib.util.find_spec("torch") is not None  # imported only below
-    if not have_torch:
-        print(f"note: PyTorch is not installed; the report compares with the reference "
-              f"figure of {TORCH_REFERENCE_MS[128]} ms at batch 128 instead (install torch, "
-              "CPU build, to measure it)", file=sys.stderr)
+    if importlib.util.find_spec("torch") is None:  # torch itself is imported only below
+        print("PyTorch not installed: the report has no PyTorch column", file=sys.stderr)
     med, structures = {}, {}
     # diagnet's variants first, without PyTorch in the process: PyTorch's own OpenMP pool
     # (300,000 spins after each op) slowed them by 20-40% when it ran alongside
-    for batch in BATCHES:
+    for batch in args.batches:
         steps = {}
         for name in (DENSE, STATIC, SOFT, FROZEN):
-            steps[name], model = diagnet_step(name, batch)
+            steps[name], model = diagnet_step(name, batch, device=args.device)
             structures[name] = hidden_structure(model)
         times = time_variants(steps, args.steps, args.warmup, args.rounds)
         for name, t in times.items():
             med[(name, batch)] = float(np.median(t)) * 1e3
-    profile, adam_times = {}, {}
-    for batch in BATCHES:
+    profile, adam_times, per_op, children = {}, {}, None, {}
+    if args.device == "cpu":
+        for batch in args.batches:
+            for name, short in ((STATIC, "diag 90%"), (DENSE, "dense")):
+                profile[f"{short} @ {batch}"] = breakdown(name, batch, args.profile_steps,
+                                                          args.warmup)
         for name, short in ((STATIC, "diag 90%"), (DENSE, "dense")):
-            profile[f"{short} @ {batch}"] = breakdown(name, batch, args.profile_steps,
-                                                      args.warmup)
-    for name, short in ((STATIC, "diag 90%"), (DENSE, "dense")):
-        adam_times[short] = adam_paths(name, BATCHES[0], 5 if quick else 200)
-    per_op = engine_cost(200 if quick else 4000)
-    children = {} if args.no_children else run_children(args)
+            adam_times[short] = adam_paths(name, args.batches[0], 5 if quick else 200)
+        per_op = engine_cost(200 if quick else 4000)
+        children = {} if args.no_children else run_children(args)
+    torch_line, torch_missing = torch_info(args.device)
     # PyTorch last (see above): in the same process, head to head with the static diagonal MLP
-    for batch in BATCHES if have_torch else ():
-        steps = {TORCH: torch_step(batch), STATIC_NEXT_TO_TORCH: diagnet_step(STATIC, batch)[0]}
-        if steps[TORCH] is None:
-            break
+    for batch in args.batches if torch_line else ():
+        steps = {TORCH: torch_step(batch, device=args.device),
+                 STATIC_NEXT_TO_TORCH: diagnet_step(STATIC, batch, device=args.device)[0]}
         times = time_variants(steps, args.steps, args.warmup, args.rounds)
         for name, t in times.items():
             med[(name, batch)] = float(np.median(t)) * 1e3
-    torch_alone = None if args.no_children or not have_torch else run_torch_child(args)
+    torch_alone = None if args.no_children or not torch_line else run_torch_child(args)
     if torch_alone:
         for batch, ms in torch_alone.items():
             med[(TORCH_ALONE, batch)] = ms
-    torch_line, torch_missing = torch_info()
     command = "python bench/bench_train_step.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
     text = report(med, structures, (torch_line, torch_missing), profile, adam_times, per_op,

@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,4 +67,87 @@ def test_train_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
                          env={"DIAGNET_DEVICE": "cpu", "PATH": ""})
     for variant in ("diagnet dense", "diag 90% static", "DynaDiag 90% soft", "Where the time goes"):
         assert variant in res.stdout, res.stdout
+    assert not hasattr(bench, "TORCH_REFERENCE_MS")  # ratios only to PyTorch measured here
+    if importlib.util.find_spec("torch") is None:
+        assert "PyTorch not installed" in res.stdout and "PyTorch / variant" not in res.stdout
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == before
+
+
+def test_vit_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
+    import subprocess
+
+    bench = _load("bench_vit_step")
+    assert bench.default_output(quick=True, device="cpu") is None
+    assert bench.default_output(quick=False, device="cuda") == str(ROOT / "docs" /
+                                                                   "gpu-benchmarks.md")
+    before = (ROOT / "docs" / "benchmarks.md").read_bytes()
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vit_step.py"), "--quick",
+                          "--steps", "1", "--profile-steps", "1"], capture_output=True,
+                         text=True, timeout=300, check=True, cwd=tmp_path,
+                         env={"DIAGNET_DEVICE": "cpu", "PATH": ""})
+    for text in ("| ViT | diagnet dense", "| ViT | diagnet diag 90% static",
+                 "| MLP | diagnet DynaDiag 90% soft", "| MLP | diagnet DynaDiag 90% frozen",
+                 "train step @ 128", "inference @ 1 ", "inference @ 128",
+                 "Where the time of the diagonal ViT's training step goes", "| diagonal kernels |",
+                 "Top functions by own time"):
+        assert text in res.stdout, res.stdout
+    if importlib.util.find_spec("torch") is None:
+        assert "PyTorch not installed" in res.stdout and "x PyTorch" not in res.stdout
+    else:
+        assert "| ViT | PyTorch dense |" in res.stdout and "x PyTorch" in res.stdout
+    assert (ROOT / "docs" / "benchmarks.md").read_bytes() == before
+
+
+def test_vit_step_bench_pytorch_twins_match_the_models():
+    torch = pytest.importorskip("torch")
+    bench = _load("bench_vit_step")
+    for sizes in (bench.FULL, bench.TINY):
+        for name, twin in (("ViT", bench.torch_vit(torch, sizes.vit)),
+                           ("MLP", bench.torch_mlp(torch, sizes.mlp))):
+            model, _ = bench.make_model(sizes, name, bench.DENSE, "cpu")
+            assert sum(p.numel() for p in twin.parameters()) == bench.parameter_count(model)
+            x, _ = bench.make_data(name, 3)[0]
+            assert tuple(twin(torch.from_numpy(x)).shape) == (3, bench.CLASSES)
+
+
+@pytest.fixture
+def fast_fake_gpu():
+    """With the CuPy stand-in, run the kernels in the harness built without sanitizers: the
+    benchmarks launch hundreds of kernels (memory errors are the kernel tests' concern)."""
+    from diagnet import backend
+    from diagnet.diag import cuda
+
+    if not backend.cupy_or_none().__version__.endswith("+simt"):
+        yield  # a real GPU
+        return
+    from simt import fake_cupy
+
+    cuda.clear_cache()  # compiled modules run on the device they were built for
+    try:
+        with fake_cupy.use_device(fake_cupy.SimtDevice(flavor="plain")):
+            yield
+    finally:
+        cuda.clear_cache()
+
+
+@pytest.mark.gpu
+def test_vit_step_bench_runs_on_cuda(fast_fake_gpu, capsys):
+    bench = _load("bench_vit_step")
+    bench.main(["--tiny", "--device", "cuda", "--steps", "1", "--profile-steps", "1"])
+    out = capsys.readouterr().out
+    for text in ("device `cuda`", "| ViT | diagnet DynaDiag 90% soft", "| MLP | diagnet dense",
+                 "train step @ 4", "| diagonal kernels |", "waiting for the GPU"):
+        assert text in out, out
+    assert "wrote section" not in out
+
+
+@pytest.mark.gpu
+def test_train_step_bench_runs_on_cuda(fast_fake_gpu, capsys):
+    bench = _load("bench_train_step")
+    bench.main(["--quick", "--device", "cuda", "--steps", "1", "--batches", "2",
+                "--no-children"])
+    out = capsys.readouterr().out
+    for text in ("on the GPU", "| diagnet diag 90% static |", "| diagnet DynaDiag 90% frozen |",
+                 "ms / step @ 2", "not run with `--device cuda`"):
+        assert text in out, out
+    assert "wrote section" not in out

@@ -19,6 +19,7 @@ from diagnet.autograd import Tensor
 from diagnet.nn.parameter import Parameter
 from diagnet.optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm_, clip_grad_value_
 from diagnet.optim import adam as adam_module
+from diagnet.optim import sgd as sgd_module
 from tolerances import F32_TOL, F64_TOL
 
 SHAPE = (3, 4)
@@ -199,50 +200,199 @@ def test_adamw_default_weight_decay_and_decoupled_shrink():
     np.testing.assert_allclose(p.data, 2.0 * (1 - 0.1 * 1e-2), **F64_TOL)
 
 
-BIT_CASES = {
+# ----------------------------------------------------------------------------- foreach loops
+
+FOREACH_CASES = {
     "adam": (Adam, dict(lr=0.01, weight_decay=0.1)),
     "adam_amsgrad": (Adam, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    "adam_maximize": (Adam, dict(lr=0.01, betas=(0.5, 0.9), eps=1e-3, maximize=True)),
     "adamw": (AdamW, dict(lr=0.01, weight_decay=0.1)),
     "adamw_amsgrad_maximize": (AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True,
                                            maximize=True)),
+    "sgd": (SGD, dict(lr=0.1)),
+    "sgd_weight_decay_maximize": (SGD, dict(lr=0.05, weight_decay=0.1, maximize=True)),
+    "sgd_momentum_dampening": (SGD, dict(lr=0.1, momentum=0.8, dampening=0.3,
+                                         weight_decay=0.05)),
+    "sgd_nesterov_maximize": (SGD, dict(lr=0.02, momentum=0.7, weight_decay=0.05,
+                                        nesterov=True, maximize=True)),
 }
+#: more parameters than `_foreach.CHUNK`, of several shapes and sizes (0 to 117 values)
+FOREACH_SHAPES = [(9, 13), (13,), (1, 1, 5), (), (4, 3), (17,), (2, 3, 4), (1,), (6, 6),
+                  (0, 3), (5,), (3, 7), (8,)]
+
+
+@pytest.fixture
+def loop_calls(monkeypatch):
+    """The foreach loops of Adam and SGD behind a guard: the list of calls (one entry per
+    call) fills as they run, and a call whose arrays differ in size from the parameter they
+    go with fails the test. Such a call reads and writes out of bounds (a segfault or damaged
+    memory), so without the guard a regression would take the test process down instead."""
+    calls = []
+
+    def guard(loop):
+        def run(*args):
+            tuples = [a for a in args if isinstance(a, tuple)]
+            for arrays in zip(*tuples):
+                sizes = {a.size for a in arrays}
+                assert len(sizes) == 1, f"a compiled loop ran on arrays of sizes {sizes}"
+            calls.append(args)
+            return loop(*args)
+        return run
+
+    for module in (adam_module, sgd_module):
+        monkeypatch.setattr(module, "_foreach_loop",
+                            lambda *options, make=module._foreach_loop: guard(make(*options)))
+    return calls
+
+
+def _one_at_a_time(cls):
+    """``cls`` updating one parameter at a time in its NumPy code (`Optimizer._update_group`
+    of the base class): the reference the foreach loops must equal bit for bit."""
+    return type(f"OneAtATime{cls.__name__}", (cls,), {"_update_group": Optimizer._update_group})
+
+
+def _assert_same_state(opt, ref, params, ref_params):
+    for p, q in zip(params, ref_params):
+        np.testing.assert_array_equal(p.data, q.data)
+        assert opt.state.get(p, {}).keys() == ref.state.get(q, {}).keys()
+        for key, value in opt.state.get(p, {}).items():
+            assert type(value) is type(ref.state[q][key])
+            np.testing.assert_array_equal(value, ref.state[q][key])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", BIT_CASES)
-def test_adam_numpy_path_equals_the_compiled_loop_bit_for_bit(case, dtype, monkeypatch):
-    """A C-ordered parameter takes the compiled CPU loop, a Fortran-ordered one with the same
-    values the NumPy code (the path of every CuPy array): the two must agree exactly."""
-    cls, kwargs = BIT_CASES[case]
-    loops = adam_module._fused_updates()
-    calls = []
+@pytest.mark.parametrize("case", FOREACH_CASES)
+def test_foreach_loop_equals_the_numpy_code_bit_for_bit(case, dtype, loop_calls):
+    """One group of parameters of many shapes, some without a gradient at some steps (so their
+    step counts and momentum buffers differ): the compiled loop over the whole group gives
+    exactly what the NumPy code gives one parameter at a time."""
+    cls, kwargs = FOREACH_CASES[case]
+    starts = [np.asarray(_start(50 + i, shape), dtype) for i, shape in enumerate(FOREACH_SHAPES)]
+    grads = [[np.asarray(g, dtype) for g in _grads(60 + i, shape, steps=7)]
+             for i, shape in enumerate(FOREACH_SHAPES)]
+    params = [Parameter(p0.copy()) for p0 in starts]
+    ref_params = [Parameter(p0.copy()) for p0 in starts]
+    opt, ref = cls(params, **kwargs), _one_at_a_time(cls)(ref_params, **kwargs)
+    for step in range(7):
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            has_grad = (i + step) % 4 != 0
+            for param in (p, q):
+                param.grad = None
+                if has_grad:
+                    _set_grad(param, grads[i][step])
+        opt.step()
+        ref.step()
+        _assert_same_state(opt, ref, params, ref_params)
+    # every update went through the compiled loop (counting the non-empty arrays it got)
+    updated = sum(a.size > 0 for call in loop_calls for a in call[0])
+    assert updated == sum((i + step) % 4 != 0 for i in range(len(params)) for step in range(7)
+                          if starts[i].size)
+    assert all(not np.array_equal(p.data, p0) for p, p0 in zip(params, starts) if p0.size)
+    if isinstance(opt, Adam):
+        steps = {opt.state[p]["step"] for p in params}
+        assert len(steps) > 1  # the step counts differ: the loop took them apart
 
-    def counted(loop):
-        def run(*arrays):
-            calls.append(loop)
-            return loop(*arrays)
-        return run
 
-    monkeypatch.setattr(adam_module, "_fused_updates", lambda: tuple(map(counted, loops)))
-    p0 = _start(43, (9, 13)).astype(dtype)
-    grads = [g.astype(dtype) for g in _grads(43, (9, 13), steps=7)]
-    fused = Parameter(p0.copy())
-    numpy_path = Parameter(np.asfortranarray(p0))
-    assert not numpy_path.data.flags.c_contiguous
-    opts = [cls([p], **kwargs) for p in (fused, numpy_path)]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", ["adamw_amsgrad_maximize", "sgd_momentum_dampening",
+                                  "sgd_nesterov_maximize"])
+def test_numpy_code_updates_a_0d_parameter_and_keeps_its_state_as_arrays(case, device):
+    """NumPy turns the result of an operation on 0-d arrays into a scalar: the NumPy code must
+    neither fail on that (``out=`` a scalar) nor keep a scalar as state, which in-place
+    updates would then miss (the momentum buffer stood still)."""
+    cls, kwargs = FOREACH_CASES[case]
+    xp = backend.xp_for(device)
+    p0, grads = np.array(0.7), [np.asarray(g) for g in _grads(95, ())]
+    p = Parameter(xp.asarray(p0.copy()))
+    opt = _one_at_a_time(cls)([p], **kwargs)
     for g in grads:
-        _set_grad(fused, g)
-        numpy_path.grad = Tensor._wrap(np.asfortranarray(g))
-        opts[0].step()
-        assert len(calls) == 1  # the compiled loop ran for the C-ordered parameter only
-        opts[1].step()
-        assert len(calls) == 1
-        calls.clear()
-    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kwargs.get("amsgrad") else [])
-    np.testing.assert_array_equal(numpy_path.data, fused.data)
-    for key in keys:
-        np.testing.assert_array_equal(opts[1].state[numpy_path][key], opts[0].state[fused][key])
-    assert not np.array_equal(fused.data, p0)
+        p.grad = Tensor._wrap(xp.asarray(g))
+        opt.step()
+    if cls is SGD:
+        want = sgd_reference(p0, grads, **kwargs)
+    else:
+        want = adam_reference(p0, grads, decoupled=cls is AdamW, **kwargs)[0]
+    np.testing.assert_allclose(backend.to_numpy(p.data), want, **F64_TOL)
+    assert all(type(v) is type(p.data) and v.shape == () for k, v in opt.state[p].items()
+               if k != "step")
+
+
+@pytest.mark.parametrize("case", ["adamw_amsgrad_maximize", "sgd_nesterov_maximize"])
+def test_foreach_group_with_arrays_the_loop_cannot_take(case, loop_calls):
+    """Arrays that are not C-contiguous ndarrays take the NumPy code, in their place in the
+    group: the result equals one parameter at a time, even where two parameters share memory
+    (the first parameter is a transposed view of the third one's data)."""
+    class Buffer(np.ndarray):
+        pass
+
+    cls, kwargs = FOREACH_CASES[case]
+    shapes = [(3, 5), (5, 3), (5, 3), (6,), (4, 2), (7,)]
+
+    def make_params():
+        ps = [Parameter(_start(70 + i, shape).astype(np.float32))
+              for i, shape in enumerate(shapes)]
+        ps[0].data = ps[2].data.T                        # shares memory, not C-contiguous
+        ps[1].data = np.asfortranarray(ps[1].data)       # not C-contiguous
+        ps[3].data = ps[3].data.view(Buffer)             # an ndarray subclass
+        return ps
+
+    params, ref_params = make_params(), make_params()
+    opt, ref = cls(params, **kwargs), _one_at_a_time(cls)(ref_params, **kwargs)
+    for grads in zip(*[_grads(80 + i, shape, steps=4) for i, shape in enumerate(shapes)]):
+        for p, q, g in zip(params, ref_params, grads):
+            _set_grad(p, g)
+            _set_grad(q, g)
+        params[4].grad.data.flags.writeable = False      # a read-only gradient
+        opt.step()
+        ref.step()
+        _assert_same_state(opt, ref, params, ref_params)
+    # the loop took the two C-contiguous ndarrays, each a run of its own between the others
+    assert len(loop_calls) == 2 * 4
+    assert params[0].data.base is params[2].data
+
+
+@pytest.mark.parametrize("case", ["adamw_amsgrad_maximize", "sgd_momentum_dampening"])
+def test_foreach_group_mixing_float32_and_float64(case, loop_calls):
+    """A group may hold float32 and float64 parameters: each compiled call takes one dtype."""
+    cls, kwargs = FOREACH_CASES[case]
+    dtypes = [np.float32, np.float32, np.float64, np.float64, np.float32]
+    shapes = [(3, 4), (4,), (2, 5), (5,), (6,)]
+
+    def make_params():
+        return [Parameter(_start(100 + i, shape).astype(dtype))
+                for i, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+
+    params, ref_params = make_params(), make_params()
+    opt, ref = cls(params, **kwargs), _one_at_a_time(cls)(ref_params, **kwargs)
+    for grads in zip(*[_grads(110 + i, shape, steps=3) for i, shape in enumerate(shapes)]):
+        for p, q, g in zip(params, ref_params, grads):
+            _set_grad(p, g)
+            _set_grad(q, g)
+        opt.step()
+        ref.step()
+        _assert_same_state(opt, ref, params, ref_params)
+    assert len(loop_calls) == 3 * 3  # float32, float64, float32 at each step
+    for call in loop_calls:
+        assert len({a.dtype for a in call if isinstance(a, np.ndarray)} |
+                   {a.dtype for t in call if isinstance(t, tuple) for a in t}) == 1
+
+
+def test_foreach_loop_compiles_once_per_dtype():
+    """Groups of every size share one compiled version of each loop per dtype (and set of
+    options)."""
+    for count in (1, 3, 8, 9, 20):
+        for case in ("adam_amsgrad", "sgd_nesterov_maximize"):
+            cls, kwargs = FOREACH_CASES[case]
+            params = [Parameter(_start(90 + i, (i + 1,)).astype(np.float32))
+                      for i in range(count)]
+            _run(cls(params, **kwargs), params,
+                 [_grads(90 + i, (i + 1,), steps=2) for i in range(count)])
+    loops = [adam_module._foreach_loop(False, True, True),  # Adam, weight decay, amsgrad
+             sgd_module._foreach_loop(True, True, True, True, True),  # the first step
+             sgd_module._foreach_loop(True, True, True, True, False)]  # the others
+    for loop in loops:
+        signatures = [str(sig[0]) for sig in loop.signatures]
+        assert sum("float32" in sig for sig in signatures) == 1, signatures
 
 
 # ----------------------------------------------------------------------------- groups, dtypes
@@ -450,23 +600,6 @@ def test_repr_lists_groups_and_hyperparameters():
 
 # ----------------------------------------------------------------------------- mismatched arrays
 
-@pytest.fixture
-def guarded_loops(monkeypatch):
-    """Adam's compiled CPU loops behind a guard that fails the test when their arrays differ
-    in size. Such a loop reads and writes out of bounds (a segfault or damaged memory), so
-    without the guard a regression would take the test process down instead of failing."""
-    loops = adam_module._fused_updates()
-
-    def guard(loop):
-        def run(*arrays):
-            sizes = {a.size for a in arrays[:-1]}  # the last array holds the scalars
-            assert len(sizes) == 1, f"a compiled Adam loop ran on arrays of sizes {sizes}"
-            return loop(*arrays)
-        return run
-
-    monkeypatch.setattr(adam_module, "_fused_updates", lambda: tuple(map(guard, loops)))
-
-
 MISMATCH_OPTIMIZERS = {
     "adam": lambda ps: Adam(ps, lr=0.01),
     "adamw_amsgrad": lambda ps: AdamW(ps, lr=0.01, amsgrad=True),
@@ -511,18 +644,20 @@ def _assert_unchanged(before, opt):
 ], ids=["shape", "broadcastable", "dtype", "array"])
 @pytest.mark.parametrize("make", MISMATCH_OPTIMIZERS.values(), ids=MISMATCH_OPTIMIZERS.keys())
 def test_step_refuses_a_gradient_unlike_its_parameter_and_changes_nothing(
-        make, bad_grad, error, message, guarded_loops):
+        make, bad_grad, error, message, loop_calls):
     w, b = _linear_params()
     opt = _stepped(make, (w, b))
     before = _snapshot_all(opt)
     _set_grad(b, np.ones(4))  # b comes first and is fine: a refused step must not update it
     w.grad = bad_grad(w)
+    calls = len(loop_calls)
     with pytest.raises(error, match=message):
         opt.step()
     _assert_unchanged(before, opt)
+    assert len(loop_calls) == calls  # refused before any compiled loop ran
 
 
-def test_step_refusal_names_an_unnamed_parameter_by_group_and_index(guarded_loops):
+def test_step_refusal_names_an_unnamed_parameter_by_group_and_index(loop_calls):
     a, b = Parameter(np.zeros(3)), Parameter(np.zeros((2, 3)))
     opt = Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
     _set_grad(a, np.ones(3))
@@ -558,17 +693,19 @@ def test_step_accepts_arrays_of_another_class_on_the_same_device():
 @pytest.mark.parametrize("make", [MISMATCH_OPTIMIZERS[k] for k in (
     "adam", "adamw_amsgrad", "sgd_momentum")], ids=["adam", "adamw_amsgrad", "sgd_momentum"])
 def test_step_refuses_parameter_data_replaced_after_its_state_was_made(
-        make, replace, message, guarded_loops):
+        make, replace, message, loop_calls):
     w, b = _linear_params()
     opt = _stepped(make, (w, b))
     w.data = replace(w)
     _set_grad(b, np.ones(4))
     _set_grad(w, np.ones(w.shape))
     before = _snapshot_all(opt)
+    calls = len(loop_calls)
     with pytest.raises(ValueError, match=message) as info:
         opt.step()
     assert "del optimizer.state[param]" in str(info.value)  # and says what to do instead
     _assert_unchanged(before, opt)
+    assert len(loop_calls) == calls
     # dropping the stale state is one way out: the parameter starts afresh
     del opt.state[w]
     opt.step()

@@ -16,14 +16,13 @@ State per parameter: ``step`` (Python int ``t``), ``exp_avg`` (``m``), ``exp_avg
 (``v``) and, with amsgrad, ``max_exp_avg_sq`` (``v_max``); the arrays have the shape and
 dtype of ``p`` and start at zero.
 
-On the CPU the update from ``m`` on is one compiled loop (`_fused_updates`, numba) instead of
-about ten NumPy calls and their temporaries: for the small parameters of a sparse model each
-NumPy call costs more in overhead than in arithmetic. Measured on 2 cores, `Adam.step` of
-the MNIST MLP (784-256-256-10) went from 140 to 60 µs with the hidden layers 90 % diagonal
-(34k values in six parameters) and from 580 to 190 µs dense (270k); see
-``bench/bench_train_step.py``. The loop does the same float operations in the same order and
-dtype as the NumPy code (bit-identical results), which stays the path for CuPy arrays and
-for non-contiguous arrays.
+On the CPU, all parameters of a group are updated by one compiled loop (`_foreach_loop`,
+numba; see `diagnet.optim._foreach`) instead of about ten NumPy calls and their temporaries
+per parameter: for the small parameters of a sparse model each NumPy call costs more in
+overhead than in arithmetic, and so does a compiled call per parameter. The loop does the same
+float operations in the same order and dtype as the NumPy code of `Adam._update` (bit-identical
+results), which stays the readable reference and the path for CuPy arrays and for
+non-contiguous arrays. Timings: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -34,68 +33,59 @@ import math
 import numpy as np
 
 from .. import backend
-from . import _checks
+from . import _checks, _foreach
 from .optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_updates():
-    """``(plain, amsgrad)``: the compiled CPU loops (numba; compiled on first use, cached on
-    disk).
+def _foreach_loop(maximize, coupled, amsgrad):
+    """The compiled CPU loop over a group's parameters for these options (numba; compiled on
+    first use, per dtype, and cached on disk).
 
-    ``m = b1*m + c1*g``, ``v = b2*v + c2*g*g``, (amsgrad: ``v_max = max(v_max, v)``, a NaN
-    wins as in ``np.maximum``, and ``v_max`` replaces ``v`` below), ``p -= (m / (sqrt(v) /
-    s2 + eps)) * lr_t``, element by element on flat views, with the scalars ``(b1, c1, b2,
-    c2, s2, eps, lr_t)`` in an array of the parameter's dtype: the NumPy code's operations,
-    in its order and precision (bit for bit; no fused multiply-add: ``fastmath`` is off).
-    ``error_model="numpy"``: a division by zero gives inf/NaN as in NumPy, and the loop has
-    no per-element check, so LLVM vectorises it.
+    ``adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars)``: tuples of
+    `_foreach.CHUNK` flat arrays (parameter ``k`` of the call is entry ``k`` of each tuple;
+    ``max_exp_avg_sqs`` is not read without ``amsgrad``) and the scalars ``(b1, c1, b2, c2,
+    s2, eps, lr_t, wd, decay)`` in an array of the parameters' dtype. Element by element:
+    ``g = -g`` (``maximize``), ``g = g + wd*p`` (``coupled``), ``p = p*decay``, ``m = b1*m +
+    c1*g``, ``v = b2*v + c2*g*g``, (``amsgrad``: ``v_max = max(v_max, v)``, a NaN wins as in
+    ``np.maximum``, and ``v_max`` replaces ``v`` below), ``p -= (m / (sqrt(v) / s2 + eps)) *
+    lr_t``: the NumPy code's operations, in its order and precision (bit for bit; no fused
+    multiply-add: ``fastmath`` is off). ``error_model="numpy"``: a division by zero gives
+    inf/NaN as in NumPy, and the loop has no per-element check.
+
+    The options are constants of the compiled code (numba freezes a closure's variables), so
+    the branches not taken are compiled away and LLVM vectorises what remains; with the
+    options as run-time arguments the loop ran about 5x slower.
     """
     import numba
 
-    jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars):
+        b1, c1, b2, c2, s2, eps, lr_t, wd, decay = scalars
+        for k in range(len(params)):
+            p, g, m, v, v_max = (params[k], grads[k], exp_avgs[k], exp_avg_sqs[k],
+                                 max_exp_avg_sqs[k])
+            for i in range(p.shape[0]):
+                gi = -g[i] if maximize else g[i]
+                pi = p[i]
+                if coupled:
+                    gi = gi + wd * pi
+                pi = pi * decay
+                mi = m[i] * b1 + c1 * gi
+                vi = v[i] * b2 + c2 * gi * gi
+                m[i] = mi
+                v[i] = vi
+                if amsgrad:
+                    vm = v_max[i]
+                    if vi > vm or vi != vi:
+                        vm = vi
+                    v_max[i] = vm
+                    vi = vm
+                p[i] = pi - (mi / (math.sqrt(vi) / s2 + eps)) * lr_t
 
-    @jit
-    def plain(p, g, m, v, scalars):
-        b1, c1, b2, c2, s2, eps, lr_t = scalars
-        for i in range(p.shape[0]):
-            gi = g[i]
-            mi = m[i] * b1 + c1 * gi
-            vi = v[i] * b2 + c2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            p[i] -= (mi / (math.sqrt(vi) / s2 + eps)) * lr_t
-
-    @jit
-    def amsgrad(p, g, m, v, v_max, scalars):
-        b1, c1, b2, c2, s2, eps, lr_t = scalars
-        for i in range(p.shape[0]):
-            gi = g[i]
-            mi = m[i] * b1 + c1 * gi
-            vi = v[i] * b2 + c2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            vm = v_max[i]
-            if vi > vm or vi != vi:
-                vm = vi
-            v_max[i] = vm
-            p[i] -= (mi / (math.sqrt(vm) / s2 + eps)) * lr_t
-
-    return plain, amsgrad
-
-
-def _fusable(*arrays):
-    """True when every array is a C-contiguous NumPy array of the first one's shape and dtype.
-
-    The compiled loops index every array by the first one's flat size, with no bounds check:
-    this is the guard that keeps them in bounds (`Optimizer.step` refuses mismatched arrays
-    before, with a message).
-    """
-    shape, dtype = arrays[0].shape, arrays[0].dtype
-    return all(type(a) is np.ndarray and a.shape == shape and a.dtype == dtype
-               and a.flags.c_contiguous for a in arrays)
+    return adam
 
 
 class Adam(Optimizer):
@@ -160,36 +150,71 @@ class Adam(Optimizer):
             else:
                 g = g + weight_decay * param  # a new array: the gradient stays as it is
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        v_max = v
-        if group["amsgrad"]:
-            v_max = state.get("max_exp_avg_sq")
-            if v_max is None:  # amsgrad switched on after the state was made
-                v_max = state["max_exp_avg_sq"] = xp.zeros_like(param)
-        if xp is np and _fusable(param, g, m, v, v_max):
-            # the scalars in the arrays' dtype, rounded as NumPy rounds a Python float
-            scalars = np.array((beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-                                math.sqrt(1.0 - beta2 ** step), group["eps"],
-                                lr / (1.0 - beta1 ** step)), dtype=param.dtype)
-            flat = [a.reshape(-1) for a in (param, g, m, v)]
-            plain, amsgrad = _fused_updates()
-            if v_max is v:
-                plain(*flat, scalars)
-            else:
-                amsgrad(*flat, v_max.reshape(-1), scalars)
-            return
         m *= beta1
         m += (1.0 - beta1) * g
         v *= beta2
         v += (1.0 - beta2) * g * g
-        if v_max is not v:
+        if group["amsgrad"]:
+            v_max = _max_exp_avg_sq(state, param)
             xp.maximum(v_max, v, out=v_max)
             v = v_max
         denom = xp.sqrt(v)
         denom /= math.sqrt(1.0 - beta2 ** step)
         denom += group["eps"]
-        update = xp.divide(m, denom, out=denom)  # reuses denom's memory
+        update = m / denom  # not out=denom: for a 0-d parameter NumPy's sqrt gives a scalar
         update *= lr / (1.0 - beta1 ** step)
         param -= update
+
+    def _update_group(self, params, grads, states, group):
+        """`_update` for each parameter, in one compiled call per `_foreach.CHUNK` parameters
+        where the arrays allow it (CPU, C-contiguous; the step count and dtype shared by a
+        run of consecutive parameters), in `_update` otherwise."""
+        amsgrad = group["amsgrad"]
+
+        def run_key(item):
+            param, grad, state = item
+            arrays = (param, grad, state["exp_avg"], state["exp_avg_sq"])
+            if amsgrad:
+                arrays += (_max_exp_avg_sq(state, param),)
+            return (param.dtype, state["step"]) if _foreach.compilable(*arrays) else None
+
+        for key, run in _foreach.runs(zip(params, grads, states), run_key):
+            if key is None:
+                self._update(*run[0], group)
+            else:
+                self._foreach_update(run, *key, group)
+
+    def _foreach_update(self, run, dtype, step, group):
+        """One step of the parameters of ``run`` (``(param, grad, state)`` triples of
+        compilable arrays of ``dtype``, all at step count ``step``) in the compiled loop."""
+        step += 1
+        lr, weight_decay = float(group["lr"]), group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        coupled = weight_decay != 0 and not self.decoupled_weight_decay
+        decay = 1.0 - lr * weight_decay if self.decoupled_weight_decay else 1.0
+        # the scalars in the arrays' dtype, rounded as NumPy rounds a Python float
+        scalars = np.array((beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+                            math.sqrt(1.0 - beta2 ** step), group["eps"],
+                            lr / (1.0 - beta1 ** step), weight_decay, decay), dtype=dtype)
+        params, grads, states = zip(*run)
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        arrays = (params, grads, [state["exp_avg"] for state in states], exp_avg_sqs,
+                  [state["max_exp_avg_sq"] for state in states] if group["amsgrad"]
+                  else exp_avg_sqs)
+        loop = _foreach_loop(group["maximize"], coupled, group["amsgrad"])
+        for chunk in zip(*(_foreach.chunks(a, dtype) for a in arrays)):
+            loop(*chunk, scalars)
+        for state in states:
+            state["step"] = step
+
+
+def _max_exp_avg_sq(state, param):
+    """The AMSGrad maximum of ``state``, made (zeros) if amsgrad was switched on after the
+    state was made."""
+    v_max = state.get("max_exp_avg_sq")
+    if v_max is None:
+        v_max = state["max_exp_avg_sq"] = backend.get_array_module(param).zeros_like(param)
+    return v_max
 
 
 class AdamW(Adam):

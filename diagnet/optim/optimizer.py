@@ -9,7 +9,9 @@ distinct keys.
 
 ``step()`` updates each parameter whose ``grad`` is not None **in place on its backend array**
 (NumPy or CuPy, written once against ``xp``), outside autograd. Subclasses only write
-``_init_state`` and ``_update`` for one parameter. Before it updates anything, ``step()``
+``_init_state`` and ``_update`` for one parameter; on the CPU they may also update a whole
+group in one compiled call (``_update_group``, see `diagnet.optim._foreach`), with the same
+result bit for bit. Before it updates anything, ``step()``
 checks every gradient and state array against its parameter (device, shape, dtype: attribute
 comparisons, no array scans) and refuses the whole step, naming the parameter, if one
 differs: NumPy would broadcast a ``(n,)`` gradient onto a ``(m, n)`` weight without a word,
@@ -130,8 +132,8 @@ class Optimizer:
         ValueError: ``params`` is empty, a parameter appears twice, or a tensor is not a leaf.
 
     Subclasses set `state_arrays`, `state_scalars` and `state_required` (the names of their
-    state entries), implement `_init_state` and `_update`, and validate their
-    hyperparameters in `_check_group`.
+    state entries), implement `_init_state` and `_update` (and, for a compiled loop over a
+    whole group, `_update_group`), and validate their hyperparameters in `_check_group`.
     """
 
     #: names of the per-parameter state entries that are arrays shaped like the parameter
@@ -250,17 +252,24 @@ class Optimizer:
             with enable_grad():
                 loss = closure()
         with no_grad():
-            for param, grad, group in self._checked_updates():
-                state = self.state.get(param)
-                if state is None:
-                    state = self.state[param] = self._init_state(param.data, group)
-                self._update(param.data, grad, state, group)
-                # a graph that saved the old value must not backward through the new one
-                param._version_counter().bump()
+            for group, params, grads in self._checked_updates():
+                states = []
+                for param in params:
+                    state = self.state.get(param)
+                    if state is None:
+                        state = self.state[param] = self._init_state(param.data, group)
+                    states.append(state)
+                try:
+                    self._update_group([param.data for param in params], grads, states, group)
+                finally:
+                    # a graph that saved the old value must not backward through the new one
+                    for param in params:
+                        param._version_counter().bump()
         return loss
 
     def _checked_updates(self) -> list:
-        """``(param, grad array, group)`` for every parameter that has a gradient.
+        """``(group, params, grad arrays)`` for every group, listing the parameters that
+        have a gradient (groups without any are left out).
 
         Every gradient and every state array is checked against its parameter first (device,
         shape, dtype), so that a refused step updates nothing and no update, compiled loop
@@ -273,6 +282,7 @@ class Optimizer:
         """
         updates = []
         for number, group in enumerate(self.param_groups):
+            params, grads = [], []
             for index, param in enumerate(group["params"]):
                 grad = param.grad
                 if grad is None:
@@ -295,7 +305,10 @@ class Optimizer:
                                                   or value.shape != shape
                                                   or value.dtype != dtype):
                             self._check_array(param, number, index, key, value)
-                updates.append((param, g, group))
+                params.append(param)
+                grads.append(g)
+            if params:
+                updates.append((group, params, grads))
         return updates
 
     def _check_array(self, param, number, index, key, array) -> None:
@@ -321,6 +334,16 @@ class Optimizer:
     def _update(self, param, grad, state, group) -> None:
         """Update the backend array ``param`` in place from ``grad`` (same shape and dtype)."""
         raise NotImplementedError
+
+    def _update_group(self, params, grads, states, group) -> None:
+        """Update the parameters of one group that have gradients, in place, in order.
+
+        ``params``, ``grads``: the parameters' and gradients' backend arrays, checked to match;
+        ``states``: each parameter's state dict. This calls `_update` for each; an optimizer
+        with a compiled loop over many parameters at once replaces it.
+        """
+        for param, grad, state in zip(params, grads, states):
+            self._update(param, grad, state, group)
 
     # -- per-row state (dynamic sparse training)
     @staticmethod

@@ -11,14 +11,58 @@ For each parameter ``p`` with gradient ``g``, per step (``lr``, momentum ``mu``,
     p = p - lr * g
 
 State per parameter: ``momentum_buffer`` (shape and dtype of ``p``), only when ``mu != 0``.
+
+On the CPU, all parameters of a group are updated by one compiled loop (`_foreach_loop`,
+numba; see `diagnet.optim._foreach`), bit for bit as the NumPy code of `SGD._update`, which
+stays the readable reference and the path for CuPy and non-contiguous arrays.
 """
 
 from __future__ import annotations
 
-from . import _checks
+import functools
+
+import numpy as np
+
+from .. import backend
+from . import _checks, _foreach
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
+
+
+@functools.lru_cache(maxsize=None)
+def _foreach_loop(maximize, decay, momentum, nesterov, first):
+    """The compiled CPU loop over a group's parameters for these options (numba; compiled on
+    first use, per dtype, and cached on disk).
+
+    ``sgd(params, grads, buffers, scalars)``: tuples of `_foreach.CHUNK` flat arrays
+    (``buffers`` is not used without ``momentum``) and the scalars ``(lr, wd, mu, c)`` (``c =
+    1 - dampening``) in an array of the parameters' dtype. Element by element: ``g = -g``
+    (``maximize``), ``g = g + wd*p`` (``decay``), then with ``momentum``: ``buf = g``
+    (``first``: no buffer yet) or ``buf = mu*buf + c*g``, and ``g = g + mu*buf``
+    (``nesterov``) or ``g = buf``; finally ``p -= lr*g``: the NumPy code's operations, in its
+    order and precision (bit for bit; ``fastmath`` is off). The options are constants of the
+    compiled code, as in `diagnet.optim.adam._foreach_loop` (and for the same reason).
+    """
+    import numba
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def sgd(params, grads, buffers, scalars):
+        lr, wd, mu, c = scalars
+        for k in range(len(params)):
+            p, g, buf = params[k], grads[k], buffers[k]
+            for i in range(p.shape[0]):
+                gi = -g[i] if maximize else g[i]
+                pi = p[i]
+                if decay:
+                    gi = gi + wd * pi
+                if momentum:
+                    bi = gi if first else buf[i] * mu + c * gi
+                    buf[i] = bi
+                    gi = gi + mu * bi if nesterov else bi
+                p[i] = pi - lr * gi
+
+    return sgd
 
 
 class SGD(Optimizer):
@@ -67,9 +111,47 @@ class SGD(Optimizer):
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = g.copy()  # g may be the gradient's array
+                # a copy (g may be the gradient's array), and an array where NumPy made the
+                # g of a 0-d parameter a scalar (in-place updates of a scalar would be lost)
+                buf = state["momentum_buffer"] = backend.get_array_module(param).array(g)
             else:
                 buf *= momentum
                 buf += (1.0 - group["dampening"]) * g
             g = g + momentum * buf if group["nesterov"] else buf
         param -= float(group["lr"]) * g
+
+    def _update_group(self, params, grads, states, group):
+        """`_update` for each parameter, in one compiled call per `_foreach.CHUNK` parameters
+        where the arrays allow it (CPU, C-contiguous; the dtype, and whether the momentum
+        buffer exists yet, shared by a run of consecutive parameters), in `_update`
+        otherwise."""
+        momentum = group["momentum"] != 0
+
+        def run_key(item):
+            param, grad, state = item
+            buf = state.get("momentum_buffer") if momentum else None
+            arrays = (param, grad) if buf is None else (param, grad, buf)
+            return (param.dtype, buf is None) if _foreach.compilable(*arrays) else None
+
+        for key, run in _foreach.runs(zip(params, grads, states), run_key):
+            if key is None:
+                self._update(*run[0], group)
+            else:
+                self._foreach_update(run, *key, group)
+
+    def _foreach_update(self, run, dtype, first, group):
+        """One step of the parameters of ``run`` (``(param, grad, state)`` triples of
+        compilable arrays of ``dtype``; ``first``: no momentum buffer exists yet) in the
+        compiled loop."""
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        params, grads, states = zip(*run)
+        if momentum != 0 and first:
+            for param, state in zip(params, states):
+                state["momentum_buffer"] = np.zeros_like(param)
+        buffers = [state["momentum_buffer"] for state in states] if momentum != 0 else grads
+        scalars = np.array((float(group["lr"]), weight_decay, momentum,
+                            1.0 - group["dampening"]), dtype=dtype)
+        loop = _foreach_loop(group["maximize"], weight_decay != 0, momentum != 0,
+                             group["nesterov"], first)
+        for chunk in zip(*(_foreach.chunks(a, dtype) for a in (params, grads, buffers))):
+            loop(*chunk, scalars)
