@@ -1,8 +1,10 @@
 """Scaled dot-product attention, `qkv_split` and `merge_heads` (`diagnet.ops.attention`).
 
-Three implementations of attention are compared:
+Four implementations of attention are compared:
 
 * the composed reference (`reference_forward` / `reference_backward`, NumPy or CuPy);
+* the CPU default (`blas_forward` / `blas_backward`): the reference with the row softmax
+  and its gradient from `diagnet.fused.softmax`;
 * the numba kernels of `diagnet.fused.attention`, serial and threaded;
 * a plain composition of diagnet ops (matmul, where, softmax, dropout), whose backward is
   the engine's: the independent check of the reference's hand-written backward.
@@ -54,7 +56,7 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["reference", "numba"])
+@pytest.fixture(params=["blas", "reference", "numba"])
 def impl(request, monkeypatch):
     """Run the test body with each CPU implementation of attention."""
     monkeypatch.setenv(ops_attention.ENV_KERNELS, request.param)
@@ -366,9 +368,31 @@ def test_gpu_heads_and_device_mask_errors():
         F.scaled_dot_product_attention(q, cpu_q, cpu_q)
 
 
-def test_the_dispatch_picks_the_reference_unless_numba_is_asked_for(monkeypatch):
+def test_the_dispatch_picks_blas_on_the_cpu_unless_asked_otherwise(monkeypatch):
     a = np.zeros(1)
     monkeypatch.delenv(ops_attention.ENV_KERNELS, raising=False)
+    assert ops_attention._kernels(a) == (ops_attention.blas_forward, ops_attention.blas_backward)
+    monkeypatch.setenv(ops_attention.ENV_KERNELS, "reference")
     assert ops_attention._kernels(a) == (reference_forward, reference_backward)
     monkeypatch.setenv(ops_attention.ENV_KERNELS, "numba")
     assert ops_attention._kernels(a) == (kernels.forward, kernels.backward)
+    monkeypatch.setenv(ops_attention.ENV_KERNELS, "bogus")
+    with pytest.raises(ValueError, match="DIAGNET_ATTENTION_KERNELS must be one of"):
+        ops_attention._kernels(a)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dropped", [False, True])
+def test_blas_path_matches_the_reference_float64(shape, masked, dropped):
+    q, k, v, dout, mask, drop = _arrays(shape)
+    mask, drop = (mask if masked else None), (drop if dropped else None)
+    scale = 1 / math.sqrt(shape[4])
+    want_out, want_w = reference_forward(q, k, v, mask, drop, scale, MASKED_SCORE)
+    out, w = ops_attention.blas_forward(q, k, v, mask, drop, scale, MASKED_SCORE)
+    np.testing.assert_allclose(out, want_out, **F64_TOL)
+    np.testing.assert_allclose(w, want_w, **F64_TOL)
+    want = reference_backward(dout, q, k, v, want_w, mask, drop, scale)
+    got = ops_attention.blas_backward(dout, q, k, v, w, mask, drop, scale)
+    for g, wt in zip(got, want):
+        np.testing.assert_allclose(g, wt, **F64_TOL)

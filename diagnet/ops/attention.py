@@ -3,11 +3,13 @@
 * `scaled_dot_product_attention`: ``softmax(q k^T * scale) v`` per batch and head as one
   graph node, with an optional boolean mask and dropout on the weights. Its forward and
   backward run in the composed reference below (`reference_forward`, `reference_backward`:
-  readable, and what the kernels are tested against), on both devices (no CUDA kernel of
-  ours yet), or in the compiled CPU kernels of `diagnet.fused.attention` when
-  ``DIAGNET_ATTENTION_KERNELS=numba``. The reference is the CPU default because it measured
-  faster at a ViT's sizes: NumPy's batched matmul runs the tiny products with BLAS, while
-  the numba kernels load two operands per multiply-add.
+  readable, and what the others are tested against) on the GPU (no CUDA kernel of ours
+  yet). On the CPU the default (`blas_forward`, `blas_backward`) is the same composition
+  with the row softmax and its gradient in one compiled pass per row
+  (`diagnet.fused.softmax`) instead of NumPy's several reductions: NumPy's batched matmul
+  runs the tiny products with BLAS, which the all-numba kernels of `diagnet.fused.attention`
+  (``DIAGNET_ATTENTION_KERNELS=numba``; they load two operands per multiply-add) do not
+  match at a ViT's sizes. ``DIAGNET_ATTENTION_KERNELS=reference`` runs the reference.
 * `qkv_split`: the output of a fused ``qkv`` projection, ``(B, N, 3*H*d)``, as ``q``, ``k``,
   ``v`` of shape ``(B, H, N, d)`` in one node, whose backward writes the three gradients
   into one buffer (instead of one zero-filled input-sized array per indexed part).
@@ -75,18 +77,59 @@ def reference_backward(dout, q, k, v, weights, mask, drop, scale):
     return dscores @ k, xp.swapaxes(dscores, -1, -2) @ q, dv
 
 
-#: The environment variable that picks the CPU implementation: ``reference`` (the default)
-#: or ``numba``; read at every call.
+def blas_forward(q, k, v, mask, drop, scale, masked_score):
+    """`reference_forward` for NumPy arrays, with the row softmax computed in one compiled
+    pass per row (`diagnet.fused.softmax.softmax`); the products stay NumPy's matmuls."""
+    from ..fused import softmax as rows
+
+    scores = q @ np.swapaxes(k, -1, -2)
+    scores *= scale
+    if mask is not None:
+        scores = np.where(mask, scores, masked_score)
+    weights = rows.softmax(scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
+    kept = weights if drop is None else weights * drop
+    return kept @ v, weights
+
+
+def blas_backward(dout, q, k, v, weights, mask, drop, scale):
+    """`reference_backward` for NumPy arrays, with the softmax gradient computed in one
+    compiled pass per row (`diagnet.fused.softmax.softmax_grad`)."""
+    from ..fused import softmax as rows
+
+    kept = weights if drop is None else weights * drop
+    dv = np.swapaxes(kept, -1, -2) @ dout
+    dweights = dout @ np.swapaxes(v, -1, -2)
+    if drop is not None:
+        dweights *= drop
+    S = weights.shape[-1]
+    dscores = rows.softmax_grad(weights.reshape(-1, S), dweights.reshape(-1, S))
+    dscores = dscores.reshape(weights.shape)
+    if mask is not None:
+        dscores = np.where(mask, dscores, 0)
+    dscores *= scale
+    return dscores @ k, np.swapaxes(dscores, -1, -2) @ q, dv
+
+
+#: The environment variable that picks the CPU implementation: ``blas`` (the default),
+#: ``reference`` or ``numba``; read at every call. The GPU always runs the reference.
 ENV_KERNELS = "DIAGNET_ATTENTION_KERNELS"
+_CPU_KERNELS = ("blas", "reference", "numba")
 
 
 def _kernels(array):
-    """``(forward, backward)`` for ``array``: the numba kernels for a NumPy array when
-    `ENV_KERNELS` is ``numba``, the composed reference otherwise."""
-    if _xp(array) is np and os.environ.get(ENV_KERNELS, "reference") == "numba":
+    """``(forward, backward)`` for ``array``: on the CPU the implementation `ENV_KERNELS`
+    names (default ``blas``), on the GPU the composed reference."""
+    if _xp(array) is not np:
+        return reference_forward, reference_backward
+    choice = os.environ.get(ENV_KERNELS, "blas")
+    if choice not in _CPU_KERNELS:
+        raise ValueError(f"{ENV_KERNELS} must be one of {_CPU_KERNELS}; got {choice!r}")
+    if choice == "numba":
         from ..fused import attention as cpu
 
         return cpu.forward, cpu.backward
+    if choice == "blas":
+        return blas_forward, blas_backward
     return reference_forward, reference_backward
 
 
