@@ -172,7 +172,7 @@ def test_thread_count_does_not_change_results(shape, K, B):
     The sizes take the threaded path (``B * K * L`` over ``_SERIAL_WORK_VGRAD``, the larger
     threshold) of every kernel: the scatter (tall forward, wide input grad), the gather (wide
     forward, tall input grad), the rotated square gather, and the value grad split by
-    diagonals (K = 50) and, with too few diagonals for the threads, by batch rows too (K = 3)."""
+    diagonals (K = 50) and by batch rows (K = 3: many rows per diagonal)."""
     m, n = shape
     rng = np.random.default_rng(3)
     x, dy, offsets, values = make_case(rng, B, m, n, K, np.float64)
@@ -255,6 +255,33 @@ def test_vit_sized_calls_use_the_threads(shape, K, monkeypatch):
     run_all(2176, m, n, K)
     row_kernels = ("_gather_parallel", "_scatter_parallel", "_gather_rotated_parallel")
     assert sum(calls[name] for name in row_kernels) == 2
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="numba has one thread here: every call runs on the calling thread")
+@pytest.mark.parametrize("shape, K, B, split", [((64, 64), 7, 2176, "rows"),
+                                                ((192, 64), 20, 2176, "rows"),
+                                                ((64, 128), 13, 2176, "rows"),
+                                                ((768, 768), 77, 64, "diagonals")], ids=str)
+def test_threaded_value_grad_splits_rows_of_narrow_layers(shape, K, B, split, monkeypatch):
+    """A threaded value grad of a narrow layer with many rows (the example ViT's linears)
+    splits the batch among the threads, so that no thread copies every row; a wide layer
+    with few rows per diagonal splits the diagonals (no partial sums). Both match the
+    reference. Before, every layer with enough diagonals was split by diagonals."""
+    splits = []
+
+    def spy(partial, short, long, offsets, n_kchunks, marker, _real=cpu._vgrad_parallel):
+        splits.append((n_kchunks, partial.shape[0]))
+        return _real(partial, short, long, offsets, n_kchunks, marker)
+
+    monkeypatch.setattr(cpu, "_vgrad_parallel", spy)
+    m, n = shape
+    x, dy, offsets, _ = make_case(np.random.default_rng(7), B, m, n, K, np.float64)
+    got = cpu.value_grad(dy, x, offsets)
+    threads = numba.get_num_threads()
+    assert splits == [(1, threads) if split == "rows" else (threads, 1)]
+    assert_close(got, reference.value_grad(dy, x, offsets),
+                 reference.value_grad(np.abs(dy), np.abs(x), offsets), np.float64)
 
 
 def test_ready_arguments_are_not_copied():

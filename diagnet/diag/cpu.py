@@ -48,9 +48,16 @@ and stored once per 4 rows.
 **Threads.** Forward and input grad give each task a block of batch rows (several tasks per
 thread, so uneven batches still balance). The square forward gives each thread one block and
 its own rotated copy of the diagonals, because reading a copy that the other core just wrote
-cost more than rotating twice. The value grad gives each thread its own diagonals
-(its own rows of ``dvalues``: no reduction); only when there are too few diagonals for that
-is the batch split too, with per-split partial results added at the end.
+cost more than rotating twice. The value grad splits either its diagonals or its batch
+rows among the threads. Split by diagonals, each thread writes its own rows of ``dvalues``
+(no reduction) but copies every batch row into its tiles; split by rows, each copies only
+its own rows, and the per-thread partial results ``(threads, K, L)`` are added at the end.
+The batch split is taken when the copies saved, ``B * (P + 2 L)`` elements, are at least
+``_VGRAD_BATCH_SPLIT`` (16) times ``K * L``. Measured on 2 cores, the batch split took
+0.69-0.78x the time of the diagonal split at the ViT's narrow layers (``L = 64``, ratio
+300-900, float32 and float64) and 1.04-1.27x at ratios 1-5 (768 to 3072 wide, batch 32-256);
+at ratios 8-10 it was 0.93-0.98x in float32 but 1.02-1.06x in float64, so the threshold sits
+above both. With too few groups of 4 diagonals for the threads, the batch is split too.
 
 Calls with little work run on the calling thread: forward and input grad below
 ``_SERIAL_WORK`` multiply-adds (``B * K * L``) or with fewer than two tiles of rows, value
@@ -102,8 +109,12 @@ _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 # Below these many multiply-adds (B * K * L) a call runs on the calling thread (the
 # crossovers measured on 2 cores, see "Threads" above): forward and input grad...
 _SERIAL_WORK = 1 << 18
-# ...and value grad, whose threads each load every batch row.
+# ...and value grad (its crossover measured with the threads splitting the diagonals).
 _SERIAL_WORK_VGRAD = 1 << 19
+# A threaded value grad splits the batch (and adds per-thread partial sums) when the rows
+# that every thread would copy under a split by diagonals, ``B * (P + 2 L)`` elements, are at
+# least this many times the ``K * L`` of a partial sum (see "Threads" above).
+_VGRAD_BATCH_SPLIT = 16
 # Forward / input grad with fewer batch rows than this make one task: run on the caller.
 _MIN_PARALLEL_ROWS = 8
 # Forward / input grad split the batch into about this many tasks per thread...
@@ -636,6 +647,20 @@ def _to_long_side(out, short, values, offsets):
         _gather_rotated_parallel(out, short, values, offsets, threads, marker)
 
 
+def _vgrad_split(B, K, L, P, threads):
+    """``(n_kchunks, n_bchunks)``: how a threaded value grad splits diagonals and batch rows.
+
+    Many rows per diagonal (narrow layers, large batches): split the batch, so that each
+    thread copies only its own rows. Otherwise give each thread its own diagonals (no partial
+    sums to add), and split the batch too only when there are too few groups of 4 diagonals.
+    """
+    tiles = (B + _TILE_ROWS - 1) // _TILE_ROWS
+    if B * (P + 2 * L) >= _VGRAD_BATCH_SPLIT * K * L:
+        return 1, max(1, min(threads, tiles))
+    n_kchunks = min(threads, (K + 3) // 4)
+    return n_kchunks, max(1, min(threads // n_kchunks, tiles))
+
+
 def _value_grad(short, long, offsets):
     B, L = short.shape
     K = offsets.shape[0]
@@ -645,10 +670,7 @@ def _value_grad(short, long, offsets):
         out = np.zeros((K, L), dtype=short.dtype)
         _vgrad_block(out, short, long, offsets, 0, K, 0, B, marker)
         return out
-    # Give each thread its own diagonals (no reduction); only when there are too few
-    # groups of 4 diagonals for that, split the batch too and add the partial results.
-    n_kchunks = min(threads, (K + 3) // 4)
-    n_bchunks = max(1, min(threads // n_kchunks, (B + 3) // 4))
+    n_kchunks, n_bchunks = _vgrad_split(B, K, L, long.shape[1], threads)
     partial = np.zeros((n_bchunks, K, L), dtype=short.dtype)
     _vgrad_parallel(partial, short, long, offsets, n_kchunks, marker)
     return partial[0] if n_bchunks == 1 else partial.sum(axis=0)
