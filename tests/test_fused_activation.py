@@ -3,7 +3,8 @@
 The reference is the array code of `diagnet.ops.activation.GELU`, selected with
 ``DIAGNET_CPU_KERNELS=reference`` (the `use_kernels` fixture). float64 values and gradients
 agree to rounding; float32 (whose erf form uses a vectorisable ``erfc`` accurate to a
-relative 1.2e-7) agrees with the float64 reference to the float32 tolerances. The CuPy path
+relative 1.2e-7, and whose exponentials come from `diagnet.fused.fastmath`, checked here
+against NumPy) agrees with the float64 reference to the float32 tolerances. The CuPy path
 (the reference) is checked through the stand-in by the ``gpu`` tests at the end.
 """
 
@@ -66,6 +67,37 @@ def test_gelu_kernels_in_float32_match_the_float64_reference(approximate, use_ke
                                        approximate)
     np.testing.assert_allclose(y, y_ref, **F32_TOL)
     np.testing.assert_allclose(gx, gx_ref, **F32_GRAD_TOL)
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+def test_gelu_kernels_in_float32_at_special_values(approximate, use_kernels):
+    x32 = np.array(SPECIAL + [-1e30, 1e30, -3e38, 3e38, -1e-45], dtype=np.float32)
+    g32 = np.ones_like(x32)
+    with np.errstate(all="ignore"):  # inf * 0 at the infinities: NaN in both
+        y, gx = _gelu_and_grad(x32, g32, approximate)
+        with use_kernels("reference"):
+            y_ref, gx_ref = _gelu_and_grad(x32.astype(np.float64), g32.astype(np.float64),
+                                           approximate)
+    np.testing.assert_allclose(y, y_ref, equal_nan=True, **F32_TOL)
+    np.testing.assert_allclose(gx, gx_ref, equal_nan=True, **F32_GRAD_TOL)
+
+
+def test_exp_nonpositive_f32_matches_numpy():
+    """The float32-precision exponential of the float32 kernels, to its stated 4e-10."""
+    import numba
+
+    from diagnet.fused.fastmath import exp_nonpositive_f32
+
+    @numba.njit
+    def exp_all(x):
+        return np.array([exp_nonpositive_f32(v) for v in x])
+
+    x = -np.concatenate([np.linspace(0.0, 256.0, 100001),
+                         np.random.default_rng(10).exponential(20.0, 10000)])
+    x = x[x >= -256.0]
+    np.testing.assert_allclose(exp_all(x), np.exp(x), rtol=4e-10, atol=0.0)
+    special = exp_all(np.array([-0.0, -256.5, -1e300, -np.inf, np.nan]))
+    np.testing.assert_array_equal(special, [1.0, 0.0, 0.0, 0.0, np.nan])
 
 
 @pytest.mark.parametrize("approximate", FORMS)

@@ -10,16 +10,17 @@ tested against, and the GPU path.
 How each form is computed (float32 arrays in float64 registers, rounded once on the store):
 
 * **tanh form**: ``0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u))``, with the
-  exponential taken of ``-2|u|`` (never positive: no overflow) by the vectorisable
-  `diagnet.fused.softmax.exp_nonpositive`; the derivative uses the same ``sigmoid``:
-  ``s + x * 2 s (1 - s) * du/dx``.
+  exponential taken of ``-2|u|`` (never positive: no overflow); the derivative uses the
+  same ``sigmoid``: ``s + x * 2 s (1 - s) * du/dx``.
 * **erf form, float64**: ``Phi(x) = erfc(-x / sqrt(2)) / 2`` from the C library's ``erfc``
   (accurate in both tails; one scalar call per element, as precise as SciPy's ``erf``).
 * **erf form, float32**: ``erfc`` from the Chebyshev fit of Numerical Recipes (``erfcc``,
   relative error below 1.2e-7 for every ``z >= 0``), which vectorises: about float32's own
   precision, at a fraction of a scalar ``erfc`` call per element.
-* the density in the erf form's derivative: ``exp(-x^2 / 2) / sqrt(2 pi)`` by
-  `exp_nonpositive`.
+* the density in the erf form's derivative: ``exp(-x^2 / 2) / sqrt(2 pi)``.
+* every exponential: float64 arrays use `diagnet.fused.softmax.exp_nonpositive` (a few ulps
+  of float64); float32 arrays use `diagnet.fused.fastmath.exp_nonpositive_f32` (a relative
+  4e-10, without the former's table lookup, so the whole loop becomes SIMD code).
 
 Threads: arrays of fewer than ``_SERIAL_ELEMENTS`` elements are done on the calling
 thread, larger ones in chunks over numba's pool (the policy of `diagnet.diag.cpu`).
@@ -34,6 +35,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from .fastmath import exp_nonpositive_f32
 from .softmax import exp_nonpositive
 
 __all__ = ["gelu", "gelu_grad"]
@@ -74,7 +76,19 @@ def _erfc_approx(z):
         -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
             -0.82215223 + t * 0.17087277))))))))
     exponent = poly - z * z  # at most 3e-8 (at z = 0, where erfc is 1): clamp to 0
-    return t * exp_nonpositive(exponent if exponent < 0.0 else 0.0)
+    return t * exp_nonpositive_f32(exponent if exponent < 0.0 else 0.0)
+
+
+def _exp(like, x):
+    """``exp(x)`` for a float64 ``x <= 0``, to the precision of ``like``'s dtype."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_exp, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"})
+def _exp_for(like, x):
+    if like == types.float32:
+        return lambda like, x: exp_nonpositive_f32(x)
+    return lambda like, x: exp_nonpositive(x)
 
 
 def _normal_cdf(v):
@@ -98,10 +112,11 @@ def _normal_cdf_for(v):
 
 
 @_inline
-def _tanh_gate(x):
-    """``(s, ds/dx)`` of the tanh form, ``s = 0.5 (1 + tanh(u)) = sigmoid(2u)``."""
+def _tanh_gate(x, like):
+    """``(s, ds/dx)`` of the tanh form, ``s = 0.5 (1 + tanh(u)) = sigmoid(2u)``, for the
+    float64 ``x`` to the precision of ``like``'s dtype."""
     u = _SQRT_2_OVER_PI * (x + _TANH_CUBIC * x * x * x)
-    e = exp_nonpositive(-2.0 * abs(u))
+    e = _exp(like, -2.0 * abs(u))
     inv = 1.0 / (1.0 + e)
     s, rest = (inv, e * inv) if u >= 0.0 else (e * inv, inv)  # s and 1 - s, both accurate
     du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * x * x)
@@ -118,7 +133,7 @@ def _gelu_block(x, y, tanh_form, start, stop):
     if tanh_form:
         for i in range(_u(start), _u(stop)):
             v = np.float64(x[i])
-            y[i] = v * _tanh_gate(v)[0]
+            y[i] = v * _tanh_gate(v, x[i])[0]
     else:
         for i in range(_u(start), _u(stop)):
             y[i] = np.float64(x[i]) * _normal_cdf(x[i])
@@ -129,12 +144,12 @@ def _gelu_grad_block(x, gy, gx, tanh_form, start, stop):
     if tanh_form:
         for i in range(_u(start), _u(stop)):
             v = np.float64(x[i])
-            s, ds = _tanh_gate(v)
+            s, ds = _tanh_gate(v, x[i])
             gx[i] = np.float64(gy[i]) * (s + v * ds)
     else:
         for i in range(_u(start), _u(stop)):
             v = np.float64(x[i])
-            pdf = _INV_SQRT_2PI * exp_nonpositive(-0.5 * v * v)
+            pdf = _INV_SQRT_2PI * _exp(x[i], -0.5 * v * v)
             gx[i] = np.float64(gy[i]) * (_normal_cdf(x[i]) + v * pdf)
 
 
