@@ -5,7 +5,8 @@ loaders all follow `manual_seed`:
 
 * `manual_seed(seed)` reseeds the default generator (a ``numpy.random.Generator``);
   `get_state` / `set_state` save and restore it (JSON-able, for checkpoints), and
-  `check_state` validates a state without touching the generator.
+  `check_state` validates a state without touching the generator. `check_generator_state`
+  does the same for any NumPy bit generator (the saved generators of DST controllers).
 * `as_generator(rng)` turns the ``rng`` argument that random functions accept (``None`` for
   the default generator, an int seed, or a Generator) into a Generator.
 * `uniform(shape, xp, ...)` draws uniform numbers *on the array's device* without moving
@@ -112,6 +113,116 @@ def set_state(state: dict) -> None:
     """Restore a state returned by `get_state`, after `check_state` (which raises TypeError
     or ValueError, leaving the generator unchanged)."""
     _default.bit_generator.state = check_state(state)
+
+
+#: fields that NumPy stores without a range check although only some values are usable:
+#: ``(kind, or None for every kind that has the field; field path; low; high)``. MT19937 and
+#: Philox index their key and buffer with ``pos`` and ``buffer_pos`` (a larger one reads past
+#: the end); ``has_uint32`` is a flag.
+_FIELD_RANGES = ((None, ("has_uint32",), 0, 1),
+                 ("MT19937", ("state", "pos"), 0, 624),
+                 ("Philox", ("buffer_pos",), 0, 4))
+#: the bit generators whose ``inc`` is the odd increment of a PCG
+_PCG_KINDS = ("PCG64", "PCG64DXSM")
+
+
+def check_generator_state(state, kind, where: str = "state") -> dict:
+    """Validate the saved state of a ``kind`` bit generator and return the state NumPy holds
+    once it is loaded; change nothing.
+
+    ``kind`` is a ``numpy.random.BitGenerator`` class (PCG64, PCG64DXSM, MT19937, Philox,
+    SFC64, ...) and ``state`` what ``kind(...).state`` gave: ``{"bit_generator": <kind name>,
+    ...}`` with int and integer-array fields. NumPy's own setter truncates a float, ignores
+    an extra key, wraps a negative array entry, and takes an even PCG increment or an MT19937
+    position past its key. Here the state must have exactly the fields of a ``kind`` state,
+    each an int (not a float or bool) or an integer array of the right shape; a fresh ``kind``
+    loaded with it must hold it unchanged; and ``inc`` (PCG64, PCG64DXSM) must be odd,
+    ``pos`` (MT19937) in ``[0, 624]``, ``buffer_pos`` (Philox) in ``[0, 4]`` and
+    ``has_uint32`` 0 or 1.
+
+    Args:
+        state: the saved state.
+        kind: the bit generator class it must be for.
+        where: how messages name the state, e.g. ``"controller state 'rng'"``.
+
+    Returns:
+        the state as NumPy holds it (assign it to the generator's ``bit_generator.state``).
+
+    Raises:
+        ValueError: ``state`` is not a ``kind`` state; the message names the first bad
+            field, as in ``state['state']['inc']``.
+    """
+    name = kind.__name__
+    if not isinstance(state, dict) or state.get("bit_generator") != name:
+        raise ValueError(f"{where} must be the state of a {name} bit generator; got "
+                         f"{state!r:.80}")
+    probe = kind()
+    try:
+        _check_fields(state, probe.state, "state", same_values=False)
+        _check_kind_rules(name, state)
+        probe.state = state
+        _check_fields(state, probe.state, "state", same_values=True)
+    except (TypeError, ValueError, KeyError, OverflowError, IndexError) as exc:  # NumPy's too
+        raise ValueError(f"{where} is not a valid {name} state: {exc}") from None
+    return probe.state
+
+
+def _check_fields(given, model, field, same_values) -> None:
+    """ValueError unless ``given`` has the structure of the state ``model`` (the same keys;
+    ints where it has ints; integer arrays of its shapes where it has arrays) and, with
+    ``same_values``, its values. ``field`` names ``given`` in messages."""
+    if isinstance(model, dict):
+        if not isinstance(given, dict):
+            raise ValueError(f"{field} must be a dict; got {type(given).__name__}")
+        for key in given:
+            if key not in model:
+                raise ValueError(f"{field} has the unknown field {key!r:.40}")
+        for key in model:
+            if key not in given:
+                raise ValueError(f"{field} lacks the field {key!r}")
+            _check_fields(given[key], model[key], f"{field}[{key!r}]", same_values)
+    elif isinstance(model, np.ndarray):
+        values = np.asarray(given)
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"{field} must be integers; got {type(given).__name__} of "
+                             f"{values.dtype}")
+        if values.shape != model.shape:
+            raise ValueError(f"{field} must have shape {model.shape}; got {values.shape}")
+        if same_values and not np.array_equal(values, model):
+            raise ValueError(f"{field} = {given!s:.60} does not survive loading: NumPy would "
+                             f"hold {model!s:.60}")
+    elif isinstance(model, str):
+        if given != model:
+            raise ValueError(f"{field} must be {model!r}; got {given!r:.40}")
+    else:
+        if isinstance(given, (bool, np.bool_)) or not isinstance(given, numbers.Integral):
+            raise ValueError(f"{field} must be an int; got {type(given).__name__} "
+                             f"{given!r:.40}")
+        if same_values and given != model:
+            raise ValueError(f"{field} = {given} does not survive loading: NumPy would hold "
+                             f"{model}")
+
+
+def _check_kind_rules(name, state) -> None:
+    """ValueError if a field of the ``name`` state ``state`` (of the right structure) holds a
+    value NumPy would store but cannot use."""
+    if name in _PCG_KINDS and state["state"]["inc"] % 2 == 0:
+        raise ValueError(f"state['state']['inc'] must be odd (a PCG increment); got "
+                         f"{state['state']['inc']}")
+    for kind, path, low, high in _FIELD_RANGES:
+        value = _field_at(state, path)
+        if kind in (None, name) and value is not None and not low <= value <= high:
+            field = "state" + "".join(f"[{key!r}]" for key in path)
+            raise ValueError(f"{field} must be in [{low}, {high}]; got {value}")
+
+
+def _field_at(state, path):
+    """The field at ``path`` (a tuple of keys) of the nested dict ``state``, or None."""
+    for key in path:
+        if not isinstance(state, dict) or key not in state:
+            return None
+        state = state[key]
+    return state
 
 
 _RNG_EXPECTED = "rng must be None, a non-negative int seed or a numpy Generator"

@@ -1,6 +1,7 @@
 """DynaDiag: the soft top-k layer against a dense NumPy reference, swaps, the freeze, the
 controller, state dicts and a resumed run."""
 
+import copy
 import json
 import math
 
@@ -648,6 +649,27 @@ def test_controller_argument_errors():
         ctrl.load_state_dict({**ctrl.state_dict(), "layers": ["x", "y"]})
     with pytest.raises(ValueError, match="rng"):
         ctrl.load_state_dict({**ctrl.state_dict(), "rng": {"bit_generator": "nope"}})
+
+
+@pytest.mark.parametrize("kind, field, value, message", [
+    ("PCG64", "state", 1.5, r"state\['state'\]\['state'\] must be an int; got float 1.5"),
+    ("PCG64", "inc", 4, r"state\['state'\]\['inc'\] must be odd"),
+    ("PCG64", "extra", 1, r"state\['state'\] has the unknown field 'extra'"),
+    ("MT19937", "pos", 10 ** 6, r"state\['state'\]\['pos'\] must be in \[0, 624\]"),
+], ids=["float", "even-inc", "extra-key", "mt19937-pos"])
+def test_generator_state_is_checked_field_by_field(kind, field, value, message):
+    """A saved generator state that NumPy would take but not hold as given (a truncated
+    float, an even PCG64 increment, an extra key, an MT19937 position past its key) is
+    refused, and the controller keeps its own."""
+    ctrl = DynaDiag(_model(), rng=np.random.Generator(getattr(np.random, kind)(3)))
+    good = ctrl.state_dict()
+    bad = copy.deepcopy(good)
+    bad["rng"]["state"][field] = value
+    bad["next_step"] += 1
+    with pytest.raises(ValueError, match=f"DynaDiag state 'rng' is not a valid {kind} state: "
+                                         f"{message}"):
+        ctrl.load_state_dict(bad)
+    np.testing.assert_equal(ctrl.state_dict(), good)
 
 
 def _controller(model, rng=7):

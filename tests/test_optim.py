@@ -712,6 +712,34 @@ def test_step_refuses_parameter_data_replaced_after_its_state_was_made(
     assert all(v.shape == w.shape for v in opt.state[w].values() if backend.is_array(v))
 
 
+_MISSING = object()
+
+
+@pytest.mark.parametrize("step", [-1, float("nan"), 1e308, 2.0, True, 2 ** 63, "3", _MISSING],
+                         ids=["negative", "nan", "huge-float", "whole-float", "bool", "2**63",
+                              "str", "missing"])
+@pytest.mark.parametrize("make", [MISMATCH_OPTIMIZERS[k] for k in ("adam", "adamw_amsgrad")],
+                         ids=["adam", "adamw_amsgrad"])
+def test_step_refuses_a_step_count_set_by_hand_and_changes_nothing(make, step, loop_calls):
+    """Adam's bias correction uses the step count: one set in memory to -1, NaN or 1e308
+    would silently give a wrong update (or a late TypeError or KeyError)."""
+    w, b = _linear_params()
+    opt = _stepped(make, (w, b))
+    if step is _MISSING:
+        del opt.state[w]["step"]
+    else:
+        opt.state[w]["step"] = step
+    _set_grad(b, np.ones(4))  # b comes first and is fine: a refused step must not update it
+    _set_grad(w, np.ones(w.shape))
+    before = _snapshot_all(opt)
+    calls = len(loop_calls)
+    with pytest.raises(ValueError, match=r"optimizer state 'step' of parameter 'weight' must be "
+                                         r"an int in \[0, 2\*\*63\) \(a step count\); got"):
+        opt.step()
+    _assert_unchanged(before, opt)
+    assert len(loop_calls) == calls
+
+
 @pytest.mark.gpu
 def test_step_after_the_model_moved_to_the_gpu_names_the_devices():
     cp = backend.cupy_or_none()

@@ -373,6 +373,67 @@ def test_check_state_dict_rejects_what_cannot_resume():
     assert ctrl.rng.bit_generator.state == rng_before  # nothing changed
 
 
+
+def _spoiled_rng(state, path, value):
+    """A deep copy of the generator ``state`` with the field at ``path`` set to ``value``
+    (``DELETE``: removed)."""
+    state = copy.deepcopy(state)
+    inner = state
+    for key in path[:-1]:
+        inner = inner[key]
+    if value is DELETE:
+        del inner[path[-1]]
+    else:
+        inner[path[-1]] = value
+    return state
+
+
+DELETE = object()
+
+# (bit generator, field, bad value, message): NumPy itself accepts every one of these values
+# (truncating a float, keeping an even increment, wrapping a negative, ignoring an extra key,
+# or reading past its key array at pos=10**6) or fails with an unhelpful KeyError
+GENERATOR_STATE_CASES = [
+    ("PCG64", ("state", "state"), 1.5, r"\['state'\]\['state'\] must be an int; got float 1.5"),
+    ("PCG64", ("state", "state"), 1.0, r"\['state'\]\['state'\] must be an int; got float"),
+    ("PCG64", ("state", "inc"), 4, r"\['state'\]\['inc'\] must be odd"),
+    ("PCG64", ("has_uint32",), True, r"\['has_uint32'\] must be an int; got bool"),
+    ("PCG64", ("has_uint32",), 2, r"\['has_uint32'\] must be in \[0, 1\]; got 2"),
+    ("PCG64", ("state", "extra"), 1, r"\['state'\] has the unknown field 'extra'"),
+    ("PCG64", ("extra",), 1, r"has the unknown field 'extra'"),
+    ("PCG64", ("state", "inc"), DELETE, r"\['state'\] lacks the field 'inc'"),
+    ("SFC64", ("state", "state"), np.array([-1, 2, 3, 4]),
+     r"\['state'\]\['state'\] = \[-1  2  3  4\] does not survive loading"),
+    ("MT19937", ("state", "pos"), 10 ** 6, r"\['state'\]\['pos'\] must be in \[0, 624\]"),
+    ("MT19937", ("state", "pos"), -1, r"\['state'\]\['pos'\] must be in \[0, 624\]"),
+    ("MT19937", ("state", "key"), [0.5] * 624, r"\['state'\]\['key'\] must be integers"),
+    ("MT19937", ("state", "key"), np.zeros(623, np.uint32), r"must have shape \(624,\)"),
+    ("Philox", ("buffer_pos",), 100, r"\['buffer_pos'\] must be in \[0, 4\]"),
+]
+
+
+def _generator(kind):
+    return np.random.Generator(getattr(np.random, kind)(11))
+
+
+@pytest.mark.parametrize("kind, path, value, message", GENERATOR_STATE_CASES,
+                         ids=[f"{c[0]}-{'.'.join(c[1])}-{c[2]!r:.12}" for c in
+                              GENERATOR_STATE_CASES])
+def test_generator_state_is_checked_field_by_field(kind, path, value, message):
+    """The saved generator state must be what NumPy would hold after loading it, field by
+    field, with ints (not floats or bools) and each kind's own invariants; a refused state
+    leaves the controller as it was."""
+    model = _mlp(0)
+    ctrl = DiagPruneGrow(_layers(model), "set", delta_t=2, t_end=40, rng=_generator(kind))
+    good = ctrl.state_dict()
+    ctrl.load_state_dict(copy.deepcopy(good))  # the unspoiled state of any kind loads
+    bad = {**good, "rng": _spoiled_rng(good["rng"], path, value)}
+    with pytest.raises(ValueError, match=f"controller state 'rng' is not a valid {kind} state: "
+                                         f"state.*{message}"):
+        ctrl.load_state_dict(bad)
+    np.testing.assert_equal(ctrl.state_dict(), good)  # nothing changed
+
+
 # ----------------------------------------------------------------------------- arguments
 
 def test_constructor_arguments_are_checked():

@@ -685,12 +685,12 @@ class DynaDiag(SparsityController):
                 or not all(isinstance(f, (bool, np.bool_)) for f in frozen):
             raise ValueError(f"DynaDiag state 'frozen' must be {len(self.layers)} bools; got "
                              f"{frozen!r:.80}")
-        try:
-            probe = type(self.rng.bit_generator)()
-            probe.state = state["rng"]
-        except Exception as exc:  # noqa: BLE001 - any failure means an unusable state
-            raise ValueError(f"DynaDiag state 'rng' is not a usable generator state: {exc}") \
-                from None
+        self._checked_rng(state["rng"])
+
+    def _checked_rng(self, saved):
+        """The saved generator state as this controller's generator will hold it."""
+        return _random.check_generator_state(saved, type(self.rng.bit_generator),
+                                             "DynaDiag state 'rng'")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` (the layers' own state comes with the model's)."""
@@ -701,6 +701,6 @@ class DynaDiag(SparsityController):
                 layer.T = self.temperature
         self.epoch = None if state["epoch"] is None else int(state["epoch"])
         self.next_step, self.swaps = int(state["next_step"]), int(state["swaps"])
-        self.rng.bit_generator.state = state["rng"]
+        self.rng.bit_generator.state = self._checked_rng(state["rng"])
         self.tap.disarm()
         self.tap.clear()

@@ -314,17 +314,9 @@ class _PruneGrow(SparsityController):
             self._check_ever(name, value)
 
     def _checked_rng(self, saved):
-        kind = type(self.rng.bit_generator)
-        if not isinstance(saved, dict) or saved.get("bit_generator") != kind.__name__:
-            raise ValueError(f"controller state 'rng' must be the state of a {kind.__name__} "
-                             f"bit generator; got {saved!r:.80}")
-        probe = kind()
-        try:
-            probe.state = saved
-        except (TypeError, ValueError, KeyError, OverflowError) as exc:  # numpy raises all 4
-            raise ValueError(f"controller state 'rng' is not a valid {kind.__name__} state: "
-                             f"{exc}") from None
-        return probe.state
+        """The saved generator state as this controller's generator will hold it."""
+        return _random.check_generator_state(saved, type(self.rng.bit_generator),
+                                             "controller state 'rng'")
 
     def load_state_dict(self, state) -> None:
         """Restore the generator and the ever-active sets (after `check_state_dict`)."""

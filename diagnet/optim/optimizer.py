@@ -15,7 +15,8 @@ result bit for bit. Before it updates anything, ``step()``
 checks every gradient and state array against its parameter (device, shape, dtype: attribute
 comparisons, no array scans) and refuses the whole step, naming the parameter, if one
 differs: NumPy would broadcast a ``(n,)`` gradient onto a ``(m, n)`` weight without a word,
-and a compiled loop handed a smaller array reads and writes past its end.
+and a compiled loop handed a smaller array reads and writes past its end. It also refuses a
+step count (``state[param]["step"]``) that is not an int in ``[0, 2**63)``.
 
 State dicts follow PyTorch's layout, with parameters numbered in group order::
 
@@ -59,6 +60,12 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _is_step_count(value) -> bool:
+    """Whether ``value`` is a step count: an int (not a bool) in ``[0, 2**63)``."""
+    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
+            and 0 <= value <= _MAX_STEP)
 
 
 def _describe(name, index, where=""):
@@ -243,9 +250,10 @@ class Optimizer:
             the closure's loss, or None.
 
         Raises:
-            TypeError, ValueError: a gradient is not a Tensor, or a gradient or a state array
-                differs from its parameter in device, shape or dtype (the message names the
-                parameter). Everything is checked first: a refused step updates nothing.
+            TypeError, ValueError: a gradient is not a Tensor, a gradient or a state array
+                differs from its parameter in device, shape or dtype, or a step count is not
+                an int in ``[0, 2**63)`` (the message names the parameter). Everything is
+                checked first: a refused step updates nothing.
         """
         loss = None
         if closure is not None:
@@ -272,13 +280,15 @@ class Optimizer:
         have a gradient (groups without any are left out).
 
         Every gradient and every state array is checked against its parameter first (device,
-        shape, dtype), so that a refused step updates nothing and no update, compiled loop
-        included, ever sees arrays that do not match. Attribute comparisons only: this runs
-        at every step.
+        shape, dtype), and every step count is checked to be an int in ``[0, 2**63)`` (one
+        set by hand to -1, NaN or 1e308 would skew Adam's bias correction without a word),
+        so that a refused step updates nothing and no update, compiled loop included, ever
+        sees arrays that do not match. Attribute comparisons only: this runs at every step.
 
         Raises:
             TypeError: a gradient is not a Tensor.
-            ValueError: a gradient or a state array differs from its parameter.
+            ValueError: a gradient or a state array differs from its parameter, or a step
+                count is not an int in ``[0, 2**63)``.
         """
         updates = []
         for number, group in enumerate(self.param_groups):
@@ -305,6 +315,10 @@ class Optimizer:
                                                   or value.shape != shape
                                                   or value.dtype != dtype):
                             self._check_array(param, number, index, key, value)
+                    for key in self.state_scalars:
+                        count = state.get(key)
+                        if type(count) is not int or not 0 <= count <= _MAX_STEP:
+                            self._check_count(param, number, index, key, state)
                 params.append(param)
                 grads.append(g)
             if params:
@@ -322,6 +336,20 @@ class Optimizer:
             raise ValueError(f"the gradient of {label} {problem}")
         raise ValueError(f"optimizer state {key!r} of {label} {problem}: the parameter's data "
                          f"changed after the state was made; {_STALE_STATE_REMEDIES[kind]}")
+
+    def _check_count(self, param, number, index, key, state) -> None:
+        """Raise a ValueError unless the state entry ``key`` of ``param`` is a step count
+        (or is absent and not required)."""
+        if key not in state:
+            if key not in self.state_required:
+                return
+            got = "no such entry"
+        elif _is_step_count(state[key]):
+            return
+        else:
+            got = f"{type(state[key]).__name__} {state[key]!r:.40}"
+        raise ValueError(f"optimizer state {key!r} of {self._label(param, number, index)} must "
+                         f"be an int in [0, 2**63) (a step count); got {got}")
 
     def _label(self, param, number, index) -> str:
         """``param`` as error messages name it: its name, else its place in its group."""
@@ -601,8 +629,7 @@ class Optimizer:
                                  f"parameter has dtype {param.dtype}")
             return value
         if name in self.state_scalars:
-            if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
-                    or not 0 <= value <= _MAX_STEP):
+            if not _is_step_count(value):
                 raise ValueError(f"state {name!r} of {label} must be an int in [0, 2**63) "
                                  f"(a step count); got {type(value).__name__} {value!r:.40}")
             return int(value)
