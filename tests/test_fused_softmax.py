@@ -79,6 +79,33 @@ def test_softmax_kernels_in_float32_match_the_float64_reference(name, use_kernel
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("shift", [0.0, 1e4, -1e4])
+def test_float32_kernels_handle_masked_huge_and_nan_logits_like_the_reference(name, shift,
+                                                                             use_kernels):
+    # float32 rows take their own exponential (`diagnet.fused.fastmath`): its clamp for
+    # arguments below -256, -inf and NaN must give what the float64 reference gives
+    x = _logits((2100, 17), seed=8, shift=shift)
+    x[5, 3] = np.nan
+    x[7, :9] = shift - 300.0  # exp(-300) and exp(-600): 0 in float32
+    x[7, 9:] = shift + 300.0
+    x32 = x.astype(np.float32)
+    g32 = np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # the all -inf row and the NaN row: NaN in both
+        y, gx = _value_and_grad(OPS[name], x32, g32)
+        with use_kernels("reference"):
+            y_ref, gx_ref = _value_and_grad(OPS[name], x32.astype(np.float64),
+                                            g32.astype(np.float64))
+    assert y.dtype == gx.dtype == np.float32
+    tol = LOG_SOFTMAX_F32_TOL if name == "log_softmax" else dict(rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(y, y_ref, equal_nan=True, **tol)
+    np.testing.assert_allclose(gx, gx_ref, equal_nan=True, **F32_GRAD_TOL)
+    assert np.isnan(y[5]).all() and np.isnan(gx[5]).all()
+    if name == "softmax":
+        assert np.all(y[np.isneginf(x32) & ~np.isnan(y)] == 0)  # a masked logit: exactly 0
+        assert np.all(y[7, :9] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
 @pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 2, 3)], ids=str)
 def test_softmax_kernels_gradcheck(name, shape):
     x = diagnet.tensor(np.random.default_rng(5).standard_normal(shape), requires_grad=True)

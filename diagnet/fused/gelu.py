@@ -20,7 +20,8 @@ How each form is computed (float32 arrays in float64 registers, rounded once on 
 * the density in the erf form's derivative: ``exp(-x^2 / 2) / sqrt(2 pi)``.
 * every exponential: float64 arrays use `diagnet.fused.softmax.exp_nonpositive` (a few ulps
   of float64); float32 arrays use `diagnet.fused.fastmath.exp_nonpositive_f32` (a relative
-  4e-10, without the former's table lookup, so the whole loop becomes SIMD code).
+  4e-10, without the former's table lookup, so the whole loop becomes SIMD code); both
+  through `diagnet.fused.softmax.exp_for_dtype`.
 
 Threads: arrays of fewer than ``_SERIAL_ELEMENTS`` elements are done on the calling
 thread, larger ones in chunks over numba's pool (the policy of `diagnet.diag.cpu`).
@@ -36,7 +37,7 @@ from numba import types
 from numba.extending import overload
 
 from .fastmath import exp_nonpositive_f32
-from .softmax import exp_nonpositive
+from .softmax import exp_for_dtype
 
 __all__ = ["gelu", "gelu_grad"]
 
@@ -79,18 +80,6 @@ def _erfc_approx(z):
     return t * exp_nonpositive_f32(exponent if exponent < 0.0 else 0.0)
 
 
-def _exp(like, x):
-    """``exp(x)`` for a float64 ``x <= 0``, to the precision of ``like``'s dtype."""
-    raise NotImplementedError("only callable from numba-compiled code")
-
-
-@overload(_exp, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"})
-def _exp_for(like, x):
-    if like == types.float32:
-        return lambda like, x: exp_nonpositive_f32(x)
-    return lambda like, x: exp_nonpositive(x)
-
-
 def _normal_cdf(v):
     """``Phi(v)`` in float64, to the precision ``v``'s dtype needs (typed by `overload`)."""
     raise NotImplementedError("only callable from numba-compiled code")
@@ -116,7 +105,7 @@ def _tanh_gate(x, like):
     """``(s, ds/dx)`` of the tanh form, ``s = 0.5 (1 + tanh(u)) = sigmoid(2u)``, for the
     float64 ``x`` to the precision of ``like``'s dtype."""
     u = _SQRT_2_OVER_PI * (x + _TANH_CUBIC * x * x * x)
-    e = _exp(like, -2.0 * abs(u))
+    e = exp_for_dtype(like, -2.0 * abs(u))
     inv = 1.0 / (1.0 + e)
     s, rest = (inv, e * inv) if u >= 0.0 else (e * inv, inv)  # s and 1 - s, both accurate
     du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * x * x)
@@ -149,7 +138,7 @@ def _gelu_grad_block(x, gy, gx, tanh_form, start, stop):
     else:
         for i in range(_u(start), _u(stop)):
             v = np.float64(x[i])
-            pdf = _INV_SQRT_2PI * _exp(x[i], -0.5 * v * v)
+            pdf = _INV_SQRT_2PI * exp_for_dtype(x[i], -0.5 * v * v)
             gx[i] = np.float64(gy[i]) * (_normal_cdf(x[i]) + v * pdf)
 
 
