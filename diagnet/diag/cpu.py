@@ -217,10 +217,17 @@ def _store_tile_folded(dst, tile, b_start, nrows, width, marker):
 # Gather: out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]]
 # --------------------------------------------------------------------------------------
 
+# The first group of diagonals of a tile assigns its sum instead of adding it, which saves a
+# pass that zeroes the tile. Like the stride, the choice travels as a type (the length of a
+# tuple), so each version compiles without a branch in its loop.
+_ASSIGN = (0,)
+_ADD = ()
+
 
 @_jit
-def _gather_4rows_8diags(acc, ext, vals, k, shifts, marker):
-    """``acc[r*S + i] += sum_{d<8} vals[k+d, i] * ext[r*S + i + shifts[k+d]]``, r = 0..3.
+def _gather_4rows_8diags(acc, ext, vals, k, shifts, marker, mode):
+    """``acc[r*S + i] += sum_{d<8} vals[k+d, i] * ext[r*S + i + shifts[k+d]]``, r = 0..3
+    (``=`` instead of ``+=`` when ``mode`` is `_ASSIGN`).
 
     The hot loop of forward and input grad. Per SIMD step: 8 ``vals`` loads (each used for
     4 rows), 32 shifted ``ext`` loads, 4 ``acc`` loads and 4 stores, for 32 multiply-adds.
@@ -239,11 +246,14 @@ def _gather_4rows_8diags(acc, ext, vals, k, shifts, marker):
             j = i + r
             lo = (w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])
             hi = (w4 * ext[j + s4] + w5 * ext[j + s5]) + (w6 * ext[j + s6] + w7 * ext[j + s7])
-            acc[j] += lo + hi
+            if len(mode):  # a compile-time constant: no branch in the compiled loop
+                acc[j] = lo + hi
+            else:
+                acc[j] += lo + hi
 
 
 @_jit
-def _gather_4rows_4diags(acc, ext, vals, k, shifts, marker):
+def _gather_4rows_4diags(acc, ext, vals, k, shifts, marker, mode):
     """As `_gather_4rows_8diags` with 4 diagonals (when ``K % 8 >= 4``)."""
     S1 = _stride(marker)
     S2 = S1 + S1
@@ -254,11 +264,15 @@ def _gather_4rows_4diags(acc, ext, vals, k, shifts, marker):
         w0, w1, w2, w3 = vals[k0, i], vals[k1, i], vals[k2, i], vals[k3, i]
         for r in (_u(0), S1, S2, S3):
             j = i + r
-            acc[j] += (w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])
+            s = (w0 * ext[j + s0] + w1 * ext[j + s1]) + (w2 * ext[j + s2] + w3 * ext[j + s3])
+            if len(mode):
+                acc[j] = s
+            else:
+                acc[j] += s
 
 
 @_jit
-def _gather_4rows_1diag(acc, ext, vals, k, shifts, marker):
+def _gather_4rows_1diag(acc, ext, vals, k, shifts, marker, mode):
     """As `_gather_4rows_8diags` with one diagonal (the last ``K % 4``)."""
     S1 = _stride(marker)
     S2 = S1 + S1
@@ -268,7 +282,10 @@ def _gather_4rows_1diag(acc, ext, vals, k, shifts, marker):
     for i in range(_u(vals.shape[1])):
         w0 = vals[k0, i]
         for r in (_u(0), S1, S2, S3):
-            acc[i + r] += w0 * ext[i + r + s0]
+            if len(mode):
+                acc[i + r] = w0 * ext[i + r + s0]
+            else:
+                acc[i + r] += w0 * ext[i + r + s0]
 
 
 @_jit
@@ -297,17 +314,25 @@ def _gather_1row_1diag(acc, ext, vals, k, shifts):
 
 @_jit
 def _gather_tile(acc, ext, vals, shifts, marker):
-    """All diagonals into a tile of 4 rows (``acc`` zeroed by the caller)."""
+    """All ``K >= 1`` diagonals into a tile of 4 rows; the first group overwrites ``acc``."""
     K = vals.shape[0]
-    k = 0
+    if K >= 8:
+        _gather_4rows_8diags(acc, ext, vals, 0, shifts, marker, _ASSIGN)
+        k = 8
+    elif K >= 4:
+        _gather_4rows_4diags(acc, ext, vals, 0, shifts, marker, _ASSIGN)
+        k = 4
+    else:
+        _gather_4rows_1diag(acc, ext, vals, 0, shifts, marker, _ASSIGN)
+        k = 1
     while k + 8 <= K:
-        _gather_4rows_8diags(acc, ext, vals, k, shifts, marker)
+        _gather_4rows_8diags(acc, ext, vals, k, shifts, marker, _ADD)
         k += 8
     if k + 4 <= K:
-        _gather_4rows_4diags(acc, ext, vals, k, shifts, marker)
+        _gather_4rows_4diags(acc, ext, vals, k, shifts, marker, _ADD)
         k += 4
     while k < K:
-        _gather_4rows_1diag(acc, ext, vals, k, shifts, marker)
+        _gather_4rows_1diag(acc, ext, vals, k, shifts, marker, _ADD)
         k += 1
 
 
@@ -335,7 +360,6 @@ def _gather_block(out, inp, vals, shifts, b_start, b_stop, marker):
     tiles_stop = b_start + (b_stop - b_start) // _TILE_ROWS * _TILE_ROWS
     for b in range(b_start, tiles_stop, _TILE_ROWS):
         _load_tile(ext, inp, b, _TILE_ROWS, ext_width, marker)
-        _zero_tile(acc, _TILE_ROWS, W, marker)
         _gather_tile(acc, ext, vals, shifts, marker)
         _store_tile(out, acc, b, _TILE_ROWS, marker)
     for b in range(tiles_stop, b_stop):
