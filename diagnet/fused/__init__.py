@@ -14,9 +14,11 @@ the CPU instead of the numba kernels (for debugging, or where numba is unavailab
 * `softmax`: softmax, log-softmax and softmax cross-entropy, one pass per row each way
   (numba; the references and the CuPy path are in `diagnet.ops.activation` and
   `diagnet.ops.loss`).
-* `attention`: scaled dot-product attention forward and backward (numba, opt-in with
-  ``DIAGNET_ATTENTION_KERNELS=numba``: it is not yet faster than the reference at a ViT's
-  sizes; the reference, the dispatch and the CuPy path are `diagnet.ops.attention`).
+* `attention`: scaled dot-product attention forward and backward, all in numba (opt-in with
+  ``DIAGNET_ATTENTION_KERNELS=numba``: it is not faster than NumPy's batched matmuls at a
+  ViT's sizes). The CPU default composes those matmuls with the row softmax of `softmax`;
+  the reference, the dispatch and the CuPy path are `diagnet.ops.attention`.
+* `fastmath`: a vectorisable exponential for loops whose results are stored as float32.
 
 The differentiable ops built on them live in `diagnet.ops`.
 """
