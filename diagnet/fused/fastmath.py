@@ -22,9 +22,19 @@ import numba
 
 __all__ = ["exp_nonpositive_f32"]
 
-# contract: FMA. Not nnan/ninf: NaN and inf must propagate as in the references.
-_inline = numba.njit(cache=True, fastmath={"contract", "reassoc"}, error_model="numpy",
-                     inline="always")
+# The compile options of the element and row loops of `diagnet.fused.gelu` and `.softmax`.
+# contract: FMA; reassoc: lets LLVM vectorise sums. Not nnan/ninf: NaN and inf must
+# propagate as in the references.
+FASTMATH = {"contract", "reassoc"}
+#: a loop: error_model="numpy" makes a division by zero give inf (as in NumPy) instead of a
+#: Python exception check, whose branch would keep the loop from being vectorised
+jit = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+#: a loop over ``numba.prange`` tasks
+parallel_jit = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy",
+                          parallel=True)
+#: a scalar helper, inlined by numba itself: LLVM's inliner finds such helpers too big, and a
+#: call inside a loop stops it from being vectorised
+inline_jit = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 
 #: ``exp(x / 2**_SQUARINGS)`` is squared this many times
 _SQUARINGS = 10
@@ -33,7 +43,7 @@ _SQUARINGS = 10
 _MIN_ARG = -256.0
 
 
-@_inline
+@inline_jit
 def exp_nonpositive_f32(x):
     """``exp(x)`` for a float64 ``x <= 0``, to a relative 4e-10: enough for a float32 result.
 

@@ -51,6 +51,7 @@ from numba import types
 from numba.extending import overload
 
 from ..diag import threadpools
+from . import fastmath
 from .fastmath import exp_nonpositive_f32
 
 __all__ = ["exp_nonpositive", "exp_for_dtype", "softmax", "softmax_grad", "log_softmax",
@@ -59,17 +60,8 @@ __all__ = ["exp_nonpositive", "exp_for_dtype", "softmax", "softmax_grad", "log_s
 # the numba pool and OpenBLAS's take turns on the cores (see `diagnet.diag.threadpools`)
 threadpools.configure()
 
-# contract: FMA; reassoc: lets LLVM vectorise the row sums. Not nnan/ninf: NaN and inf must
-# propagate as in the reference.
-_FASTMATH = {"contract", "reassoc"}
-# error_model="numpy": a division by zero gives inf (as in NumPy) instead of a Python
-# exception check, whose branch would keep the loops from being vectorised
-_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
-_pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy",
-                   parallel=True)
-# scalar helpers are inlined by numba itself: LLVM's inliner found them too big to inline,
-# and a call inside a loop stops it from being vectorised
-_inline = numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+_FASTMATH = fastmath.FASTMATH
+_jit, _pjit, _inline = fastmath.jit, fastmath.parallel_jit, fastmath.inline_jit
 
 #: below this many elements a call runs on the calling thread
 _SERIAL_ELEMENTS = 1 << 15
