@@ -46,7 +46,7 @@ for _path in (ROOT, ROOT / "bench"):  # run from a checkout without installing; 
 import diagnet as dn  # noqa: E402
 from diagnet import backend, nn  # noqa: E402
 from diagnet.dst import DynaDiag, DynaDiagLinear  # noqa: E402
-from reports import write_section  # noqa: E402
+from reports import time_variants, write_section  # noqa: E402
 
 SECTION = "bench_dst_step"
 M = N = 768
@@ -102,20 +102,6 @@ def make_step(layer, x, t, device):
         return time.perf_counter() - t0
 
     return step
-
-
-def time_variants(steps_by_name, steps, warmup, rounds):
-    """``{name: [seconds, ...]}``: ``rounds`` rounds, order rotating, ``steps`` per visit."""
-    names = list(steps_by_name)
-    for name in names:
-        for _ in range(warmup):
-            steps_by_name[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].extend(steps_by_name[name]() for _ in range(steps))
-    return times
 
 
 def time_swaps(x, t, device, count, warmup):
@@ -251,7 +237,7 @@ def main(argv=None):
     x, t = make_problem(args.device)
     layers = make_variants(args.device)
     steps = {name: make_step(layer, x, t, args.device) for name, layer in layers.items()}
-    times = time_variants(steps, args.steps, args.warmup, args.rounds)
+    times = time_variants(steps, args.steps, args.warmup, args.rounds, settle=False)
     swap = time_swaps(x, t, args.device, args.swaps, args.warmup)
     command = "python bench/bench_dst_step.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])

@@ -67,7 +67,7 @@ from diagnet.diag import dispatch, threadpools  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP  # noqa: E402
 from diagnet.ops import dense as _dense  # noqa: E402
-from reports import write_section  # noqa: E402
+from reports import time_variants, write_section  # noqa: E402
 
 SECTION = "bench_train_step"
 IN, HIDDEN, CLASSES = 784, [256, 256], 10
@@ -206,21 +206,6 @@ def torch_info(device="cpu"):
         return None, f"PyTorch {torch.__version__} has no CUDA device here"
     where = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
     return f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads{where})", ""
-
-
-def time_variants(steps_by_name, steps, warmup, rounds):
-    """``{name: [seconds, ...]}``: ``rounds`` rounds, order rotating, ``steps`` per visit."""
-    names = list(steps_by_name)
-    for name in names:
-        for _ in range(warmup):
-            steps_by_name[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            steps_by_name[name]()  # one untimed step: the previous variant's pools settle
-            times[name].extend(steps_by_name[name]() for _ in range(steps))
-    return times
 
 
 # --------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ import diagnet as dn  # noqa: E402
 from diagnet import backend, functional as F  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP, ViT  # noqa: E402
-from reports import write_section  # noqa: E402
+from reports import time_variants, write_section  # noqa: E402
 
 SECTION = "bench_vit_step"
 SPARSITY = 0.9
@@ -228,21 +228,6 @@ def diagnet_steps(sizes, model_name, variant, device, seed=0):
     steps = {sizes.train: timed(train, device)}
     steps.update({m: timed(infer(measure_batch(m)), device) for m in sizes.measures[1:]})
     return steps, model
-
-
-def time_variants(steps_by_name, steps, warmup, rounds):
-    """``{name: [seconds, ...]}``: ``rounds`` rounds, order rotating, ``steps`` per visit."""
-    names = list(steps_by_name)
-    for name in names:
-        for _ in range(warmup):
-            steps_by_name[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            steps_by_name[name]()  # one untimed step: the previous variant's pools settle
-            times[name].extend(steps_by_name[name]() for _ in range(steps))
-    return times
 
 
 def measure_diagnet(args):

@@ -49,3 +49,23 @@ def write_section(path, name, body):
     else:
         new = (old.rstrip("\n") + "\n\n" if old else "") + block
     write_text(path, new)
+
+
+def time_variants(steps_by_name, steps, warmup, rounds, settle=True):
+    """``{name: [seconds, ...]}``: each callable of ``steps_by_name`` returns the seconds of one
+    step; ``warmup`` untimed steps each, then ``rounds`` rounds in an order that rotates,
+    ``steps`` timed steps per visit. With ``settle``, one untimed step before each visit, so
+    that the previous variant's thread pools settle first."""
+    names = list(steps_by_name)
+    for name in names:
+        for _ in range(warmup):
+            steps_by_name[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if settle:
+                steps_by_name[name]()
+            times[name].extend(steps_by_name[name]() for _ in range(steps))
+    return times
+
