@@ -383,3 +383,116 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"^dy and x must have the same batch size; "
                                          r"got 3 and 2$"):
         cpu.value_grad(np.ones((3, 8)), np.ones((2, 5)), np.array([0]))
+
+
+# ----------------------------------------------------------------------------- fused backward
+
+
+def check_both(x, dy, offsets, values):
+    """`cpu.input_and_value_grad` against the reference input grad and value grad."""
+    dtype = x.dtype.type
+    n = x.shape[1]
+    x64, dy64, v64 = (a.astype(np.float64) for a in (x, dy, values))
+    ax, ady, av = np.abs(x64), np.abs(dy64), np.abs(v64)
+    dx, dvalues = cpu.input_and_value_grad(dy, x, offsets, values)
+    assert_close(dx, reference.input_grad(dy64, offsets, v64, n),
+                 reference.input_grad(ady, offsets, av, n), dtype)
+    assert_close(dvalues, reference.value_grad(dy64, x64, offsets),
+                 reference.value_grad(ady, ax, offsets), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
+def test_input_and_value_grad_against_reference(shape, dtype, path):
+    """The fused backward on every shape kind, K from 1, batches ragged against the tiles;
+    on the forced threaded path the small K split the batch (fused, partial sums) and the
+    larger ones the diagonals (two separate calls)."""
+    m, n = shape
+    rng = np.random.default_rng(m * 1000 + n + 1)
+    for K in k_values(max(m, n)):
+        for B in (1, 2, 3, 5, 8, 13, 37):
+            check_both(*make_case(rng, B, m, n, K, dtype))
+
+
+def spy_on_backward_kernels(monkeypatch):
+    """Count the calls of the threaded fused kernel and of the separate products (the
+    Python-level functions: a compiled caller cannot call a spy)."""
+    names = ("_both_grads_parallel", "_input_grad", "_value_grad")
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def spy(*args, _name=name, _real=getattr(cpu, name)):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(cpu, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("shape, K, B, threads, chunks", [
+    ((64, 64), 7, 2176, 2, 8), ((128, 64), 13, 2176, 2, 8), ((64, 192), 19, 2176, 2, 8),
+    ((64, 128), 13, 2176, 3, 12), ((768, 768), 77, 64, 2, 0), ((768, 3072), 308, 32, 2, 0),
+    ((64, 64), 7, 7, 2, 1), ((768, 768), 77, 1, 2, 1)], ids=str)
+def test_fused_backward_dispatch(shape, K, B, threads, chunks, monkeypatch):
+    """Where the value grad would split the batch (the ViT's narrow layers) one fused pass
+    splits the batch into about 4 tasks per thread; where it would split its diagonals (wide layers, few rows)
+    the two products run separately; small calls run the fused pass on the calling thread."""
+    monkeypatch.setattr(cpu, "_threads", lambda: threads)
+    m, n = shape
+    assert cpu._both_grads_chunks(B, K, min(m, n), max(m, n)) == chunks
+    calls = spy_on_backward_kernels(monkeypatch)
+    check_both(*make_case(np.random.default_rng(11), B, m, n, K, np.float64))
+    separate = int(chunks == 0)
+    assert calls == {"_both_grads_parallel": int(chunks > 1), "_input_grad": separate,
+                     "_value_grad": separate}
+
+
+def test_input_and_value_grad_propagates_nan_and_inf(path):
+    rng = np.random.default_rng(6)
+    for m, n in ((30, 30), (40, 17), (17, 40)):
+        x, dy, offsets, values = make_case(rng, 6, m, n, 9, np.float64)
+        x[2, 3] = np.nan
+        dy[1, 5] = -np.inf
+        values[1, 2] = np.nan
+        got = cpu.input_and_value_grad(dy, x, offsets, values)
+        want = (reference.input_grad(dy, offsets, values, n),
+                reference.value_grad(dy, x, offsets))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+            np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+            finite = np.isfinite(w)
+            np.testing.assert_allclose(g[finite], w[finite], rtol=1e-12, atol=1e-12)
+
+
+def test_input_and_value_grad_edge_cases_and_conversions():
+    dx, dv = cpu.input_and_value_grad(np.zeros((0, 8)), np.zeros((0, 5)), [0, 3],
+                                      np.ones((2, 5)))
+    assert dx.shape == (0, 5) and dv.tolist() == [[0.0] * 5] * 2
+    dx, dv = cpu.input_and_value_grad(np.ones((3, 8)), np.ones((3, 5)), np.zeros(0, np.int64),
+                                      np.zeros((0, 5)))
+    assert dx.tolist() == [[0.0] * 5] * 3 and dv.shape == (0, 5)
+    # strided dy, float64 x and values, int32 offsets: converted to dy's float32
+    rng = np.random.default_rng(8)
+    x, dy, offsets, values = make_case(rng, 9, 12, 7, 4, np.float32)
+    wide_dy = np.repeat(dy, 2, axis=1)[:, ::2]
+    dx, dv = cpu.input_and_value_grad(wide_dy, x.astype(np.float64), offsets.astype(np.int32),
+                                      values.astype(np.float64))
+    assert dx.dtype == dv.dtype == np.float32
+    np.testing.assert_allclose(dx, cpu.input_grad(dy, offsets, values, 7), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dv, cpu.value_grad(dy, x, offsets), rtol=1e-5, atol=1e-5)
+
+
+def test_input_and_value_grad_bad_arguments():
+    dy, x = np.ones((2, 8)), np.ones((2, 5))
+    with pytest.raises(ValueError, match=r"^dy and x must have the same batch size; "
+                                         r"got 2 and 3$"):
+        cpu.input_and_value_grad(dy, np.ones((3, 5)), [0], np.ones((1, 5)))
+    with pytest.raises(ValueError, match=r"^values must be \(len\(offsets\), min\(m, n\)\) = "
+                                         r"\(1, 5\); got \(2, 5\)$"):
+        cpu.input_and_value_grad(dy, x, [0], np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"^values must be a 2-D array; got shape \(5,\)$"):
+        cpu.input_and_value_grad(dy, x, [0], np.ones(5))
+    with pytest.raises(ValueError, match=r"^offsets must lie in \[0, 8\)$"):
+        cpu.input_and_value_grad(dy, x, [8], np.ones((1, 5)))
+    with pytest.raises(TypeError, match=r"^expected a float32 or float64 array; got int64$"):
+        cpu.input_and_value_grad(dy.astype(np.int64), x, [0], np.ones((1, 5)))
+    with pytest.raises(ValueError, match=r"^expected a 2-D array; got shape \(5,\)$"):
+        cpu.input_and_value_grad(dy, np.ones(5), [0], np.ones((1, 5)))

@@ -158,7 +158,7 @@ def test_gradcheck_through_a_composite_graph(kernel_impl, use_kernels):
 
 def test_only_requested_gradients_are_computed(monkeypatch):
     calls = []
-    for name in ("input_grad", "value_grad"):
+    for name in ("input_grad", "value_grad", "input_and_value_grad"):
         real = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name,
                             lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
@@ -178,6 +178,35 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     x.requires_grad_(False)
     F.diag_linear(x, offsets, v, (5, 4), b).sum().backward()
     assert calls == [] and np.all(b.grad.data == 3)
+    # both wanted: one call gives both (one pass over the batch on the CPU)
+    calls.clear()
+    x.requires_grad_()
+    v.requires_grad_()
+    F.diag_linear(x, offsets, v, (5, 4)).sum().backward()
+    assert calls == ["input_and_value_grad"]
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)], ids=str)
+def test_input_and_value_grad_dispatch(kernel_impl, use_kernels, shape, monkeypatch):
+    """`dispatch.input_and_value_grad` equals the two separate products with either CPU
+    implementation; only the numba kernels run them as one (fused) call."""
+    m, n = shape
+    rng = np.random.default_rng(2)
+    offsets = np.array([0, 2, 4])
+    values = rng.standard_normal((3, min(m, n)))
+    x, dy = rng.standard_normal((7, n)), rng.standard_normal((7, m))
+    with use_kernels(kernel_impl):
+        impl = dispatch.implementation(dy)
+        fused = []
+        if kernel_impl == "numba":
+            real = impl.input_and_value_grad
+            monkeypatch.setattr(impl, "input_and_value_grad",
+                                lambda *a: fused.append(1) or real(*a))
+        gx, gv = dispatch.input_and_value_grad(dy, x, offsets, values)
+        want = (dispatch.input_grad(dy, offsets, values, n), dispatch.value_grad(dy, x, offsets))
+    assert fused == ([1] if kernel_impl == "numba" else [])
+    np.testing.assert_allclose(gx, want[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gv, want[1], rtol=1e-12, atol=1e-12)
 
 
 def test_no_graph_under_no_grad_and_without_grad_inputs():

@@ -45,6 +45,15 @@ p_k]`` (``a`` is the short side, ``ext`` the extended long side). A pass takes a
 rows and 4 diagonals: each ``a`` load serves 4 diagonals, each ``dvalues`` element is loaded
 and stored once per 4 rows.
 
+**Both gradients in one pass.** A backward pass that wants the input grad and the value
+grad (`input_and_value_grad`) loads each tile of rows once for both: the value grad reads
+the short side of the weight and the extended long side, and ``dy`` is one of the two (the
+long side of a tall or square weight, which the input grad gathers from; the short side of
+a wide one, which it scatters from). The inner loops stay those of the separate products: a
+loop that also shared the shifted ``ext`` loads between gather and value grad was 1.2-1.7x
+slower at the ViT's sizes (likely no longer vectorised: it writes two arrays, ``acc`` and
+``g``, in one loop).
+
 **Threads.** Forward and input grad give each task a block of batch rows (several tasks per
 thread, so uneven batches still balance). The square forward gives each thread one block and
 its own rotated copy of the diagonals, because reading a copy that the other core just wrote
@@ -57,7 +66,10 @@ The batch split is taken when the copies saved, ``B * (P + 2 L)`` elements, are 
 0.69-0.78x the time of the diagonal split at the ViT's narrow layers (``L = 64``, ratio
 300-900, float32 and float64) and 1.04-1.27x at ratios 1-5 (768 to 3072 wide, batch 32-256);
 at ratios 8-10 it was 0.93-0.98x in float32 but 1.02-1.06x in float64, so the threshold sits
-above both. With too few groups of 4 diagonals for the threads, the batch is split too.
+above both. With too few groups of 4 diagonals for the threads, the batch is split too. The fused
+backward threads like the input grad, by batch rows in about ``_TASKS_PER_THREAD`` tasks per
+thread, each with its own partial value grad; where the value grad alone would split its
+diagonals, the two products run separately instead.
 
 Calls with little work run on the calling thread: forward and input grad below
 ``_SERIAL_WORK`` multiply-adds (``B * K * L``) or with fewer than two tiles of rows, value
@@ -93,7 +105,7 @@ import numpy as np
 
 from . import threadpools
 
-__all__ = ["forward", "input_grad", "value_grad"]
+__all__ = ["forward", "input_grad", "value_grad", "input_and_value_grad"]
 
 # The kernels run on numba's thread pool, the dense matmuls next to them on OpenBLAS's: make
 # the idle workers of both sleep soon instead of spinning on the cores the other pool needs
@@ -546,6 +558,30 @@ def _vgrad_1row_1diag(g, a, ext, k, offsets):
 
 
 @_jit
+def _vgrad_tile(g, a, ext, k_start, k_stop, offsets, marker):
+    """``g[k] +=`` the value grad of diagonals ``k_start .. k_stop-1`` over a tile of 4 rows."""
+    k = k_start
+    while k + 4 <= k_stop:
+        _vgrad_4rows_4diags(g, a, ext, k, offsets, marker)
+        k += 4
+    while k < k_stop:
+        _vgrad_4rows_1diag(g, a, ext, k, offsets, marker)
+        k += 1
+
+
+@_jit
+def _vgrad_row(g, a, ext, k_start, k_stop, offsets):
+    """As `_vgrad_tile` for one row (batch leftovers)."""
+    k = k_start
+    while k + 4 <= k_stop:
+        _vgrad_1row_4diags(g, a, ext, k, offsets)
+        k += 4
+    while k < k_stop:
+        _vgrad_1row_1diag(g, a, ext, k, offsets)
+        k += 1
+
+
+@_jit
 def _vgrad_block(g, short, long, offsets, k_start, k_stop, b_start, b_stop, marker):
     """``g[k] +=`` the value grad of diagonals ``k_start .. k_stop-1`` over batch rows
     ``b_start .. b_stop-1``: tiles of 4 rows, then single rows."""
@@ -558,23 +594,11 @@ def _vgrad_block(g, short, long, offsets, k_start, k_stop, b_start, b_stop, mark
     for b in range(b_start, tiles_stop, _TILE_ROWS):
         _load_tile(a, short, b, _TILE_ROWS, L, marker)
         _load_tile(ext, long, b, _TILE_ROWS, ext_width, marker)
-        k = k_start
-        while k + 4 <= k_stop:
-            _vgrad_4rows_4diags(g, a, ext, k, offsets, marker)
-            k += 4
-        while k < k_stop:
-            _vgrad_4rows_1diag(g, a, ext, k, offsets, marker)
-            k += 1
+        _vgrad_tile(g, a, ext, k_start, k_stop, offsets, marker)
     for b in range(tiles_stop, b_stop):
         _load_tile(a, short, b, 1, L, marker)
         _load_tile(ext, long, b, 1, ext_width, marker)
-        k = k_start
-        while k + 4 <= k_stop:
-            _vgrad_1row_4diags(g, a, ext, k, offsets)
-            k += 4
-        while k < k_stop:
-            _vgrad_1row_1diag(g, a, ext, k, offsets)
-            k += 1
+        _vgrad_row(g, a, ext, k_start, k_stop, offsets)
 
 
 @_pjit
@@ -600,6 +624,74 @@ def _vgrad_parallel(partial, short, long, offsets, n_kchunks, marker):
         b_stop = min(B, 4 * (tiles * (bc + 1) // n_bchunks))
         _vgrad_block(partial[bc], short, long, offsets, k_start, k_stop, b_start, b_stop,
                      marker)
+
+
+# --------------------------------------------------------------------------------------
+# Both gradients in one pass: dx = dy @ W and the value grad from the same tiles
+# --------------------------------------------------------------------------------------
+
+
+@_jit
+def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
+    """Rows ``b_start .. b_stop-1``: their input grad into ``dx``, their value grad added into
+    ``g``, each tile of rows loaded once for both.
+
+    The value grad reads the short side ``a`` and the extended long side ``ext`` of the
+    weight. For a tall or square weight ``ext`` holds ``dy``, from which the input grad
+    gathers; for a wide one ``a`` holds ``dy``, from which it scatters (see the module
+    docstring). Either way ``dy`` is copied into a tile once instead of once per product.
+    """
+    m, n = dy.shape[1], x.shape[1]
+    K, L = vals.shape
+    width = max(m, n) + L - 1  # extended long side; also the scatter's unfolded width
+    tall = m >= n
+    short, long = (x, dy) if tall else (dy, x)
+    size = _TILE_ROWS * _stride(marker)
+    a = np.empty(size, dtype=g.dtype)
+    ext = np.empty(size, dtype=g.dtype)
+    acc = np.empty(size, dtype=g.dtype)
+    tiles_stop = b_start + (b_stop - b_start) // _TILE_ROWS * _TILE_ROWS
+    for b in range(b_start, tiles_stop, _TILE_ROWS):
+        _load_tile(a, short, b, _TILE_ROWS, L, marker)
+        _load_tile(ext, long, b, _TILE_ROWS, width, marker)
+        if tall:
+            _gather_tile(acc, ext, vals, offsets, marker)
+            _store_tile(dx, acc, b, _TILE_ROWS, marker)
+        else:
+            _zero_tile(acc, _TILE_ROWS, width, marker)
+            for k in range(K):
+                _scatter_4rows_1diag(acc, a, vals, k, offsets[k], marker)
+            _store_tile_folded(dx, acc, b, _TILE_ROWS, width, marker)
+        _vgrad_tile(g, a, ext, 0, K, offsets, marker)
+    for b in range(tiles_stop, b_stop):
+        _load_tile(a, short, b, 1, L, marker)
+        _load_tile(ext, long, b, 1, width, marker)
+        if tall:
+            _zero_tile(acc, 1, L, marker)
+            _gather_row(acc, ext, vals, offsets)
+            _store_tile(dx, acc, b, 1, marker)
+        else:
+            _zero_tile(acc, 1, width, marker)
+            for k in range(K):
+                _scatter_1row_1diag(acc, a, vals, k, offsets[k])
+            _store_tile_folded(dx, acc, b, 1, width, marker)
+        _vgrad_row(g, a, ext, 0, K, offsets)
+
+
+@_pjit
+def _both_grads_parallel(dx, partial, dy, x, vals, offsets, marker):
+    """`_both_grads_block` with the batch split into ``len(partial)`` chunks, one per task.
+
+    Task ``c`` writes its own rows of ``dx`` and adds its value grad into ``partial[c]``
+    (zeroed by the caller), which sums ``partial`` over its first axis.
+    """
+    n_chunks = partial.shape[0]
+    B = dy.shape[0]
+    tiles = (B + _TILE_ROWS - 1) // _TILE_ROWS
+    for c in numba.prange(n_chunks):
+        b_start = min(B, _TILE_ROWS * (tiles * c // n_chunks))
+        b_stop = min(B, _TILE_ROWS * (tiles * (c + 1) // n_chunks))
+        _both_grads_block(dx, partial[c], dy, x, vals, offsets, b_start, b_stop, marker)
 
 
 # --------------------------------------------------------------------------------------
@@ -698,6 +790,55 @@ def _value_grad(short, long, offsets):
     partial = np.zeros((n_bchunks, K, L), dtype=short.dtype)
     _vgrad_parallel(partial, short, long, offsets, n_kchunks, marker)
     return partial[0] if n_bchunks == 1 else partial.sum(axis=0)
+
+
+def _both_grads_chunks(B, K, L, P):
+    """Batch chunks of a fused input + value grad: 1 runs it on the calling thread, more
+    split the batch among threads; 0 means "do not fuse".
+
+    The fused pass threads like the input grad (by batch rows, from ``_SERIAL_WORK``, about
+    ``_TASKS_PER_THREAD`` tasks per thread so that a busy core does not hold up the others),
+    which suits the value grad wherever a threaded value grad would split the batch too
+    (`_vgrad_split`): each task adds its own ``(K, L)`` partial sum. Where it would split its
+    diagonals instead (wide layers, few rows per diagonal), the two products run separately.
+    """
+    threads = _row_threads(B, K, L)
+    if threads == 1:
+        return 1
+    n_kchunks, n_bchunks = _vgrad_split(B, K, L, P, threads)
+    tiles = (B + _TILE_ROWS - 1) // _TILE_ROWS
+    return 0 if n_kchunks > 1 else max(1, min(threads * _TASKS_PER_THREAD, tiles))
+
+
+def _input_grad(dx, dy, values, offsets):
+    """``dx = dy @ W`` into ``dx`` (``B >= 1``, ``K >= 1``)."""
+    if dy.shape[1] >= dx.shape[1]:
+        # tall or square: dx is indexed by t, the short side; dy by (t + p) % m
+        _gather(dx, dy, values, offsets)
+    else:
+        # wide: dx is indexed by (t + p) % n, the long side
+        _to_long_side(dx, dy, values, offsets)
+
+
+def _input_and_value_grad(dy, x, values, offsets):
+    """``(dx, dvalues)`` for ``B >= 1``, ``K >= 1``: fused where `_both_grads_chunks` allows."""
+    B, m = dy.shape
+    n = x.shape[1]
+    K, L = values.shape
+    dx = np.empty((B, n), dtype=dy.dtype)
+    n_chunks = _both_grads_chunks(B, K, L, max(m, n))
+    if n_chunks == 0:
+        _input_grad(dx, dy, values, offsets)
+        short, long = (x, dy) if m >= n else (dy, x)
+        return dx, _value_grad(short, long, offsets)
+    marker = _marker(max(m, n) + L - 1)
+    if n_chunks == 1:
+        g = np.zeros((K, L), dtype=dy.dtype)
+        _both_grads_block(dx, g, dy, x, values, offsets, 0, B, marker)
+        return dx, g
+    partial = np.zeros((n_chunks, K, L), dtype=dy.dtype)
+    _both_grads_parallel(dx, partial, dy, x, values, offsets, marker)
+    return dx, partial.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -811,12 +952,8 @@ def input_grad(dy, offsets, values, n):
     dx = np.empty((B, n), dtype=dy.dtype)
     if B == 0 or offsets.shape[0] == 0:
         dx[:] = 0
-    elif m >= n:
-        # tall or square: dx is indexed by t, the short side; dy by (t + p) % m
-        _gather(dx, dy, values, offsets)
     else:
-        # wide: dx is indexed by (t + p) % n, the long side
-        _to_long_side(dx, dy, values, offsets)
+        _input_grad(dx, dy, values, offsets)
     return dx
 
 
@@ -840,3 +977,30 @@ def value_grad(dy, x, offsets):
     # t indexes the short side, (t + p) % P the long side; x is the short side when m >= n
     short, long = (x, dy) if m >= n else (dy, x)
     return _value_grad(short, long, offsets)
+
+
+def input_and_value_grad(dy, x, offsets, values):
+    """Both gradients of ``y = x @ W.T`` at once: ``(dx, dvalues)``, equal to
+    ``(input_grad(dy, offsets, values, n), value_grad(dy, x, offsets))``, ``n = x.shape[1]``.
+
+    ``dy``: ``(B, m)`` float32 or float64; ``x``: ``(B, n)`` and ``values``:
+    ``(len(offsets), min(m, n))``, converted to ``dy.dtype``; ``offsets`` as in `forward`.
+    Returns ``dx``: ``(B, n)`` and ``dvalues``: ``(K, min(m, n))``, both ``dy.dtype``.
+    One pass over the batch computes both, so each tile of ``dy`` is copied once; the value
+    grad's sums may run in another order than `value_grad`'s.
+    """
+    dy, x = _float_pair(dy, x)
+    if not _is_ready(values, dy.dtype):
+        values = np.ascontiguousarray(values, dtype=dy.dtype)
+    if values.ndim != 2:
+        raise ValueError(f"values must be a 2-D array; got shape {values.shape}")
+    offsets = _as_offsets(offsets)
+    B, m = dy.shape
+    if x.shape[0] != B:
+        raise ValueError(f"dy and x must have the same batch size; got {B} and {x.shape[0]}")
+    n = x.shape[1]
+    K, L = values.shape
+    _check_layout(m, n, offsets, K, L)
+    if B == 0 or K == 0:
+        return np.zeros((B, n), dtype=dy.dtype), np.zeros((K, L), dtype=dy.dtype)
+    return _input_and_value_grad(dy, x, values, offsets)

@@ -3,7 +3,8 @@
 `implementation(array)` returns a module with ``forward``, ``input_grad`` and
 ``value_grad`` (the signatures of `diagnet.diag.reference`). The environment variable
 ``DIAGNET_CPU_KERNELS=reference`` switches the CPU path to the plain NumPy reference (for
-debugging, or where numba is unavailable).
+debugging, or where numba is unavailable). `input_and_value_grad` gives both gradients of a
+backward pass, in one pass over the batch with the numba kernels.
 
 `diagonal_scores` is the exception: it is one dense matmul ``dy.T @ x`` plus a gather of
 its ``P`` diagonals, written once in backend-generic array code (NumPy or CuPy, whichever
@@ -74,6 +75,18 @@ def input_grad(dy, offsets, values, n):
 def value_grad(dy, x, offsets):
     """``dvalues[k, t] = sum_b dy[b, r_k(t)] x[b, c_k(t)]``, shape ``(K, L)``."""
     return implementation(dy).value_grad(dy, x, offsets)
+
+
+def input_and_value_grad(dy, x, offsets, values):
+    """``(input_grad(dy, offsets, values, n), value_grad(dy, x, offsets))``, ``n = x.shape[1]``.
+
+    The numba kernels compute both in one pass over the batch; the reference and CUDA
+    kernels make the two calls.
+    """
+    impl = implementation(dy)
+    if impl is _cpu:
+        return impl.input_and_value_grad(dy, x, offsets, values)
+    return impl.input_grad(dy, offsets, values, x.shape[1]), impl.value_grad(dy, x, offsets)
 
 
 def diagonal_scores(dy, x):

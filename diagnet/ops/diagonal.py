@@ -10,6 +10,8 @@ kernels of `diagnet.diag.dispatch`:
 * value gradient:  ``dvalues[k, t] = (dy.T @ x)`` at position ``t`` of diagonal
   ``offsets[k]``                                   -> ``dispatch.value_grad``
 
+(both gradients together -> ``dispatch.input_and_value_grad``, one pass over the batch)
+
 and `diagonal_scores` gives the gradient norm of *every* diagonal (stored or not), which
 mask-update steps of dynamic sparse training use to pick diagonals to grow.
 """
@@ -66,13 +68,18 @@ class DiagLinearFunction(Function):
         needs = self.needs_input_grad
         empty = self.offsets.shape[0] == 0
         gx = gv = gb = None
-        if needs[0]:
-            gx = (xp.zeros((gy2.shape[0], n), dtype=gy.dtype) if empty
-                  else dispatch.input_grad(gy2, self.offsets, values, n))
+        if needs[0] and needs[1] and not empty:
+            # both from one pass over the batch (on the CPU; two kernel calls on the GPU)
+            gx, gv = dispatch.input_and_value_grad(gy2, x2, self.offsets, values)
+        else:
+            if needs[0]:
+                gx = (xp.zeros((gy2.shape[0], n), dtype=gy.dtype) if empty
+                      else dispatch.input_grad(gy2, self.offsets, values, n))
+            if needs[1]:
+                gv = (xp.zeros(values.shape, dtype=gy.dtype) if empty
+                      else dispatch.value_grad(gy2, x2, self.offsets))
+        if gx is not None:
             gx = gx.reshape(self.x_shape)
-        if needs[1]:
-            gv = (xp.zeros(values.shape, dtype=gy.dtype) if empty
-                  else dispatch.value_grad(gy2, x2, self.offsets))
         if len(needs) > 2 and needs[2]:
             gb = gy2.sum(axis=0)
         return (gx, gv) if len(needs) == 2 else (gx, gv, gb)
