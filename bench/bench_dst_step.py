@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +44,7 @@ for _path in (ROOT, ROOT / "bench"):  # run from a checkout without installing; 
 import diagnet as dn  # noqa: E402
 from diagnet import backend, nn  # noqa: E402
 from diagnet.dst import DynaDiag, DynaDiagLinear  # noqa: E402
-from reports import time_variants, write_section  # noqa: E402
+from reports import load_average, machine, time_variants, write_section  # noqa: E402
 
 SECTION = "bench_dst_step"
 M = N = 768
@@ -132,34 +130,6 @@ def time_swaps(x, t, device, count, warmup):
             alone.append(t2 - t1)
             moved += sum(len(e["grown"]) for e in events)
     return float(np.median(whole)), float(np.median(alone)), moved / max(1, count)
-
-
-def machine(device):
-    """A line naming the machine: lscpu's model name and the cores (and the GPU)."""
-    model, cores = platform.processor() or platform.machine(), os.cpu_count()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            elif key.strip() == "CPU(s)":
-                cores = value.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    text = f"{model}, {cores} cores"
-    if hasattr(os, "sched_getaffinity"):
-        text += f" ({len(os.sched_getaffinity(0))} usable)"
-    if device == "cuda":
-        cp = backend.cupy_or_none()
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        name = props.get("name", b"?")
-        text += f"; GPU {name.decode() if isinstance(name, bytes) else name}"
-    return text
-
-
-def load_average():
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def report(times, swap, args, command, layers, loads):

@@ -66,7 +66,7 @@ import diagnet as dn  # noqa: E402
 from diagnet import backend, functional as F  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP, ViT  # noqa: E402
-from reports import time_variants, write_section  # noqa: E402
+from reports import load_average, machine, time_variants, write_section  # noqa: E402
 
 SECTION = "bench_vit_step"
 SPARSITY = 0.9
@@ -542,36 +542,6 @@ def profile_step(sizes, device, steps, warmup, top=15):
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
-
-
-def machine(device):
-    """A line naming the machine: CPU model and cores, and the GPU with ``device="cuda"``."""
-    model, cores = platform.processor() or platform.machine(), os.cpu_count()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    text = f"{model}, {cores} cores"
-    if hasattr(os, "sched_getaffinity"):
-        text += f" ({len(os.sched_getaffinity(0))} usable)"
-    if device == "cuda":
-        cp = backend.cupy_or_none()
-        try:
-            props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-            gpu = props["name"]
-            gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
-        except Exception:  # the stand-in or an old CuPy: name the module instead
-            gpu = "unknown device"
-        text += f"; GPU: {gpu} (CuPy {cp.__version__})"
-    return text
-
-
-def load_average():
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def fmt_ratio(num, den):

@@ -8,9 +8,12 @@ erases another's table. Every write is atomic (`diagnet.tensorfile.atomic_write`
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
+from diagnet import backend
 from diagnet.tensorfile import atomic_write
 
 _SECTION = re.compile(r"<!-- begin: (?P<name>[\w.-]+) -->\n.*?<!-- end: (?P=name) -->\n?", re.S)
@@ -68,4 +71,38 @@ def time_variants(steps_by_name, steps, warmup, rounds, settle=True):
                 steps_by_name[name]()
             times[name].extend(steps_by_name[name]() for _ in range(steps))
     return times
+
+
+def gpu_name():
+    """The current CUDA device's name, as CuPy reports it ("unknown device" where it cannot)."""
+    cp = backend.cupy_or_none()
+    try:
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    except Exception:  # no properties (the CPU stand-in of the tests, an old CuPy)
+        return "unknown device"
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def machine(device="cpu"):
+    """A line naming the machine: CPU model and cores, and the GPU with ``device="cuda"``."""
+    model, cores = platform.processor() or platform.machine(), os.cpu_count()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    text = f"{model}, {cores} cores"
+    if hasattr(os, "sched_getaffinity"):
+        text += f" ({len(os.sched_getaffinity(0))} usable)"
+    if device == "cuda":
+        text += f"; GPU: {gpu_name()} (CuPy {backend.cupy_or_none().__version__})"
+    return text
+
+
+def load_average():
+    """The 1-minute load average (NaN where the system has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
