@@ -22,6 +22,8 @@ letter      C parameter                                            Python argume
 ``F``       ``const T*``, ``T`` the kernel's dtype (an input)      C-contiguous CuPy array
 ``O``       ``T*`` (an output)                                     C-contiguous CuPy array
 ``I``       ``const int*``                                         C-contiguous int32 array
+``L``       ``const long long*``                                   C-contiguous int64 array
+``U``       ``const unsigned long long*``: device addresses        C-contiguous uint64 array
 ``i``       ``int``                                                int in [-2**31, 2**31)
 ``l``       ``long long``                                          int in [-2**63, 2**63)
 ``f``       ``T`` (a scalar of the kernel's dtype)                 real number
@@ -60,7 +62,9 @@ from . import backend
 #: The dtypes every kernel file is instantiated for, and the suffixes of their entry points.
 DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
-_PARAM_KINDS = frozenset("FOIilf")
+_PARAM_KINDS = frozenset("FOILUilf")
+#: the integer array letters (``U``: a table of device addresses, ``a.data.ptr`` of arrays)
+_INDEX_DTYPES = {"I": np.dtype(np.int32), "L": np.dtype(np.int64), "U": np.dtype(np.uint64)}
 _INT32 = (-2**31, 2**31 - 1)
 _INT64 = (-2**63, 2**63 - 1)
 
@@ -171,8 +175,8 @@ class Kernel:
 
     def _check(self, cp, dtype, name, kind, a):
         where = f"{self.entry}: argument {name!r}"
-        if kind in "FOI":
-            want = np.dtype(np.int32) if kind == "I" else dtype
+        if kind in "FOILU":
+            want = _INDEX_DTYPES.get(kind, dtype)
             if not isinstance(a, cp.ndarray):
                 raise TypeError(f"{where} must be a cupy.ndarray; got {_type_name(a)}")
             if a.dtype != want:

@@ -24,7 +24,24 @@
 #include <mutex>
 
 // The CUDA math functions the kernels call, as the host C++ overloads (float and double).
+using std::erfc;
+using std::exp;
+using std::log;
 using std::sqrt;
+
+// The round-to-nearest arithmetic intrinsics (never contracted into a fused multiply-add on
+// the GPU): plain operations here, since host C++ in ISO mode (-std=c++20) does not contract
+// either (-ffp-contract=off) and std::sqrt is correctly rounded.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 
 struct uint3 {
     unsigned int x, y, z;

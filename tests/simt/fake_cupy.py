@@ -31,6 +31,12 @@ What it mirrors from CuPy, because diagnet could get it wrong:
   and a float as ``double``, whatever the kernel declares), grid and block are tuples of three
   ints. The kernels then run from the real ``kernels/*.cu`` source in the SIMT emulation
   harness (`simt.harness`), built with the launcher's own ``-D`` options.
+* A ``uint64`` kernel argument is a table of device addresses (``a.data.ptr`` of other
+  arrays, as a kernel that updates many arrays at once takes them): every entry must be the
+  address of a live stand-in array, which then travels to the harness as a memory block of
+  its own (out-of-bounds accesses through the table are caught as for any array) and comes
+  back with whatever the kernel wrote into it. Tables pointing at overlapping memory are
+  refused: the harness could not keep such arrays in one piece.
 
 What it does not mirror (only a real GPU run shows these): NVRTC compilation, the GPU memory
 model and warp timing, streams and asynchrony (everything is synchronous), performance,
@@ -47,6 +53,7 @@ import sys
 import time
 import types
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -357,7 +364,7 @@ class ndarray:
     @property
     def data(self) -> MemoryPointer:
         """A `MemoryPointer`, as in CuPy (not the array: diagnet must not unwrap it as one)."""
-        return MemoryPointer(self._a.__array_interface__["data"][0])
+        return MemoryPointer(_register_address(self))
 
     @property
     def device(self):
@@ -981,10 +988,16 @@ class SimtDevice:
         """Run one launch and copy the output arrays back into the stand-in arrays."""
         self.launches.append((name, grid, block))
         workdir = self.workdir or self.builder.workdir
-        outputs = harness.run_harness(binary, name, grid, block, [_kernel_value(a) for a in args],
-                                      workdir)
+        values, blocks = _with_address_tables(args)
+        outputs = harness.run_harness(binary, name, grid, block, values, workdir,
+                                      [b._a for b in blocks])
         for index, data in outputs.items():
-            a = args[index]._a
+            if index < len(args):
+                a = args[index]._a
+            else:
+                a = blocks[index - len(args)]._a
+                if data == a.tobytes():
+                    continue  # not written (it may be read-only memory)
             a[...] = np.frombuffer(data, dtype=a.dtype).reshape(a.shape)
 
 
@@ -1028,6 +1041,57 @@ def _kernel_value(a):
     raise _unsupported(a)
 
 
+#: ``ndarray.data`` addresses handed out -> weak references to the arrays that begin there,
+#: so that a table of addresses can be turned back into the arrays it points at.
+_address_owners: dict[int, list] = {}
+
+
+def _register_address(a: ndarray) -> int:
+    """The address of ``a``'s memory, remembered as ``a``'s (see `_address_owner`)."""
+    address = a._a.__array_interface__["data"][0]
+    refs = [r for r in _address_owners.get(address, ()) if r() is not None and r() is not a]
+    _address_owners[address] = refs + [weakref.ref(a)]
+    if len(_address_owners) > 4096:  # forget the addresses of arrays that are gone
+        for key in [k for k, rs in _address_owners.items() if all(r() is None for r in rs)]:
+            del _address_owners[key]
+    return address
+
+
+def _address_owner(address: int) -> ndarray:
+    """The live array whose ``data.ptr`` was ``address`` (the largest, if views of one
+    array share that start)."""
+    owners = [r() for r in _address_owners.get(address, ())]
+    owners = [a for a in owners if a is not None]
+    if not owners:
+        raise KernelArgumentError(
+            f"0x{address:x} in a table of device addresses (a uint64 kernel argument) is not "
+            "the address of a live device array; take addresses from a.data.ptr")
+    return max(owners, key=lambda a: a.nbytes)
+
+
+def _with_address_tables(args):
+    """``(values, blocks)``: the harness values of ``args``, each uint64 array replaced by a
+    `harness.AddressTable` into ``blocks``, the arrays its addresses point at (each once)."""
+    values, blocks, numbers = [], [], {}
+    for a in args:
+        value = _kernel_value(a)
+        if isinstance(value, np.ndarray) and value.dtype == np.uint64:
+            entries = []
+            for address in value.tolist():
+                if address not in numbers:
+                    numbers[address] = len(blocks)
+                    blocks.append(_address_owner(address))
+                entries.append(numbers[address])
+            value = harness.AddressTable(tuple(entries))
+        values.append(value)
+    spans = sorted((b.data.ptr, b.data.ptr + b.nbytes) for b in blocks if b.nbytes)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise KernelArgumentError("tables of device addresses point at overlapping memory; "
+                                      "the SIMT harness runs each array as a block of its own")
+    return values, blocks
+
+
 def _check_dims(what: str, dims):
     if not (isinstance(dims, tuple) and len(dims) == 3
             and all(type(d) is int and d >= 1 for d in dims)):
@@ -1048,8 +1112,7 @@ class RawKernel:
             raise KernelArgumentError(f"args must be a tuple; got {type(args).__name__}")
         if shared_mem != 0 or enable_cooperative_groups:
             raise NotImplementedError("dynamic shared memory and cooperative groups are not emulated")
-        for a in args:
-            _kernel_value(a)  # check every argument before anything runs
+        _with_address_tables(args)  # check every argument before anything runs
         global kernel_launches
         kernel_launches += 1
         module = self._raw_module

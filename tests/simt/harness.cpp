@@ -15,12 +15,16 @@
 //                         u64 nbytes, nbytes of data
 //     'i' (int32 scalar): i32       'l' (int64 scalar): i64
 //     'f' (float32 scalar): f32     'd' (float64 scalar): f64
-// RESULT_FILE: per output array: u32 argument index, u64 nbytes, data.
+//     'P' (table of device addresses): u64 count, count x u32 block index
+//   u32 nblocks, then per block (device memory that address tables point into): u64 nbytes, data
+// RESULT_FILE: per output array: u32 argument index, u64 nbytes, data; then every block, as
+// u32 nargs + block index, u64 nbytes, data (a kernel may write through an address table).
 //
 // An argument of the wrong kind or dtype is an error, which catches a launcher that passes a
 // Python int (a 64-bit long long to CuPy) where the kernel takes an int, or the wrong array
-// dtype. Every array lives in its own heap block of exactly its size, so an AddressSanitizer
-// build reports any out-of-bounds access.
+// dtype. Every array and every block lives in its own heap block of exactly its size, so an
+// AddressSanitizer build reports any out-of-bounds access. An address table reaches the kernel
+// with each entry the host address of its block.
 //
 // Exit status: 0 ok, 2 usage/IO error, 3 bad launch (unknown kernel, signature mismatch,
 // invalid grid or block), 4 divergent __syncthreads.
@@ -49,18 +53,20 @@ namespace {
 }
 
 struct Arg {
-    char kind = 0;    // 'A', 'i', 'l', 'f', 'd'
+    char kind = 0;    // 'A', 'i', 'l', 'f', 'd', 'P'
     char dtype = 0;   // for arrays
     std::vector<unsigned char> bytes;
     std::int32_t i32 = 0;
     std::int64_t i64 = 0;
     float f32 = 0;
     double f64 = 0;
+    std::vector<unsigned long long> table;  // 'P': block indices, then their addresses
 };
 
 // How one C parameter type travels: its signature letter, the argument kind and array dtype
 // it needs, and how to get it from an Arg. Letters (as in diagnet/cuda_launch.py): F / O float
-// array (input / output), I int32 array (input), i int32, l int64, f float scalar.
+// array (input / output), I int32 array (input), L int64 array (input), U table of device
+// addresses (input), i int32, l int64, f float scalar.
 template <typename P> struct Param;
 template <typename T, char LETTER, char DTYPE>
 struct ArrayParam {
@@ -72,6 +78,11 @@ template <> struct Param<float*> : ArrayParam<float*, 'O', 'f'> {};
 template <> struct Param<const double*> : ArrayParam<const double*, 'F', 'd'> {};
 template <> struct Param<double*> : ArrayParam<double*, 'O', 'd'> {};
 template <> struct Param<const int*> : ArrayParam<const int*, 'I', 'i'> {};
+template <> struct Param<const long long*> : ArrayParam<const long long*, 'L', 'q'> {};
+template <> struct Param<const unsigned long long*> {
+    static constexpr char letter = 'U', kind = 'P', dtype = 0;
+    static const unsigned long long* get(Arg& a) { return a.table.data(); }
+};
 template <> struct Param<int> {
     static constexpr char letter = 'i', kind = 'i', dtype = 0;
     static int get(Arg& a) { return a.i32; }
@@ -259,8 +270,22 @@ int main(int argc, char** argv) {
             a.f32 = in.get<float>();
         } else if (a.kind == 'd') {
             a.f64 = in.get<double>();
+        } else if (a.kind == 'P') {
+            a.table.resize(in.get<std::uint64_t>());
+            for (unsigned long long& entry : a.table) entry = in.get<std::uint32_t>();
         } else {
             fail(2, std::string("unknown argument kind '") + a.kind + "'");
+        }
+    }
+    std::vector<std::vector<unsigned char>> blocks(in.get<std::uint32_t>());
+    for (std::vector<unsigned char>& b : blocks) {
+        b.resize(in.get<std::uint64_t>());  // exactly its size, as the arrays
+        in.read(b.data(), b.size());
+    }
+    for (Arg& a : args) {  // address tables: block indices become the blocks' addresses
+        for (unsigned long long& entry : a.table) {
+            if (entry >= blocks.size()) fail(2, "address table entry names no block");
+            entry = reinterpret_cast<std::uintptr_t>(blocks[entry].data());
         }
     }
 
@@ -280,6 +305,13 @@ int main(int argc, char** argv) {
         std::fwrite(&i, sizeof i, 1, out);
         std::fwrite(&nbytes, sizeof nbytes, 1, out);
         std::fwrite(args[i].bytes.data(), 1, nbytes, out);
+    }
+    for (std::uint32_t j = 0; j < blocks.size(); ++j) {
+        const std::uint32_t index = static_cast<std::uint32_t>(args.size()) + j;
+        const std::uint64_t nbytes = blocks[j].size();
+        std::fwrite(&index, sizeof index, 1, out);
+        std::fwrite(&nbytes, sizeof nbytes, 1, out);
+        std::fwrite(blocks[j].data(), 1, nbytes, out);
     }
     if (std::fclose(out) != 0) fail(2, "write error");
     return 0;

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import dataclasses
 import os
 import shutil
 import struct
@@ -186,17 +187,33 @@ _DTYPE_CODE = {np.dtype(np.float32): b"f", np.dtype(np.float64): b"d",
                np.dtype(np.int32): b"i", np.dtype(np.int64): b"q"}
 
 
-def run_harness(binary: Path, name: str, grid, block, args, workdir: Path):
+@dataclasses.dataclass(frozen=True)
+class AddressTable:
+    """A kernel argument of type ``const unsigned long long*`` holding device addresses: entry
+    ``e`` becomes the address of memory block ``blocks[e]`` of the launch (see `run_harness`)."""
+
+    blocks: tuple[int, ...]
+
+
+def run_harness(binary: Path, name: str, grid, block, args, workdir: Path, blocks=()):
     """One emulated launch of kernel ``name``; returns {argument index: output bytes}.
 
-    ``args`` holds NumPy arrays (the device memory) and ``np.int32``/``np.int64``/
-    ``np.float32``/``np.float64`` scalars; the harness checks them against the kernel's
-    signature and returns the bytes of every output array (the caller copies them back).
+    ``args`` holds NumPy arrays (the device memory), `AddressTable` entries and
+    ``np.int32``/``np.int64``/``np.float32``/``np.float64`` scalars; the harness checks them
+    against the kernel's signature and returns the bytes of every output array (the caller
+    copies them back). ``blocks`` are C-contiguous NumPy arrays that address tables point
+    into: each lives in its own heap block during the launch, and its bytes afterwards come
+    back under index ``len(args) + its index`` (a kernel may write through a table).
     """
     parts = [b"DIAGSIM1", struct.pack("<I", len(name)), name.encode(),
              struct.pack("<6I", *grid, *block), struct.pack("<I", len(args))]
     for i, a in enumerate(args):
-        if isinstance(a, np.ndarray):
+        if isinstance(a, AddressTable):
+            if not all(0 <= e < len(blocks) for e in a.blocks):
+                raise AssertionError(f"kernel argument {i}: an address table entry names no block")
+            parts += [b"P", struct.pack("<Q", len(a.blocks)),
+                      struct.pack(f"<{len(a.blocks)}I", *a.blocks)]
+        elif isinstance(a, np.ndarray):
             if not a.flags.c_contiguous:
                 raise AssertionError(f"kernel argument {i} is not C-contiguous")
             if a.dtype not in _DTYPE_CODE:
@@ -215,6 +232,11 @@ def run_harness(binary: Path, name: str, grid, block, args, workdir: Path):
             # the kernel's parameter types: the launcher must cast explicitly.
             raise AssertionError(f"kernel argument {i} is {type(a).__name__} {a!r}; "
                                  "pass np.int32/np.int64 scalars or arrays")
+    parts.append(struct.pack("<I", len(blocks)))
+    for j, b in enumerate(blocks):
+        if not b.flags.c_contiguous:
+            raise AssertionError(f"memory block {j} is not C-contiguous")
+        parts += [struct.pack("<Q", b.nbytes), b.tobytes()]
     fd, problem = tempfile.mkstemp(dir=workdir, suffix=".prob")
     with os.fdopen(fd, "wb") as f:
         f.write(b"".join(parts))
