@@ -85,8 +85,10 @@ class FeedForward(nn.Module):
     """Two linear layers with a GELU between: ``fc2(dropout(gelu(fc1(x))))``, then dropout.
 
     ``(..., dim) -> (..., dim)`` through ``hidden`` features; ``fc1`` and ``fc2`` are dense
-    or diagonal by ``linear`` (see `make_linear`). The transformer MLP of `ViT` and the
-    token- and channel-mixing MLPs of `MLPMixer`.
+    or diagonal by ``linear`` (see `make_linear`), or whatever `diagnet.dst.sparsify` puts in
+    their place. The transformer MLP of `ViT` and the token- and channel-mixing MLPs of
+    `MLPMixer`. ``fc1`` runs without its bias, which `F.bias_gelu` adds in the activation's
+    pass (one pass over the hidden activations each way instead of two).
     """
 
     def __init__(self, dim, hidden, linear="dense", sparsity=0.9, dropout=0.0, dtype=np.float32,
@@ -98,7 +100,8 @@ class FeedForward(nn.Module):
         self.fc2 = make_linear(hidden, dim, **kw)
 
     def forward(self, x):
-        h = F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training)
+        h = F.bias_gelu(self.fc1(x, add_bias=False), self.fc1.bias)
+        h = F.dropout(h, self.dropout, self.training)
         return F.dropout(self.fc2(h), self.dropout, self.training)
 
     def extra_repr(self):

@@ -288,6 +288,10 @@ add_case("layer_norm-multidim", lambda x, w, b: F.layer_norm(x, (3, 4), weight=w
                       rng.standard_normal((3, 4))])
 add_case("layer_norm-multidim-plain", lambda x: F.layer_norm(x, (2, 3, 4), eps=1e-3),
          lambda rng: [rng.standard_normal((2, 3, 4))])
+add_case("bias_gelu-erf", F.bias_gelu,
+         lambda rng: [2.0 * rng.standard_normal((2, 3, 5)), rng.standard_normal(5)])
+add_case("bias_gelu-tanh", lambda x, b: F.bias_gelu(x, b, approximate="tanh"),
+         lambda rng: [2.0 * rng.standard_normal((4, 5)), rng.standard_normal(5)])
 
 # astype through float32 and back: the float32 round trip loses ~1e-7 relative, which a
 # 1e-6 perturbation cannot resolve, so this one case uses eps=1e-3 and matching tolerances

@@ -232,15 +232,16 @@ class DynaDiagLinear(DiagLinear):
         full[self.offsets.data] = s.data
         return Tensor._wrap(full)
 
-    def forward(self, x):
-        """``x`` ``(..., in_features)`` -> ``(..., out_features)``.
+    def forward(self, x, add_bias=True):
+        """``x`` ``(..., in_features)`` -> ``(..., out_features)``; ``add_bias=False`` leaves
+        the bias out (as `Linear.forward`).
 
         While soft: ``y = x @ W.T + b`` with stored diagonal ``k`` scaled by
         ``s[offsets[k]]``; gradients reach ``values``, ``alpha``, ``bias`` and ``x``. Frozen:
         `DiagLinear.forward` exactly.
         """
         if self._frozen:
-            return super().forward(x)
+            return super().forward(x, add_bias)
         if not isinstance(x, Tensor):
             raise TypeError(f"DynaDiagLinear expects a Tensor; got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
@@ -248,7 +249,8 @@ class DynaDiagLinear(DiagLinear):
                              f"{self.in_features}; got x of shape {x.shape}")
         scaled = self.values * _shape.reshape(self.stored_scale(), self.K, 1)
         fn = DiagLinearFunction(self._kernel_offsets(), self.shape)
-        return fn(x, scaled) if self.bias is None else fn(x, scaled, self.bias)
+        bias = self.bias if add_bias else None
+        return fn(x, scaled) if bias is None else fn(x, scaled, bias)
 
     def _scale_data(self):
         """``s`` as a backend array ``(P,)``, outside the graph (same arithmetic as forward)."""

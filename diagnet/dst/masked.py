@@ -164,10 +164,11 @@ class MaskedLinear(Linear):
             cached = self._float_mask = (mask, dtype, mask.astype(dtype))
         return cached[2]
 
-    def forward(self, x):
-        """``x`` ``(..., in_features)`` -> ``(..., out_features)``; pruned weights get zero grad."""
+    def forward(self, x, add_bias=True):
+        """``x`` ``(..., in_features)`` -> ``(..., out_features)``; pruned weights get zero grad;
+        ``add_bias=False`` leaves the bias out (as `Linear.forward`)."""
         w = self.weight * Tensor._wrap(self._mask_as(self.weight.dtype))
-        return _dense.linear(x, w, self.bias)
+        return _dense.linear(x, w, self.bias if add_bias else None)
 
     def set_mask(self, mask) -> None:
         """Replace the mask: the one way to change which weights are active.

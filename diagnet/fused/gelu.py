@@ -25,6 +25,15 @@ How each form is computed (float32 arrays in float64 registers, rounded once on 
 
 Threads: arrays of fewer than ``_SERIAL_ELEMENTS`` elements are done on the calling
 thread, larger ones in chunks over numba's pool (the policy of `diagnet.diag.cpu`).
+
+**Bias + GELU** (`bias_gelu`, `bias_gelu_grad`), for ``x`` ``(R, N)`` and ``bias`` ``(N,)``:
+``h = x + bias`` is formed in the array dtype (as the reference rounds it) and never stored.
+The forward writes ``y = gelu(h)`` in one pass; the backward writes ``dx = gy * gelu'(h)``
+and sums it over the rows into the bias gradient in the same pass (row by row, while the
+row is in the L1 cache). The rows are split into
+tasks of about ``_CHUNK`` elements, each adding its rows in order into its own float64
+partial row; the partial rows are added in task order. The tasks do not depend on the thread
+count, so the serial and the parallel path give the same bits.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from . import fastmath
 from .fastmath import exp_nonpositive_f32
 from .softmax import exp_for_dtype
 
-__all__ = ["gelu", "gelu_grad"]
+__all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad"]
 
 _FASTMATH = fastmath.FASTMATH
 _jit, _pjit, _inline = fastmath.jit, fastmath.parallel_jit, fastmath.inline_jit
@@ -152,6 +161,72 @@ def _gelu_grad_parallel(x, gy, gx, tanh_form, chunk):
         _gelu_grad_block(x, gy, gx, tanh_form, start, min(n, start + chunk))
 
 
+# --------------------------------------------------------------------------------------
+# Bias + GELU: rows start .. stop-1 of C-contiguous (R, N) arrays
+# --------------------------------------------------------------------------------------
+
+
+@_jit
+def _bias_gelu_rows(x, bias, y, tanh_form, start, stop):
+    N = _u(x.shape[1])
+    for r in range(_u(start), _u(stop)):
+        if tanh_form:
+            for j in range(N):
+                h = x[r, j] + bias[j]  # rounded to the dtype, as in the reference
+                v = np.float64(h)
+                y[r, j] = v * _tanh_gate(v, h)[0]
+        else:
+            for j in range(N):
+                h = x[r, j] + bias[j]
+                y[r, j] = np.float64(h) * _normal_cdf(h)
+
+
+@_jit
+def _bias_gelu_grad_rows(x, bias, gy, gx, gbias, tanh_form, start, stop):
+    """``gx`` of rows ``start .. stop-1``, each row's ``gx`` added into ``gbias`` (float64)."""
+    N = _u(x.shape[1])
+    for r in range(_u(start), _u(stop)):
+        if tanh_form:
+            for j in range(N):
+                h = x[r, j] + bias[j]
+                v = np.float64(h)
+                s, ds = _tanh_gate(v, h)
+                gx[r, j] = np.float64(gy[r, j]) * (s + v * ds)
+        else:
+            for j in range(N):
+                h = x[r, j] + bias[j]
+                v = np.float64(h)
+                pdf = _INV_SQRT_2PI * exp_for_dtype(h, -0.5 * v * v)
+                gx[r, j] = np.float64(gy[r, j]) * (_normal_cdf(h) + v * pdf)
+        # a loop of its own (the row is in L1): LLVM cannot tell that gx and gbias do not
+        # overlap, and stores to both in one loop keep it from vectorising
+        for j in range(N):
+            gbias[j] += gx[r, j]
+
+
+@_pjit
+def _bias_gelu_parallel(x, bias, y, tanh_form, ntasks):
+    R = x.shape[0]
+    for task in numba.prange(ntasks):
+        _bias_gelu_rows(x, bias, y, tanh_form, R * task // ntasks, R * (task + 1) // ntasks)
+
+
+@_jit
+def _bias_gelu_grad_serial(x, bias, gy, gx, partial, tanh_form):
+    R, ntasks = x.shape[0], partial.shape[0]
+    for task in range(ntasks):
+        _bias_gelu_grad_rows(x, bias, gy, gx, partial[task], tanh_form, R * task // ntasks,
+                             R * (task + 1) // ntasks)
+
+
+@_pjit
+def _bias_gelu_grad_parallel(x, bias, gy, gx, partial, tanh_form):
+    R, ntasks = x.shape[0], partial.shape[0]
+    for task in numba.prange(ntasks):
+        _bias_gelu_grad_rows(x, bias, gy, gx, partial[task], tanh_form, R * task // ntasks,
+                             R * (task + 1) // ntasks)
+
+
 def _serial(n):
     return n < _SERIAL_ELEMENTS or numba.get_num_threads() == 1
 
@@ -197,3 +272,55 @@ def gelu_grad(x, gy, approximate="none"):
     else:
         _gelu_grad_parallel(flat, gflat, gx, tanh_form, _CHUNK)
     return gx.reshape(x.shape)
+
+
+def _rows(x, bias, name="bias_gelu"):
+    """``x`` and ``bias`` as C-contiguous arrays, after the O(1) checks that keep the
+    compiled loops in bounds."""
+    if x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: expected a float32 or float64 x; got {x.dtype}")
+    if x.ndim != 2 or bias.shape != x.shape[1:]:
+        raise ValueError(f"{name}: expected x (R, N) and bias (N,); got x {x.shape}, "
+                         f"bias {bias.shape}")
+    if bias.dtype != x.dtype:
+        raise ValueError(f"{name}: bias must have x's dtype {x.dtype}; got {bias.dtype}")
+    return np.ascontiguousarray(x), np.ascontiguousarray(bias)
+
+
+def _row_tasks(x):
+    """Tasks of about `_CHUNK` elements (whole rows); fixed by the shape, not the threads."""
+    R, N = x.shape
+    return max(1, min(R, -(-R * N // _CHUNK)))
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """``gelu(x + bias)`` for ``x`` ``(R, N)`` and ``bias`` ``(N,)`` (float32 or float64, one
+    dtype): a new ``(R, N)`` array."""
+    x, bias = _rows(x, bias)
+    y = np.empty_like(x)
+    tanh_form = approximate == "tanh"
+    if _serial(x.size):
+        _bias_gelu_rows(x, bias, y, tanh_form, 0, x.shape[0])
+    else:
+        _bias_gelu_parallel(x, bias, y, tanh_form, _row_tasks(x))
+    return y
+
+
+def bias_gelu_grad(x, bias, gy, approximate="none", want_bias=True):
+    """``(dx, dbias)`` of `bias_gelu`: ``dx = gy * gelu'(x + bias)`` ``(R, N)`` and
+    ``dbias = dx.sum(axis=0)`` ``(N,)``, both of ``x``'s dtype (``dbias`` None unless
+    ``want_bias``; it is summed in float64)."""
+    x, bias = _rows(x, bias, "bias_gelu_grad")
+    if gy.shape != x.shape:
+        raise ValueError(f"gy must have x's shape {x.shape}; got {gy.shape}")
+    gy = np.ascontiguousarray(gy, dtype=x.dtype)
+    gx = np.empty_like(x)
+    partial = np.zeros((_row_tasks(x), x.shape[1]))
+    tanh_form = approximate == "tanh"
+    if _serial(x.size):
+        _bias_gelu_grad_serial(x, bias, gy, gx, partial, tanh_form)
+    else:
+        _bias_gelu_grad_parallel(x, bias, gy, gx, partial, tanh_form)
+    if not want_bias:
+        return gx, None
+    return gx, partial.sum(axis=0).astype(x.dtype)

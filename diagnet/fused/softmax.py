@@ -361,17 +361,23 @@ def cross_entropy_rows(z, labels, eps):
     return losses, shift, log_sum
 
 
-def cross_entropy_grad(z, labels, eps, shift, log_sum, scale):
-    """``(softmax(z) - q) * scale[:, None]``, ``q`` the smoothed one-hot target; ``(N, C)``.
+def cross_entropy_grad(z, labels, eps, shift, log_sum, scale, divisor=1):
+    """``(softmax(z) - q) * scale / divisor``, ``q`` the smoothed one-hot target; ``(N, C)``.
 
     ``shift`` and ``log_sum`` come from `cross_entropy_rows` on the same ``z`` and
-    ``labels``; ``scale`` ``(N,)`` is each row's factor (the output gradient, divided by
-    ``N`` for a mean).
+    ``labels``; ``scale`` is ``(N,)``, each row's factor (the output gradient), or ``()``,
+    one factor for every row; ``divisor`` a number (``N`` for a mean).
     """
     (z,) = _rows(z)
     labels = _labels(labels, z.shape[0])
-    scale = np.ascontiguousarray(scale, dtype=np.float64)
-    for name, a in (("shift", shift), ("log_sum", log_sum), ("scale", scale)):
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.shape not in ((), labels.shape):
+        raise ValueError(f"scale must have shape () or {labels.shape}; got {scale.shape}")
+    if scale.ndim == 0:
+        scale = np.full(labels.shape, float(scale) / divisor)
+    else:
+        scale = np.ascontiguousarray(scale if divisor == 1 else scale / divisor)
+    for name, a in (("shift", shift), ("log_sum", log_sum)):
         if a.shape != labels.shape or a.dtype != np.float64:
             raise ValueError(f"{name} must be float64 of shape {labels.shape}; got {a.dtype} "
                              f"of shape {a.shape}")

@@ -69,8 +69,13 @@ class Linear(Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x):
-        return _dense.linear(x, self.weight, self.bias)
+    def forward(self, x, add_bias=True):
+        """``x`` ``(..., in_features)`` -> ``x @ weight.T + bias`` ``(..., out_features)``.
+
+        ``add_bias=False`` leaves the bias out, for an op that adds it itself in its own pass
+        (`F.bias_gelu`); forward hooks then see the output without the bias.
+        """
+        return _dense.linear(x, self.weight, self.bias if add_bias else None)
 
     @classmethod
     def from_diag(cls, layer: "DiagLinear") -> "Linear":
@@ -210,15 +215,17 @@ class DiagLinear(Module):
             self._prepared_from = data
         return self._prepared
 
-    def forward(self, x):
-        """``x`` ``(..., in_features)`` -> ``(..., out_features)``, on the diagonal kernels."""
+    def forward(self, x, add_bias=True):
+        """``x`` ``(..., in_features)`` -> ``(..., out_features)``, on the diagonal kernels;
+        ``add_bias=False`` leaves the bias out (as `Linear.forward`)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"DiagLinear expects a Tensor; got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"DiagLinear: x's last dim must be in_features={self.in_features}; "
                              f"got x of shape {x.shape}")
         fn = DiagLinearFunction(self._kernel_offsets(), self.shape)
-        return fn(x, self.values) if self.bias is None else fn(x, self.values, self.bias)
+        bias = self.bias if add_bias else None
+        return fn(x, self.values) if bias is None else fn(x, self.values, bias)
 
     def set_offsets(self, offsets, keep=True, init="zeros", rng=None):
         """Replace the stored diagonals: the one way to change a layer's structure.

@@ -1,4 +1,4 @@
-"""Activations: relu, gelu, log_sigmoid, and the softmax family (softmax, log_softmax).
+"""Activations: relu, gelu, bias_gelu, log_sigmoid, and the softmax family (softmax, log_softmax).
 
 (`sigmoid` and `tanh` are plain element-wise math and live in `basic`.) The numerically
 delicate ones are single functions with hand-written backward passes: fewer graph nodes and
@@ -8,8 +8,10 @@ implements it.
 
 GELU and the softmax family run on NumPy float arrays through the compiled kernels of
 `diagnet.fused` (one pass per direction); the composed array code in each `Function` is the
-readable reference they are tested against, and the path for CuPy arrays (and for every
-array when ``DIAGNET_CPU_KERNELS=reference``). See `fused_cpu`.
+readable reference they are tested against, and the path for every array when
+``DIAGNET_CPU_KERNELS=reference``. See `fused_cpu`. GELU and bias + GELU run on CuPy float
+arrays through the CUDA kernels of ``kernels/gelu.cu`` (`gelu_kernels`), the softmax family
+through those of ``kernels/softmax.cu`` (`softmax_kernels`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
-from ..autograd import Function, axis_or_dim
+from ..autograd import FLOAT_DTYPES, Function, Tensor, axis_or_dim
 
-__all__ = ["relu", "gelu", "log_sigmoid", "softmax", "log_softmax"]
+__all__ = ["relu", "gelu", "bias_gelu", "log_sigmoid", "softmax", "log_softmax"]
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -65,41 +67,134 @@ def relu(x):
     return ReLU()(x)
 
 
+def gelu_kernels(x):
+    """The GELU kernels for the array ``x``, or None (use the composed reference).
+
+    `diagnet.fused.gelu` (numba) for NumPy arrays, as `fused_cpu` decides;
+    `diagnet.fused.gelu_cuda` (``kernels/gelu.cu``) for CuPy float32/float64 arrays. Both
+    modules have the same functions: ``gelu``, ``gelu_grad``, ``bias_gelu``,
+    ``bias_gelu_grad``.
+    """
+    if isinstance(x, np.ndarray):
+        return fused_cpu(x, "gelu")
+    if x.dtype not in _KERNEL_DTYPES or _xp(x) is np:
+        return None
+    from ..fused import gelu_cuda as kernels
+    return kernels
+
+
+def _gelu_reference(h, approximate):
+    """``(gelu(h), gate)`` in composed array operations; ``gate`` (``Phi(h)``, or the tanh
+    of the tanh form) is what `_gelu_grad_reference` needs besides ``h``."""
+    if approximate == "tanh":
+        th = _xp(h).tanh(SQRT_2_OVER_PI * (h + 0.044715 * h ** 3))
+        return 0.5 * h * (1 + th), th
+    cdf = 0.5 * (1 + backend.erf(h / math.sqrt(2.0)))
+    return h * cdf, cdf
+
+
+def _gelu_grad_reference(h, gate, gy, approximate):
+    """``gy * gelu'(h)`` in composed array operations, from `_gelu_reference`'s ``gate``."""
+    if approximate == "tanh":
+        du = SQRT_2_OVER_PI * (1 + 3 * 0.044715 * h * h)
+        return gy * (0.5 * (1 + gate) + 0.5 * h * (1 - gate * gate) * du)
+    pdf = _xp(h).exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+    return gy * (gate + h * pdf)
+
+
 class GELU(Function):
     def __init__(self, approximate):
         self.approximate = approximate
 
     def forward(self, x):
         self.save(x)
-        self.kernels = fused_cpu(x, "gelu")
+        self.kernels = gelu_kernels(x)
         if self.kernels is not None:
             return self.kernels.gelu(x, self.approximate)
-        xp = _xp(x)
-        if self.approximate == "tanh":
-            self.th = xp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-            return 0.5 * x * (1 + self.th)
-        self.cdf = 0.5 * (1 + backend.erf(x / math.sqrt(2.0)))
-        return x * self.cdf
+        y, self.gate = _gelu_reference(x, self.approximate)
+        return y
 
     def backward(self, gy):
         (x,) = self.saved
         if self.kernels is not None:
             return self.kernels.gelu_grad(x, gy, self.approximate)
-        xp = _xp(x)
-        if self.approximate == "tanh":
-            th = self.th
-            du = SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-            return gy * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * du)
-        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-        return gy * (self.cdf + x * pdf)
+        return _gelu_grad_reference(x, self.gate, gy, self.approximate)
+
+
+def _check_approximate(name, approximate):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{name}: approximate must be 'none' or 'tanh'; got {approximate!r}")
 
 
 def gelu(x, approximate="none"):
     """Gaussian error linear unit: ``x * Phi(x)`` (``approximate="none"``, the erf form) or
     the tanh approximation ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh'; got {approximate!r}")
+    _check_approximate("gelu", approximate)
     return GELU(approximate)(x)
+
+
+class BiasGELU(Function):
+    """``gelu(x + bias)``; inputs ``(x, bias)``, ``x`` ``(..., N)``, ``bias`` ``(N,)``.
+
+    The kernels form ``x + bias`` on the fly in both directions; the backward sums ``dx``
+    over the rows into the bias gradient in the same pass. The reference keeps ``x + bias``.
+    """
+
+    def __init__(self, approximate):
+        self.approximate = approximate
+
+    def forward(self, x, bias):
+        self.x_shape = x.shape
+        rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (R, N), also for N = 0
+        self.save(rows, bias)
+        self.kernels = gelu_kernels(x)
+        if self.kernels is not None:
+            y = self.kernels.bias_gelu(rows, bias, self.approximate)
+        else:
+            self.h = rows + bias
+            y, self.gate = _gelu_reference(self.h, self.approximate)
+        return y.reshape(x.shape)
+
+    def backward(self, gy):
+        rows, bias = self.saved
+        gy = gy.reshape(rows.shape)
+        want_bias = self.needs_input_grad[1]
+        if self.kernels is not None:
+            gx, gb = self.kernels.bias_gelu_grad(rows, bias, gy, self.approximate, want_bias)
+        else:
+            gx = _gelu_grad_reference(self.h, self.gate, gy, self.approximate)
+            gb = gx.sum(axis=0) if want_bias else None
+        return gx.reshape(self.x_shape), gb
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """``gelu(x + bias)`` as one op, for a linear layer followed by GELU.
+
+    The layer runs without its bias (``layer(x, add_bias=False)``) and the bias is added
+    here, in the activation's pass; its gradient is summed in the same pass as ``x``'s.
+
+    Args:
+        x: Tensor ``(..., N)``, float32 or float64.
+        bias: Tensor ``(N,)`` of ``x``'s dtype, or None (then this is `gelu`).
+        approximate: ``"none"`` (the erf form) or ``"tanh"``, as in `gelu`.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype.
+    """
+    _check_approximate("bias_gelu", approximate)
+    if bias is None:
+        return gelu(x, approximate)
+    for name, t in (("x", x), ("bias", bias)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"bias_gelu: {name} must be a Tensor; got {type(t).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bias_gelu: x must be float32 or float64; got dtype {x.dtype}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias_gelu: bias must have x's dtype {x.dtype}; got {bias.dtype}")
+    if x.ndim < 1 or bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias_gelu: bias must have shape (N,) with N = x's last dim; got "
+                         f"x of shape {x.shape} and bias of shape {bias.shape}")
+    return BiasGELU(approximate)(x, bias)
 
 
 class LogSigmoid(Function):
@@ -132,13 +227,30 @@ def _log_softmax_array(x, axis):
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
+def softmax_kernels(x):
+    """The row kernels of the softmax family for the array ``x``, or None (use the composed
+    reference).
+
+    `diagnet.fused.softmax` (numba) for NumPy arrays, as `fused_cpu` decides;
+    `diagnet.fused.softmax_cuda` (``kernels/softmax.cu``) for CuPy float32/float64 arrays.
+    Both modules have the same functions: ``softmax``, ``softmax_grad``, ``log_softmax``,
+    ``log_softmax_grad``, ``cross_entropy_rows``, ``cross_entropy_grad``.
+    """
+    if isinstance(x, np.ndarray):
+        return fused_cpu(x, "softmax")
+    if x.dtype not in _KERNEL_DTYPES or _xp(x) is np:
+        return None
+    from ..fused import softmax_cuda as kernels
+    return kernels
+
+
 def _last_axis_kernels(x, axis):
     """The softmax kernels for ``x`` when ``axis`` is its last axis, else None (the
     reference handles other axes, tuples of axes, and reports bad ones)."""
     if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or x.ndim == 0 \
             or axis not in (-1, x.ndim - 1) or x.size == 0:
         return None
-    return fused_cpu(x, "softmax")
+    return softmax_kernels(x)
 
 
 class Softmax(Function):

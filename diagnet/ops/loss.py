@@ -1,9 +1,10 @@
 """Losses: softmax cross-entropy with integer labels, mean squared error.
 
 Each public function follows the `Function` class that implements it (`mse_loss` is
-composed of basic ops and needs none). On NumPy float arrays the cross-entropy runs on the
-compiled row kernels of `diagnet.fused.softmax`; its composed array code is the reference
-they are tested against and the CuPy path.
+composed of basic ops and needs none). The cross-entropy runs on the row kernels of the
+softmax family (`diagnet.ops.activation.softmax_kernels`: numba for NumPy float arrays,
+``kernels/softmax.cu`` for CuPy ones); its composed array code is the reference they are
+tested against.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ import numpy as np
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import Function, Tensor
 from . import basic, reduce
-from .activation import _log_softmax_array, fused_cpu
+from .activation import _log_softmax_array, softmax_kernels
 
 __all__ = ["cross_entropy", "mse_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def _row_kernels(z):
+    """The row kernels for the logits ``z`` (`softmax_kernels`), or None for the reference
+    (which also serves empty logits)."""
+    return softmax_kernels(z) if z.size else None
 
 
 class CrossEntropy(Function):
@@ -40,9 +47,11 @@ class CrossEntropy(Function):
     array (and ``labels`` are clamped into range), and the rows with an invalid label get a
     NaN loss and a NaN gradient.
 
-    With the CPU kernels (NumPy logits, ``valid`` None) forward keeps each row's max and
+    With the kernels (`_row_kernels`, ``valid`` None) forward keeps each row's max and
     ``log(sum(exp(z - max)))`` instead of the ``(N, C)`` log-probabilities, and backward
     rebuilds the softmax from them and the logits in the same pass that writes the gradient.
+    The kernels check the label range themselves (a row with a label outside ``[0, C)`` is
+    NaN), so labels that live on the GPU need no ``valid`` array for them.
     """
 
     def __init__(self, labels, label_smoothing, reduction, valid=None):
@@ -52,7 +61,7 @@ class CrossEntropy(Function):
         xp = _xp(logits)
         self.in_shape = logits.shape
         z = logits.reshape(-1, logits.shape[-1])
-        self.kernels = fused_cpu(z, "softmax") if self.valid is None and z.size else None
+        self.kernels = _row_kernels(z) if self.valid is None else None
         if self.kernels is not None:
             losses, self.shift, self.log_sum = self.kernels.cross_entropy_rows(
                 z, self.labels, self.eps)
@@ -80,12 +89,11 @@ class CrossEntropy(Function):
     def backward(self, gy):
         if self.kernels is not None:
             n = self.z.shape[0]
-            if self.reduction == "none":
-                scale = gy.reshape(n)
-            else:
-                scale = np.full(n, float(gy) / n if self.reduction == "mean" else float(gy))
-            return self.kernels.cross_entropy_grad(self.z, self.labels, self.eps, self.shift,
-                                                   self.log_sum, scale).reshape(self.in_shape)
+            # the upstream gradient stays an array on its device: no host read on the GPU
+            scale = gy.reshape(n) if self.reduction == "none" else gy
+            return self.kernels.cross_entropy_grad(
+                self.z, self.labels, self.eps, self.shift, self.log_sum, scale,
+                n if self.reduction == "mean" else 1).reshape(self.in_shape)
         xp = _xp(gy)
         n, c = self.logp.shape
         g = xp.exp(self.logp)  # softmax (0 at a -inf logit)
@@ -162,7 +170,9 @@ def cross_entropy(logits, labels, label_smoothing=0.0, reduction="mean"):
             raise ValueError(f"cross_entropy: labels must be in [0, {classes}); got values in "
                              f"[{int(lab.min())}, {int(lab.max())}]")
         lab = xp.asarray(lab)  # to the logits' device (a copy only when that is the GPU)
-    else:  # checked on the device, without a synchronising read (see the docstring)
+    elif _row_kernels(logits.data if isinstance(logits, Tensor) else logits) is None:
+        # labels on the GPU are checked there, without a synchronising read (see the
+        # docstring): by the kernels themselves, or by these masks for the reference
         valid = (lab >= 0) & (lab < classes)
         lab = xp.clip(lab, 0, classes - 1)
     return CrossEntropy(lab, float(label_smoothing), reduction, valid)(logits)

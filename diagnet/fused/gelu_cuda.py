@@ -1,0 +1,257 @@
+"""CUDA kernels of GELU and of bias + GELU: launch ``kernels/gelu.cu``.
+
+The functions have the signatures of the CPU kernels in `diagnet.fused.gelu` (plus a
+keyword-only ``config=``) and take CuPy float32/float64 arrays; results are new CuPy arrays
+of the input dtype. The composed reference they are tested against is the array code of
+`diagnet.ops.activation` (`GELU`, `BiasGELU`). This module imports without CuPy; only
+calling the functions needs it.
+
+Kernel design (details in ``docs/kernels.md`` and the comments of the ``.cu`` file):
+
+* **GELU**: one element-wise pass each way over the flat array, in a grid-stride loop of
+  `GeluConfig.threads`-thread blocks (at most ``max_grid`` of them). The backward recomputes
+  ``Phi`` (or the tanh form's sigmoid) from ``x`` instead of keeping it from the forward.
+* **bias + GELU** over ``x`` ``(R, N)`` and ``bias`` ``(N,)``: a block holds ``block[1]``
+  rows of ``block[0]`` threads (a power of two near ``N``), so consecutive threads read
+  consecutive columns of a row and of the bias. The forward writes ``y = gelu(x + bias)``;
+  the backward writes ``dx = dy * gelu'(x + bias)`` and, when the bias needs a gradient,
+  partial sums of ``dbias = dx.sum(axis=0)``: about ``backward_blocks`` blocks each own a run
+  of rows, and each thread row adds its rows into its own partial row. A second kernel adds
+  the partial rows in a fixed order: deterministic, no atomics (as the layer norm does for its
+  parameter gradients).
+
+`launch_config` and `flat_config` are pure Python (no CuPy), so the tests hand the real
+launch geometry to the SIMT emulation harness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+
+from .. import cuda_launch
+
+__all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad", "launch_config", "flat_config",
+           "GeluConfig", "DEFAULT_CONFIG"]
+
+KERNEL_FILE = "gelu.cu"
+MACRO_PREFIX = "GELU"
+
+#: GeluConfig fields that are compiled into the kernels, and their ``#define`` names.
+COMPILED_FIELDS = {"threads": "GELU_THREADS", "reduce_x": "GELU_REDUCE_X",
+                   "reduce_y": "GELU_REDUCE_Y"}
+
+_INT32_MAX = 2**31 - 1
+
+
+def _power_of_two(v: int) -> bool:
+    return v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GeluConfig:
+    """Tuning constants of the GELU kernels (defaults match the ``#ifndef`` defaults).
+
+    The fields in `COMPILED_FIELDS` become ``-D`` options of the compiled module; the others
+    only steer `launch_config` and `flat_config`.
+    """
+
+    threads: int = 256  #: threads per block of the element-wise kernels (power of two, <= 1024)
+    reduce_x: int = 32  #: columns per block of the bias-gradient reduction
+    reduce_y: int = 8  #: lanes per column of the reduction (power of two)
+    backward_blocks: int = 264  #: the bias backward uses about this many blocks (2 per H100 SM)
+    max_grid: int = 65535  #: cap on grid.x of the grid-stride kernels (they loop beyond)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GeluConfig.{field.name} must be a positive int; got {value!r}")
+        if self.threads > 1024 or not _power_of_two(self.threads):
+            raise ValueError(f"GeluConfig.threads must be a power of two <= 1024; "
+                             f"got {self.threads}")
+        if self.reduce_x * self.reduce_y > 1024 or not _power_of_two(self.reduce_y):
+            raise ValueError("GeluConfig: reduce_y must be a power of two and "
+                             f"reduce_x * reduce_y <= 1024; got {self.reduce_x} x {self.reduce_y}")
+
+    def defines(self) -> tuple[str, ...]:
+        """The ``-D`` options that compile these constants into the kernels."""
+        return tuple(f"-D{macro}={getattr(self, field)}"
+                     for field, macro in COMPILED_FIELDS.items())
+
+
+DEFAULT_CONFIG = GeluConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatPlan:
+    """Grid and block of the flat GELU kernels for ``n`` elements."""
+
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Grids and blocks of the three bias + GELU kernels for one ``(R, N)``."""
+
+    block: tuple[int, int, int]  #: forward and backward: (threads per row, rows, 1)
+    forward_grid: tuple[int, int, int]
+    backward_grid: tuple[int, int, int]
+    rows_per_block: int  #: backward: the rows each block owns
+    partial_rows: int  #: backward: P = backward_grid[0] * block[1] partial sums per column
+    reduce_grid: tuple[int, int, int]
+    reduce_block: tuple[int, int, int]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=1024)
+def flat_config(n: int, config: GeluConfig | None = None) -> FlatPlan:
+    """The launch geometry of the flat kernels for ``n >= 1`` elements. Pure Python."""
+    cfg = DEFAULT_CONFIG if config is None else config
+    n = operator.index(n)
+    if n < 1:
+        raise ValueError(f"flat_config needs n >= 1; got {n}")
+    return FlatPlan(grid=(min(_cdiv(n, cfg.threads), cfg.max_grid), 1, 1),
+                    block=(cfg.threads, 1, 1))
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_config(R: int, N: int, config: GeluConfig | None = None) -> LaunchPlan:
+    """The launch geometry of the bias kernels for ``R`` rows of width ``N`` (both positive).
+    Pure Python."""
+    cfg = DEFAULT_CONFIG if config is None else config
+    R, N = operator.index(R), operator.index(N)
+    if not (1 <= R <= _INT32_MAX and 1 <= N <= _INT32_MAX):
+        raise ValueError(f"launch_config needs 1 <= R, N <= 2**31 - 1; got R={R}, N={N}")
+    bx = min(cfg.threads, 1 << (N - 1).bit_length())  # one column per thread, a power of two
+    by = cfg.threads // bx
+    groups = _cdiv(R, by)
+    rows_per_block = by * _cdiv(groups, cfg.backward_blocks)
+    blocks = _cdiv(R, rows_per_block)
+    return LaunchPlan(
+        block=(bx, by, 1),
+        forward_grid=(min(groups, cfg.max_grid), 1, 1),
+        backward_grid=(blocks, 1, 1),
+        rows_per_block=rows_per_block,
+        partial_rows=blocks * by,
+        reduce_grid=(min(_cdiv(N, cfg.reduce_x), cfg.max_grid), 1, 1),
+        reduce_block=(cfg.reduce_x, cfg.reduce_y, 1),
+    )
+
+
+_FORWARD = cuda_launch.Kernel(KERNEL_FILE, "gelu_forward", "x:F y:O n:l tanh_form:i",
+                              MACRO_PREFIX)
+_BACKWARD = cuda_launch.Kernel(KERNEL_FILE, "gelu_backward", "x:F dy:F dx:O n:l tanh_form:i",
+                               MACRO_PREFIX)
+_BIAS_FORWARD = cuda_launch.Kernel(KERNEL_FILE, "bias_gelu_forward",
+                                   "x:F bias:F y:O R:i N:i tanh_form:i", MACRO_PREFIX)
+_BIAS_BACKWARD = cuda_launch.Kernel(
+    KERNEL_FILE, "bias_gelu_backward",
+    "x:F bias:F dy:F dx:O partial:O R:i N:i tanh_form:i want_bias:i rows_per_block:i",
+    MACRO_PREFIX)
+_BIAS_REDUCE = cuda_launch.Kernel(KERNEL_FILE, "bias_gelu_bias_reduce",
+                                  "partial:F out:O P:i N:i", MACRO_PREFIX)
+
+
+@functools.lru_cache(maxsize=None)
+def _defines(config: GeluConfig) -> tuple[str, ...]:
+    # rendered once per config: the tuple is also the memo key of the compiled module
+    return config.defines()
+
+
+def compile_options(dtype, config: GeluConfig | None = None) -> tuple[str, ...]:
+    """The NVRTC options of the module for ``dtype``: tuning constants and dtype selection."""
+    cfg = DEFAULT_CONFIG if config is None else config
+    return cuda_launch.compile_options(MACRO_PREFIX, dtype, _defines(cfg))
+
+
+def _cupy():
+    return cuda_launch.require_cupy("the CUDA GELU kernels")
+
+
+def _checked_rows(x, bias):
+    """``(R, N)`` of ``x``, after the O(1) checks that keep the kernels in bounds."""
+    if x.ndim != 2 or bias.shape != x.shape[1:]:
+        raise ValueError(f"bias_gelu: expected x (R, N) and bias (N,); got x {tuple(x.shape)}, "
+                         f"bias {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias_gelu: bias must have x's dtype {x.dtype}; got {bias.dtype}")
+    return x.shape
+
+
+def gelu(x, approximate="none", *, config: GeluConfig | None = None):
+    """GELU of the CuPy array ``x`` (float32 or float64, any shape), a new array;
+    ``approximate`` is ``"none"`` (the erf form) or ``"tanh"``."""
+    cp = _cupy()
+    cfg = DEFAULT_CONFIG if config is None else config
+    flat = cp.ascontiguousarray(x).reshape(-1)  # (ascontiguousarray makes a 0-d array 1-d)
+    y = cp.empty_like(flat)
+    if flat.size:
+        plan = flat_config(flat.size, cfg)
+        _FORWARD(x.dtype, plan.grid, plan.block, (flat, y, flat.size, approximate == "tanh"),
+                 defines=_defines(cfg))
+    return y.reshape(x.shape)
+
+
+def gelu_grad(x, gy, approximate="none", *, config: GeluConfig | None = None):
+    """``gy * gelu'(x)``: the input gradient of `gelu`; ``gy`` of ``x``'s shape."""
+    cp = _cupy()
+    cfg = DEFAULT_CONFIG if config is None else config
+    if gy.shape != x.shape:
+        raise ValueError(f"gy must have x's shape {tuple(x.shape)}; got {tuple(gy.shape)}")
+    flat = cp.ascontiguousarray(x).reshape(-1)
+    gflat = cp.ascontiguousarray(gy, dtype=x.dtype).reshape(-1)
+    gx = cp.empty_like(flat)
+    if flat.size:
+        plan = flat_config(flat.size, cfg)
+        _BACKWARD(x.dtype, plan.grid, plan.block,
+                  (flat, gflat, gx, flat.size, approximate == "tanh"), defines=_defines(cfg))
+    return gx.reshape(x.shape)
+
+
+def bias_gelu(x, bias, approximate="none", *, config: GeluConfig | None = None):
+    """``gelu(x + bias)`` for ``x`` ``(R, N)`` and ``bias`` ``(N,)`` of ``x``'s dtype."""
+    cp = _cupy()
+    cfg = DEFAULT_CONFIG if config is None else config
+    R, N = _checked_rows(x, bias)
+    x, bias = cp.ascontiguousarray(x), cp.ascontiguousarray(bias)
+    y = cp.empty_like(x)
+    if x.size:
+        plan = launch_config(R, N, cfg)
+        _BIAS_FORWARD(x.dtype, plan.forward_grid, plan.block,
+                      (x, bias, y, R, N, approximate == "tanh"), defines=_defines(cfg))
+    return y
+
+
+def bias_gelu_grad(x, bias, gy, approximate="none", want_bias=True, *,
+                   config: GeluConfig | None = None):
+    """``(dx, dbias)`` of `bias_gelu`: ``dx = gy * gelu'(x + bias)`` ``(R, N)`` and
+    ``dbias = dx.sum(axis=0)`` ``(N,)`` (None unless ``want_bias``)."""
+    cp = _cupy()
+    cfg = DEFAULT_CONFIG if config is None else config
+    R, N = _checked_rows(x, bias)
+    if gy.shape != x.shape:
+        raise ValueError(f"gy must have x's shape {tuple(x.shape)}; got {tuple(gy.shape)}")
+    x, bias = cp.ascontiguousarray(x), cp.ascontiguousarray(bias)
+    gy = cp.ascontiguousarray(gy, dtype=x.dtype)
+    dx = cp.empty_like(x)
+    if not x.size:
+        return dx, (cp.zeros(N, dtype=x.dtype) if want_bias else None)
+    plan = launch_config(R, N, cfg)
+    # without want_bias the partial sums are never touched: a one-element stand-in
+    partial = cp.empty((plan.partial_rows, N) if want_bias else 1, dtype=x.dtype)
+    defines = _defines(cfg)
+    _BIAS_BACKWARD(x.dtype, plan.backward_grid, plan.block,
+                   (x, bias, gy, dx, partial, R, N, approximate == "tanh", want_bias,
+                    plan.rows_per_block), defines=defines)
+    if not want_bias:
+        return dx, None
+    db = cp.empty(N, dtype=x.dtype)
+    _BIAS_REDUCE(x.dtype, plan.reduce_grid, plan.reduce_block, (partial, db, plan.partial_rows, N),
+                 defines=defines)
+    return dx, db
