@@ -335,8 +335,9 @@ def test_head_errors(call, error, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_gpu_matches_the_cpu_kernels(dropout_p):
-    """The GPU runs the composed reference (no CUDA kernel of ours yet); float64 on both
-    devices, so only summation orders differ. The dropout mask is the same on both."""
+    """The GPU runs the CUDA kernels (`diagnet.fused.attention_cuda`, tested on their own in
+    test_fused_attention_cuda.py); float64 on both devices, so only summation orders differ.
+    The dropout mask is the same on both."""
     out = {}
     for device in ("cpu", "cuda"):
         q, k, v, dout, mask = _tensors((2, 2, 4, 5, 3, 3), device=device)
@@ -369,16 +370,17 @@ def test_gpu_heads_and_device_mask_errors():
 
 
 def test_the_dispatch_picks_blas_on_the_cpu_unless_asked_otherwise(monkeypatch):
-    a = np.zeros(1)
+    a = np.zeros((1, 1, 1, 1))
     monkeypatch.delenv(ops_attention.ENV_KERNELS, raising=False)
-    assert ops_attention._kernels(a) == (ops_attention.blas_forward, ops_attention.blas_backward)
+    assert ops_attention._kernels(a, a, a) == (ops_attention.blas_forward,
+                                               ops_attention.blas_backward)
     monkeypatch.setenv(ops_attention.ENV_KERNELS, "reference")
-    assert ops_attention._kernels(a) == (reference_forward, reference_backward)
+    assert ops_attention._kernels(a, a, a) == (reference_forward, reference_backward)
     monkeypatch.setenv(ops_attention.ENV_KERNELS, "numba")
-    assert ops_attention._kernels(a) == (kernels.forward, kernels.backward)
+    assert ops_attention._kernels(a, a, a) == (kernels.forward, kernels.backward)
     monkeypatch.setenv(ops_attention.ENV_KERNELS, "bogus")
     with pytest.raises(ValueError, match="DIAGNET_ATTENTION_KERNELS must be one of"):
-        ops_attention._kernels(a)
+        ops_attention._kernels(a, a, a)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

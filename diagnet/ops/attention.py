@@ -1,11 +1,13 @@
 """Attention ops: scaled dot-product attention, and the head split and merge around it.
 
 * `scaled_dot_product_attention`: ``softmax(q k^T * scale) v`` per batch and head as one
-  graph node, with an optional boolean mask and dropout on the weights. Its forward and
-  backward run in the composed reference below (`reference_forward`, `reference_backward`:
-  readable, and what the others are tested against) on the GPU (no CUDA kernel of ours
-  yet). On the CPU the default (`blas_forward`, `blas_backward`) is the same composition
-  with the row softmax and its gradient in one compiled pass per row
+  graph node, with an optional boolean mask and dropout on the weights. The composed
+  reference below (`reference_forward`, `reference_backward`) is the readable version the
+  others are tested against. On the GPU, small heads run the CUDA kernels of
+  `diagnet.fused.attention_cuda` (one launch per direction); shapes beyond their maxima (by
+  default 64 keys, heads of 64 features in float32 and 32 in float64) run the composed
+  reference on CuPy arrays. On the CPU the default (`blas_forward`, `blas_backward`) is the
+  same composition with the row softmax and its gradient in one compiled pass per row
   (`diagnet.fused.softmax`) instead of NumPy's several reductions: NumPy's batched matmul
   runs the tiny products with BLAS, which the all-numba kernels of `diagnet.fused.attention`
   (``DIAGNET_ATTENTION_KERNELS=numba``; they load two operands per multiply-add) do not
@@ -110,27 +112,34 @@ def blas_backward(dout, q, k, v, weights, mask, drop, scale):
     return dscores @ k, np.swapaxes(dscores, -1, -2) @ q, dv
 
 
-#: The environment variable that picks the CPU implementation: ``blas`` (the default),
-#: ``reference`` or ``numba``; read at every call. The GPU always runs the reference.
+#: The environment variable that picks the implementation: ``blas`` (the default),
+#: ``reference`` or ``numba``; read once per call of the op. ``reference`` runs the composed
+#: version on either device; otherwise CuPy arrays run the CUDA kernels where they fit.
 ENV_KERNELS = "DIAGNET_ATTENTION_KERNELS"
 _CPU_KERNELS = ("blas", "reference", "numba")
 
 
-def _kernels(array):
-    """``(forward, backward)`` for ``array``: on the CPU the implementation `ENV_KERNELS`
-    names (default ``blas``), on the GPU the composed reference."""
-    if _xp(array) is not np:
-        return reference_forward, reference_backward
+def _kernels(q, k, v):
+    """``(forward, backward)`` for the arrays ``q``, ``k``, ``v``: on the CPU the
+    implementation `ENV_KERNELS` names (default ``blas``); on the GPU the CUDA kernels where
+    the shapes fit them, else (or when `ENV_KERNELS` is ``reference``) the composed
+    reference."""
     choice = os.environ.get(ENV_KERNELS, "blas")
     if choice not in _CPU_KERNELS:
         raise ValueError(f"{ENV_KERNELS} must be one of {_CPU_KERNELS}; got {choice!r}")
+    if choice == "reference":
+        return reference_forward, reference_backward
+    if _xp(q) is not np:
+        from ..fused import attention_cuda as gpu
+
+        if gpu.fits(q.shape, k.shape, v.shape, q.dtype):
+            return gpu.forward, gpu.backward
+        return reference_forward, reference_backward
     if choice == "numba":
         from ..fused import attention as cpu
 
         return cpu.forward, cpu.backward
-    if choice == "blas":
-        return blas_forward, blas_backward
-    return reference_forward, reference_backward
+    return blas_forward, blas_backward
 
 
 # ----------------------------------------------------------------------------- attention
@@ -146,14 +155,14 @@ class ScaledDotProductAttention(Function):
         self.scale = scale
 
     def forward(self, q, k, v):
-        forward, _ = _kernels(q)
+        # backward runs the partner of the forward that made the weights
+        forward, self.kernel_backward = _kernels(q, k, v)
         out, weights = forward(q, k, v, self.mask, self.drop, self.scale, MASKED_SCORE)
         self.save(q, k, v, weights)
         return out
 
     def backward(self, gy):
-        _, backward = _kernels(gy)
-        return backward(gy, *self.saved, self.mask, self.drop, self.scale)
+        return self.kernel_backward(gy, *self.saved, self.mask, self.drop, self.scale)
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, rng=None, scale=None):
