@@ -18,6 +18,8 @@ updates the parameter itself.
 Which arrays qualify (`compilable`): a NumPy ``ndarray`` (not a subclass, not CuPy) that is
 C-contiguous, aligned and writeable; other arrays (numba would type them differently) take the
 optimizer's NumPy code, one parameter at a time, in their place in the group's order (`runs`).
+On the GPU, C-contiguous CuPy arrays go through one kernel launch per run instead
+(`diagnet.optim._foreach_cuda`); `target` says which way a parameter goes.
 The loops index every array of a parameter by the parameter's size without bounds checks:
 `Optimizer.step` has checked every gradient and state array against its parameter (shape,
 dtype) before any of this runs.
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CHUNK", "compilable", "runs", "chunks"]
+from . import _foreach_cuda
+
+__all__ = ["CHUNK", "compilable", "target", "runs", "chunks"]
 
 #: parameters per compiled call (the length of the tuples the loops take)
 CHUNK = 8
@@ -40,6 +44,17 @@ def compilable(*arrays) -> bool:
         if type(a) is not np.ndarray or not a.flags.carray:
             return False
     return True
+
+
+def target(*arrays):
+    """How the arrays of one parameter can be updated together with other parameters:
+    ``"cpu"`` (`compilable`: a compiled loop), ``"cuda"`` (`_foreach_cuda.launchable`: a
+    kernel launch) or None (the optimizer's NumPy/CuPy code, one parameter at a time)."""
+    if compilable(*arrays):
+        return "cpu"
+    if _foreach_cuda.launchable(*arrays):
+        return "cuda"
+    return None
 
 
 def runs(items, key):

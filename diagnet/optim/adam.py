@@ -21,8 +21,9 @@ numba; see `diagnet.optim._foreach`) instead of about ten NumPy calls and their 
 per parameter: for the small parameters of a sparse model each NumPy call costs more in
 overhead than in arithmetic, and so does a compiled call per parameter. The loop does the same
 float operations in the same order and dtype as the NumPy code of `Adam._update` (bit-identical
-results), which stays the readable reference and the path for CuPy arrays and for
-non-contiguous arrays. Timings: ``docs/benchmarks.md``.
+results), which stays the readable reference and the path for non-contiguous arrays. On the
+GPU, one kernel launch per run of parameters does the same (``kernels/optim.cu``, see
+`diagnet.optim._foreach_cuda`), bit for bit too. Timings: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import math
 import numpy as np
 
 from .. import backend
-from . import _checks, _foreach
+from . import _checks, _foreach, _foreach_cuda
 from .optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
@@ -167,8 +168,8 @@ class Adam(Optimizer):
 
     def _update_group(self, params, grads, states, group):
         """`_update` for each parameter, in one compiled call per `_foreach.CHUNK` parameters
-        where the arrays allow it (CPU, C-contiguous; the step count and dtype shared by a
-        run of consecutive parameters), in `_update` otherwise."""
+        (CPU) or one kernel launch (GPU) where the arrays allow it (C-contiguous; the step
+        count and dtype shared by a run of consecutive parameters), in `_update` otherwise."""
         amsgrad = group["amsgrad"]
 
         def run_key(item):
@@ -176,26 +177,34 @@ class Adam(Optimizer):
             arrays = (param, grad, state["exp_avg"], state["exp_avg_sq"])
             if amsgrad:
                 arrays += (_max_exp_avg_sq(state, param),)
-            return (param.dtype, state["step"]) if _foreach.compilable(*arrays) else None
+            target = _foreach.target(*arrays)
+            return None if target is None else (target, param.dtype, state["step"])
 
         for key, run in _foreach.runs(zip(params, grads, states), run_key):
             if key is None:
                 self._update(*run[0], group)
+            elif key[0] == "cuda":
+                self._launch_update(run, *key[1:], group)
             else:
-                self._foreach_update(run, *key, group)
+                self._foreach_update(run, *key[1:], group)
+
+    def _scalars(self, step, group) -> tuple:
+        """The Python floats ``(b1, c1, b2, c2, s2, eps, lr_t, wd, decay)`` of the compiled
+        update at step ``step`` (see `_foreach_loop`), computed as `_update` computes them."""
+        lr, weight_decay = float(group["lr"]), group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        decay = 1.0 - lr * weight_decay if self.decoupled_weight_decay else 1.0
+        return (beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step),
+                group["eps"], lr / (1.0 - beta1 ** step), weight_decay, decay)
 
     def _foreach_update(self, run, dtype, step, group):
         """One step of the parameters of ``run`` (``(param, grad, state)`` triples of
         compilable arrays of ``dtype``, all at step count ``step``) in the compiled loop."""
         step += 1
-        lr, weight_decay = float(group["lr"]), group["weight_decay"]
-        beta1, beta2 = group["betas"]
+        weight_decay = group["weight_decay"]
         coupled = weight_decay != 0 and not self.decoupled_weight_decay
-        decay = 1.0 - lr * weight_decay if self.decoupled_weight_decay else 1.0
         # the scalars in the arrays' dtype, rounded as NumPy rounds a Python float
-        scalars = np.array((beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-                            math.sqrt(1.0 - beta2 ** step), group["eps"],
-                            lr / (1.0 - beta1 ** step), weight_decay, decay), dtype=dtype)
+        scalars = np.array(self._scalars(step, group), dtype=dtype)
         params, grads, states = zip(*run)
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         arrays = (params, grads, [state["exp_avg"] for state in states], exp_avg_sqs,
@@ -206,6 +215,28 @@ class Adam(Optimizer):
             loop(*chunk, scalars)
         for state in states:
             state["step"] = step
+
+    def _launch_update(self, run, dtype, step, group):
+        """One step of the parameters of ``run`` (``(param, grad, state)`` triples of
+        launchable CuPy arrays of ``dtype``, all at step count ``step``) in one kernel
+        launch; in `_update`, one at a time, where two of their arrays share memory."""
+        params, grads, states = zip(*run)
+        columns = [params, grads, [state["exp_avg"] for state in states],
+                   [state["exp_avg_sq"] for state in states]]
+        if group["amsgrad"]:
+            columns.append([state["max_exp_avg_sq"] for state in states])
+        if group["weight_decay"] == 0:
+            mode = _foreach_cuda.WD_NONE
+        else:
+            mode = (_foreach_cuda.WD_DECOUPLED if self.decoupled_weight_decay
+                    else _foreach_cuda.WD_L2)
+        args = (group["maximize"], mode, group["amsgrad"]) + self._scalars(step + 1, group)
+        if not _foreach_cuda.launch(_foreach_cuda.ADAM, dtype, columns, args):
+            for item in run:
+                self._update(*item, group)
+            return
+        for state in states:
+            state["step"] = step + 1
 
 
 def _max_exp_avg_sq(state, param):

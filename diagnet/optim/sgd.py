@@ -14,7 +14,9 @@ State per parameter: ``momentum_buffer`` (shape and dtype of ``p``), only when `
 
 On the CPU, all parameters of a group are updated by one compiled loop (`_foreach_loop`,
 numba; see `diagnet.optim._foreach`), bit for bit as the NumPy code of `SGD._update`, which
-stays the readable reference and the path for CuPy and non-contiguous arrays.
+stays the readable reference and the path for non-contiguous arrays. On the GPU, one kernel
+launch per run of parameters does the same, bit for bit too (``kernels/optim.cu``, see
+`diagnet.optim._foreach_cuda`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import functools
 import numpy as np
 
 from .. import backend
-from . import _checks, _foreach
+from . import _checks, _foreach, _foreach_cuda
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
@@ -122,22 +124,31 @@ class SGD(Optimizer):
 
     def _update_group(self, params, grads, states, group):
         """`_update` for each parameter, in one compiled call per `_foreach.CHUNK` parameters
-        where the arrays allow it (CPU, C-contiguous; the dtype, and whether the momentum
-        buffer exists yet, shared by a run of consecutive parameters), in `_update`
-        otherwise."""
+        (CPU) or one kernel launch (GPU) where the arrays allow it (C-contiguous; the dtype,
+        and whether the momentum buffer exists yet, shared by a run of consecutive
+        parameters), in `_update` otherwise."""
         momentum = group["momentum"] != 0
 
         def run_key(item):
             param, grad, state = item
             buf = state.get("momentum_buffer") if momentum else None
             arrays = (param, grad) if buf is None else (param, grad, buf)
-            return (param.dtype, buf is None) if _foreach.compilable(*arrays) else None
+            target = _foreach.target(*arrays)
+            return None if target is None else (target, param.dtype, buf is None)
 
         for key, run in _foreach.runs(zip(params, grads, states), run_key):
             if key is None:
                 self._update(*run[0], group)
+            elif key[0] == "cuda":
+                self._launch_update(run, *key[1:], group)
             else:
-                self._foreach_update(run, *key, group)
+                self._foreach_update(run, *key[1:], group)
+
+    @staticmethod
+    def _scalars(group) -> tuple:
+        """The Python floats ``(lr, wd, mu, c)`` of the compiled update (see `_foreach_loop`)."""
+        return (float(group["lr"]), group["weight_decay"], group["momentum"],
+                1.0 - group["dampening"])
 
     def _foreach_update(self, run, dtype, first, group):
         """One step of the parameters of ``run`` (``(param, grad, state)`` triples of
@@ -149,9 +160,30 @@ class SGD(Optimizer):
             for param, state in zip(params, states):
                 state["momentum_buffer"] = np.zeros_like(param)
         buffers = [state["momentum_buffer"] for state in states] if momentum != 0 else grads
-        scalars = np.array((float(group["lr"]), weight_decay, momentum,
-                            1.0 - group["dampening"]), dtype=dtype)
+        scalars = np.array(self._scalars(group), dtype=dtype)
         loop = _foreach_loop(group["maximize"], weight_decay != 0, momentum != 0,
                              group["nesterov"], first)
         for chunk in zip(*(_foreach.chunks(a, dtype) for a in (params, grads, buffers))):
             loop(*chunk, scalars)
+
+    def _launch_update(self, run, dtype, first, group):
+        """One step of the parameters of ``run`` (``(param, grad, state)`` triples of
+        launchable CuPy arrays of ``dtype``; ``first``: no momentum buffer exists yet) in one
+        kernel launch; in `_update`, one at a time, where two of their arrays share memory."""
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        params, grads, states = zip(*run)
+        columns = [params, grads]
+        if momentum != 0:
+            xp = backend.get_array_module(params[0])
+            buffers = ([xp.empty_like(param) for param in params] if first
+                       else [state["momentum_buffer"] for state in states])
+            columns.append(buffers)
+        args = (group["maximize"], weight_decay != 0, momentum != 0, group["nesterov"],
+                first) + self._scalars(group)
+        if not _foreach_cuda.launch(_foreach_cuda.SGD, dtype, columns, args):
+            for item in run:
+                self._update(*item, group)
+            return
+        if momentum != 0 and first:  # the kernel wrote them: buf = g
+            for state, buf in zip(states, buffers):
+                state["momentum_buffer"] = buf
