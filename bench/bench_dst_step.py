@@ -44,20 +44,14 @@ for _path in (ROOT, ROOT / "bench"):  # run from a checkout without installing; 
 import diagnet as dn  # noqa: E402
 from diagnet import backend, nn  # noqa: E402
 from diagnet.dst import DynaDiag, DynaDiagLinear  # noqa: E402
-from reports import load_average, machine, time_variants, write_section  # noqa: E402
+from reports import (default_output, load_average, machine, time_variants,  # noqa: E402
+                     write_section)
 
 SECTION = "bench_dst_step"
 M = N = 768
 BATCH = 256
 SPARSITY = 0.9
 POOL = 0.25
-
-
-def default_output(quick: bool, device: str):
-    """The report's file without ``--out``: none for ``--quick`` (printed only)."""
-    if quick:
-        return None
-    return str(ROOT / "docs" / ("benchmarks.md" if device == "cpu" else "gpu-benchmarks.md"))
 
 
 def make_variants(device, seed=0):

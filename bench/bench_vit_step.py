@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import pstats
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -66,7 +65,8 @@ import diagnet as dn  # noqa: E402
 from diagnet import backend, functional as F  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP, ViT  # noqa: E402
-from reports import load_average, machine, time_variants, write_section  # noqa: E402
+from reports import (child_result, default_output, fmt_ratio, load_average,  # noqa: E402
+                     machine, time_variants, write_section)
 
 SECTION = "bench_vit_step"
 SPARSITY = 0.9
@@ -118,13 +118,6 @@ DENSE, STATIC, SOFT, FROZEN, TORCH = ("diagnet dense", "diagnet diag 90% static"
                                       "diagnet DynaDiag 90% soft",
                                       "diagnet DynaDiag 90% frozen", "PyTorch dense")
 VARIANTS = (DENSE, STATIC, SOFT, FROZEN)
-
-
-def default_output(quick: bool, device: str):
-    """The report's file without ``--out``: none for ``--quick`` (printed only)."""
-    if quick:
-        return None
-    return str(ROOT / "docs" / ("benchmarks.md" if device == "cpu" else "gpu-benchmarks.md"))
 
 
 def measure_batch(measure):
@@ -385,11 +378,7 @@ def run_torch_child(args):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
            args.device, "--steps", str(args.steps), "--rounds", str(args.rounds),
            "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if res.returncode or line is None:
-        raise RuntimeError(f"PyTorch child run failed:\n{res.stdout}\n{res.stderr}")
-    return json.loads(line[len("RESULT "):])
+    return child_result(cmd, "PyTorch child run")
 
 
 # --------------------------------------------------------------------------------------
@@ -407,7 +396,7 @@ GROUPS = [
     ("indexing and reshapes", ("getitem", "index", "split", "concatenate", "stack", "reshape",
                                "transpose", "broadcast")),
     ("dense matmuls", ("ops/dense.py", "linearfunction")),
-    ("autograd engine", ("autograd.py", "config.py")),
+    ("autograd engine", ("autograd/", "config.py")),
     ("waiting for the GPU", ("synchronize",)),
 ]
 OTHER = "other (element-wise ops, loss, modules, Python)"
@@ -544,11 +533,8 @@ def profile_step(sizes, device, steps, warmup, top=15):
 # --------------------------------------------------------------------------------------
 
 
-def fmt_ratio(num, den):
-    return "—" if num is None or den is None else f"{num / den:.2f}"
-
-
-#: the issue's targets at the full sizes: (model, variant, measure, at most this x PyTorch's time)
+#: the speed targets at the full sizes, against PyTorch measured in the same run:
+#: (model, variant, measure, at most this x PyTorch's time)
 TARGETS = [
     ("ViT", STATIC, FULL.train, 0.7),
     ("ViT", DENSE, FULL.train, 1.0),

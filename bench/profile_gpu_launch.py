@@ -75,7 +75,7 @@ def main(argv=None):
 
     def autograd_step():
         y = DiagLinearFunction(off64, (m, n))(xt, vt)
-        y.backward(diagnet.Tensor._wrap(dy))
+        y.backward(diagnet.Tensor.from_array(dy))
         xt.grad = vt.grad = None
 
     rows = [

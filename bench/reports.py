@@ -1,22 +1,41 @@
-"""Writing benchmark reports into docs: whole files, or one marked section of a shared file.
+"""What the benchmark scripts share: where and how reports are written, timing in rotating
+rounds, fresh-process runs, and the lines that describe the machine.
 
 Several benchmark scripts report into ``docs/benchmarks.md``. Each owns a section between
 ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->``; a script that regenerates the whole file
 (``bench_diag_linear.py``) keeps the other scripts' sections, so running one benchmark never
-erases another's table. Every write is atomic (`diagnet.tensorfile.atomic_write`).
+erases another's table, nor the hand-written sections (notes measured once) that no script
+writes. Every write is atomic (`diagnet.tensorfile.atomic_write`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 from diagnet import backend
 from diagnet.tensorfile import atomic_write
 
 _SECTION = re.compile(r"<!-- begin: (?P<name>[\w.-]+) -->\n.*?<!-- end: (?P=name) -->\n?", re.S)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def default_output(quick: bool, device: str):
+    """Where a report goes without ``--out``: ``docs/benchmarks.md`` (CPU) or
+    ``docs/gpu-benchmarks.md`` (``device="cuda"``), and nowhere for ``--quick``.
+
+    A ``--quick`` run is a smoke test on a subset; writing it over the committed tables would
+    replace the measured results with a partial, noisier set, so it goes to stdout only.
+    """
+    if quick:
+        return None
+    return str(DOCS / ("benchmarks.md" if device == "cpu" else "gpu-benchmarks.md"))
 
 
 def write_text(path, text):
@@ -71,6 +90,24 @@ def time_variants(steps_by_name, steps, warmup, rounds, settle=True):
                 steps_by_name[name]()
             times[name].extend(steps_by_name[name]() for _ in range(steps))
     return times
+
+
+def child_result(cmd, what, env=None):
+    """Run ``cmd`` in a fresh process and return the JSON it printed after ``RESULT `` on a
+    line of its own; RuntimeError naming ``what``, with the child's output, if it failed.
+
+    A fresh process measures what one process cannot: thread pools at other settings, or
+    PyTorch without diagnet's pools beside it."""
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if res.returncode or line is None:
+        raise RuntimeError(f"{what} failed:\n{res.stdout}\n{res.stderr}")
+    return json.loads(line[len("RESULT "):])
+
+
+def fmt_ratio(num, den):
+    """``num / den`` with two decimals, or a dash where either was not measured."""
+    return "—" if num is None or den is None else f"{num / den:.2f}"
 
 
 def gpu_name():

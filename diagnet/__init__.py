@@ -9,8 +9,7 @@
 are in ``diagnet.models``.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from . import backend, checkpoint, config, data, dst, functional, nn, optim, random, sparse, train
 from .autograd import Function, Tensor, from_dlpack, tensor
 from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled

@@ -5,19 +5,18 @@ array belongs to (`get_array_module`, after Chainer's ``cuda.get_array_module``)
 its code once against that module, conventionally called ``xp``.
 
 Device names are ``"cpu"`` and ``"cuda"``. The default device is ``"cuda"`` when CuPy imports
-and a CUDA device answers, else ``"cpu"``; the environment variable ``DIAGNET_DEVICE`` and
-explicit ``device=`` arguments override it.
+and a CUDA device answers, else ``"cpu"``; `diagnet.settings` (``DIAGNET_DEVICE``, read at
+import, or ``settings.set_device``) and explicit ``device=`` arguments override it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
-DEVICES = ("cpu", "cuda")
-ENV_DEVICE = "DIAGNET_DEVICE"
+from . import settings
+from .settings import DEVICES, ENV_DEVICE, check_device  # noqa: F401 - public here too
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,37 +59,15 @@ def _require_cupy():
     return cp
 
 
-def check_device(device) -> str:
-    """Validate a device name and return it normalised (``"cuda:0"``, ``"gpu"`` -> ``"cuda"``).
-
-    diagnet runs on one GPU, CuPy's current device, so ``"cuda:1"`` and higher are refused
-    rather than silently mapped to it (``CUDA_VISIBLE_DEVICES`` picks the GPU).
-    """
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a str, one of {DEVICES}; got {type(device).__name__}")
-    name = device.strip().lower()
-    if name.startswith("cuda:") and name[len("cuda:"):].isdigit():
-        index = int(name[len("cuda:"):])
-        if index != 0:
-            raise ValueError(f"diagnet uses one GPU: device must be 'cuda' or 'cuda:0'; to run "
-                             f"on GPU {index}, set CUDA_VISIBLE_DEVICES={index}; got {device!r}")
-        name = "cuda"
-    if name == "gpu":
-        name = "cuda"
-    if name not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
-    return name
-
-
 def default_device() -> str:
-    """The device used when none is given: ``$DIAGNET_DEVICE`` if set, else cuda if usable, else cpu."""
-    env = os.environ.get(ENV_DEVICE)
-    if env:
-        name = check_device(env)
-        if name == "cuda":
-            _require_cupy()
-        return name
-    return "cuda" if cuda_available() else "cpu"
+    """The device used when none is given: `settings.device` (``$DIAGNET_DEVICE``, or
+    `diagnet.settings.set_device`) if set, else cuda if usable, else cpu."""
+    name = settings.device
+    if name is None:
+        return "cuda" if cuda_available() else "cpu"
+    if name == "cuda":
+        _require_cupy()
+    return name
 
 
 def resolve_device(device=None) -> str:

@@ -24,10 +24,8 @@ a JSON string (next to it, ``__metadata__["diagnet_sha256"]``, the checksum)::
      "config": <skeleton>, "state": <skeleton>, "rng": <generator state or null>}
 
 A *skeleton* is a component's state dict with every array replaced by a placeholder that
-names its tensor (`split_state` / `join_state`). The encoding round-trips what JSON alone
-does not: dicts with int keys (the optimizer's parameter indices), tuples, NumPy scalars
-(stored as 0-d tensors, so their dtype survives) and non-finite floats. Containers may nest
-`MAX_STATE_DEPTH` deep, so that the JSON stays within the reader's `MAX_JSON_DEPTH`.
+names its tensor (`split_state` / `join_state`, from `diagnet.skeleton`, which describes the
+encoding).
 
 Guarantees
 ----------
@@ -57,18 +55,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import backend
 from . import random as _random
-from .autograd import Tensor
-from .tensorfile import (CheckpointError, _check_text, _dtype_name, _host_array, _is_int,
-                         _loads_json, load_tensors, save_tensors)
+from .checks import is_int
+from .skeleton import MAX_STATE_DEPTH, join_state, split_state
+from .tensorfile import (CheckpointError, check_text, dtype_name, host_array, load_tensors,
+                         loads_json, save_tensors)
+from .version import __version__
 
 __all__ = [
     "CheckpointError", "Checkpoint", "save", "load", "save_tensors", "load_tensors",
@@ -84,158 +82,6 @@ FORMAT_VERSION = 1
 METADATA_KEY = "diagnet"
 #: the ``__metadata__`` key that holds the checksum of the checkpoint
 CHECKSUM_KEY = "diagnet_sha256"
-#: how deeply dicts, lists and tuples may nest in a saved state dict, ``state`` or
-#: ``config``: each level takes at most 3 JSON levels (an int-keyed dict is an object, a list
-#: and a pair), and the metadata adds 3, so the JSON stays within the reader's limit
-MAX_STATE_DEPTH = 32
-
-# component names that `save`/`load` reserve for themselves
-_RESERVED = ("model", "optimizer", "scheduler", "state", "config", "rng")
-# markers of the skeleton encoding (a JSON object holding one of these keys is a marker)
-_TENSOR, _SCALAR, _TUPLE, _DICT = "__tensor__", "__scalar__", "__tuple__", "__dict__"
-_MARKERS = frozenset((_TENSOR, _SCALAR, _TUPLE, _DICT))
-
-
-# ============================================================================ skeletons
-
-
-def _leaf_array(value):
-    """The backend array of a Tensor or array leaf, else None."""
-    if isinstance(value, Tensor):
-        return value.data
-    return value if backend.is_array(value) else None
-
-
-def split_state(obj, prefix):
-    """Split a nested structure into tensors and a JSON-able skeleton.
-
-    Args:
-        obj: nested dicts (str or int keys), lists and tuples whose leaves are arrays
-            (NumPy, CuPy, `Tensor`), NumPy scalars, or JSON values (None, bool, int,
-            float, str). Floats may be non-finite.
-        prefix: the first part of every tensor name (e.g. ``"optimizer"``).
-
-    Returns:
-        ``(skeleton, tensors)``: ``tensors`` maps names ``prefix/<key>/<key>...`` to NumPy
-        arrays (GPU arrays copied to the host); ``skeleton`` is ``obj`` with each array
-        replaced by ``{"__tensor__": name}`` (NumPy scalars add ``"__scalar__": true``),
-        each tuple by ``{"__tuple__": [...]}`` and each dict that has a non-str key, or a
-        key that is one of these markers, by ``{"__dict__": [[key, value], ...]}``.
-        `join_state` inverts it exactly.
-
-    Raises:
-        TypeError: a value or a dict key of an unsupported type, naming where it is.
-        ValueError: containers nested deeper than `MAX_STATE_DEPTH` (or one holding itself),
-            or a str that is not valid Unicode (a lone surrogate), naming where it is.
-    """
-    tensors = {}
-
-    def name_for(path):
-        base = "/".join([prefix] + path)
-        name, i = base, 1
-        while name in tensors:  # keys containing "/" could collide: keep names unique
-            name, i = f"{base}~{i}", i + 1
-        return name
-
-    def where(path):
-        return "/".join([prefix] + path)
-
-    def enc(value, path):
-        arr = _leaf_array(value)
-        if arr is not None:
-            name = name_for(path)
-            tensors[name] = _host_array(arr, name)
-            return {_TENSOR: name}
-        if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_)):
-            name = name_for(path)
-            tensors[name] = _host_array(np.asarray(value), name)
-            return {_TENSOR: name, _SCALAR: True}
-        if isinstance(value, str):
-            _check_text(value, f"{where(path)}: the str")
-            return value
-        if value is None or isinstance(value, bool):
-            return value
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, (list, tuple, dict)) and len(path) == MAX_STATE_DEPTH:
-            raise ValueError(f"{where(path)}: nested deeper than {MAX_STATE_DEPTH} levels of "
-                             "dicts, lists and tuples (or a container that holds itself)")
-        if isinstance(value, list):
-            return [enc(v, path + [str(i)]) for i, v in enumerate(value)]
-        if isinstance(value, tuple):
-            return {_TUPLE: [enc(v, path + [str(i)]) for i, v in enumerate(value)]}
-        if isinstance(value, dict):
-            for k in value:
-                if not isinstance(k, str) and not _is_int(k):
-                    raise TypeError(f"{where(path)}: dict keys must be str or int to be saved; "
-                                    f"got {type(k).__name__} {k!r}")
-                if isinstance(k, str):
-                    _check_text(k, f"{where(path)}: the key")
-            if all(isinstance(k, str) for k in value) and not _MARKERS.intersection(value):
-                return {k: enc(v, path + [k]) for k, v in value.items()}
-            return {_DICT: [[k, enc(v, path + [str(k)])] for k, v in value.items()]}
-        raise TypeError(f"{where(path)}: cannot save a {type(value).__name__} in a checkpoint "
-                        "(arrays, dicts, lists, tuples, None, bool, int, float and str can be "
-                        "saved)")
-
-    return enc(obj, []), tensors
-
-
-def join_state(skeleton, tensors, used=None):
-    """Rebuild the structure that `split_state` split: the inverse of it.
-
-    Args:
-        skeleton: the JSON-able skeleton.
-        tensors: dict name -> NumPy array holding the tensors it names.
-        used: optional set; the names of the tensors consumed are added to it.
-
-    Returns:
-        The structure, with NumPy arrays (and NumPy scalars) in place of the placeholders,
-        tuples and int-keyed dicts restored.
-
-    Raises:
-        ValueError: a malformed placeholder or a tensor name missing from ``tensors``.
-    """
-    used = set() if used is None else used
-
-    def dec(node):
-        if isinstance(node, list):
-            return [dec(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        if not _MARKERS.intersection(node):
-            return {k: dec(v) for k, v in node.items()}
-        if _TENSOR in node:
-            name = node[_TENSOR]
-            if not (set(node) <= {_TENSOR, _SCALAR}) or not isinstance(name, str):
-                raise ValueError(f"malformed tensor placeholder {node!r}")
-            if name not in tensors:
-                raise ValueError(f"tensor {name!r} is referenced but not in the file")
-            used.add(name)
-            arr = tensors[name]
-            if node.get(_SCALAR):
-                if arr.ndim != 0:
-                    raise ValueError(f"tensor {name!r} should be a scalar; has shape {arr.shape}")
-                return arr[()]
-            return arr
-        if set(node) == {_TUPLE} and isinstance(node[_TUPLE], list):
-            return tuple(dec(v) for v in node[_TUPLE])
-        if set(node) == {_DICT} and isinstance(node[_DICT], list):
-            out = {}
-            for pair in node[_DICT]:
-                if (not isinstance(pair, list) or len(pair) != 2
-                        or not (isinstance(pair[0], str) or _is_int(pair[0]))):
-                    raise ValueError(f"malformed dict entry {pair!r}"[:200])
-                out[pair[0]] = dec(pair[1])
-            return out
-        raise ValueError(f"malformed placeholder {node!r}"[:200])
-
-    return dec(skeleton)
-
-
-# ============================================================================ save / load
 
 
 def _digest(tensors, meta_json):
@@ -246,8 +92,8 @@ def _digest(tensors, meta_json):
     """
     h = hashlib.sha256()
     for name in sorted(tensors):
-        arr = _host_array(tensors[name], name)
-        h.update(json.dumps([name, _dtype_name(arr), list(arr.shape)]).encode("utf-8"))
+        arr = host_array(tensors[name], name)
+        h.update(json.dumps([name, dtype_name(arr), list(arr.shape)]).encode("utf-8"))
         h.update(arr.reshape(-1).view(np.uint8).data)
     h.update(meta_json.encode("utf-8"))
     return h.hexdigest()
@@ -262,7 +108,7 @@ def _component_items(model, optimizer, scheduler, components):
     for name, obj in components.items():
         if not name or "/" in name or name.startswith("__"):
             raise ValueError(f"component name {name!r} is not allowed (no '/', no leading '__')")
-        _check_text(name, "component name")
+        check_text(name, "component name")
         items[name] = obj
     return {k: v for k, v in items.items() if v is not None}
 
@@ -307,8 +153,6 @@ def save(path, *, model=None, optimizer=None, scheduler=None, state=None, config
     for key, value in (("state", state), ("config", config)):
         extras[key], parts = split_state(value, key)
         tensors.update(parts)
-    from . import __version__
-
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -365,7 +209,7 @@ def _read_checkpoint(path):
         fail(f"not a diagnet checkpoint: a safetensors file without the {METADATA_KEY!r} "
              f"metadata (it has {len(tensors)} tensors; read it with load_tensors)")
     try:
-        meta = _loads_json(header_meta[METADATA_KEY], f"the {METADATA_KEY!r} entry")
+        meta = loads_json(header_meta[METADATA_KEY], f"the {METADATA_KEY!r} entry")
     except ValueError as exc:
         fail(f"corrupt checkpoint metadata: {exc}")
     if not isinstance(meta, dict):
@@ -373,7 +217,7 @@ def _read_checkpoint(path):
     if meta.get("format") != FORMAT:
         fail(f"not a diagnet checkpoint: format is {meta.get('format')!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         fail(f"corrupt checkpoint metadata: format_version {version!r} is not a positive int")
     if version > FORMAT_VERSION:
         fail(f"format_version {version} is newer than this diagnet reads ({FORMAT_VERSION}); "

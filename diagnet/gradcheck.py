@@ -51,7 +51,7 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-6, rtol=1e-4, seed=0):
 
     for i in checked:
         inputs[i].grad = None
-    (out * Tensor._wrap(v)).sum().backward()
+    (out * Tensor.from_array(v)).sum().backward()
 
     for i in checked:
         x = inputs[i]

@@ -36,9 +36,10 @@ import tempfile
 import numpy as np
 
 from . import backend
+from .checks import is_int
 
-__all__ = ["CheckpointError", "save_tensors", "load_tensors", "atomic_write", "MAX_HEADER_BYTES",
-           "MAX_JSON_DEPTH"]
+__all__ = ["CheckpointError", "save_tensors", "load_tensors", "atomic_write", "host_array",
+           "dtype_name", "check_text", "loads_json", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH"]
 
 #: the largest header accepted, as the reference implementation (100 MB)
 MAX_HEADER_BYTES = 100_000_000
@@ -134,7 +135,7 @@ def atomic_write(path, write):
 # ============================================================================ safetensors
 
 
-def _host_array(value, name):
+def host_array(value, name):
     """``value`` (NumPy/CuPy array or Tensor) as a C-contiguous little-endian NumPy array."""
     arr = backend.unwrap(value)
     if not backend.is_array(arr):
@@ -149,7 +150,9 @@ def _host_array(value, name):
     return arr
 
 
-def _dtype_name(arr):
+def dtype_name(arr):
+    """The safetensors name (``"F32"``, ``"I64"``, ...) of the dtype of the NumPy array
+    ``arr``, which `host_array` returned (a dtype that safetensors can store)."""
     return _NAMES[(arr.dtype.kind, arr.dtype.itemsize)]
 
 
@@ -179,9 +182,9 @@ def save_tensors(path, tensors, metadata=None):
             raise TypeError(f"tensor names must be str; got {type(name).__name__} {name!r}")
         if name == "__metadata__":
             raise ValueError("'__metadata__' is reserved and cannot name a tensor")
-        _check_text(name, "tensor name")
-        arr = _host_array(value, name)
-        header[name] = {"dtype": _dtype_name(arr), "shape": [int(s) for s in arr.shape],
+        check_text(name, "tensor name")
+        arr = host_array(value, name)
+        header[name] = {"dtype": dtype_name(arr), "shape": [int(s) for s in arr.shape],
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)
@@ -190,8 +193,8 @@ def save_tensors(path, tensors, metadata=None):
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("metadata must be a dict with str keys and str values")
         for key, value in metadata.items():
-            _check_text(key, "metadata: the key")
-            _check_text(value, f"metadata[{key!r}]: the str")
+            check_text(key, "metadata: the key")
+            check_text(value, f"metadata[{key!r}]: the str")
         header = {"__metadata__": dict(metadata), **header}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False,
                      allow_nan=False).encode("utf-8")
@@ -207,7 +210,7 @@ def save_tensors(path, tensors, metadata=None):
     atomic_write(path, write)
 
 
-def _check_text(text, what):
+def check_text(text, what):
     """Raise ValueError if the str ``text`` cannot be written as UTF-8 (it holds a lone
     surrogate, such as ``"\\ud800"``); the message starts with ``what`` and ``text``."""
     try:
@@ -233,7 +236,7 @@ def _json_depth(text):
     return int(np.cumsum(steps).max(initial=0))
 
 
-def _loads_json(text, what):
+def loads_json(text, what):
     """Parse JSON ``text`` strictly: nested at most `MAX_JSON_DEPTH` deep, no duplicate keys,
     no lone surrogate escapes (``"\\ud800"``, which no UTF-8 file can hold).
 
@@ -265,10 +268,6 @@ def _no_duplicates(pairs):
     return seen
 
 
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _parse_header(path, raw, size, n):
     """Validate the header bytes; return ``(entries, metadata)``, entries sorted by offset."""
     def fail(msg):
@@ -279,7 +278,7 @@ def _parse_header(path, raw, size, n):
     except UnicodeDecodeError as exc:
         fail(f"not a safetensors file: the header is not valid UTF-8 ({exc})")
     try:
-        header = _loads_json(text, "the header")
+        header = loads_json(text, "the header")
     except ValueError as exc:
         fail(f"not a safetensors file: {exc}")
     if not isinstance(header, dict):
@@ -300,10 +299,10 @@ def _parse_header(path, raw, size, n):
             fail(f"tensor {name!r}: dtype {dname} has no NumPy equivalent")
         if not isinstance(dname, str) or dname not in _DTYPES:
             fail(f"tensor {name!r}: unknown dtype {dname!r}")
-        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
             fail(f"tensor {name!r}: shape must be a list of non-negative ints; got {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) and o >= 0 for o in offsets)):
+                or not all(is_int(o) and o >= 0 for o in offsets)):
             fail(f"tensor {name!r}: data_offsets must be [begin, end], two non-negative ints; "
                  f"got {offsets!r}")
         begin, end = offsets

@@ -10,7 +10,7 @@ import numpy as np
 
 from diagnet import Tensor, nn
 from diagnet import functional as F
-from diagnet.nn._validate import positive_int, probability
+from diagnet.checks import positive_int, probability
 from diagnet.nn.linear import LINEAR_KINDS, make_linear
 
 __all__ = ["positive_int", "probability", "check_linear", "PatchEmbedding", "FeedForward",

@@ -12,7 +12,11 @@ Kernel implementations: a test with an argument named ``kernel_impl`` runs once 
 kernel implementation, ``"reference"`` (NumPy, `diagnet.diag.reference`) and ``"numba"``
 (`diagnet.diag.cpu`, the dispatch default), the latter skipped while that module does not
 exist. Inside the test, ``with use_kernels(kernel_impl):`` (the session fixture
-``use_kernels``) routes `diagnet.diag.dispatch` to that implementation.
+``use_kernels``) routes `diagnet.diag.dispatch` to that implementation, through
+`diagnet.settings`.
+
+Settings: every test starts from the suite's `diagnet.settings` and whatever it changes (with
+``settings.set_*``) is restored after it (the autouse fixture `_settings_per_test`).
 
 Devices and GPU tests:
 
@@ -20,10 +24,10 @@ Devices and GPU tests:
   available, `pytest_collection_modifyitems` skips it with the reason from
   ``diagnet.backend.cuda_unavailable_reason()``.
 * Tests not marked ``gpu`` run with the default device pinned to the CPU
-  (``DIAGNET_DEVICE=cpu``) unless the user set ``DIAGNET_DEVICE``: they compare results with
-  NumPy, which must not depend on whether the machine has a GPU. Tests marked ``gpu`` see the
-  machine's own default (``cuda`` where it is available), as a user of a GPU machine does.
-  Tests about default-device selection clear the variable themselves.
+  (``settings.set_device("cpu")``) unless the user set ``DIAGNET_DEVICE``: they compare
+  results with NumPy, which must not depend on whether the machine has a GPU. Tests marked
+  ``gpu`` see the machine's own default (``cuda`` where it is available), as a user of a GPU
+  machine does. Tests about default-device selection set the device themselves.
 * ``--fake-cupy`` installs the CuPy stand-in of ``tests/simt/fake_cupy.py`` as ``cupy`` (and
   ``cupyx``) before diagnet probes for CuPy, so CUDA is "available" and every ``gpu`` test
   runs the CuPy code path on the CPU, with the CUDA kernels emulated from their real source
@@ -32,19 +36,20 @@ Devices and GPU tests:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
-from diagnet.backend import ENV_DEVICE
+from diagnet import settings
 
-# The user's own choice of default device, read before this file pins it for the CPU tests.
-_USER_DEVICE = os.environ.get(ENV_DEVICE) or None
+# The user's own choice of default device (``DIAGNET_DEVICE``), before this file pins it for
+# the CPU tests.
+_USER_DEVICE = settings.device
 
-settings.register_profile(
+hypothesis_settings.register_profile(
     "default",
     max_examples=200,
     deadline=None,
@@ -52,14 +57,14 @@ settings.register_profile(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile(
+hypothesis_settings.register_profile(
     "thorough",
     max_examples=10_000,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def _cpu_kernels_present() -> bool:
@@ -83,25 +88,26 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("kernel_impl", kernel_impl_params())
 
 
-@contextlib.contextmanager
 def _use_kernels(name):
     """Route `diagnet.diag.dispatch` on the CPU to ``name`` ("reference" or "numba")."""
-    key = "DIAGNET_CPU_KERNELS"
-    previous = os.environ.get(key)
-    os.environ[key] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = previous
+    return settings.override(cpu_kernels=name)
 
 
 @pytest.fixture(scope="session")
 def use_kernels():
     """The context manager ``use_kernels(name)`` (session-scoped, so Hypothesis-safe)."""
     return _use_kernels
+
+
+@pytest.fixture(autouse=True)
+def _settings_per_test(request):
+    """Restore `diagnet.settings` after each test; a ``gpu`` test runs on the machine's
+    default device (cuda where available) instead of the CPU pin."""
+    changes = {}
+    if _USER_DEVICE is None and request.node.get_closest_marker("gpu") is not None:
+        changes["device"] = None
+    with settings.override(**changes):
+        yield
 
 
 # ----------------------------------------------------------------------------- devices, gpu
@@ -118,7 +124,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if _USER_DEVICE is None:
         # Pinned before collection too: some test modules build tensors at import time.
-        os.environ[ENV_DEVICE] = "cpu"
+        settings.set_device("cpu")
     if config.getoption("--fake-cupy"):
         # Before anything asks diagnet for CuPy: the backend caches its probe and the launcher
         # its compiled modules, so clear both in case diagnet was imported already.
@@ -166,18 +172,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    # A gpu test sees the machine's default device (cuda where available), not the CPU pin.
-    # (tryfirst: before fixtures such as monkeypatch record the environment.)
-    if _USER_DEVICE is None and item.get_closest_marker("gpu") is not None:
-        os.environ.pop(ENV_DEVICE, None)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item, nextitem):
-    # trylast: after the fixtures (monkeypatch) have restored what they changed.
-    if _USER_DEVICE is None:
-        os.environ[ENV_DEVICE] = "cpu"

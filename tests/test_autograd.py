@@ -165,11 +165,11 @@ def test_broadcast_gradient_is_summed_to_the_leaf_shape():
 
 def test_sum_to():
     g = np.arange(24.0).reshape(2, 3, 4)
-    np.testing.assert_array_equal(sum_to(np, g, (3, 4)), g.sum(0))
-    np.testing.assert_array_equal(sum_to(np, g, (3, 1)), g.sum(0).sum(1, keepdims=True))
-    np.testing.assert_array_equal(sum_to(np, g, (2, 1, 4)), g.sum(1, keepdims=True))
-    np.testing.assert_array_equal(sum_to(np, g, ()), g.sum())
-    assert sum_to(np, g, (2, 3, 4)) is g
+    np.testing.assert_array_equal(sum_to(g, (3, 4)), g.sum(0))
+    np.testing.assert_array_equal(sum_to(g, (3, 1)), g.sum(0).sum(1, keepdims=True))
+    np.testing.assert_array_equal(sum_to(g, (2, 1, 4)), g.sum(1, keepdims=True))
+    np.testing.assert_array_equal(sum_to(g, ()), g.sum())
+    assert sum_to(g, (2, 3, 4)) is g
 
 
 # ----------------------------------------------------------------------------- graph freeing
@@ -393,6 +393,50 @@ def test_tensor_constructor_copies_but_Tensor_wraps():
     assert diagnet.tensor(src).data is not src.data
 
 
+def test_from_array_wraps_the_array_as_a_leaf_without_copying():
+    a = np.array([1.0, 2.0])
+    t = Tensor.from_array(a)
+    assert type(t) is Tensor and t.data is a
+    assert t.is_leaf and t.grad is None and not t.requires_grad and t.name is None
+    version = VersionCounter()
+    u = Tensor.from_array(a, True, version)
+    assert u.requires_grad and u.detach()._version is version
+    p = diagnet.nn.Parameter.from_array(a, True)
+    assert type(p) is diagnet.nn.Parameter and p.data is a and p.optimizers() == []
+
+
+def test_tensor_operators_and_op_methods_are_the_installed_ops():
+    """`diagnet.ops` installs them (autograd imports no op); each keeps a docstring."""
+    from diagnet import ops
+    from diagnet.ops.tensor_methods import TENSOR_METHODS
+
+    for name, method in TENSOR_METHODS.items():
+        assert Tensor.__dict__[name] is method and method.__doc__, name
+    assert Tensor.__add__ is ops.add and Tensor.sum is ops.sum and Tensor.reshape is ops.reshape
+    x = t64([[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal((1.0 - x).numpy(), [[0.0, -1.0], [-2.0, -3.0]])
+    np.testing.assert_array_equal(x.T.numpy(), [[1.0, 3.0], [2.0, 4.0]])
+    np.testing.assert_array_equal(x.flatten().numpy(), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_autograd_imports_no_op():
+    import ast
+    import pathlib
+
+    import diagnet.autograd
+
+    for path in pathlib.Path(diagnet.autograd.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n == "ops" or n.startswith(("ops.", "diagnet.ops")) for n in names), \
+                f"{path.name} imports {names}"
+
+
 def test_to_cpu():
     x = diagnet.tensor([1.0, 2.0], requires_grad=True)
     assert x.device == "cpu"
@@ -612,7 +656,7 @@ def test_only_broadcast_reduction_may_change_a_gradient_shape(grad_shape, input_
                                            rf"{re_shape(input_shape)}"):
         y.backward()
     with pytest.raises(ValueError, match="cannot be summed to shape"):
-        sum_to(np, np.ones(grad_shape), input_shape)
+        sum_to(np.ones(grad_shape), input_shape)
 
 
 @pytest.mark.parametrize("grad_shape, input_shape", [
@@ -684,11 +728,11 @@ def test_astype_to_an_integer_dtype_checks_the_range():
 
 def test_data_already_in_the_target_integer_dtype_is_not_scanned(monkeypatch):
     """The range check runs only on a conversion, not on batches already in their dtype."""
-    from diagnet import autograd
+    from diagnet.autograd import tensor_class
 
     calls = []
-    real = autograd.check_integer_range
-    monkeypatch.setattr(autograd, "check_integer_range",
+    real = tensor_class.check_integer_range
+    monkeypatch.setattr(tensor_class, "check_integer_range",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     labels = np.arange(10, dtype=np.int64)
     diagnet.tensor(labels)

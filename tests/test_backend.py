@@ -15,7 +15,7 @@ import pytest
 import scipy.special as sp
 
 import diagnet
-from diagnet import backend
+from diagnet import backend, settings
 from diagnet import functional as F
 from helpers import t64
 from tolerances import GRADCHECK_TOL
@@ -23,6 +23,7 @@ from tolerances import GRADCHECK_TOL
 @pytest.fixture
 def no_env_device(monkeypatch):
     monkeypatch.delenv(backend.ENV_DEVICE, raising=False)
+    settings.set_device(None)  # (conftest restores the settings after the test)
 
 
 @pytest.fixture
@@ -52,15 +53,18 @@ def test_default_device_is_cpu_without_cupy(without_cupy):
 
 def test_env_cpu_is_respected(monkeypatch):
     monkeypatch.setenv(backend.ENV_DEVICE, "cpu")
+    settings.read_environment()  # as at import
     assert diagnet.default_device() == "cpu"
     x = diagnet.tensor([1.0, 2.0])
     assert x.device == "cpu" and isinstance(x.data, np.ndarray)
     monkeypatch.setenv(backend.ENV_DEVICE, " CPU ")  # case and spaces are forgiven
+    settings.read_environment()
     assert diagnet.default_device() == "cpu"
 
 
 def test_env_cuda_without_cupy_raises_with_the_reason(without_cupy, monkeypatch):
     monkeypatch.setenv(backend.ENV_DEVICE, "cuda")
+    settings.read_environment()  # as at import
     with pytest.raises(RuntimeError, match="device 'cuda' was requested but is not available: "
                                            "CuPy is not installed"):
         diagnet.default_device()
@@ -98,7 +102,7 @@ def test_invalid_device_name_raises_value_error_naming_it(name, monkeypatch, no_
     if name:  # an empty variable counts as unset
         monkeypatch.setenv(backend.ENV_DEVICE, name)
         with pytest.raises(ValueError, match=f"got '{name}'"):
-            diagnet.default_device()
+            settings.read_environment()  # as at import
 
 
 def test_device_must_be_a_string():
@@ -159,6 +163,7 @@ def test_gpu_default_device_and_array_module(no_env_device):
 @pytest.mark.gpu
 def test_gpu_env_cpu_overrides(monkeypatch):
     monkeypatch.setenv(backend.ENV_DEVICE, "cpu")
+    settings.read_environment()  # as at import
     assert diagnet.tensor([1.0]).device == "cpu"
     assert diagnet.tensor([1.0], device="cuda").device == "cuda"
 

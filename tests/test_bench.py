@@ -41,6 +41,18 @@ def test_reports_keep_other_benchmarks_sections(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_regenerating_the_kernel_tables_keeps_every_other_part_of_the_benchmarks_doc(tmp_path):
+    # bench_diag_linear.py rewrites docs/benchmarks.md, keeping only the marked sections after
+    # its own text: notes written by hand must sit in marked sections too
+    reports = _load("reports")
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    own = text[:text.index("<!-- begin: ")]
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(text, encoding="utf-8")
+    reports.write_keeping_sections(doc, own)
+    assert doc.read_text(encoding="utf-8").split() == text.split()
+
+
 def test_dst_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
     import subprocess
 

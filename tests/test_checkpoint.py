@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import diagnet as dn
-from diagnet import backend, checkpoint, nn
+from diagnet import backend, checkpoint, nn, skeleton
 from diagnet import random as dn_random
 from diagnet.checkpoint import (CHECKSUM_KEY, METADATA_KEY, CheckpointError, join_state,
                                 load_tensors, save_tensors, split_state)
@@ -769,7 +769,7 @@ def test_failed_save_leaves_old_file_and_no_temp_files(good, monkeypatch, fail_i
         raise OSError(f"simulated failure in {fail_in}")
 
     if fail_in == "write":
-        real = checkpoint._host_array
+        real = checkpoint.host_array
         calls = []
 
         def host_array(value, name):  # fails on the 3rd tensor, after the first writes
@@ -779,7 +779,8 @@ def test_failed_save_leaves_old_file_and_no_temp_files(good, monkeypatch, fail_i
             return real(value, name)
 
         # split_state and save_tensors both convert; fail while save_tensors writes
-        monkeypatch.setattr(checkpoint, "_host_array", host_array)
+        monkeypatch.setattr(checkpoint, "host_array", host_array)
+        monkeypatch.setattr(skeleton, "host_array", host_array)
     else:
         monkeypatch.setattr(os, fail_in, boom)
     model = small_model(5)

@@ -287,6 +287,18 @@ def test_swap_only_exchanges_where_the_newcomer_scores_higher():
     assert layer.K == 6
 
 
+def test_a_graph_that_read_alpha_before_a_swap_cannot_backward_after_it():
+    layer = DynaDiagLinear(10, 10, sparsity=0.6, pool=0.5, rng=0)
+    layer.set_offsets([0, 2, 4, 6, 8, 9])
+    layer.alpha.data = np.linspace(1, 0, 10).astype(np.float32)   # 8 and 9 are the pool
+    loss = layer.stored_scale().sum()      # reads alpha only, not the values
+    scores = np.zeros(10)
+    scores[3] = 9.0
+    assert layer.swap(scores, n=1, rng=0) == ([9], [3])
+    with pytest.raises(RuntimeError, match="modified|version|in place|in-place"):
+        loss.backward()
+
+
 def test_swap_invariants_over_training():
     layer = DynaDiagLinear(24, 16, sparsity=0.75, pool=0.5, rng=3)   # K = 6, S = 9
     opt = _adam_trained(layer, steps=2)

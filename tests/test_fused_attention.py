@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import diagnet as dn
-from diagnet import backend
+from diagnet import backend, settings
 from diagnet import functional as F
 from diagnet.fused import attention as kernels
 from diagnet.ops import attention as ops_attention
@@ -57,9 +57,9 @@ def kernel_path(request, monkeypatch):
 
 
 @pytest.fixture(params=["blas", "reference", "numba"])
-def impl(request, monkeypatch):
+def impl(request):
     """Run the test body with each CPU implementation of attention."""
-    monkeypatch.setenv(ops_attention.ENV_KERNELS, request.param)
+    settings.set_attention_kernels(request.param)  # (conftest restores the settings)
     return request.param
 
 
@@ -372,15 +372,17 @@ def test_gpu_heads_and_device_mask_errors():
 def test_the_dispatch_picks_blas_on_the_cpu_unless_asked_otherwise(monkeypatch):
     a = np.zeros((1, 1, 1, 1))
     monkeypatch.delenv(ops_attention.ENV_KERNELS, raising=False)
+    settings.read_environment()  # the environment is read at import, or when read again
     assert ops_attention._kernels(a, a, a) == (ops_attention.blas_forward,
                                                ops_attention.blas_backward)
-    monkeypatch.setenv(ops_attention.ENV_KERNELS, "reference")
+    settings.set_attention_kernels("reference")
     assert ops_attention._kernels(a, a, a) == (reference_forward, reference_backward)
-    monkeypatch.setenv(ops_attention.ENV_KERNELS, "numba")
+    settings.set_attention_kernels("numba")
     assert ops_attention._kernels(a, a, a) == (kernels.forward, kernels.backward)
     monkeypatch.setenv(ops_attention.ENV_KERNELS, "bogus")
     with pytest.raises(ValueError, match="DIAGNET_ATTENTION_KERNELS must be one of"):
-        ops_attention._kernels(a, a, a)
+        settings.read_environment()
+    assert ops_attention._kernels(a, a, a) == (kernels.forward, kernels.backward)  # unchanged
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -30,7 +30,7 @@ from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, HarnessError, binary_u
                           shared_builder)
 
 import diagnet as dn
-from diagnet import backend, cuda_launch
+from diagnet import backend, cuda_launch, settings
 from diagnet import functional as F
 from diagnet.fused import attention_cuda
 from diagnet.ops import attention as ops_attention
@@ -329,11 +329,10 @@ def _op_results(shape, device, mask, dropout_p, dtype=np.float64):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [(2, 2, 17, 17, 16, 16), (1, 2, 3, 65, 4, 4)],
                          ids=["kernels", "fallback"])
-def test_gpu_op_matches_the_cpu_and_picks_the_kernels_where_they_fit(shape, dropout_p,
-                                                                     monkeypatch):
+def test_gpu_op_matches_the_cpu_and_picks_the_kernels_where_they_fit(shape, dropout_p):
     """The ViT's heads run the CUDA kernels; 65 keys the composed CuPy version. Both agree
     with the CPU in float64; the dropout mask is the same on both devices."""
-    monkeypatch.delenv(ops_attention.ENV_KERNELS, raising=False)
+    settings.set_attention_kernels("blas")  # the default (conftest restores the settings)
     cp = backend.cupy_or_none()
     B, H, L, S, E, Ev = shape
     q, k, v = cp.zeros((B, H, L, E)), cp.zeros((B, H, S, E)), cp.zeros((B, H, S, Ev))

@@ -27,7 +27,7 @@ from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, HarnessError, binary_u
                           shared_builder)
 
 import diagnet
-from diagnet import backend, cuda_launch
+from diagnet import backend, cuda_launch, settings
 from diagnet import functional as F
 from diagnet.fused import softmax_cuda
 from diagnet.ops.activation import softmax_kernels
@@ -103,8 +103,7 @@ def reference(x, g, labels, scale, eps):
 
 @contextlib.contextmanager
 def _reference_kernels():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIAGNET_CPU_KERNELS", "reference")
+    with settings.override(cpu_kernels="reference"):
         yield
 
 

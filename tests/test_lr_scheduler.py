@@ -107,7 +107,7 @@ def test_the_optimizer_uses_the_scheduled_lr():
     for lr in (0.4, 0.2, 0.1):
         assert opt.param_groups[0]["lr"] == lr
         before = p.data.copy()
-        p.grad = Tensor._wrap(np.ones(3))
+        p.grad = Tensor.from_array(np.ones(3))
         opt.step()
         np.testing.assert_allclose(before - p.data, lr, rtol=1e-12)
         sched.step()
@@ -246,7 +246,7 @@ def test_scheduler_with_adam_state_dict_round_trip():
     opt = Adam([p], lr=0.01)
     sched = WarmupCosine(opt, warmup_steps=2, total_steps=6)
     for _ in range(3):
-        p.grad = Tensor._wrap(np.ones(2))
+        p.grad = Tensor.from_array(np.ones(2))
         opt.step()
         sched.step()
     q = Parameter(p.data.copy())

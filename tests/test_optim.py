@@ -39,7 +39,7 @@ def _start(seed, shape=SHAPE):
 
 
 def _set_grad(param, g):
-    param.grad = Tensor._wrap(np.asarray(g, dtype=param.dtype).copy())
+    param.grad = Tensor.from_array(np.asarray(g, dtype=param.dtype).copy())
 
 
 def _run(opt, params, grads_per_param):
@@ -306,7 +306,7 @@ def test_numpy_code_updates_a_0d_parameter_and_keeps_its_state_as_arrays(case, d
     p = Parameter(xp.asarray(p0.copy()))
     opt = _one_at_a_time(cls)([p], **kwargs)
     for g in grads:
-        p.grad = Tensor._wrap(xp.asarray(g))
+        p.grad = Tensor.from_array(xp.asarray(g))
         opt.step()
     if cls is SGD:
         want = sgd_reference(p0, grads, **kwargs)
@@ -633,11 +633,11 @@ def _assert_unchanged(before, opt):
 
 
 @pytest.mark.parametrize("bad_grad, error, message", [
-    (lambda w: Tensor._wrap(np.ones((1, 6), w.dtype)), ValueError,
+    (lambda w: Tensor.from_array(np.ones((1, 6), w.dtype)), ValueError,
      r"gradient of parameter 'weight' has shape \(1, 6\), but the parameter has shape \(4, 6\)"),
-    (lambda w: Tensor._wrap(np.ones(6, w.dtype)), ValueError,  # would broadcast
+    (lambda w: Tensor.from_array(np.ones(6, w.dtype)), ValueError,  # would broadcast
      r"gradient of parameter 'weight' has shape \(6,\), but the parameter has shape \(4, 6\)"),
-    (lambda w: Tensor._wrap(np.ones((4, 6))), ValueError,
+    (lambda w: Tensor.from_array(np.ones((4, 6))), ValueError,
      "gradient of parameter 'weight' has dtype float64, but the parameter has dtype float32"),
     (lambda w: np.ones((4, 6), w.dtype), TypeError,
      "gradient of parameter 'weight' must be a Tensor; got ndarray"),
@@ -661,7 +661,7 @@ def test_step_refusal_names_an_unnamed_parameter_by_group_and_index(loop_calls):
     a, b = Parameter(np.zeros(3)), Parameter(np.zeros((2, 3)))
     opt = Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
     _set_grad(a, np.ones(3))
-    b.grad = Tensor._wrap(np.ones((1, 3)))
+    b.grad = Tensor.from_array(np.ones((1, 3)))
     with pytest.raises(ValueError, match=r"gradient of params\[0\] in param group 1 has shape"):
         opt.step()
     assert not opt.state
@@ -675,7 +675,7 @@ def test_step_accepts_arrays_of_another_class_on_the_same_device():
 
     p = Parameter(np.zeros((2, 3)))
     opt = SGD([p], lr=0.5, momentum=0.9)
-    p.grad = Tensor._wrap(np.ones((2, 3)).view(Buffer))
+    p.grad = Tensor.from_array(np.ones((2, 3)).view(Buffer))
     opt.step()
     opt.step()
     np.testing.assert_allclose(p.data, -0.5 - 0.5 * 1.9, **F64_TOL)
@@ -762,7 +762,7 @@ def test_step_after_the_model_moved_to_the_gpu_names_the_devices():
     opt.step()
     assert isinstance(opt.state[model.weight]["exp_avg"], cp.ndarray)
     assert opt.state[model.weight]["step"] == 2
-    model.weight.grad = Tensor._wrap(np.ones((2, 3), np.float32))
+    model.weight.grad = Tensor.from_array(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="gradient of parameter 'weight' is on cpu, but the "
                                          "parameter is on cuda"):
         opt.step()
@@ -1082,7 +1082,7 @@ def _with_grads(seed, shapes=((3, 4), (5,), (2, 2, 2)), dtype=np.float64):
     params = []
     for shape in shapes:
         p = Parameter(np.zeros(shape, dtype=dtype))
-        p.grad = Tensor._wrap(rng.standard_normal(shape).astype(dtype))
+        p.grad = Tensor.from_array(rng.standard_normal(shape).astype(dtype))
         params.append(p)
     return params
 
@@ -1180,8 +1180,8 @@ def test_gpu_sgd_adam_remap_and_clip_match_cpu():
         adam = Adam([b], lr=0.01, amsgrad=True)
         before = cp.host_transfers if counts else 0
         for g in grads:
-            a.grad = Tensor._wrap(xp.array(g))  # copies: clipping scales them in place
-            b.grad = Tensor._wrap(xp.array(g))
+            a.grad = Tensor.from_array(xp.array(g))  # copies: clipping scales them in place
+            b.grad = Tensor.from_array(xp.array(g))
             total = clip_grad_norm_([a, b], 1.0)
             sgd.step()
             adam.step()
@@ -1252,7 +1252,7 @@ def test_mask_state_zeroes_masked_entries_that_hold_nan_or_inf(device):
     p = Parameter(xp.asarray(_start(19, (3, 4))))
     opt = Adam([p], lr=0.1, amsgrad=True)
     for g in _grads(19, (3, 4), 2):
-        p.grad = Tensor._wrap(xp.asarray(g))
+        p.grad = Tensor.from_array(xp.asarray(g))
         opt.step()
     keep = np.random.default_rng(2).random((3, 4)) < 0.5
     assert keep.any() and (~keep).sum() >= 3

@@ -328,7 +328,7 @@ def test_kernel_equals_the_per_parameter_code_bit_for_bit(case, dtype, launches)
             p.grad = q.grad = None
             if (i + step) % 4 != 0:
                 g = cp.asarray(_data(rng, SHAPES[i], dtype))
-                p.grad, q.grad = Tensor._wrap(g), Tensor._wrap(g.copy())
+                p.grad, q.grad = Tensor.from_array(g), Tensor.from_array(g.copy())
         opt.step()
         ref.step()
         _same_state(cp, opt, ref, params, ref_params)
@@ -364,7 +364,7 @@ def test_runs_split_by_dtype_and_arrays_the_kernel_cannot_take_keep_their_place(
     for _ in range(3):
         for p, q in zip(params, ref_params):
             g = cp.asarray(_data(rng, p.shape, p.dtype))
-            p.grad, q.grad = Tensor._wrap(g), Tensor._wrap(g.copy())
+            p.grad, q.grad = Tensor.from_array(g), Tensor.from_array(g.copy())
         opt.step()
         ref.step()
         _same_state(cp, opt, ref, params, ref_params)
@@ -381,10 +381,10 @@ def test_a_refused_step_launches_nothing(launches):
     params = [Parameter(cp.asarray(np.ones((2, 3), np.float32))) for _ in range(3)]
     opt = Adam(params, lr=0.1)
     for p in params:
-        p.grad = Tensor._wrap(cp.ones((2, 3), np.float32))
+        p.grad = Tensor.from_array(cp.ones((2, 3), np.float32))
     opt.step()
     before = [cp.asnumpy(p.data) for p in params]
-    params[2].grad = Tensor._wrap(cp.ones((3,), np.float32))
+    params[2].grad = Tensor.from_array(cp.ones((3,), np.float32))
     with pytest.raises(ValueError, match=r"has shape \(3,\), but the parameter has shape"):
         opt.step()
     assert launches == [3]

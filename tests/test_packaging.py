@@ -41,6 +41,16 @@ def test_wheel_contains_namespaced_kernels_and_models(wheel):
     assert not {"kernels", "models", "tests"} & tops
 
 
+def test_wheel_contains_every_package_of_the_source_tree(wheel):
+    # pyproject lists the packages by name: a new subpackage left out of that list would be
+    # missing from a plain (non-editable) install while an editable one still finds it
+    names = set(zipfile.ZipFile(wheel).namelist())
+    inits = (ROOT / "diagnet").rglob("__init__.py")
+    packages = sorted(str(p.parent.relative_to(ROOT)) for p in inits)
+    missing = [p for p in packages if f"{p}/__init__.py" not in names]
+    assert not missing, f"packages missing from the wheel (add them to pyproject.toml): {missing}"
+
+
 def test_installed_wheel_imports_from_another_directory(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",

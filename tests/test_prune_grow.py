@@ -1,4 +1,4 @@
-"""`DiagPruneGrow`: diagonal SET and RigL, and the strategy functions of `dst.prune_grow`.
+"""`DiagPruneGrow`: diagonal SET and RigL, and the strategy functions of `dst.select`.
 
 Checked: the update steps and the cosine schedule of the counts (exactly), K constant with
 sorted unique offsets, dropped = lowest mean |value|, grown only from diagonals inactive

@@ -10,7 +10,6 @@ never asserted.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import os
 import subprocess
@@ -20,7 +19,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from diagnet.diag import threadpools
+from diagnet import settings
+from diagnet.diag import dispatch, threadpools
 
 _LIBS = threadpools.openblas_libraries()
 _SERVERS = [p for p in _LIBS if threadpools._pthread_server(ctypes.CDLL(p)) is not None]
@@ -29,15 +29,16 @@ needs_openblas = pytest.mark.skipif(
                          "uses) is loaded here: NumPy uses another BLAS, or not on Linux")
 
 # Imports NumPy first and runs a threaded matmul (so OpenBLAS's workers are up and spinning
-# with the timeout they were started with), then uses a diagonal kernel, then reports.
+# with the timeout they were started with), then calls a diagonal kernel through the
+# dispatch (whose first call configures the pools), then reports.
 _SCRIPT = textwrap.dedent("""
     import ctypes, json, os
     import numpy as np
     a = np.ones((256, 256), dtype=np.float32)
     a @ a
-    from diagnet.diag import cpu, threadpools
+    from diagnet.diag import dispatch, threadpools
     x = np.ones((8, 16), dtype=np.float32)
-    y = cpu.forward(x, np.arange(3), np.ones((3, 16), dtype=np.float32), 16)
+    y = dispatch.forward(x, np.arange(3), np.ones((3, 16), dtype=np.float32), 16)
     ok = bool(np.all(y == 3)) and bool(np.allclose(a @ a, 256.0))  # BLAS restarted fine
     timeouts = {}
     for path in threadpools.openblas_libraries():
@@ -56,11 +57,11 @@ _THREAD_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT", "GOMP_SPINCOUNT
                "OMP_WAIT_POLICY", "OMP_DISPLAY_ENV", threadpools.ENV, threadpools.GOMP_ENV)
 
 
-def run_fresh(stderr=False, **env_changes):
+def run_fresh(stderr=False, script=_SCRIPT, **env_changes):
     env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
     env.update(env_changes)
     env["DIAGNET_DEVICE"] = "cpu"
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=600, check=True)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     return (out, res.stderr) if stderr else out
@@ -99,8 +100,31 @@ def test_a_users_own_openblas_setting_is_respected():
     assert out["env"] == "9"
 
 
-def test_configure_runs_once_when_the_kernels_load():
-    importlib.import_module("diagnet.diag.cpu")  # importing the kernels configures
+# Imports every module with numba kernels, then makes one kernel call through the dispatch.
+_IMPORT_SCRIPT = textwrap.dedent("""
+    import json, logging
+    import numpy as np
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    import diagnet
+    from diagnet.diag import cpu, dispatch, threadpools
+    from diagnet.fused import attention, gelu, layer_norm_cpu, softmax
+    imported = threadpools.status()
+    x = np.ones((8, 16), dtype=np.float32)
+    dispatch.forward(x, np.arange(3), np.ones((3, 16), dtype=np.float32), 16)
+    print(json.dumps({"imported": imported, "called": threadpools.status()}))
+""")
+
+
+def test_importing_the_kernels_configures_nothing_until_the_first_call():
+    out, err = run_fresh(stderr=True, script=_IMPORT_SCRIPT)
+    assert out["imported"] is None
+    assert out["called"] is not None and out["called"]["note"]
+    assert "diagnet.diag.threadpools INFO thread pools configured: " in err
+
+
+def test_configure_runs_once_at_the_first_kernel_call():
+    x = np.ones((8, 16), dtype=np.float32)
+    dispatch.forward(x, np.arange(3), np.ones((3, 16), dtype=np.float32), 16)
 
     status = threadpools.status()
     assert status is not None and set(status) == {"openblas_thread_timeout", "libraries", "note",
@@ -111,11 +135,9 @@ def test_configure_runs_once_when_the_kernels_load():
 def test_bad_values_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match=r"\[4, 30\]"):
         threadpools.set_openblas_thread_timeout(3)
-    monkeypatch.setenv(threadpools.ENV, "soon")
-    for name in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(threadpools.ENV, "soon")  # read at import, or when read again:
     with pytest.raises(ValueError, match=threadpools.ENV):
-        threadpools._requested(threadpools.ENV, (), threadpools.DEFAULT_TIMEOUT, "an int")
+        settings.read_environment()
 
 
 @needs_openblas

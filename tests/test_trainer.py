@@ -726,6 +726,27 @@ def test_a_frozen_dynadiag_run_resumes_into_fresh_objects(frozen_run, tmp_path):
     assert_identical(snapshot(second), snapshot(frozen_run))
 
 
+def test_resume_reads_the_checkpoint_once(frozen_run, tmp_path, monkeypatch):
+    """Checking and loading share one read of the file, the layer's resize included."""
+    import builtins
+    import shutil
+
+    shutil.copytree(frozen_run.out_dir, tmp_path / "run")
+    second = Setup(tmp_path, "run", controller="dynadiag", t_max=2)
+    checkpoint = os.path.realpath(second.path("last.safetensors"))
+    reads = []
+    real_open = builtins.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if (isinstance(file, (str, os.PathLike)) and "r" in mode
+                and os.path.realpath(file) == checkpoint):
+            reads.append(mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    assert second.trainer.fit(resume=True).epochs_completed == 2
+    assert reads == ["rb"]
+
 @pytest.mark.gpu
 def test_a_frozen_dynadiag_run_resumes_on_the_gpu(tmp_path):
     first = Setup(tmp_path, "run", controller="dynadiag", device="cuda", t_max=2)

@@ -11,7 +11,9 @@ Readers of particular data sets live in their own modules of this package:
 
 * `read_idx` / `write_idx`: the IDX file format (``idx``);
 * `load_mnist` (uint8 images, int64 labels) and `mnist_arrays` (normalised float images):
-  MNIST, downloaded and cached (``mnist``).
+  MNIST (``mnist``), whose files are pinned, cached and fetched by ``mnist_files`` (the
+  offline source in ``mnist_offline``) through the generic, size-capped, checked downloads
+  of ``download``.
 """
 
 from .idx import IDXError, read_idx, write_idx

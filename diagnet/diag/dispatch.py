@@ -1,25 +1,25 @@
 """Pick the kernel implementation for an array: CUDA for CuPy arrays, numba on the CPU.
 
 `implementation(array)` returns a module with ``forward``, ``input_grad`` and
-``value_grad`` (the signatures of `diagnet.diag.reference`). The environment variable
-``DIAGNET_CPU_KERNELS=reference`` switches the CPU path to the plain NumPy reference (for
-debugging, or where numba is unavailable). `input_and_value_grad` gives both gradients of a
-backward pass, in one pass over the batch with the numba kernels.
+``value_grad`` (the signatures of `diagnet.diag.reference`). ``settings.cpu_kernels ==
+"reference"`` (`diagnet.settings`: ``DIAGNET_CPU_KERNELS=reference`` or
+``settings.set_cpu_kernels("reference")``) switches the CPU path to the plain NumPy reference
+(for debugging, or where numba is unavailable). `input_and_value_grad` gives both gradients
+of a backward pass, in one pass over the batch with the numba kernels. The first call that
+returns the numba kernels configures the thread pools (`threadpools.configure`).
 
 `diagonal_scores` is the exception: it is one dense matmul ``dy.T @ x`` plus a gather of
 its ``P`` diagonals, written once in backend-generic array code (NumPy or CuPy, whichever
 holds the arrays) and run only at mask-update steps, so it has no per-backend kernel and
-``DIAGNET_CPU_KERNELS`` does not affect it.
+the CPU kernel setting does not affect it.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .. import backend
-from . import reference
+from .. import backend, settings
+from . import reference, threadpools
 
 
 _cpu = None  # diagnet.diag.cpu once loaded (importing it loads numba: only on first use)
@@ -30,6 +30,8 @@ def _cpu_kernels():
     if _cpu is None:
         from . import cpu
 
+        # the kernels run on numba's pool, the dense matmuls beside them on OpenBLAS's
+        threadpools.configure_once()
         _cpu = cpu
     return _cpu
 
@@ -41,7 +43,7 @@ def implementation(array):
         from . import cuda
 
         return cuda
-    if os.environ.get("DIAGNET_CPU_KERNELS", "numba") == "reference":
+    if settings.cpu_kernels == "reference":
         return reference
     return _cpu_kernels()
 

@@ -8,15 +8,15 @@ pthread pool). Both pools keep their worker threads spinning after a call, waiti
 next one: OpenBLAS for ``2**28`` CPU cycles (about 0.1 s), libgomp for 300,000 spin
 iterations (milliseconds). In a training step the next call goes to the *other* pool, whose
 threads then share their cores with the first pool's spinning workers: on a 2-core machine
-a call split evenly over 2 threads waits for the thread that shares its core. Measured on 2
-cores (768 x 768, sparsity 0.9, batch 256): the diagonal forward went from 0.45 ms alone to
-2.8 ms when alternating with a dense matmul, the matmul from 1.6 to 5.2 ms.
+a call split evenly over 2 threads waits for the thread that shares its core, and both the
+diagonal forward and the dense matmul ran several times slower when alternating than alone
+(docs/benchmarks.md, "Measurements behind design choices").
 
 The documented knobs are read once, when each library loads: ``OPENBLAS_THREAD_TIMEOUT``
 when NumPy is first imported (too late for a library imported after NumPy, and unknown to
 most users), ``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY`` when libgomp loads.
 ``OMP_WAIT_POLICY=passive`` and ``NUMBA_THREADING_LAYER=workqueue`` remove the clash but make
-every kernel pay for waking its threads (half the kernel speed).
+every kernel pay for waking its threads.
 
 The fix
 -------
@@ -29,27 +29,34 @@ The fix
   workers, which take the timeout read last. `set_openblas_thread_timeout` sets
   ``OPENBLAS_THREAD_TIMEOUT`` in the environment for a moment, calls the two functions and
   restores the environment. Not done when ``OPENBLAS_THREAD_TIMEOUT`` (or
-  ``GOTO_THREAD_TIMEOUT``) is set (the user chose), when ``DIAGNET_BLAS_THREAD_TIMEOUT`` is
-  ``off`` (any other value: the timeout to use, ``log2`` of cycles, 4 to 30), or when no
-  OpenBLAS with those exports and a pthread pool is loaded (MKL, Accelerate, an OpenMP
-  build of OpenBLAS, a non-Linux system: the mechanism is specific to OpenBLAS's own thread
-  server, found through ``/proc/self/maps``).
+  ``GOTO_THREAD_TIMEOUT``) is set (the user chose), when
+  `diagnet.settings.blas_thread_timeout` (``DIAGNET_BLAS_THREAD_TIMEOUT``) is ``"off"`` (an
+  int: the timeout to use, ``log2`` of cycles, 4 to 30), or when no OpenBLAS with those
+  exports and a pthread pool is loaded (MKL, Accelerate, an OpenMP build of OpenBLAS, a
+  non-Linux system: the mechanism is specific to OpenBLAS's own thread server, found
+  through ``/proc/self/maps``).
 * **libgomp** (numba's ``omp`` threading layer): its workers spin `GOMP_SPINS` times
   (about 0.2 ms) instead of 300,000 before they sleep: enough to catch the next kernel of
   the same backward pass, short enough to be asleep when the next matmul runs. libgomp
   reads ``GOMP_SPINCOUNT`` when it loads, which numba does when it starts its thread pool;
   `configure` starts that pool itself with ``GOMP_SPINCOUNT`` set for the moment (then
   restores the environment). Not done when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is
-  set, when ``DIAGNET_GOMP_SPINCOUNT`` is ``off`` (any other value: the count to use), or
-  when libgomp was loaded already (by an earlier numba parallel function, say): then the
-  status says so.
+  set, when `diagnet.settings.gomp_spincount` (``DIAGNET_GOMP_SPINCOUNT``) is ``"off"`` (an
+  int: the count to use), or when libgomp was loaded already (by an earlier numba parallel
+  function, say): then the status says so.
 
-`diagnet.diag.cpu` calls `configure` once, when the CPU kernels are first used.
+When it runs
+------------
+Importing diagnet (or its kernels) changes nothing. The dispatchers that pick a numba kernel
+(`diagnet.diag.dispatch`, and those of the fused ops) call `configure_once` before they return
+one, so `configure` runs at the first CPU kernel call and logs what it did (one ``INFO``
+line on the ``diagnet.diag.threadpools`` logger). A program or benchmark that calls the
+kernel modules directly calls `configure` itself.
 
 Caveat: stopping OpenBLAS's workers while another thread is inside a BLAS call could hang
-that call (as a ``fork`` at that moment would); `configure` runs at the first diagonal
-kernel call, normally before any such thread exists. Call it yourself earlier (or set the
-variables before importing NumPy) if your program runs BLAS in threads.
+that call (as a ``fork`` at that moment would); `configure` runs at the first kernel call,
+normally before any such thread exists. Call it yourself earlier (or set the variables
+before importing NumPy) if your program runs BLAS in threads.
 
 What the short spins cost: a BLAS or kernel call that finds its workers asleep wakes them
 (tens of microseconds); measured in ``bench/bench_train_step.py`` (docs/benchmarks.md).
@@ -58,15 +65,21 @@ What the short spins cost: a BLAS or kernel call that finds its workers asleep w
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 import threading
 
-__all__ = ["configure", "status", "openblas_libraries", "set_openblas_thread_timeout",
-           "DEFAULT_TIMEOUT", "ENV", "GOMP_SPINS", "GOMP_ENV"]
+from .. import settings
+
+__all__ = ["configure", "configure_once", "status", "openblas_libraries",
+           "set_openblas_thread_timeout", "DEFAULT_TIMEOUT", "ENV", "GOMP_SPINS", "GOMP_ENV"]
+
+_log = logging.getLogger(__name__)
 
 #: the environment variable that chooses the OpenBLAS timeout (``log2`` of cycles) or ``off``
-ENV = "DIAGNET_BLAS_THREAD_TIMEOUT"
+#: (read into `diagnet.settings.blas_thread_timeout`)
+ENV = settings.ENV_BLAS_THREAD_TIMEOUT
 #: OpenBLAS's own minimum: its workers sleep about 16 cycles after a job
 DEFAULT_TIMEOUT = 4
 #: OpenBLAS's default, for reference: 28 (``2**28`` cycles, ~0.1 s)
@@ -74,7 +87,8 @@ OPENBLAS_DEFAULT_TIMEOUT = 28
 _USER_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
 
 #: the environment variable that chooses libgomp's spin count for numba's pool, or ``off``
-GOMP_ENV = "DIAGNET_GOMP_SPINCOUNT"
+#: (read into `diagnet.settings.gomp_spincount`)
+GOMP_ENV = settings.ENV_GOMP_SPINCOUNT
 #: libgomp's spin iterations before a worker sleeps (its default is 300,000)
 GOMP_SPINS = 10_000
 _USER_GOMP_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
@@ -167,20 +181,19 @@ def set_openblas_thread_timeout(log2_cycles):
     return done
 
 
-def _requested(env, user_env, default, what):
-    """The value to apply from ``env`` (an int), or a string saying why none is applied."""
+def _requested(setting, env, user_env, default):
+    """The value to apply (an int) for ``setting`` (a `diagnet.settings` value: None, "off" or
+    an int, read from ``env``), or a string saying why none is applied.
+
+    The other libraries' own variables (``user_env``) are read here, from the environment:
+    what matters is what those libraries read when they loaded.
+    """
     for name in user_env:
         if os.environ.get(name):
             return f"left alone: {name}={os.environ[name]} is set"
-    raw = os.environ.get(env, "").strip().lower()
-    if raw in ("off", "none", "no", "false"):
-        return f"left alone: {env}={raw}"
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{env} must be 'off' or {what}; got {raw!r}") from None
+    if setting == "off":
+        return f"left alone: {env}=off"
+    return default if setting is None else setting
 
 
 def start_numba_pool(spins):
@@ -216,16 +229,16 @@ def start_numba_pool(spins):
 def configure(force=False):
     """Shorten the idle spin of OpenBLAS's and numba's workers, once per process.
 
-    See the module docstring. Returns the same dict as `status`. ``force=True`` applies
-    the OpenBLAS part again (for libraries loaded since, or after changing
-    ``DIAGNET_BLAS_THREAD_TIMEOUT``); libgomp's spin count can only be set once, before
-    it loads.
+    See the module docstring. Returns the same dict as `status` and logs it (``INFO``).
+    ``force=True`` applies the OpenBLAS part again (for libraries loaded since, or after
+    `diagnet.settings.set_blas_thread_timeout`); libgomp's spin count can only be set once,
+    before it loads.
     """
     global _status
     with _lock:
         if _status is not None and not force:
             return dict(_status)
-        wanted = _requested(ENV, _USER_ENV, DEFAULT_TIMEOUT, "an int in [4, 30]")
+        wanted = _requested(settings.blas_thread_timeout, ENV, _USER_ENV, DEFAULT_TIMEOUT)
         if isinstance(wanted, str):
             blas = {"openblas_thread_timeout": None, "libraries": {}, "note": wanted}
         else:
@@ -237,9 +250,7 @@ def configure(force=False):
         if _status is not None and "gomp" in _status:
             gomp = _status["gomp"]
         else:
-            spins = _requested(GOMP_ENV, _USER_GOMP_ENV, GOMP_SPINS, "an int >= 0")
-            if isinstance(spins, int) and spins < 0:
-                raise ValueError(f"{GOMP_ENV} must be 'off' or an int >= 0; got {spins}")
+            spins = _requested(settings.gomp_spincount, GOMP_ENV, _USER_GOMP_ENV, GOMP_SPINS)
             if isinstance(spins, str):
                 import numba
 
@@ -248,7 +259,15 @@ def configure(force=False):
             else:
                 gomp = start_numba_pool(spins)
         _status = {**blas, "gomp": gomp}
+        _log.info("thread pools configured: %s; %s", blas["note"], gomp)
         return dict(_status)
+
+
+def configure_once():
+    """`configure` at the first call, nothing after: the call that kernel dispatchers make
+    before returning a numba kernel (one global check once configured)."""
+    if _status is None:
+        configure()
 
 
 def status():

@@ -16,11 +16,22 @@ return a list of events: plain JSON-able dicts that the trainer writes to its JS
 built with `event`. `metrics` gives the numbers a progress bar shows. The controller's
 ``state_dict`` (JSON-able values and backend arrays) goes into checkpoints, so that a
 resumed run continues exactly.
+
+The helpers below are what the controllers share beyond the protocol: their own seeded
+generator (`controller_generator`), the check of a saved generator state
+(`checked_generator_state`), and the set of units ever active (`ever_active`), from which
+they report the in-time over-parameterisation rate ``itop`` (Liu et al. 2021): the
+fraction of all units that have been active at some point of the run.
 """
 
 from __future__ import annotations
 
-__all__ = ["SparsityController", "event"]
+import numpy as np
+
+from .. import random as _random
+
+__all__ = ["SparsityController", "event", "controller_generator", "checked_generator_state",
+           "ever_active"]
 
 
 def event(kind: str, step: int, **fields) -> dict:
@@ -32,6 +43,31 @@ def event(kind: str, step: int, **fields) -> dict:
     for key, value in fields.items():
         out[key] = _plain(value)
     return out
+
+
+def controller_generator(rng) -> np.random.Generator:
+    """A controller's own generator: an int seeds a new one, a Generator is used as it is,
+    and None draws a seed from diagnet's default generator (so `manual_seed` governs it
+    while the controller's draws stay independent of everything else that uses the
+    default)."""
+    if rng is None:
+        return np.random.default_rng(int(_random.default_generator().integers(2 ** 63)))
+    return _random.as_generator(rng)
+
+
+def checked_generator_state(rng, saved, where: str) -> dict:
+    """``saved`` as the Generator ``rng`` will hold it once loaded; ValueError naming
+    ``where`` if it is not a state of ``rng``'s bit generator (see
+    `diagnet.random.check_generator_state`). Changes nothing."""
+    return _random.check_generator_state(saved, type(rng.bit_generator), where)
+
+
+def ever_active(size, active) -> np.ndarray:
+    """The ever-active set at its start: a host boolean array ``(size,)``, True at the
+    indices ``active`` (an int array or sequence)."""
+    ever = np.zeros(size, dtype=bool)
+    ever[active] = True
+    return ever
 
 
 def _plain(value):

@@ -31,7 +31,8 @@ from ..diag import validate
 from ..nn import DiagLinear, Linear, Module
 from .base import SparsityController
 from .density import diagonal_budgets, element_budgets
-from .dynadiag import DynaDiag, DynaDiagLinear
+from .dynadiag import DynaDiagLinear
+from .dynadiag_controller import DynaDiag
 from .masked import MaskedLinear
 from .prune_grow import DiagPruneGrow, UnstructuredPruneGrow
 
@@ -51,12 +52,11 @@ def _matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _replace(model, name, new):
+def _replace(modules, name, new):
+    """Put ``new`` in the place of the module ``name``; ``modules`` is the model's
+    ``dict(named_modules())``, which holds every parent of a named module."""
     parent, _, attr = name.rpartition(".")
-    owner = model
-    for part in parent.split(".") if parent else ():
-        owner = owner._modules[part]
-    setattr(owner, attr, new)  # keeps the layer's place (Module.__setattr__)
+    setattr(modules[parent], attr, new)  # keeps the layer's place (Module.__setattr__)
 
 
 def sparsify(model, kind, sparsity=0.9, distribution="uniform", dense=(), rng=None,
@@ -118,12 +118,12 @@ def sparsify(model, kind, sparsity=0.9, distribution="uniform", dense=(), rng=No
     diagonal = not kind.startswith("unstructured")
     budgets = (diagonal_budgets if diagonal else element_budgets)(
         shapes, 1.0 - sparsity, distribution, dense=keep if count_dense else ())
-    layers = {}
+    layers, modules = {}, dict(model.named_modules())
     for name, old in linears.items():
         if name in keep:
             continue
         new = _build(kind, old, budgets[name], init, gen, layer_options)
-        _replace(model, name, new)
+        _replace(modules, name, new)
         layers[name] = new
     return _controller(kind, layers, gen, options)
 

@@ -29,9 +29,9 @@ Two modes, and what they cost
   candidates: the stored scales sum to about ``K`` in both, and the top ``K`` approach 1 as
   ``T`` falls. (A softmax over all ``P`` would hand the diagonals that are not stored,
   which contribute nothing, most of the budget: at 90% sparsity and the default pool the
-  stored ones would start at an eighth of the reference's total scale. Measured on MNIST,
-  that variant trained to 97.7% where this one reaches 98.0%, the reference mode's
-  accuracy.) A diagonal that is not stored contributes zero.
+  stored ones would start at an eighth of the reference's total scale, and that variant
+  trained to a lower accuracy; see docs/benchmarks.md.) A diagonal that is not stored
+  contributes zero.
 
   Diagonals enter the stored set through `DynaDiagLinear.swap`, every ``swap_every`` steps
   (`DynaDiag` controller): the pool diagonals with the smallest scale leave, and the
@@ -55,6 +55,10 @@ Metrics
 function; ``effective_sparsity = 1 - effective_k / P``); ``itop()`` is the in-time
 over-parameterisation rate, the fraction of all ``P`` diagonals that were ever stored (and
 so computed and trained), kept in the persistent buffer ``ever_active``.
+
+This module holds the layer and `dynadiag_layers`; the `DynaDiag` controller, which decides
+when the layers swap and freeze, is in `diagnet.dst.dynadiag_controller`, and the rules
+that pick the diagonals (shared with SET/RigL) in `diagnet.dst.select`.
 """
 
 from __future__ import annotations
@@ -67,21 +71,22 @@ import numpy as np
 from .. import backend
 from .. import random as _random
 from ..autograd import Tensor
+from ..checks import positive_int
 from ..config import no_grad
 from ..diag import layout, validate
 from ..nn.linear import DiagLinear
-from ..nn._validate import positive_int
 from ..nn.module import Module
 from ..nn.parameter import Parameter
 from ..ops import activation as _act
 from ..ops import basic as _basic
+from ..ops import inplace as _inplace
 from ..ops import shape as _shape
 from ..ops.diagonal import DiagLinearFunction
-from .base import SparsityController, event
-from .capture import GradientTap
-from .temperature import TemperatureSchedule
+from .base import ever_active
+from .select import random_subset, ranking, swap_pairs
 
-__all__ = ["DynaDiagLinear", "DynaDiag", "dynadiag_layers", "MODES", "EFFECTIVE_THRESHOLD"]
+__all__ = ["DynaDiagLinear", "dynadiag_layers", "check_temperature", "MODES",
+           "EFFECTIVE_THRESHOLD"]
 
 #: the values of ``DynaDiagLinear(mode=...)``
 MODES = ("sparse", "reference")
@@ -89,7 +94,8 @@ MODES = ("sparse", "reference")
 EFFECTIVE_THRESHOLD = 1e-3
 
 
-def _positive_temperature(value):
+def check_temperature(value) -> float:
+    """``value`` as a float; ValueError unless it is a positive finite real number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"temperature must be a positive finite number; got {value!r}")
@@ -145,7 +151,7 @@ class DynaDiagLinear(DiagLinear):
         if isinstance(pool, bool) or not isinstance(pool, numbers.Real) \
                 or not (math.isfinite(float(pool)) and float(pool) >= 0):
             raise ValueError(f"pool must be a finite number >= 0; got {pool!r}")
-        T = _positive_temperature(temperature)
+        T = check_temperature(temperature)
         m = positive_int("out_features", out_features)
         n = positive_int("in_features", in_features)
         shape = (m, n)
@@ -158,10 +164,7 @@ class DynaDiagLinear(DiagLinear):
         gen = _random.as_generator(rng)
         bound = 1.0 / math.sqrt(L)
         V = gen.uniform(-bound, bound, size=(P, L))  # every diagonal, as the reference
-        if S == P:
-            host = np.arange(P, dtype=np.int64)
-        else:
-            host = np.sort(gen.choice(P, size=S, replace=False)).astype(np.int64)
+        host = np.arange(P, dtype=np.int64) if S == P else random_subset(P, S, gen)
         # DiagLinear builds the structure (offsets buffer, values, bias); its own draws come
         # from a throw-away generator and are replaced below by the reference's numbers.
         super().__init__(in_features, out_features, bias=bias, offsets=host,
@@ -175,11 +178,10 @@ class DynaDiagLinear(DiagLinear):
         self.mode, self.pool = mode, float(pool)
         self.active_k, self.n_stored = K, S
         self.alpha = Parameter(xp.full((P,), 1.0 / P, dtype=dt))
-        self.register_buffer("temperature", Tensor._wrap(xp.asarray(T, dtype=dt)))
-        self.register_buffer("is_frozen", Tensor._wrap(xp.zeros((), dtype=bool)))
-        ever = np.zeros(P, dtype=bool)
-        ever[host] = True
-        self.register_buffer("ever_active", Tensor._wrap(backend.to_device(ever, dev)))
+        self.register_buffer("temperature", Tensor.from_array(xp.asarray(T, dtype=dt)))
+        self.register_buffer("is_frozen", Tensor.from_array(xp.zeros((), dtype=bool)))
+        self.register_buffer("ever_active",
+                             Tensor.from_array(backend.to_device(ever_active(P, host), dev)))
         self._T, self._frozen = T, False
 
     # ------------------------------------------------------------------ temperature, freeze
@@ -190,7 +192,7 @@ class DynaDiagLinear(DiagLinear):
 
     @T.setter
     def T(self, value):
-        self._T = _positive_temperature(value)
+        self._T = check_temperature(value)
         self.temperature.data.fill(self._T)  # in place, on the device: no host round trip
 
     @property
@@ -213,7 +215,7 @@ class DynaDiagLinear(DiagLinear):
         """
         if self._frozen:
             xp = backend.get_array_module(self.alpha.data)
-            return Tensor._wrap(xp.ones(self.K, dtype=self.alpha.dtype))
+            return Tensor.from_array(xp.ones(self.K, dtype=self.alpha.dtype))
         alpha = self.alpha
         if self.K != self.P:  # reference mode stores every diagonal in order: no gather
             alpha = _shape.getitem(alpha, self.offsets.data)
@@ -230,7 +232,7 @@ class DynaDiagLinear(DiagLinear):
         xp = backend.get_array_module(s.data)
         full = xp.zeros(self.P, dtype=s.dtype)
         full[self.offsets.data] = s.data
-        return Tensor._wrap(full)
+        return Tensor.from_array(full)
 
     def forward(self, x, add_bias=True):
         """``x`` ``(..., in_features)`` -> ``(..., out_features)``; ``add_bias=False`` leaves
@@ -338,19 +340,8 @@ class DynaDiagLinear(DiagLinear):
         offsets = backend.to_numpy(self.offsets.data)
         s = backend.to_numpy(self._scale_data()).astype(np.float64)
         alpha = backend.to_numpy(self.alpha.data)
-        # 1. stored diagonals by scale, smallest first; the last K are the active set
-        order = offsets[np.lexsort((noise[offsets], s[offsets]))]
-        pool = order[:offsets.size - self.active_k]
-        # 2. non-stored diagonals by score, largest first
-        stored = np.zeros(self.P, dtype=bool)
-        stored[offsets] = True
-        outside = np.flatnonzero(~stored)
-        entering = outside[np.lexsort((noise[outside], -host_scores[outside]))]
-        count = min(n, pool.size, entering.size)
-        out, inn = pool[:count], entering[:count]
-        # 3. exchange only where the incoming diagonal beats the outgoing one
-        better = host_scores[inn] > host_scores[out]
-        dropped, grown = np.sort(out[better]), np.sort(inn[better])
+        # 1.-3. who leaves and who enters
+        dropped, grown, pool = swap_pairs(offsets, s, host_scores, self.active_k, n, noise)
         if grown.size == 0:
             return [], []
         # 4. restructure; the new diagonals start at zero with fresh optimizer state
@@ -359,9 +350,9 @@ class DynaDiagLinear(DiagLinear):
         self._restructure(new, keep=True, init="zeros")
         xp = backend.get_array_module(self.alpha.data)
         rows = xp.asarray(grown)
-        self.alpha.data[rows] = self.alpha.dtype.type(median)
-        self.alpha._version_counter().bump()  # a graph that read alpha must not backward now
-        for opt in list(self.alpha._optimizers):
+        with no_grad():  # bumps alpha's version: a graph that read alpha must not backward now
+            _inplace.setitem(self.alpha, rows, median)
+        for opt in self.alpha.optimizers():
             opt.reset_rows(self.alpha, rows)
         return dropped.tolist(), grown.tolist()
 
@@ -378,7 +369,7 @@ class DynaDiagLinear(DiagLinear):
             return None
         offsets = backend.to_numpy(self.offsets.data)
         alpha = backend.to_numpy(self.alpha.data)
-        best = np.lexsort((offsets, -alpha[offsets].astype(np.float64)))[:self.active_k]
+        best = ranking(-alpha[offsets].astype(np.float64), offsets)[:self.active_k]
         kept = np.sort(offsets[best])
         s = self._scale_data()
         xp = backend.get_array_module(s)
@@ -451,7 +442,7 @@ class DynaDiagLinear(DiagLinear):
         kept = (self.offsets.data, values.data, values.grad, self._prepared,
                 self._prepared_from)
         states = [(opt.state[values], dict(opt.state[values]))
-                  for opt in list(values._optimizers) if values in opt.state]
+                  for opt in values.optimizers() if values in opt.state]
 
         def undo():
             (self.offsets.data, values.data, values.grad, self._prepared,
@@ -464,7 +455,7 @@ class DynaDiagLinear(DiagLinear):
     def _check_state(self, local):
         super()._check_state(local)
         if "temperature" in local:
-            _positive_temperature(float(backend.to_numpy(local["temperature"])))
+            check_temperature(float(backend.to_numpy(local["temperature"])))
         frozen = bool(backend.to_numpy(local["is_frozen"])) if "is_frozen" in local \
             else self._frozen
         if "offsets" in local:
@@ -490,219 +481,3 @@ def dynadiag_layers(model) -> dict:
     if not isinstance(model, Module):
         raise TypeError(f"model must be a Module; got {type(model).__name__}")
     return {name: m for name, m in model.named_modules() if isinstance(m, DynaDiagLinear)}
-
-
-class DynaDiag(SparsityController):
-    """The DynaDiag training schedule: temperature, swaps (sparse mode) and the freeze.
-
-    Args:
-        layers: mapping name -> `DynaDiagLinear`, or a `Module` (its DynaDiagLinear layers).
-        schedule: a `TemperatureSchedule`; its ``per`` says whether ``T`` is set at the
-            start of each epoch or before each step. None: the controller leaves ``T`` alone.
-        swap_every: swap every this many optimizer steps (after steps ``swap_every - 1``,
-            ``2 * swap_every - 1``, ...); None (default) for no swaps. Sparse mode only.
-        swap_until: no swaps from this step on (default None: until the freeze).
-        swap_fraction: the share of a layer's pool considered per swap, in ``(0, 1]``
-            (default 0.5): ``n = max(1, ceil(swap_fraction * (S - K)))`` (see
-            `DynaDiagLinear.swap`, which also exchanges only where the newcomer's gradient
-            score beats the leaver's).
-        freeze_at: freeze every layer before epoch ``freeze_at`` starts (``freeze_per=
-            "epoch"``, in `start_epoch`) or before step ``freeze_at`` runs (``"step"``, in
-            `after_step` of step ``freeze_at - 1``); None (default): never. The reference
-            freezes at epoch 30 of 100.
-        freeze_per: ``"epoch"`` (default) or ``"step"``.
-        rng: the controller's own generator for the swaps' tie-breaking noise: an int seed,
-            a Generator, or None (seeded from `diagnet.random`'s default generator). Its
-            state is in `state_dict`.
-
-    Events (`event` dicts): ``{"event": "swap", "step", "layer", "dropped", "grown", "k",
-    "stored", "sparsity", "effective_k", "itop", "temperature"}`` per layer at every swap step
-    (empty lists when nothing beat the pool), and ``{"event": "freeze", "step", "layer",
-    "kept", "k", "stored", "sparsity", "temperature"}`` (plus ``"epoch"`` at an epoch).
-    """
-
-    def __init__(self, layers, schedule=None, swap_every=None, swap_until=None,
-                 swap_fraction=0.5, freeze_at=None, freeze_per="epoch", rng=None):
-        if isinstance(layers, Module):
-            layers = dynadiag_layers(layers)
-        super().__init__(layers)
-        for name, layer in self.layers.items():
-            if not isinstance(layer, DynaDiagLinear):
-                raise TypeError(f"layer {name!r} is a {type(layer).__name__}; DynaDiag manages "
-                                "DynaDiagLinear layers")
-        if schedule is not None and not isinstance(schedule, TemperatureSchedule):
-            raise TypeError(f"schedule must be a TemperatureSchedule or None; got "
-                            f"{type(schedule).__name__}")
-        self.schedule = schedule
-        self.swap_every = self._optional_int("swap_every", swap_every, 1)
-        self.swap_until = self._optional_int("swap_until", swap_until, 0)
-        if isinstance(swap_fraction, bool) or not isinstance(swap_fraction, numbers.Real) \
-                or not 0 < float(swap_fraction) <= 1:
-            raise ValueError(f"swap_fraction must be in (0, 1]; got {swap_fraction!r}")
-        self.swap_fraction = float(swap_fraction)
-        if freeze_per not in ("epoch", "step"):
-            raise ValueError(f"freeze_per must be 'epoch' or 'step'; got {freeze_per!r}")
-        self.freeze_per = freeze_per
-        self.freeze_at = self._optional_int("freeze_at", freeze_at,
-                                            1 if freeze_per == "step" else 0)
-        reference = [n for n, l in self.layers.items() if l.mode != "sparse"]
-        if self.swap_every is not None and reference:
-            raise ValueError(f"swap_every needs sparse-mode layers; {reference} are in "
-                             "reference mode (they store every diagonal already)")
-        if rng is None:  # a stream of its own, seeded from the default generator
-            rng = int(_random.default_generator().integers(0, 2**63))
-        self.rng = _random.as_generator(rng)
-        self.tap = GradientTap(self.layers)
-        self.temperature = None  # the last T this controller set
-        self.epoch = None        # the last epoch started
-        self.next_step = 0       # steps completed
-        self.swaps = 0           # swap steps done
-
-    @staticmethod
-    def _optional_int(name, value, low):
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be None or an int >= {low}; got {value!r}")
-        return int(value)
-
-    def config(self) -> dict:
-        """The controller's settings, JSON-able (for run logs)."""
-        return {"algorithm": "dynadiag",
-                "schedule": None if self.schedule is None else self.schedule.config(),
-                "swap_every": self.swap_every, "swap_until": self.swap_until,
-                "swap_fraction": self.swap_fraction, "freeze_at": self.freeze_at,
-                "freeze_per": self.freeze_per,
-                "layers": {name: {"mode": l.mode, "active_k": l.active_k, "stored": l.n_stored,
-                                  "P": l.P, "pool": l.pool}
-                           for name, l in self.layers.items()}}
-
-    # ------------------------------------------------------------------ the hooks
-    def _set_temperature(self, T):
-        self.temperature = float(T)
-        for layer in self.layers.values():
-            layer.T = self.temperature
-
-    def _swaps_at(self, step) -> bool:
-        return (self.swap_every is not None and (step + 1) % self.swap_every == 0
-                and (self.swap_until is None or step < self.swap_until)
-                and any(not layer.frozen for layer in self.layers.values()))
-
-    def start_epoch(self, epoch: int) -> list:
-        """Set ``T`` (per-epoch schedules), then freeze if ``epoch >= freeze_at`` (per epoch)."""
-        epoch = validate.check_int(epoch, "epoch")
-        self.epoch = epoch
-        if self.schedule is not None and self.schedule.per == "epoch":
-            self._set_temperature(self.schedule(epoch))
-        if self.freeze_per == "epoch" and self.freeze_at is not None and epoch >= self.freeze_at:
-            return self._freeze(self.next_step, epoch=epoch)
-        return []
-
-    def before_step(self, step: int) -> None:
-        """Set ``T`` (per-step schedules); arm the gradient tap if ``step`` swaps."""
-        step = validate.check_int(step, "step")
-        if self.schedule is not None and self.schedule.per == "step":
-            self._set_temperature(self.schedule(step))
-        if self._swaps_at(step):
-            self.tap.arm()
-
-    def after_step(self, step: int) -> list:
-        """Swap (at swap steps, from the tap's scores), then freeze (per step)."""
-        step = validate.check_int(step, "step")
-        events = []
-        if self._swaps_at(step):
-            n_done = 0
-            for name, layer in self.layers.items():
-                if layer.frozen or not self.tap.ready(name):
-                    continue  # not called in this step's forward: nothing to score it by
-                n = max(1, math.ceil(round(self.swap_fraction * (layer.K - layer.active_k), 9)))
-                dropped, grown = layer.swap(self.tap.diagonal_scores(name), n, rng=self.rng)
-                n_done += 1
-                events.append(event("swap", step, layer=name, dropped=dropped, grown=grown,
-                                    k=layer.active_k, stored=layer.K, sparsity=layer.sparsity,
-                                    effective_k=layer.effective_k(), itop=layer.itop(),
-                                    temperature=layer.T))
-            self.swaps += 1 if n_done else 0
-        self.tap.disarm()
-        self.tap.clear()
-        self.next_step = step + 1
-        if self.freeze_per == "step" and self.freeze_at is not None and step + 1 >= self.freeze_at:
-            events += self._freeze(step)
-        return events
-
-    def _freeze(self, step, **extra) -> list:
-        events = []
-        for name, layer in self.layers.items():
-            kept = layer.freeze()
-            if kept is not None:
-                events.append(event("freeze", step, layer=name, kept=kept, k=layer.active_k,
-                                    stored=layer.K, sparsity=layer.sparsity,
-                                    temperature=layer.T, **extra))
-        return events
-
-    # ------------------------------------------------------------------ reporting
-    def metrics(self) -> dict:
-        """``sparsity`` (realised, all layers), ``temperature``, ``effective_k`` (summed over
-        layers), ``effective_sparsity`` (of the function: ``1 - sum effective_k * L / sum
-        m n``) and ``itop`` (diagonals ever stored / all diagonals). Reads the device."""
-        eff = [layer.effective_k() for layer in self.layers.values()]
-        ever = sum(int(layer.ever_active.data.sum()) for layer in self.layers.values())
-        total_p = sum(layer.P for layer in self.layers.values())
-        dense = sum(layer.out_features * layer.in_features for layer in self.layers.values())
-        eff_nnz = sum(k * layer.L for k, layer in zip(eff, self.layers.values()))
-        T = self.temperature
-        if T is None:
-            T = next(iter(self.layers.values())).T
-        return {"sparsity": self.sparsity(), "temperature": T, "effective_k": sum(eff),
-                "effective_sparsity": 1.0 - eff_nnz / dense, "itop": ever / total_p}
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """JSON-able: temperature, counters, the layers' frozen flags, the generator state."""
-        return {"temperature": self.temperature, "epoch": self.epoch,
-                "next_step": self.next_step, "swaps": self.swaps,
-                "layers": list(self.layers),
-                "frozen": [layer.frozen for layer in self.layers.values()],
-                "rng": self.rng.bit_generator.state}
-
-    def check_state_dict(self, state: dict) -> None:
-        """ValueError if ``state`` does not fit this controller; changes nothing."""
-        if not isinstance(state, dict):
-            raise ValueError(f"DynaDiag state must be a dict; got {type(state).__name__}")
-        keys = {"temperature", "epoch", "next_step", "swaps", "layers", "frozen", "rng"}
-        if set(state) != keys:
-            raise ValueError(f"DynaDiag state must have the keys {sorted(keys)}; got "
-                             f"{sorted(map(str, state))}")
-        if list(state["layers"]) != list(self.layers):
-            raise ValueError(f"DynaDiag state is for layers {list(state['layers'])}; this "
-                             f"controller manages {list(self.layers)}")
-        if state["temperature"] is not None:
-            _positive_temperature(state["temperature"])
-        if state["epoch"] is not None:
-            self._optional_int("epoch", state["epoch"], 0)
-        self._optional_int("next_step", state["next_step"], 0)
-        self._optional_int("swaps", state["swaps"], 0)
-        frozen = state["frozen"]
-        if not isinstance(frozen, (list, tuple)) or len(frozen) != len(self.layers) \
-                or not all(isinstance(f, (bool, np.bool_)) for f in frozen):
-            raise ValueError(f"DynaDiag state 'frozen' must be {len(self.layers)} bools; got "
-                             f"{frozen!r:.80}")
-        self._checked_rng(state["rng"])
-
-    def _checked_rng(self, saved):
-        """The saved generator state as this controller's generator will hold it."""
-        return _random.check_generator_state(saved, type(self.rng.bit_generator),
-                                             "DynaDiag state 'rng'")
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict` (the layers' own state comes with the model's)."""
-        self.check_state_dict(state)
-        self.temperature = None if state["temperature"] is None else float(state["temperature"])
-        if self.temperature is not None:
-            for layer in self.layers.values():
-                layer.T = self.temperature
-        self.epoch = None if state["epoch"] is None else int(state["epoch"])
-        self.next_step, self.swaps = int(state["next_step"]), int(state["swaps"])
-        self.rng.bit_generator.state = self._checked_rng(state["rng"])
-        self.tap.disarm()
-        self.tap.clear()

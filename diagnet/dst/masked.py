@@ -28,12 +28,13 @@ import numpy as np
 from .. import backend
 from .. import random as _random
 from ..autograd import FLOAT_DTYPES, Tensor
+from ..checks import positive_int
 from ..nn import init
-from ..nn._validate import positive_int
 from ..nn.linear import Linear
 from ..nn.module import Module
 from ..nn.parameter import Parameter
 from ..ops import dense as _dense
+from .select import random_subset
 
 __all__ = ["MaskedLinear", "active_count"]
 
@@ -52,7 +53,7 @@ def active_count(density, size) -> int:
 def _random_mask(shape, count, gen) -> np.ndarray:
     """A host boolean mask of ``shape`` with ``count`` True entries, uniformly at random."""
     flat = np.zeros(shape[0] * shape[1], dtype=bool)
-    flat[gen.choice(flat.size, size=count, replace=False)] = True
+    flat[random_subset(flat.size, count, gen)] = True
     return flat.reshape(shape)
 
 
@@ -102,7 +103,7 @@ class MaskedLinear(Linear):
             self.bias = Parameter(init.uniform_array((m,), bound, dt, dev, gen))
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("mask", Tensor._wrap(backend.to_device(host, dev)))
+        self.register_buffer("mask", Tensor.from_array(backend.to_device(host, dev)))
         self._active = active
         self._float_mask = None   # (mask array, dtype, float copy) for the forward
 
@@ -167,7 +168,7 @@ class MaskedLinear(Linear):
     def forward(self, x, add_bias=True):
         """``x`` ``(..., in_features)`` -> ``(..., out_features)``; pruned weights get zero grad;
         ``add_bias=False`` leaves the bias out (as `Linear.forward`)."""
-        w = self.weight * Tensor._wrap(self._mask_as(self.weight.dtype))
+        w = self.weight * Tensor.from_array(self._mask_as(self.weight.dtype))
         return _dense.linear(x, w, self.bias if add_bias else None)
 
     def set_mask(self, mask) -> None:
@@ -190,8 +191,8 @@ class MaskedLinear(Linear):
         zero = xp.zeros((), dtype=self.weight.dtype)
         self.weight.data = xp.where(keep, self.weight.data, zero)
         if self.weight.grad is not None:
-            self.weight.grad = Tensor._wrap(xp.where(keep, self.weight.grad.data, zero))
-        for opt in list(self.weight._optimizers):
+            self.weight.grad = Tensor.from_array(xp.where(keep, self.weight.grad.data, zero))
+        for opt in self.weight.optimizers():
             opt.mask_state(self.weight, keep)
         self.mask.data = new.copy()  # never alias the caller's array
         self._active = int(new.sum())

@@ -30,12 +30,13 @@ One update of one layer, after the optimizer step (as in sparse_learning's ``Mas
 3. grown units start at zero, with zero optimizer state in every optimizer holding the
    parameter (`DiagLinear.set_offsets` / `MaskedLinear.set_mask` do both).
 
-Ties are broken by seeded noise: among units tied at the cut-off score, those with the
-smallest random key are taken, which is the lexicographic order of (score, key), as if a
-noise smaller than any gap between scores had been added (RigL adds a tiny noise to the
-scores; sparse_learning breaks ties by position). The keys come from the controller's own
-generator through `diagnet.random.uniform`, drawn on the layer's device, so a seed gives
-the same masks on the CPU and the GPU. No seed ever comes from ``hash()``.
+The three strategies live in `diagnet.dst.select`, beside DynaDiag's rules. Ties are broken
+by seeded noise: among units tied at the cut-off score, those with the smallest random key
+are taken, which is the lexicographic order of (score, key), as if a noise smaller than any
+gap between scores had been added (RigL adds a tiny noise to the scores; sparse_learning
+breaks ties by position). The keys come from the controller's own generator
+(`controller_generator`) through `diagnet.random.uniform`, drawn on the layer's device, so a
+seed gives the same masks on the CPU and the GPU. No seed ever comes from ``hash()``.
 
 GPU: `before_step` and `after_step` of ordinary steps touch no device value. An update
 step reads back what it must (the offsets, the chosen indices, the new active counts).
@@ -55,14 +56,17 @@ import operator
 import numpy as np
 
 from .. import backend
-from .. import random as _random
+from ..checks import positive_int
 from ..nn.linear import DiagLinear
-from .base import SparsityController, event
+from .base import (SparsityController, checked_generator_state, controller_generator, event,
+                   ever_active)
 from .capture import GradientTap
 from .masked import MaskedLinear
+from .select import drop_lowest, grow_random, grow_top
 
-__all__ = ["METHODS", "drop_fraction", "update_size", "drop_lowest", "grow_random", "grow_top",
-           "DiagPruneGrow", "UnstructuredPruneGrow"]
+__all__ = ["METHODS", "drop_fraction", "update_size", "DiagPruneGrow", "UnstructuredPruneGrow"]
+
+_RNG_WHERE = "controller state 'rng'"  # how messages name the saved generator
 
 #: the values of the ``method=`` argument
 METHODS = ("set", "rigl")
@@ -89,117 +93,7 @@ def update_size(fraction, active, inactive) -> int:
     return max(0, min(math.floor(fraction * active + 0.5), inactive))
 
 
-# ----------------------------------------------------------------------------- strategies
-# Each takes backend arrays (NumPy or CuPy) and returns the chosen indices as a backend int64
-# array in increasing order (a set: the same on every device). The caller makes sure that
-# ``n`` does not exceed the number of eligible entries. They run in O(N) (two partitions, no
-# full sort: a 3072 x 768 mask has 2.4M entries) and read two numbers back from the device,
-# which is allowed at update steps.
-
-def _smallest(key, eligible, n, rng):
-    """The ``n`` eligible entries with the smallest ``key``; ties by seeded noise.
-
-    Every entry with ``key`` below the ``n``-th smallest value ``v`` is taken; the rest are
-    taken from the eligible entries equal to ``v``, those with the smallest noise first. That
-    is the lexicographic order of (key, noise), as if a noise smaller than any gap between
-    keys had been added, without changing any key. The noise (uniform float64, drawn on the
-    key's device by `diagnet.random.uniform`) is drawn on every call, so the generator's
-    stream does not depend on the data.
-    """
-    xp = backend.get_array_module(key)
-    noise = _random.uniform(key.shape, xp, np.float64, rng)
-    if n == 0:
-        return xp.zeros(0, dtype=np.int64)
-    if eligible is not None:
-        key = xp.where(eligible, key, xp.asarray(np.inf, dtype=key.dtype))
-    bound = xp.partition(key, n - 1)[n - 1]          # the n-th smallest key (device scalar)
-    below = key < bound
-    tied = key == bound
-    if eligible is not None:
-        tied = xp.logical_and(tied, eligible)
-    need = n - int(below.sum())                       # >= 1: a read, at update steps only
-    tie_noise = xp.where(tied, noise, np.inf)
-    cut = xp.partition(tie_noise, need - 1)[need - 1]
-    chosen = xp.logical_or(below, tie_noise <= cut)
-    return xp.flatnonzero(chosen).astype(np.int64)
-
-
-def _check(scores, n, mask, mask_name):
-    if scores.ndim != 1:
-        raise ValueError(f"scores must be one-dimensional; got shape {tuple(scores.shape)}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= scores.size:
-        raise ValueError(f"n must be an int in [0, {scores.size}]; got {n!r}")
-    if mask is not None and (mask.dtype.kind != "b" or tuple(mask.shape) != tuple(scores.shape)):
-        raise ValueError(f"{mask_name} must be a boolean array of shape {tuple(scores.shape)}; "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-
-
-def drop_lowest(scores, n, rng, among=None):
-    """The ``n`` entries with the smallest ``scores``; ties broken by seeded noise.
-
-    Args:
-        scores: ``(N,)`` float backend array (e.g. mean |value| per active diagonal); no NaN.
-        n: how many to pick.
-        rng: the generator of the tie-breaking noise (one draw).
-        among: optional boolean ``(N,)``: only these entries may be picked (the active ones).
-
-    Returns:
-        ``(n,)`` int64 backend array of indices, in increasing order.
-    """
-    _check(scores, n, among, "among")
-    return _smallest(scores, among, n, rng)
-
-
-def grow_top(scores, candidates, n, rng):
-    """The ``n`` candidates with the largest ``scores`` (RigL); ties broken by seeded noise.
-
-    Args:
-        scores: ``(N,)`` float backend array (e.g. the all-diagonal gradient score ``G``).
-        candidates: boolean ``(N,)``: the entries that may grow (inactive before the drop).
-        n: how many to pick.
-        rng: the generator of the tie-breaking noise (one draw).
-
-    Returns:
-        ``(n,)`` int64 backend array of indices, in increasing order.
-    """
-    _check(scores, n, candidates, "candidates")
-    return _smallest(-scores, candidates, n, rng)
-
-
-def grow_random(candidates, n, rng):
-    """``n`` of the ``candidates``, uniformly at random without replacement (SET).
-
-    Args:
-        candidates: boolean ``(N,)`` backend array.
-        n: how many to pick.
-        rng: the generator of the random keys and of the tie-breaking noise (two draws).
-
-    Returns:
-        ``(n,)`` int64 backend array of indices (those with the ``n`` smallest uniform keys),
-        in increasing order.
-    """
-    xp = backend.get_array_module(candidates)
-    _check(candidates, n, candidates, "candidates")
-    keys = _random.uniform(candidates.shape, xp, np.float64, rng)
-    return _smallest(keys, candidates, n, rng)
-
-
 # ----------------------------------------------------------------------------- controllers
-
-def _own_generator(rng):
-    """The controller's generator: an int seeds a new one, a Generator is used as it is, and
-    None draws a seed from diagnet's default generator (so `manual_seed` governs it while
-    the controller's draws stay independent of everything else that uses the default)."""
-    if rng is None:
-        return np.random.default_rng(int(_random.default_generator().integers(2 ** 63)))
-    return _random.as_generator(rng)
-
-
-def _positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
-
 
 class _PruneGrow(SparsityController):
     """The schedule, the gradient tap, the generator and the state dict shared by
@@ -219,12 +113,12 @@ class _PruneGrow(SparsityController):
         if t_end is None:
             raise ValueError("t_end is required: the step count at which mask updates stop")
         self.method = method
-        self.delta_t = _positive_int("delta_t", delta_t)
-        self.t_end = _positive_int("t_end", t_end)
+        self.delta_t = positive_int("delta_t", delta_t)
+        self.t_end = positive_int("t_end", t_end)
         if isinstance(f0, bool) or not isinstance(f0, numbers.Real) or not 0.0 <= f0 <= 1.0:
             raise ValueError(f"f0 must be a number in [0, 1]; got {f0!r}")
         self.f0 = float(f0)
-        self.rng = _own_generator(rng)
+        self.rng = controller_generator(rng)
         self.tap = GradientTap(self.layers) if method == "rigl" else None
 
     # -- the schedule
@@ -304,7 +198,7 @@ class _PruneGrow(SparsityController):
                 raise ValueError(f"controller state has {key}={state[key]!r}, but this "
                                  f"controller has {key}={mine!r}; a resumed run must use the "
                                  "same configuration")
-        self._checked_rng(state["rng"])
+        checked_generator_state(self.rng, state["rng"], _RNG_WHERE)
         ever = state["ever_active"]
         if not isinstance(ever, dict) or set(ever) != set(self.layers):
             got = sorted(map(str, ever)) if isinstance(ever, dict) else type(ever).__name__
@@ -313,15 +207,11 @@ class _PruneGrow(SparsityController):
         for name, value in ever.items():
             self._check_ever(name, value)
 
-    def _checked_rng(self, saved):
-        """The saved generator state as this controller's generator will hold it."""
-        return _random.check_generator_state(saved, type(self.rng.bit_generator),
-                                             "controller state 'rng'")
-
     def load_state_dict(self, state) -> None:
         """Restore the generator and the ever-active sets (after `check_state_dict`)."""
         self.check_state_dict(state)
-        self.rng.bit_generator.state = self._checked_rng(state["rng"])
+        self.rng.bit_generator.state = checked_generator_state(self.rng, state["rng"],
+                                                               _RNG_WHERE)
         for name, value in state["ever_active"].items():
             self._load_ever(name, value)
 
@@ -355,11 +245,8 @@ class DiagPruneGrow(_PruneGrow):
     def __init__(self, layers, method="set", delta_t=100, t_end=None, f0=0.3, rng=None):
         super().__init__(layers, method, delta_t, t_end, f0, rng)
         # ever-active diagonals as host booleans (P,): one read of the offsets, here
-        self._ever = {}
-        for name, layer in self.layers.items():
-            ever = np.zeros(layer.P, dtype=bool)
-            ever[backend.to_numpy(layer.offsets.data)] = True
-            self._ever[name] = ever
+        self._ever = {name: ever_active(layer.P, backend.to_numpy(layer.offsets.data))
+                      for name, layer in self.layers.items()}
 
     def _units(self, layer) -> int:
         return layer.P
@@ -404,9 +291,7 @@ class DiagPruneGrow(_PruneGrow):
                              f"of distinct diagonal indices in [0, {P}); got {value!r:.80}")
 
     def _load_ever(self, name, value):
-        ever = np.zeros(self.layers[name].P, dtype=bool)
-        ever[np.asarray(value, dtype=np.int64)] = True
-        self._ever[name] = ever
+        self._ever[name] = ever_active(self.layers[name].P, np.asarray(value, dtype=np.int64))
 
 
 class UnstructuredPruneGrow(_PruneGrow):

@@ -31,18 +31,18 @@ multiply-adds (as the diagonal kernels of `diagnet.diag.cpu` take several diagon
 pass).
 
 **The exponential runs in NumPy**, between two compiled loops: numba calls the scalar
-``exp`` of the C library (about 1 ms for the 148k weights of a ViT block), NumPy's is
-vectorised. So the forward is: scores, mask and row maximum (compiled), ``exp`` (NumPy),
-normalisation and ``weights @ v`` (compiled). The backward has no exponential: one
-compiled pass over the queries for ``dq`` and the ``dS`` rows, one over the keys for ``dk``
-and ``dv``.
+``exp`` of the C library one element at a time, NumPy's is vectorised (figure in
+``docs/benchmarks.md``). So the forward is: scores, mask and row maximum (compiled),
+``exp`` (NumPy), normalisation and ``weights @ v`` (compiled). The backward has no
+exponential: one compiled pass over the queries for ``dq`` and the ``dS`` rows, one over the
+keys for ``dk`` and ``dv``.
 
 **Threads** take contiguous ranges of lanes; only the thread of a lane writes its outputs
 (no atomics, no reduction). A call with little work (``B*H*L*S*max(E, Ev)`` multiply-adds
 below `_SERIAL_WORK`, the threshold of `diagnet.diag.cpu`) runs on the calling thread.
 
 **Indexing** is unsigned (``_u``), for the reason given in `diagnet.diag.cpu`: with signed
-indices numba's negative-index check keeps LLVM from vectorising (9x slower here).
+indices numba's negative-index check keeps LLVM from vectorising (several times slower).
 
 Numerics: ``fastmath`` limited to ``contract`` and ``reassoc``, as in `diagnet.diag.cpu`;
 sums run in the arrays' dtype, in another order than NumPy's matmul, so the results agree
@@ -56,12 +56,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..diag import threadpools
-
 __all__ = ["forward", "backward"]
-
-# The same thread-pool settings as the diagonal kernels (see `diagnet.diag.threadpools`).
-threadpools.configure()
 
 _FASTMATH = {"contract", "reassoc"}
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)

@@ -14,7 +14,7 @@ and for an upstream gradient ``dy``, with ``g = dy * weight`` (``dy`` without a 
 
 `forward` and `backward` pick the implementation by the array's device: the numba kernels
 of `diagnet.fused.layer_norm_cpu` for NumPy arrays (or `reference_forward` and
-`reference_backward` with ``DIAGNET_CPU_KERNELS=reference``), the CUDA kernels of
+`reference_backward` with ``settings.cpu_kernels == "reference"``), the CUDA kernels of
 ``kernels/layer_norm.cu`` (`diagnet.fused.layer_norm_cuda`) for CuPy arrays. The forward
 keeps ``mean`` and ``rstd`` (``(R,)``, the input's dtype) for the backward, which then needs
 ``x``, not ``xhat``. The reference is the definition: the kernels are tested against it.
@@ -22,11 +22,10 @@ keeps ``mean`` and ``rstd`` (``(R,)``, the input's dtype) for the backward, whic
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
+from ..diag import threadpools
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward"]
 
@@ -74,10 +73,11 @@ def _implementation(array):
     """The ``(forward, backward)`` pair for ``array``'s device."""
     if backend.get_array_module(array) is not np:
         from . import layer_norm_cuda as impl
-    elif os.environ.get("DIAGNET_CPU_KERNELS", "numba") == "reference":
+    elif settings.cpu_kernels == "reference":
         return reference_forward, reference_backward
     else:
         from . import layer_norm_cpu as impl
+        threadpools.configure_once()  # numba's pool and OpenBLAS's take turns on the cores
     return impl.forward, impl.backward
 
 

@@ -8,9 +8,9 @@ Same functions and results as `diagnet.fused.layer_norm.reference_forward` and
   is in the L1 cache after the first read: each row costs one trip to memory, where the
   composed reference makes about ten passes over the whole array, each with its temporary.
 * **Precision.** Everything is computed in the input dtype, as in the reference and on the
-  GPU (float64 intermediates for float32 input were 4x slower: each element converted, half
-  the vector width). ``reassoc`` lets LLVM split each row sum into vector lanes, so the sums
-  round like short pairwise sums.
+  GPU (float64 intermediates for float32 input are several times slower: each element
+  converted, half the vector width; figures in ``docs/benchmarks.md``). ``reassoc`` lets
+  LLVM split each row sum into vector lanes, so the sums round like short pairwise sums.
 * **No branches in the inner loops.** A missing weight or bias is passed as ones or zeros,
   so one loop serves every affine combination (``* 1.0`` and ``+ 0.0`` are exact).
 * **Threads.** Calls with at least `_PARALLEL_WORK` elements split the rows over numba's
@@ -31,12 +31,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..diag import threadpools
-
 __all__ = ["forward", "backward"]
-
-# the numba and OpenBLAS pools take turns on the same cores (see diagnet.diag.threadpools)
-threadpools.configure()
 
 # contract: FMA; reassoc: let LLVM vectorise the row sums. Not nnan/ninf: NaN and inf
 # propagate as in the reference.
@@ -45,8 +40,8 @@ _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 
 #: From this many elements (R * N) on, the rows are split over numba's threads. The ViT's
-#: 128 * 17 rows of 64 stay below: forward and backward took 110 us on 2 threads at best
-#: against 130 us on one, and several times longer on 2 threads when the cores were busy.
+#: 128 * 17 rows of 64 stay below: 2 threads gain little there at best, and lose several
+#: times over when the cores are busy (figures in docs/benchmarks.md).
 _PARALLEL_WORK = 1 << 18
 
 _u = np.uint64  # unsigned index (see "Indexing" above)

@@ -27,9 +27,9 @@ and multiply by a degree-11 Taylor polynomial of ``exp(f)`` (truncation error be
 0 for ``-inf`` (a masked logit gets exactly zero probability) and NaN for NaN. Float32
 arrays, whose results do not need float64's last digits, use the table-free
 `diagnet.fused.fastmath.exp_nonpositive_f32` instead (a relative 4e-10, also exactly 0 for
-``-inf``): plain arithmetic on wider vectors instead of the table's gathers (the log-softmax
-gradient of 17-wide rows ran 1.35x faster with it). `exp_for_dtype` picks one of the two by
-the dtype of an array element.
+``-inf``): plain arithmetic on wider vectors instead of the table's gathers (faster for the
+log-softmax gradient of 17-wide rows; figure in ``docs/benchmarks.md``). `exp_for_dtype`
+picks one of the two by the dtype of an array element.
 
 Numerics: float32 arrays are computed in float64 and rounded once on the store (more
 accurate than the reference, which rounds every intermediate to float32). NaN and inf
@@ -50,15 +50,11 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ..diag import threadpools
 from . import fastmath
 from .fastmath import exp_nonpositive_f32
 
 __all__ = ["exp_nonpositive", "exp_for_dtype", "softmax", "softmax_grad", "log_softmax",
            "log_softmax_grad", "cross_entropy_rows", "cross_entropy_grad"]
-
-# the numba pool and OpenBLAS's take turns on the cores (see `diagnet.diag.threadpools`)
-threadpools.configure()
 
 _FASTMATH = fastmath.FASTMATH
 _jit, _pjit, _inline = fastmath.jit, fastmath.parallel_jit, fastmath.inline_jit

@@ -13,8 +13,9 @@ from .activation import GELU, ReLU, Sigmoid, Softmax, Tanh
 from .attention import MultiHeadSelfAttention
 from .container import Flatten, Identity, ModuleList, Sequential
 from .linear import DiagLinear, Linear
-from .module import IncompatibleKeys, Module
+from .module import Module
 from .normalization import LayerNorm
 from .parameter import Parameter
 from .regularization import Dropout
+from .state import IncompatibleKeys
 from .summary import Summary, summary

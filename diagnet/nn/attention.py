@@ -13,7 +13,7 @@ import numpy as np
 from .. import functional as F
 from .. import random as _random
 from ..autograd import Tensor
-from ._validate import positive_int, probability
+from ..checks import positive_int, probability
 from .linear import make_linear
 from .module import Module
 

@@ -21,12 +21,12 @@ import numpy as np
 from .. import backend
 from .. import random as _random
 from ..autograd import FLOAT_DTYPES, Tensor
+from ..checks import positive_int
 from ..diag import dispatch, layout, validate
 from ..ops import dense as _dense
 from ..ops.diagonal import DiagLinearFunction
 from ..sparse import DiagMatrix
 from . import init
-from ._validate import positive_int
 from .module import Module
 from .parameter import Parameter
 
@@ -151,7 +151,7 @@ class DiagLinear(Module):
                 validate.check_sparsity(sparsity)
             host = validate.validate_offsets(_on_host(offsets), (m, n))
         self.target_sparsity = sparsity if offsets is None else 1.0 - host.size / P
-        self.register_buffer("offsets", Tensor._wrap(backend.to_device(host, dev)))
+        self.register_buffer("offsets", Tensor.from_array(backend.to_device(host, dev)))
         bound = self.init_bound(host.size)
         self.values = Parameter(init.uniform_array((host.size, min(m, n)), bound, dt, dev, gen))
         if bias:
@@ -292,7 +292,7 @@ class DiagLinear(Module):
 
     def to_dense(self) -> Tensor:
         """``W`` as a dense ``(m, n)`` Tensor (a copy, outside the graph)."""
-        return Tensor._wrap(self.to_matrix().to_dense())
+        return Tensor.from_array(self.to_matrix().to_dense())
 
     @classmethod
     def from_dense(cls, linear, sparsity=0.9, k=None) -> "DiagLinear":

@@ -5,6 +5,8 @@ it. That link exists for one reason: dynamic sparse training changes *which rows
 parameter has (the stored diagonals of a `DiagLinear`), and every optimizer that keeps
 per-row state (momentum, Adam's moments) must move that state along with the rows.
 `Parameter.remap_rows` does both in one call, so no caller can forget the second half.
+The link is the protocol of `diagnet.row_state`: a `Parameter` is its `RowOwner`, an
+optimizer its `RowStateHolder`.
 """
 
 from __future__ import annotations
@@ -13,31 +15,12 @@ import weakref
 
 from .. import backend
 from ..autograd import FLOAT_DTYPES, Tensor
+from ..row_state import RowOwner, RowStateHolder, remap_rows_array
 
-__all__ = ["Parameter", "remap_rows_array"]
-
-
-def remap_rows_array(old, index):
-    """Rows of ``old`` picked by ``index``; rows where ``index < 0`` are zero.
-
-    Args:
-        old: backend array ``(K_old, ...)``.
-        index: integer backend array ``(K_new,)`` on the same device: ``new[i] = old[index[i]]``
-            where ``index[i] >= 0``, else zeros.
-
-    Returns:
-        a new array ``(K_new, ...)`` with ``old``'s dtype. Written with ``where`` rather than a
-        boolean mask so that on the GPU it runs without a device-to-host synchronisation.
-    """
-    xp = backend.get_array_module(old)
-    if old.shape[0] == 0:
-        return xp.zeros((index.shape[0],) + tuple(old.shape[1:]), dtype=old.dtype)
-    picked = old[xp.clip(index, 0, None)]
-    keep = (index >= 0).reshape((-1,) + (1,) * (old.ndim - 1))
-    return xp.where(keep, picked, xp.zeros((), dtype=old.dtype))
+__all__ = ["Parameter"]
 
 
-class Parameter(Tensor):
+class Parameter(Tensor, RowOwner):
     """A trainable leaf tensor (``requires_grad=True``), registered by `Module.__setattr__`.
 
     Args:
@@ -53,35 +36,39 @@ class Parameter(Tensor):
     __slots__ = ("_optimizers",)
 
     def __init__(self, data, requires_grad=True):
-        source = data
-        if isinstance(data, Tensor):
-            data = data.data
-        if backend.is_array(data):
-            self.data = data
-        else:
-            Tensor.__init__(self, data)
-        if self.data.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"a Parameter must be float32 or float64; got dtype {self.data.dtype}")
-        self.grad = None
-        self.requires_grad = bool(requires_grad)
-        self.creator = None
-        self.generation = 0
-        self.name = None
-        self._output_index = 0
+        array = data.data if isinstance(data, Tensor) else data
+        if not backend.is_array(array):
+            array = Tensor(array).data  # converted as any tensor's data is
+        if array.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"a Parameter must be float32 or float64; got dtype {array.dtype}")
         # made from a tensor, it wraps that tensor's array, so it shares its version too
-        self._version = source._version_counter() if isinstance(source, Tensor) else None
+        version = data._version_counter() if isinstance(data, Tensor) else None
+        self._init(array, bool(requires_grad), version)
+
+    def _init(self, array, requires_grad, version, name=None):
+        """`Tensor._init`, and no optimizer holds the new parameter yet."""
+        super()._init(array, requires_grad, version, name)
         self._optimizers = weakref.WeakSet()
 
     def __repr__(self):
         return "Parameter containing:\n" + Tensor.__repr__(self)
 
-    # -- the optimizer link
-    def _attach(self, optimizer) -> None:
-        """Called by an optimizer that holds this parameter (see `remap_rows`)."""
+    # -- the optimizer link (`diagnet.row_state.RowOwner`)
+    def add_optimizer(self, optimizer) -> None:
+        """Register ``optimizer``, which holds this parameter (see `remap_rows`).
+
+        Raises:
+            TypeError: ``optimizer`` is not a `diagnet.row_state.RowStateHolder`.
+        """
+        if not isinstance(optimizer, RowStateHolder):
+            raise TypeError(f"optimizer must be a RowStateHolder (an Optimizer); got "
+                            f"{type(optimizer).__name__}")
         self._optimizers.add(optimizer)
 
-    def _detach(self, optimizer) -> None:
-        self._optimizers.discard(optimizer)
+    def optimizers(self) -> list:
+        """The optimizers that hold this parameter now (a new list): each keeps per-row
+        state that must follow changes to this parameter's rows."""
+        return list(self._optimizers)
 
     def remap_rows(self, index, new_rows=None) -> None:
         """Replace this parameter's rows, and move every holding optimizer's per-row state.
@@ -107,6 +94,6 @@ class Parameter(Tensor):
         self.data = data
         self._version_counter().bump()  # a graph that used the old rows must not use these
         if self.grad is not None:
-            self.grad = Tensor._wrap(remap_rows_array(self.grad.data, index))
-        for opt in list(self._optimizers):
+            self.grad = Tensor.from_array(remap_rows_array(self.grad.data, index))
+        for opt in self.optimizers():
             opt.remap_rows(self, index)

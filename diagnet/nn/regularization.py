@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import functional as F
-from ._validate import probability
+from ..checks import probability
 from .module import Module
 
 __all__ = ["Dropout"]

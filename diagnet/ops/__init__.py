@@ -14,14 +14,16 @@ One concept per module:
 * `normalization`: layer_norm;
 * `attention`: scaled dot-product attention, the qkv split and the head merge;
 * `dense`: the dense linear map ``x @ W.T + b`` as one node;
-* `diagonal`: the diagonal sparse linear map and its regrowth score.
+* `diagonal`: the diagonal sparse linear map and its regrowth score;
+* `tensor_methods`: `Tensor`'s operators and op methods (``t + u``, ``t.sum()``, ...),
+  installed on the class when this package is imported (`install_tensor_methods`).
 
 Each module lists its public names in ``__all__``; this package re-exports them all (but
-those of `inplace`) and `diagnet.functional` is the public namespace. Adding an op edits only its own module.
+those of `inplace` and `tensor_methods`) and `diagnet.functional` is the public namespace. Adding an op edits only its own module.
 """
 
 from . import (activation, attention, basic, dense, diagonal, inplace, loss, normalization,
-               reduce, regularization, shape)
+               reduce, regularization, shape, tensor_methods)
 from .activation import *  # noqa: F401,F403
 from .attention import *  # noqa: F401,F403
 from .basic import *  # noqa: F401,F403
@@ -36,3 +38,5 @@ from .shape import *  # noqa: F401,F403
 __all__ = (basic.__all__ + shape.__all__ + reduce.__all__ + activation.__all__ + loss.__all__
            + regularization.__all__ + normalization.__all__ + attention.__all__ + dense.__all__
            + diagonal.__all__)
+
+tensor_methods.install_tensor_methods()

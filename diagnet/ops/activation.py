@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import FLOAT_DTYPES, Function, Tensor, axis_or_dim
+from ..diag import threadpools
 
 __all__ = ["relu", "gelu", "bias_gelu", "log_sigmoid", "softmax", "log_softmax"]
 
@@ -36,18 +36,20 @@ def fused_cpu(x, module):
     """The kernels module ``diagnet.fused.<module>`` for the array ``x``, or None.
 
     None (use the composed reference) for anything but a NumPy float32/float64 array, and
-    when ``DIAGNET_CPU_KERNELS=reference`` (the switch of `diagnet.diag.dispatch`, for
-    debugging or where numba is unavailable). The modules are imported on first use, so
-    importing diagnet does not compile or load numba.
+    when ``settings.cpu_kernels == "reference"`` (`diagnet.settings`, the switch of
+    `diagnet.diag.dispatch`, for debugging or where numba is unavailable). The modules are
+    imported on first use, so importing diagnet does not compile or load numba; the first
+    use configures the thread pools (`diagnet.diag.threadpools`).
     """
     if type(x) is not np.ndarray or x.dtype not in _KERNEL_DTYPES:
         return None
-    if os.environ.get("DIAGNET_CPU_KERNELS", "numba") == "reference":
+    if settings.cpu_kernels == "reference":
         return None
     if module == "gelu":
         from ..fused import gelu as kernels
     else:
         from ..fused import softmax as kernels
+    threadpools.configure_once()
     return kernels
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
+from ..diag import threadpools
 from .regularization import dropout_scale
 
 __all__ = ["scaled_dot_product_attention", "qkv_split", "merge_heads"]
@@ -113,20 +113,18 @@ def blas_backward(dout, q, k, v, weights, mask, drop, scale):
 
 
 #: The environment variable that picks the implementation: ``blas`` (the default),
-#: ``reference`` or ``numba``; read once per call of the op. ``reference`` runs the composed
-#: version on either device; otherwise CuPy arrays run the CUDA kernels where they fit.
-ENV_KERNELS = "DIAGNET_ATTENTION_KERNELS"
-_CPU_KERNELS = ("blas", "reference", "numba")
+#: ``reference`` or ``numba``; read into `diagnet.settings.attention_kernels` at import
+#: (``settings.set_attention_kernels`` changes it). ``reference`` runs the composed version
+#: on either device; otherwise CuPy arrays run the CUDA kernels where they fit.
+ENV_KERNELS = settings.ENV_ATTENTION_KERNELS
 
 
 def _kernels(q, k, v):
     """``(forward, backward)`` for the arrays ``q``, ``k``, ``v``: on the CPU the
-    implementation `ENV_KERNELS` names (default ``blas``); on the GPU the CUDA kernels where
-    the shapes fit them, else (or when `ENV_KERNELS` is ``reference``) the composed
-    reference."""
-    choice = os.environ.get(ENV_KERNELS, "blas")
-    if choice not in _CPU_KERNELS:
-        raise ValueError(f"{ENV_KERNELS} must be one of {_CPU_KERNELS}; got {choice!r}")
+    implementation `diagnet.settings.attention_kernels` names (default ``blas``); on the GPU
+    the CUDA kernels where the shapes fit them, else (or when the setting is ``reference``)
+    the composed reference."""
+    choice = settings.attention_kernels
     if choice == "reference":
         return reference_forward, reference_backward
     if _xp(q) is not np:
@@ -135,6 +133,7 @@ def _kernels(q, k, v):
         if gpu.fits(q.shape, k.shape, v.shape, q.dtype):
             return gpu.forward, gpu.backward
         return reference_forward, reference_backward
+    threadpools.configure_once()  # both CPU versions run numba kernels beside BLAS
     if choice == "numba":
         from ..fused import attention as cpu
 

@@ -96,7 +96,7 @@ def _as_tensor(a, ref_dtype=None, xp=None, name="argument"):
     arr = validate.as_array(a, name, xp)
     if arr.dtype.kind != "f" and ref_dtype is not None:
         arr = arr.astype(ref_dtype)
-    return Tensor._wrap(arr)
+    return Tensor.from_array(arr)
 
 
 def diag_linear(x, offsets, values, shape, bias=None):

@@ -200,4 +200,4 @@ def argmax(x, axis=None, keepdims=False, *, dim=None):
     if keepdims:
         shape = [1 if axis is None or i == axis else d for i, d in enumerate(x.shape)]
         idx = idx.reshape(shape)
-    return Tensor._wrap(idx)
+    return Tensor.from_array(idx)

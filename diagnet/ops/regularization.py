@@ -34,7 +34,7 @@ def dropout(x, p=0.5, training=True, rng=None):
     xp = backend.get_array_module(x.data if isinstance(x, Tensor) else x)
     dtype = x.dtype if x.dtype in FLOAT_DTYPES else np.dtype(np.float32)
     scale = dropout_scale(tuple(x.shape), p, xp, dtype, rng)
-    return basic.mul(x, Tensor._wrap(scale))
+    return basic.mul(x, Tensor.from_array(scale))
 
 
 def dropout_scale(shape, p, xp, dtype, rng=None):

@@ -139,7 +139,7 @@ class BroadcastTo(Function):
         return _xp(x).broadcast_to(x, self.shape)  # a view: no copy
 
     def backward(self, gy):
-        return sum_to(_xp(gy), gy, self.in_shape)
+        return sum_to(gy, self.in_shape)
 
 
 def broadcast_to(x, shape):

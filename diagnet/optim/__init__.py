@@ -7,12 +7,13 @@
   NumPy/CuPy arrays of the parameters.
 * `lr_scheduler`: `StepLR`, `CosineAnnealingLR`, `LinearWarmup`, `WarmupCosine`, each a
   closed-form function of the step count.
-* `clip_grad_norm_`, `clip_grad_value_`: gradient clipping without a host synchronisation.
+* `clip_grad_norm_`, `clip_grad_value_`: gradient clipping without a host synchronisation
+  (from `diagnet.clip`, below both ``optim`` and ``nn``).
 """
 
+from ..clip import clip_grad_norm_, clip_grad_value_
 from . import lr_scheduler
 from .adam import Adam, AdamW
-from .clip import clip_grad_norm_, clip_grad_value_
 from .lr_scheduler import CosineAnnealingLR, LinearWarmup, LRScheduler, StepLR, WarmupCosine
 from .optimizer import Optimizer
 from .sgd import SGD

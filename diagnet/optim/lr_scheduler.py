@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from . import _checks
+from .. import checks
 from .optimizer import Optimizer
 
 __all__ = ["LRScheduler", "StepLR", "CosineAnnealingLR", "LinearWarmup", "WarmupCosine"]
@@ -62,7 +62,7 @@ class LRScheduler:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a diagnet Optimizer; got "
                             f"{type(optimizer).__name__}")
-        last_epoch = _checks.integer("last_epoch", last_epoch, -1)
+        last_epoch = checks.integer("last_epoch", last_epoch, -1)
         if last_epoch == -1:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
@@ -73,7 +73,7 @@ class LRScheduler:
                                    "with last_epoch >= 0 needs the optimizer state that the "
                                    "first scheduler recorded it in")
         self.optimizer = optimizer
-        self.base_lrs = [_checks.non_negative("initial_lr", group["initial_lr"],
+        self.base_lrs = [checks.non_negative("initial_lr", group["initial_lr"],
                                               f" in param group {number}")
                          for number, group in enumerate(optimizer.param_groups)]
         self.last_epoch = last_epoch
@@ -169,13 +169,13 @@ class LRScheduler:
                              f"{sorted(map(str, set(state_dict) - expected))}")
         try:
             hyper = self._checked(**{k: state_dict[k] for k in self.hyperparameters})
-            last_epoch = _checks.integer("last_epoch", state_dict["last_epoch"], 0)
+            last_epoch = checks.integer("last_epoch", state_dict["last_epoch"], 0)
             base_lrs = state_dict["base_lrs"]
             if not isinstance(base_lrs, (list, tuple)) or len(base_lrs) != len(
                     self.optimizer.param_groups):
                 raise ValueError(f"base_lrs must be a list of one lr per param group "
                                  f"({len(self.optimizer.param_groups)}); got {base_lrs!r:.80}")
-            base_lrs = [_checks.non_negative(f"base_lrs[{i}]", lr)
+            base_lrs = [checks.non_negative(f"base_lrs[{i}]", lr)
                         for i, lr in enumerate(base_lrs)]
         except TypeError as exc:
             raise ValueError(f"{type(self).__name__} state dict: {exc}") from None
@@ -213,8 +213,8 @@ class StepLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _checked(self, step_size, gamma):
-        return {"step_size": _checks.integer("step_size", step_size, 1),
-                "gamma": _checks.positive("gamma", gamma)}
+        return {"step_size": checks.integer("step_size", step_size, 1),
+                "gamma": checks.positive("gamma", gamma)}
 
     def lr_at(self, base_lr, step):
         return base_lr * self.gamma ** (step // self.step_size)
@@ -243,8 +243,8 @@ class CosineAnnealingLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _checked(self, T_max, eta_min):  # noqa: N803
-        return {"T_max": _checks.integer("T_max", T_max, 1),
-                "eta_min": _checks.non_negative("eta_min", eta_min)}
+        return {"T_max": checks.integer("T_max", T_max, 1),
+                "eta_min": checks.non_negative("eta_min", eta_min)}
 
     def lr_at(self, base_lr, step):
         return _cosine(base_lr, self.eta_min, step / self.T_max)
@@ -271,8 +271,8 @@ class LinearWarmup(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _checked(self, warmup_steps, start_factor):
-        return {"warmup_steps": _checks.integer("warmup_steps", warmup_steps, 0),
-                "start_factor": _checks.unit_interval("start_factor", start_factor,
+        return {"warmup_steps": checks.integer("warmup_steps", warmup_steps, 0),
+                "start_factor": checks.unit_interval("start_factor", start_factor,
                                                       include_one=True)}
 
     def lr_at(self, base_lr, step):
@@ -308,15 +308,15 @@ class WarmupCosine(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _checked(self, warmup_steps, total_steps, eta_min, start_factor):
-        warmup_steps = _checks.integer("warmup_steps", warmup_steps, 0)
-        total_steps = _checks.integer("total_steps", total_steps, 1)
+        warmup_steps = checks.integer("warmup_steps", warmup_steps, 0)
+        total_steps = checks.integer("total_steps", total_steps, 1)
         if total_steps <= warmup_steps:
             raise ValueError(f"invalid total_steps={total_steps!r}: must be > warmup_steps "
                              f"({warmup_steps})")
         return {"warmup_steps": warmup_steps,
                 "total_steps": total_steps,
-                "eta_min": _checks.non_negative("eta_min", eta_min),
-                "start_factor": _checks.unit_interval("start_factor", start_factor,
+                "eta_min": checks.non_negative("eta_min", eta_min),
+                "start_factor": checks.unit_interval("start_factor", start_factor,
                                                       include_one=True)}
 
     def lr_at(self, base_lr, step):

@@ -11,12 +11,9 @@ distinct keys.
 (NumPy or CuPy, written once against ``xp``), outside autograd. Subclasses only write
 ``_init_state`` and ``_update`` for one parameter; on the CPU they may also update a whole
 group in one compiled call (``_update_group``, see `diagnet.optim._foreach`), with the same
-result bit for bit. Before it updates anything, ``step()``
-checks every gradient and state array against its parameter (device, shape, dtype: attribute
-comparisons, no array scans) and refuses the whole step, naming the parameter, if one
-differs: NumPy would broadcast a ``(n,)`` gradient onto a ``(m, n)`` weight without a word,
-and a compiled loop handed a smaller array reads and writes past its end. It also refuses a
-step count (``state[param]["step"]``) that is not an int in ``[0, 2**63)``.
+result bit for bit. Before it updates anything, ``step()`` checks every gradient, state
+array and step count against its parameter and refuses the whole step, naming the
+parameter, if one differs (`diagnet.optim.guards`).
 
 State dicts follow PyTorch's layout, with parameters numbered in group order::
 
@@ -27,11 +24,9 @@ State dicts follow PyTorch's layout, with parameters numbered in group order::
 Arrays are the live state arrays (a checkpoint copies them); every other value is a plain
 Python int/float/bool/str/None/list, so it can be stored as JSON.
 
-Dynamic sparse training changes which rows a `Parameter` has; `Parameter.remap_rows` then
-calls `Optimizer.remap_rows` on every optimizer holding it, which moves the per-row state with
-the rows (kept rows keep their moments, new rows start at zero). Unstructured masks change
-single entries instead; `Optimizer.mask_state` zeroes the per-element state of the entries
-a mask change touched.
+Dynamic sparse training changes which rows a `Parameter` has, or which of its entries are
+active; the optimizer's state follows through `remap_rows`, `reset_rows` and `mask_state`
+(`diagnet.optim.dst_state`).
 """
 
 from __future__ import annotations
@@ -41,16 +36,16 @@ import numbers
 import numpy as np
 
 from .. import backend
-from ..autograd import FLOAT_DTYPES, Tensor
+from ..autograd import Tensor
 from ..config import enable_grad, no_grad
+from ..row_state import RowOwner
+from .dst_state import RowStateMethods
+from .guards import StepGuards, _check_param, _describe, _is_step_count
 
 __all__ = ["Optimizer"]
 
 #: group keys that schedulers add (``LRScheduler`` records the base lr as ``initial_lr``)
 _SCHEDULER_KEYS = ("initial_lr",)
-#: the largest step count a state dict may hold: an int64 counter, small enough that the
-#: bias corrections ``beta ** step`` stay ordinary floats
-_MAX_STEP = 2 ** 63 - 1
 
 
 def _plain(value):
@@ -62,54 +57,6 @@ def _plain(value):
     return value
 
 
-def _is_step_count(value) -> bool:
-    """Whether ``value`` is a step count: an int (not a bool) in ``[0, 2**63)``."""
-    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
-            and 0 <= value <= _MAX_STEP)
-
-
-def _describe(name, index, where=""):
-    return f"parameter {name!r}" if name is not None else f"params[{index}]{where}"
-
-
-def _check_param(param, label):
-    if not isinstance(param, Tensor):
-        raise TypeError(f"optimizers can only optimize Tensors, but {label} is a "
-                        f"{type(param).__name__}")
-    if param.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"optimizers need float32 or float64 parameters; {label} has dtype "
-                        f"{param.dtype}")
-    if not param.is_leaf:
-        raise ValueError(f"can't optimize a non-leaf Tensor: {label} was computed by "
-                         f"{type(param.creator).__name__}; pass the leaf tensor it came from")
-
-
-def _mismatch(array, param_array) -> tuple:
-    """``(kind, description)`` of the first way ``array`` differs from ``param_array``: kind
-    ``"device"``, ``"shape"`` or ``"dtype"``; ``("", "")`` when it does not differ."""
-    device, param_device = backend.device_of(array), backend.device_of(param_array)
-    if device != param_device:
-        return "device", f"is on {device}, but the parameter is on {param_device}"
-    if array.shape != param_array.shape:
-        return "shape", (f"has shape {tuple(array.shape)}, but the parameter has shape "
-                         f"{tuple(param_array.shape)}")
-    if array.dtype != param_array.dtype:
-        return "dtype", f"has dtype {array.dtype}, but the parameter has dtype {param_array.dtype}"
-    return "", ""
-
-
-#: what to do when a parameter's data no longer matches its optimizer state, by mismatch
-_STALE_STATE_REMEDIES = {
-    "device": "move the model before making the optimizer, or move the state with "
-              "optimizer.load_state_dict(optimizer.state_dict()), which copies it onto each "
-              "parameter's device",
-    "shape": "change a parameter's rows with Parameter.remap_rows (which moves the state "
-             "along), or drop the stale state with `del optimizer.state[param]`, or make a "
-             "new optimizer",
-    "dtype": "drop the stale state with `del optimizer.state[param]`, or make a new optimizer",
-}
-
-
 def _copy_to_device_of(value, param_array):
     """A copy of the array ``value`` on the device of ``param_array``."""
     device = backend.device_of(param_array)
@@ -118,7 +65,7 @@ def _copy_to_device_of(value, param_array):
     return backend.to_device(value, device)  # a transfer is already a copy
 
 
-class Optimizer:
+class Optimizer(StepGuards, RowStateMethods):
     """Base class of all optimizers (PyTorch's ``torch.optim.Optimizer``).
 
     Args:
@@ -219,9 +166,8 @@ class Optimizer:
         self.param_groups.append({"params": params, **group})
         for param, name in zip(params, names):
             self._names[param] = name
-            attach = getattr(param, "_attach", None)  # Parameters only: plain tensors
-            if attach is not None:                    # cannot change their rows
-                attach(self)
+            if isinstance(param, RowOwner):  # a Parameter: plain tensors cannot change rows
+                param.add_optimizer(self)
 
     def _check_group(self, group: dict, where: str) -> None:
         """Validate and normalise (to Python scalars) the hyperparameters of ``group`` in
@@ -275,86 +221,6 @@ class Optimizer:
                         param._version_counter().bump()
         return loss
 
-    def _checked_updates(self) -> list:
-        """``(group, params, grad arrays)`` for every group, listing the parameters that
-        have a gradient (groups without any are left out).
-
-        Every gradient and every state array is checked against its parameter first (device,
-        shape, dtype), and every step count is checked to be an int in ``[0, 2**63)`` (one
-        set by hand to -1, NaN or 1e308 would skew Adam's bias correction without a word),
-        so that a refused step updates nothing and no update, compiled loop included, ever
-        sees arrays that do not match. Attribute comparisons only: this runs at every step.
-
-        Raises:
-            TypeError: a gradient is not a Tensor.
-            ValueError: a gradient or a state array differs from its parameter, or a step
-                count is not an int in ``[0, 2**63)``.
-        """
-        updates = []
-        for number, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for index, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is None:
-                    continue
-                if not isinstance(grad, Tensor):
-                    raise TypeError(f"the gradient of {self._label(param, number, index)} "
-                                    f"must be a Tensor; got {type(grad).__name__}")
-                data = param.data
-                kind, shape, dtype = type(data), data.shape, data.dtype
-                g = grad.data
-                # the usual case in three comparisons; a differing array type (another
-                # device, or an ndarray subclass) gets the full check
-                if type(g) is not kind or g.shape != shape or g.dtype != dtype:
-                    self._check_array(param, number, index, None, g)
-                state = self.state.get(param)
-                if state:
-                    for key in self.state_arrays:
-                        value = state.get(key)
-                        if value is not None and (type(value) is not kind
-                                                  or value.shape != shape
-                                                  or value.dtype != dtype):
-                            self._check_array(param, number, index, key, value)
-                    for key in self.state_scalars:
-                        count = state.get(key)
-                        if type(count) is not int or not 0 <= count <= _MAX_STEP:
-                            self._check_count(param, number, index, key, state)
-                params.append(param)
-                grads.append(g)
-            if params:
-                updates.append((group, params, grads))
-        return updates
-
-    def _check_array(self, param, number, index, key, array) -> None:
-        """Raise a ValueError if ``array``, the gradient (``key`` None) or the state entry
-        ``key`` of ``param``, differs from the parameter in device, shape or dtype."""
-        kind, problem = _mismatch(array, param.data)
-        if not kind:
-            return
-        label = self._label(param, number, index)
-        if key is None:
-            raise ValueError(f"the gradient of {label} {problem}")
-        raise ValueError(f"optimizer state {key!r} of {label} {problem}: the parameter's data "
-                         f"changed after the state was made; {_STALE_STATE_REMEDIES[kind]}")
-
-    def _check_count(self, param, number, index, key, state) -> None:
-        """Raise a ValueError unless the state entry ``key`` of ``param`` is a step count
-        (or is absent and not required)."""
-        if key not in state:
-            if key not in self.state_required:
-                return
-            got = "no such entry"
-        elif _is_step_count(state[key]):
-            return
-        else:
-            got = f"{type(state[key]).__name__} {state[key]!r:.40}"
-        raise ValueError(f"optimizer state {key!r} of {self._label(param, number, index)} must "
-                         f"be an int in [0, 2**63) (a step count); got {got}")
-
-    def _label(self, param, number, index) -> str:
-        """``param`` as error messages name it: its name, else its place in its group."""
-        return _describe(self._names[param], index, f" in param group {number}")
-
     def _init_state(self, param, group) -> dict:
         """The initial state of one parameter (``param``: its backend array)."""
         return {}
@@ -372,106 +238,6 @@ class Optimizer:
         """
         for param, grad, state in zip(params, grads, states):
             self._update(param, grad, state, group)
-
-    # -- per-row state (dynamic sparse training)
-    @staticmethod
-    def _is_row_state(value, param) -> bool:
-        return (backend.is_array(value) and value.ndim >= 1
-                and tuple(value.shape[1:]) == param.shape[1:])
-
-    def remap_rows(self, param, index) -> None:
-        """Move ``param``'s per-row state after its rows changed (see `Parameter.remap_rows`).
-
-        Every state array with ``param``'s trailing shape gets row ``i`` = old row
-        ``index[i]``, or zeros where ``index[i] < 0``; scalar state (step counts) is kept.
-        Runs on the device without a host synchronisation.
-
-        Args:
-            param: a parameter held by this optimizer, already holding its new rows.
-            index: integer array ``(K_new,)`` with ``K_new == param.shape[0]``.
-        """
-        from ..nn.parameter import remap_rows_array  # lazy: diagnet.nn imports diagnet.optim
-
-        state = self.state.get(param)
-        if not state:
-            return
-        xp = backend.get_array_module(param.data)
-        index = xp.asarray(backend.unwrap(index), dtype=xp.int64).reshape(-1)
-        if index.shape[0] != param.shape[0]:
-            raise ValueError(f"remap_rows: index has {index.shape[0]} entries but the parameter "
-                             f"has {param.shape[0]} rows")
-        for key, value in state.items():
-            if self._is_row_state(value, param):
-                state[key] = remap_rows_array(value, index)
-
-    def reset_rows(self, param, rows) -> None:
-        """Zero the chosen rows of ``param``'s per-row state, in place (step counts kept).
-
-        Args:
-            param: a parameter held by this optimizer.
-            rows: integer row indices (in range), or a boolean mask ``(param.shape[0],)``;
-                a NumPy/CuPy array, Tensor or sequence. Runs without a host synchronisation.
-        """
-        if param not in self._names:
-            raise ValueError("reset_rows: this optimizer does not hold the given parameter")
-        state = self.state.get(param)
-        if not state:
-            return
-        xp = backend.get_array_module(param.data)
-        rows = xp.asarray(backend.unwrap(rows))
-        is_mask = rows.dtype.kind == "b"
-        if is_mask and tuple(rows.shape) != (param.shape[0],):
-            raise ValueError(f"reset_rows: a boolean mask must have shape ({param.shape[0]},); "
-                             f"got {tuple(rows.shape)}")
-        if not is_mask and rows.dtype.kind not in "iu":
-            raise TypeError(f"reset_rows: rows must be integer indices or a boolean mask; got "
-                            f"dtype {rows.dtype}")
-        for value in state.values():
-            if not self._is_row_state(value, param):
-                continue
-            if is_mask:  # where, not value[mask] = 0: a boolean setitem may synchronise
-                mask = rows.reshape((-1,) + (1,) * (value.ndim - 1))
-                value[...] = xp.where(mask, xp.zeros((), dtype=value.dtype), value)
-            else:
-                value[rows] = 0
-
-    def mask_state(self, param, keep) -> None:
-        """Zero ``param``'s per-element state where ``keep`` is False, in place.
-
-        Every state array with exactly ``param``'s shape (momentum buffer, Adam's moments)
-        becomes ``value * keep``; scalar state (step counts) is untouched. Unstructured
-        dynamic sparse training calls this through `MaskedLinear.set_mask`, so that pruned
-        and newly grown weights start without stale momentum. Runs on the device without a
-        host synchronisation (``where``, not a boolean setitem; a NaN in the state is
-        zeroed too, which a product would keep).
-
-        Args:
-            param: a parameter held by this optimizer.
-            keep: boolean array of ``param``'s shape (NumPy, CuPy, Tensor or nested
-                sequence); moved to ``param``'s device if needed.
-
-        Raises:
-            ValueError: ``param`` is not held by this optimizer, or ``keep`` has the wrong
-                shape. TypeError: ``keep`` is not boolean.
-        """
-        if param not in self._names:
-            raise ValueError("mask_state: this optimizer does not hold the given parameter")
-        keep = backend.unwrap(keep)
-        if not backend.is_array(keep):
-            keep = np.asarray(keep)
-        if keep.dtype.kind != "b":
-            raise TypeError(f"mask_state: keep must be a boolean array; got dtype {keep.dtype}")
-        if tuple(keep.shape) != param.shape:
-            raise ValueError(f"mask_state: keep must have the parameter's shape {param.shape}; "
-                             f"got {tuple(keep.shape)}")
-        state = self.state.get(param)
-        if not state:
-            return
-        xp = backend.get_array_module(param.data)
-        keep = backend.to_device(keep, backend.device_of(param.data))
-        for value in state.values():
-            if backend.is_array(value) and tuple(value.shape) == param.shape:
-                value[...] = xp.where(keep, value, xp.zeros((), dtype=value.dtype))
 
     # -- state dicts
     def state_dict(self) -> dict:

@@ -25,8 +25,8 @@ import functools
 
 import numpy as np
 
-from .. import backend
-from . import _checks, _foreach, _foreach_cuda
+from .. import backend, checks
+from . import _foreach, _foreach_cuda
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
@@ -94,12 +94,12 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group, where):
-        group["lr"] = _checks.non_negative("lr", group["lr"], where)
-        group["momentum"] = _checks.non_negative("momentum", group["momentum"], where)
-        group["dampening"] = _checks.real("dampening", group["dampening"], where)
-        group["weight_decay"] = _checks.non_negative("weight_decay", group["weight_decay"], where)
-        group["nesterov"] = _checks.flag("nesterov", group["nesterov"], where)
-        group["maximize"] = _checks.flag("maximize", group["maximize"], where)
+        group["lr"] = checks.non_negative("lr", group["lr"], where)
+        group["momentum"] = checks.non_negative("momentum", group["momentum"], where)
+        group["dampening"] = checks.real("dampening", group["dampening"], where)
+        group["weight_decay"] = checks.non_negative("weight_decay", group["weight_decay"], where)
+        group["nesterov"] = checks.flag("nesterov", group["nesterov"], where)
+        group["maximize"] = checks.flag("maximize", group["maximize"], where)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"invalid nesterov=True{where}: Nesterov momentum needs "
                              f"momentum > 0 and dampening == 0; got momentum="

@@ -9,6 +9,21 @@ that the bytes kept are the ones the checkpoint saw.
 Values are made JSON-able by `jsonable`: NumPy scalars and small arrays become Python
 numbers and lists, and non-finite floats become the strings ``"nan"``, ``"inf"`` and
 ``"-inf"`` (strict JSON has no NaN; many readers reject it).
+
+The records a `diagnet.train.Trainer` writes, each with an ``"event"`` key: ``run_start``
+(seed, config, diagnet version, model size, optimizer / scheduler / controller
+hyperparameters, loader settings), the controller's events as they come
+(``controller.after_step`` / ``start_epoch``, written as the controller made them: step,
+layer, dropped, grown, ...), one ``epoch`` record per epoch, an ``lr_schedule`` record where
+a resumed run changes the learning rate schedule's length (``epoch``, ``step``,
+``scheduler``, the length's key with ``[old, new]``, the ``lr`` now), and a last record:
+``run_end``, ``interrupted``, ``stopped_nonfinite`` or ``error``. An ``epoch`` record has
+``epoch`` (0-based), ``step`` (steps done), ``train_loss`` and ``train_accuracy`` (means
+over the epoch's batches, weighted by batch size), ``eval_loss`` / ``eval_accuracy`` and
+the ``eval_fn`` metrics, ``lr`` (the first parameter group's when the epoch ends, before
+an epoch-interval scheduler steps), ``controller`` (its ``metrics()``), ``best`` (whether
+``best_metric`` improved), ``checkpoints`` (the files written) and ``time_s``.
+Wall-clock times are only under the keys of `TIME_KEYS` (``time``, ``time_s``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
+from ..version import __version__
+
 __all__ = ["TrainerState", "EpochTotals", "describe_run"]
 
 FORMAT, VERSION = "diagnet-trainer", 1
@@ -199,7 +201,6 @@ def describe_object(obj):
 def describe_run(*, seed, config, model, optimizer, scheduler, scheduler_interval, controller,
                  loader, epochs, settings):
     """The fields of the log's ``run_start`` record (everything that defines the run)."""
-    from .. import __version__
     from ..nn import summary
 
     s = summary(model)

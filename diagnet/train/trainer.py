@@ -18,51 +18,19 @@ Each epoch starts with ``train_loader.set_epoch(epoch)`` and ``controller.start_
 and ends with the evaluation (``eval_loader``: ``model.eval()``, ``no_grad``), the epoch's
 log record, ``scheduler.step()`` (``scheduler_interval="epoch"``) and the checkpoints.
 
-Files in ``out_dir``:
+Files in ``out_dir`` (`diagnet.train.rundir`): ``log.jsonl`` (`RunLog`; its records are
+listed in `diagnet.train.log`), ``last.safetensors`` and ``best.safetensors``: `diagnet.save`
+checkpoints whose ``state`` is the `TrainerState`.
 
-* ``log.jsonl`` (`RunLog`): one JSON object per line, each with an ``"event"`` key:
-  ``run_start`` (seed, config, diagnet version, model size, optimizer / scheduler /
-  controller hyperparameters, loader settings), the controller's events as they come
-  (``controller.after_step`` / ``start_epoch``, written as the controller made them: step,
-  layer, dropped, grown, ...), one ``epoch`` record per epoch, an ``lr_schedule`` record
-  where a resumed run changes the learning rate schedule's length (see below), and a last
-  record:
-  ``run_end``, ``interrupted``, ``stopped_nonfinite`` or ``error``. An ``epoch`` record has
-  ``epoch`` (0-based), ``step`` (steps done), ``train_loss`` and ``train_accuracy`` (means
-  over the epoch's batches, weighted by batch size), ``eval_loss`` / ``eval_accuracy`` and
-  the ``eval_fn`` metrics, ``lr`` (the first parameter group's when the epoch ends, before
-  an epoch-interval scheduler steps), ``controller`` (its ``metrics()``), ``best`` (whether
-  ``best_metric`` improved), ``checkpoints`` (the files written) and ``time_s``.
-  Wall-clock times are only under the keys of `TIME_KEYS` (``time``, ``time_s``).
-* ``last.safetensors``: every ``checkpoint_every`` epochs, after the last epoch, and when
-  the run is interrupted (Ctrl-C); ``best.safetensors`` whenever ``best_metric`` improves.
-  Each is a `diagnet.save` checkpoint with the model, optimizer, scheduler, the controller
-  (component ``"controller"``), the train loader's position (component ``"loader"``), the
-  random generator, the run's ``config``, and the `TrainerState` as ``state`` (epoch, batch,
-  step, running sums, best value, last metrics, seed, and the log's length and checksum).
-
-Resumption. ``fit(resume=path)`` reads the checkpoint once and checks that it continues
-with the objects given to the Trainer (build them as for the first run: the same model
-structure, a scheduler and controller where the run had them, the same loader settings and
-``best_metric``) and that ``log.jsonl`` is the run's own (its length and checksum at the
-checkpoint); only then does it load everything into those objects, cut ``log.jsonl`` back to
-its length at the checkpoint (so whatever the interrupted process wrote after it
-disappears) and continue. A refused resume raises and changes nothing: no object, no file,
-not the random generator. The result is bit for bit that of an uninterrupted run: the same
-parameters, optimizer and controller states, and the same log lines except the time
-fields. A checkpoint taken at an epoch's end continues with the next epoch; one taken by an
-interrupt continues mid-epoch, with the next batch. Layers whose size is part of their state
-(a `DynaDiagLinear` stores fewer diagonals once frozen) take the checkpoint's size as they
-load (`Module.prepare_state_dict`).
-
-The run's length may be extended by resuming with a larger ``epochs`` (the ``run_start``
-line keeps the original settings). Build the scheduler for the new length: a scheduler with
-a length (``T_max``, ``total_steps``: its ``length_key``) keeps the one it was built with and
-continues from the step reached (`LRScheduler.with_length`); the saved length would run the
-added epochs past the end of the old schedule (a cosine at lr 0). The change is logged as an
-``lr_schedule`` record (``epoch``, ``step``, ``scheduler``, the length's key with ``[old,
-new]``, the ``lr`` now) and printed (with ``progress``); a length shorter than the steps the
-schedule has taken is refused.
+Resumption (`diagnet.train.resume`). ``fit(resume=path)`` reads the checkpoint once, checks
+that it continues with the objects given to the Trainer and that ``log.jsonl`` is the run's
+own, then loads it and continues; a refused resume raises and changes nothing. The result
+is bit for bit that of an uninterrupted run: the same parameters, optimizer and controller
+states, and the same log lines except the time fields. A checkpoint taken at an epoch's end
+continues with the next epoch; one taken by an interrupt continues mid-epoch, with the next
+batch. The run's length may be extended by resuming with a larger ``epochs`` and a
+scheduler built for the new length (the change is logged as an ``lr_schedule`` record and
+printed, with ``progress``).
 
 Interrupts. The first Ctrl-C only asks the trainer to stop (`DeferredInterrupt`): it stops
 after the current step, with a consistent state. A ``KeyboardInterrupt`` raised anywhere
@@ -87,163 +55,22 @@ import numbers
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from .. import backend
 from .. import random as _random
-from ..autograd import Tensor
-from ..checkpoint import CheckpointError, load, save
+from ..checkpoint import load, save
 from ..config import no_grad
 from ..nn.module import Module
 from ..ops import cross_entropy
 from .interrupt import DeferredInterrupt
 from .log import TIME_KEYS, RunLog, jsonable
+from .metrics import batch_samples, evaluate, metric_value, split_batch, step_numbers
 from .progress import ProgressBars
+from .result import FitResult, NonFiniteLossError
+from .resume import check_resume, extend_schedule
+from .rundir import BEST_NAME, LAST_NAME, LOG_NAME, clear_previous_run, existing
 from .state import EpochTotals, TrainerState, describe_run
 
 __all__ = ["Trainer", "FitResult", "NonFiniteLossError", "evaluate", "TIME_KEYS"]
-
-LOG_NAME, LAST_NAME, BEST_NAME = "log.jsonl", "last.safetensors", "best.safetensors"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before using it.
-
-    Attributes: ``epoch``, ``step`` (0-based) and ``value`` (the loss, a float).
-    """
-
-    def __init__(self, epoch, step, value):
-        self.epoch, self.step, self.value = epoch, step, value
-        super().__init__(f"the training loss is {value} at epoch {epoch}, step {step}: training "
-                         "stopped before the update (the last checkpoint on disk is kept as it "
-                         "was)")
-
-
-@dataclass
-class FitResult:
-    """What `Trainer.fit` returns.
-
-    ``epochs_completed`` and ``steps`` count the whole run (a resumed run included);
-    ``metrics`` are those of the last completed epoch; ``best_*`` describe the best epoch
-    (None without ``best_metric``); checkpoint paths are None where no file was written.
-    ``exact`` is False only after an interrupt that could not be undone (see `Trainer`).
-    """
-
-    epochs_completed: int
-    steps: int
-    interrupted: bool
-    metrics: dict = field(default_factory=dict)
-    best_metric: str | None = None
-    best_value: float | None = None
-    best_epoch: int | None = None
-    log_path: str | None = None
-    last_checkpoint: str | None = None
-    best_checkpoint: str | None = None
-    exact: bool = True
-
-
-# ----------------------------------------------------------------------------- batch helpers
-
-
-def split_batch(batch):
-    """``(inputs..., target)`` -> ``(inputs tuple, target)``: the model gets all but the last."""
-    if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError(f"a batch must be a tuple (inputs..., target) of tensors; got "
-                         f"{type(batch).__name__}" + (f" of length {len(batch)}"
-                                                      if isinstance(batch, (tuple, list)) else ""))
-    return tuple(batch[:-1]), batch[-1]
-
-
-def _samples(target):
-    return target.shape[0] if isinstance(target, Tensor) and target.ndim else 1
-
-
-def correct_count(output, target):
-    """Device 0-d count of ``argmax(output, -1) == target``, or None if not classification.
-
-    Classification: ``output`` ``(..., C)`` logits and ``target`` ``(...)`` integer labels.
-    """
-    if not (isinstance(output, Tensor) and isinstance(target, Tensor)):
-        return None
-    if (target.dtype.kind not in "iu" or output.ndim != target.ndim + 1
-            or output.shape[:-1] != target.shape):
-        return None
-    xp = backend.get_array_module(output.data)
-    return (xp.argmax(output.data, axis=-1) == target.data).sum()
-
-
-def _check_loss(loss):
-    if not isinstance(loss, Tensor) or loss.size != 1:
-        what = (f"a Tensor of shape {loss.shape}" if isinstance(loss, Tensor)
-                else type(loss).__name__)
-        raise TypeError(f"loss_fn must return a one-element Tensor (a mean loss); got {what}")
-
-
-def step_numbers(loss, output, target):
-    """``(loss value, correct count or None)`` as Python numbers, in one device read-back."""
-    _check_loss(loss)
-    xp = backend.get_array_module(loss.data)
-    value = loss.data.reshape(()).astype(np.float64)
-    correct = correct_count(output, target)
-    if correct is None:
-        return float(backend.to_numpy(value)), None
-    both = backend.to_numpy(xp.stack([value, correct.astype(np.float64)]))
-    return float(both[0]), int(both[1])
-
-
-def evaluate(model, loader, loss_fn=cross_entropy):
-    """Mean loss (and accuracy, for classification) of ``model`` over ``loader``.
-
-    Runs in eval mode under `no_grad` (the model's mode is restored after). ``loss_fn``
-    returns a batch's mean loss; the result weights batches by their sizes. The sums stay
-    on the device and are read back once, at the end.
-
-    Returns:
-        ``{"loss": float, "accuracy": float}`` (no ``"accuracy"`` when the outputs and
-        targets are not logits and integer labels).
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum = correct = None
-    samples = labels = 0
-    try:
-        with no_grad():
-            for batch in loader:
-                inputs, target = split_batch(batch)
-                output = model(*inputs)
-                loss = loss_fn(output, target)
-                _check_loss(loss)
-                n = _samples(target)
-                term = loss.data.reshape(()).astype(np.float64) * n
-                loss_sum = term if loss_sum is None else loss_sum + term
-                samples += n
-                c = correct_count(output, target)
-                if c is not None:
-                    correct = c if correct is None else correct + c
-                    labels += target.size
-    finally:
-        model.train(was_training)
-    if not samples:
-        raise ValueError("evaluate: the loader gave no batch")
-    result = {"loss": float(backend.to_numpy(loss_sum)) / samples}
-    if correct is not None:
-        result["accuracy"] = int(backend.to_numpy(correct)) / labels
-    return result
-
-
-def _metric_value(key, value):
-    """A metric as a Python number (NumPy scalars and one-element tensors are read)."""
-    if isinstance(value, Tensor):
-        value = value.data
-    if backend.is_array(value) and value.size == 1:
-        value = backend.to_numpy(value).reshape(()).item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"eval_fn: metric {key!r} must be a number; got {type(value).__name__}")
-    return value
 
 
 def _now():
@@ -408,7 +235,7 @@ class Trainer:
                 except NonFiniteLossError as err:
                     self.log.write({"event": "stopped_nonfinite", "epoch": err.epoch,
                                     "batch": st.batch, "step": err.step, "loss": err.value,
-                                    "checkpoint": LAST_NAME if self._existing(self.last_path)
+                                    "checkpoint": LAST_NAME if existing(self.last_path)
                                     else None,
                                     "time": _now()})
                     raise
@@ -429,20 +256,12 @@ class Trainer:
             epochs_completed=st.epoch, steps=st.step, interrupted=interrupted,
             metrics=dict(st.metrics), best_metric=st.best_metric, best_value=st.best_value,
             best_epoch=st.best_epoch, log_path=self.log_path,
-            last_checkpoint=self._existing(self.last_path),
-            best_checkpoint=self._existing(self.best_path), exact=st.exact)
+            last_checkpoint=existing(self.last_path),
+            best_checkpoint=existing(self.best_path), exact=st.exact)
 
     # ------------------------------------------------------------------ start / resume
     def _start_fresh(self):
-        os.makedirs(self.out_dir, exist_ok=True)
-        previous = [p for p in (self.log_path, self.last_path, self.best_path)
-                    if os.path.exists(p)]
-        if previous and not self.overwrite:
-            raise FileExistsError(f"{self.out_dir!r} holds a previous run ({', '.join(previous)}): "
-                                  "resume it with fit(resume=...), or pass overwrite=True to "
-                                  "start afresh")
-        for path in previous:
-            os.remove(path)
+        clear_previous_run(self.out_dir, self.overwrite)
         _random.manual_seed(self.seed)
         loader = self.train_loader.describe() if hasattr(self.train_loader, "describe") else {}
         self.state = TrainerState(seed=self.seed, loader=loader, best_metric=self.best_metric,
@@ -470,8 +289,11 @@ class Trainer:
         no object, file or generator state. Returns a note to print, or None."""
         path = os.fspath(path)
         saved = load(path, rng=False)  # read and verified; nothing assigned
-        state, log_bytes, log_sha = self._check_resume(path, saved)
-        schedule = self._extend_schedule(path, saved, state)
+        objects = {"model": self.model, "optimizer": self.optimizer,
+                   "scheduler": self.scheduler, **self._components()}
+        state, log_bytes, log_sha = check_resume(path, saved, objects, self.best_metric,
+                                                 self.best_mode, self.log_path)
+        schedule = extend_schedule(path, saved, state, self.scheduler)
         # diagnet.load validates every component against its object before assigning any
         load(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
              rng=True, **self._components())
@@ -489,70 +311,6 @@ class Trainer:
         return (f"Resumed at epoch {state.epoch}: the learning rate schedule takes this run's "
                 f"length ({schedule['scheduler']} {self.scheduler.length_key} {old} -> {new}); "
                 f"lr {schedule['lr']:.4g} now.")
-
-    def _check_resume(self, path, saved):
-        """Check that the checkpoint ``saved`` continues with these objects and settings;
-        change nothing. Returns ``(TrainerState, log bytes, log sha256)``."""
-        state, log_bytes, log_sha = TrainerState.from_dict(saved.state, where=path)
-        in_file = saved.metadata["components"]
-        objects = {"model": self.model, "optimizer": self.optimizer,
-                   "scheduler": self.scheduler, **self._components()}
-        absent = [name for name, obj in objects.items() if obj is not None and name not in in_file]
-        if absent:
-            raise CheckpointError(f"{path}: this Trainer has a {' and a '.join(absent)}, but "
-                                  "the checkpoint's run had none")
-        unclaimed = [name for name in in_file if objects.get(name) is None]
-        if unclaimed:
-            raise ValueError(f"{path}: the checkpoint also holds {unclaimed}, which this Trainer "
-                             "has no object for (a scheduler or controller left out?)")
-        if hasattr(self.train_loader, "describe") and state.loader != self.train_loader.describe():
-            raise ValueError(f"{path}: the train loader differs from the checkpoint's run: "
-                             f"{self.train_loader.describe()} vs {state.loader}")
-        saved_best = (state.best_metric, state.best_mode if state.best_metric else None)
-        if saved_best != (self.best_metric, self.best_mode if self.best_metric else None):
-            raise ValueError(f"{path}: best_metric/best_mode {self.best_metric!r}/"
-                             f"{self.best_mode!r} differ from the checkpoint's run "
-                             f"({state.best_metric!r}/{state.best_mode!r})")
-        position = saved.components["loader"]
-        if position != {"epoch": state.epoch, "batch": state.batch}:
-            raise ValueError(f"{path}: the loader position {position} does not match the trainer "
-                             f"state (epoch {state.epoch}, batch {state.batch})")
-        self._check_model(path, saved.components["model"])
-        RunLog.verify(self.log_path, log_bytes, log_sha)
-        return state, log_bytes, log_sha
-
-    def _check_model(self, path, model_state):
-        """CheckpointError if the checkpoint's model is not built as ``self.model`` (another
-        method, layer kind, sparsity or size); changes nothing."""
-        try:
-            self.model.check_state_dict(model_state)
-        except (KeyError, ValueError) as exc:
-            detail = str(exc.args[0] if exc.args else exc).removeprefix("load_state_dict: ")
-            raise CheckpointError(f"{path}: the checkpoint was saved from a model of another "
-                                  f"structure ({detail}); build the model as its run did (see "
-                                  "its config)") from None
-
-    def _extend_schedule(self, path, saved, state):
-        """Give the scheduler's saved state the length of ``self.scheduler``, built for this
-        run (a run resumed with more epochs); return the log event of the change, or None.
-
-        A run extended with the saved length would train its added epochs past the end of
-        the schedule (a cosine at lr 0). Raises ValueError if this length is shorter than
-        the steps the schedule has taken; changes only ``saved``.
-        """
-        key = getattr(self.scheduler, "length_key", None)
-        if key is None or "scheduler" not in saved.components:
-            return None
-        old = saved.components["scheduler"]
-        try:
-            new = self.scheduler.with_length(old)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        if new[key] == old[key]:
-            return None
-        saved.components["scheduler"] = new
-        return {"event": "lr_schedule", "epoch": state.epoch, "step": state.step,
-                "scheduler": type(self.scheduler).__name__, key: [old[key], new[key]]}
 
     # ------------------------------------------------------------------ consistency points
     def _safe_point(self, check_interrupt=True):
@@ -602,7 +360,7 @@ class Trainer:
             self.scheduler.step()
         if c is not None:
             self._log_events(c.after_step(st.step))
-        st.totals.add(value, _samples(target), correct, target.size)
+        st.totals.add(value, batch_samples(target), correct, target.size)
         st.step += 1
         st.batch += 1
         self._safe_point()
@@ -665,7 +423,7 @@ class Trainer:
             for key, value in extra.items():
                 if key in out or key.startswith("train_"):
                     raise ValueError(f"eval_fn: metric {key!r} clashes with the trainer's own")
-                out[str(key)] = _metric_value(key, value)
+                out[str(key)] = metric_value(key, value)
         return out
 
     def _controller_metrics(self):
@@ -705,7 +463,3 @@ class Trainer:
                         "step": st.step, "checkpoint": LAST_NAME, "exact": exact,
                         "time": _now()})
         self._bars.write(f"Saved {self.last_path}; resume with {self.resume_hint}.")
-
-    @staticmethod
-    def _existing(path):
-        return path if os.path.exists(path) else None

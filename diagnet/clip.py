@@ -10,15 +10,18 @@ The factor is computed and applied on the device and the total norm is returned 
 `Tensor`, so on a GPU no value is read back to the host (unless ``error_if_nonfinite``).
 `clip_grad_value_` clamps every gradient entry into ``[-clip_value, clip_value]``.
 Both modify ``param.grad`` in place and skip parameters whose grad is None.
+
+Clipping sits below `diagnet.nn` and `diagnet.optim`, which both re-export it
+(``nn.utils.clip_grad_norm_`` as in PyTorch, and ``optim.clip_grad_norm_``): it needs only
+tensors and their gradients, and neither package may import the other.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
-from ..autograd import Tensor
-from . import _checks
+from . import backend, checks
+from .autograd import Tensor
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -38,7 +41,7 @@ def _max_norm(max_norm) -> float:
     """``max_norm`` as a float ``>= 0``; ``inf`` is allowed (it only measures the norm)."""
     if isinstance(max_norm, (int, float)) and max_norm == float("inf"):
         return float("inf")
-    return _checks.non_negative("max_norm", max_norm)
+    return checks.non_negative("max_norm", max_norm)
 
 
 def _norm_type(norm_type) -> float:
@@ -47,7 +50,7 @@ def _norm_type(norm_type) -> float:
         return float("inf")
     if norm_type == float("inf"):
         return float("inf")
-    return _checks.positive("norm_type", norm_type)
+    return checks.positive("norm_type", norm_type)
 
 
 def _vector_norm(xp, array, norm_type):
@@ -79,7 +82,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     norm_type = _norm_type(norm_type)
     grads = _grad_arrays(parameters)
     if not grads:
-        return Tensor._wrap(np.zeros((), dtype=np.float32))
+        return Tensor.from_array(np.zeros((), dtype=np.float32))
     xp = backend.get_array_module(grads[0])
     norms = xp.stack([_vector_norm(xp, g, norm_type) for g in grads])
     # asarray: NumPy reductions give a scalar, and a Tensor needs an array
@@ -92,7 +95,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     factor = xp.minimum(max_norm / (total + 1e-6), 1.0)
     for g in grads:
         g *= factor.astype(g.dtype)
-    return Tensor._wrap(total)
+    return Tensor.from_array(total)
 
 
 def clip_grad_value_(parameters, clip_value) -> None:
@@ -102,6 +105,6 @@ def clip_grad_value_(parameters, clip_value) -> None:
         parameters: a Tensor or an iterable of Tensors; those with ``grad`` None are skipped.
         clip_value: ``>= 0``.
     """
-    clip_value = _checks.non_negative("clip_value", clip_value)
+    clip_value = checks.non_negative("clip_value", clip_value)
     for g in _grad_arrays(parameters):
         backend.get_array_module(g).clip(g, -clip_value, clip_value, out=g)

@@ -1,57 +1,9 @@
-r"""`DiagMatrix`: a matrix stored as a few of its wrap-around diagonals.
+"""`DiagMatrix`: the class that stores a matrix as ``K`` of its wrap-around diagonals.
 
-The format
-==========
-
-A matrix ``W`` of shape ``(m, n)`` (in a layer: ``(out_features, in_features)``, used as
-``y = x @ W.T``) is cut into ``P = max(m, n)`` *wrap-around diagonals*, each exactly
-``L = min(m, n)`` entries long. A diagonal starts in the first column (tall or square
-matrices) or in the first row (wide matrices), steps one row down and one column right per
-position, and wraps around the longer side:
-
-* tall or square (``m >= n``): position ``t`` of diagonal ``p`` is entry ``((t + p) % m, t)``;
-* wide (``m < n``):             position ``t`` of diagonal ``p`` is entry ``(t, (t + p) % n)``.
-
-Every entry belongs to exactly one diagonal. Writing the diagonal number ``p`` into each
-entry of a 4 x 3 (tall) and a 3 x 4 (wide) matrix shows the partition::
-
-    tall, m=4, n=3: p = (i - j) % 4       wide, m=3, n=4: p = (j - i) % 4
-
-             j=0 j=1 j=2                           j=0 j=1 j=2 j=3
-        i=0    0   3   2                      i=0    0   1   2   3
-        i=1    1   0   3                      i=1    3   0   1   2
-        i=2    2   1   0                      i=2    2   3   0   1
-        i=3    3   2   1
-
-and the position ``t`` is the column ``j`` (tall) or the row ``i`` (wide). In the tall
-example diagonal 3 is the entries ``(3, 0), (0, 1), (1, 2)``, in that order.
-
-A `DiagMatrix` keeps ``K`` of the ``P`` diagonals; every other entry is zero:
-
-* ``offsets``: shape ``(K,)``, integer (stored as int64), sorted, unique, each in ``[0, P)``;
-* ``values``:  shape ``(K, L)``, float32 or float64; ``values[k, t]`` is position ``t`` of
-  diagonal ``offsets[k]``.
-
-So the tall example with ``offsets = [0, 3]`` stores ``values[0] = [W[0,0], W[1,1], W[2,2]]``
-and ``values[1] = [W[3,0], W[0,1], W[1,2]]``. The density is ``K / P``, the sparsity
-``1 - K / P`` and the number of stored entries ``K * L``; for a target sparsity ``s`` a
-layer keeps ``K = max(1, ceil((1 - s) * P))`` diagonals
-(`diagnet.diag.layout.diagonals_for_sparsity`).
-
-Two facts that follow from the definition and that `DiagMatrix.T` relies on:
-
-* for a non-square matrix the transpose has the *same* ``offsets`` and ``values`` (only
-  the shape is swapped): entry ``((t + p) % m, t)`` of a tall ``W`` is entry
-  ``(t, (t + p) % m)`` of the wide ``W.T``, which is position ``t`` of its diagonal ``p``;
-* for a square ``n x n`` matrix the transpose maps diagonal ``p`` to ``(n - p) % n`` and
-  rotates its values: ``values_T[k', t] = values[k, (t - p) % n]``.
-
-Arrays live on one device, as NumPy (CPU) or CuPy (GPU) arrays chosen through
-`diagnet.backend`; products use the kernels picked by `diagnet.diag.dispatch`.
-
-NaN and infinity are allowed in ``values`` (as in NumPy and SciPy): checking costs a pass
-over the data, and a GPU synchronisation. Pass ``check_finite=True`` to the constructor to
-reject them.
+The format itself is described in the package docstring (`diagnet.sparse`); the SciPy
+conversions behind `DiagMatrix.to_scipy` and `DiagMatrix.from_scipy` are in
+`scipy_format.py`. Arrays live on one device, as NumPy (CPU) or CuPy (GPU) arrays chosen
+through `diagnet.backend`; products use the kernels picked by `diagnet.diag.dispatch`.
 """
 
 from __future__ import annotations
@@ -60,23 +12,23 @@ import math
 
 import numpy as np
 
-from . import backend
-from . import random as _random
-from .diag import dispatch, layout
-from .diag.validate import (FLOAT_DTYPES, as_array, check_float_dtype, check_same_device,
+from .. import backend
+from .. import random as _random
+from ..diag import dispatch, layout
+from ..diag.validate import (FLOAT_DTYPES, as_array, check_float_dtype, check_same_device,
                             resolve_num_diagonals,
                             validate_offsets, validate_shape, validate_values)
+from . import scipy_format
 
 __all__ = ["DiagMatrix"]
 
 
-# ----------------------------------------------------------------------------- DiagMatrix
-
 class DiagMatrix:
     """An ``(m, n)`` matrix that stores ``K`` of its ``P = max(m, n)`` wrap-around diagonals.
 
-    See the module docstring for the convention. Position ``t`` of diagonal ``p`` is entry
-    ``((t + p) % m, t)`` when ``m >= n`` and ``(t, (t + p) % n)`` when ``m < n``.
+    See the `diagnet.sparse` package docstring for the convention. Position ``t`` of
+    diagonal ``p`` is entry ``((t + p) % m, t)`` when ``m >= n`` and ``(t, (t + p) % n)``
+    when ``m < n``.
 
     Args:
         offsets: ``(K,)`` integer array (NumPy, CuPy, a sequence, or a Tensor), sorted,
@@ -232,49 +184,11 @@ class DiagMatrix:
             ``scipy.sparse.csr_array``, ``coo_array`` or ``dia_array`` of shape ``(m, n)``
             and this matrix's dtype.
         """
-        import scipy.sparse as sp
-
         fmt = str(format).lower()
         if fmt not in ("csr", "coo", "dia"):
             raise ValueError(f"format must be one of 'csr', 'coo', 'dia'; got {format!r}")
-        m, n = self._shape
-        offsets = backend.to_numpy(self._offsets)
-        values = backend.to_numpy(self._values)
-        if fmt == "dia":
-            return self._to_scipy_dia(offsets, values)
-        rows, cols = layout.diagonal_coordinates(self._shape, offsets, np)
-        coo = sp.coo_array((values.reshape(-1), (rows.reshape(-1), cols.reshape(-1))),
-                           shape=(m, n))
-        return coo if fmt == "coo" else coo.tocsr()
-
-    def _to_scipy_dia(self, offsets, values):
-        import scipy.sparse as sp
-
-        m, n = self._shape
-        L = min(m, n)
-        t = np.arange(L)
-        dia_offsets, rows = [], []
-        for k, p in enumerate(offsets.tolist()):
-            if m >= n:
-                # entry ((t + p) % m, t): column t; no wrap while t + p < m (d = -p), the
-                # wrapped part t >= m - p has row t + p - m, so d = m - p.
-                split = min(L, m - p)
-                parts = [(-p, t[:split], t[:split]), (m - p, t[split:], t[split:])]
-            else:
-                # entry (t, (t + p) % n): column (t + p) % n; no wrap while t + p < n (d = p),
-                # the wrapped part has column t + p - n, so d = p - n.
-                split = min(L, n - p)
-                parts = [(p, t[:split], t[:split] + p), (p - n, t[split:], t[split:] + p - n)]
-            for d, pos, col in parts:
-                if pos.size:
-                    row = np.zeros(n, dtype=values.dtype)
-                    row[col] = values[k, pos]
-                    dia_offsets.append(d)
-                    rows.append(row)
-        order = np.argsort(np.asarray(dia_offsets, dtype=np.int64), kind="stable")
-        data = (np.stack(rows)[order] if rows else np.zeros((0, n), dtype=values.dtype))
-        return sp.dia_array((data, np.asarray(dia_offsets, dtype=np.int64)[order]),
-                            shape=(m, n))
+        return scipy_format.to_scipy(backend.to_numpy(self._offsets),
+                                     backend.to_numpy(self._values), self._shape, fmt)
 
     @property
     def T(self) -> "DiagMatrix":
@@ -385,7 +299,7 @@ class DiagMatrix:
                 of ``A`` off them (the message names the first one, in row-major order).
         """
         dt = None if dtype is None else check_float_dtype(dtype)
-        rows, cols, vals, shape = _nonzero_triples(A)
+        rows, cols, vals, shape = scipy_format.nonzero_triples(A)
         if dt is None:
             dt = vals.dtype if vals.dtype in FLOAT_DTYPES else np.dtype(np.float64)
         p, t = layout.diagonal_of(shape, rows, cols)
@@ -393,7 +307,7 @@ class DiagMatrix:
             offsets = np.unique(p)
         else:
             offsets = backend.to_numpy(validate_offsets(backend.unwrap(offsets), shape))
-            _check_on_offsets(p, rows, cols, vals, offsets, shape)
+            scipy_format.check_on_offsets(p, rows, cols, vals, offsets, shape)
         values = np.zeros((offsets.size, layout.diagonal_length(shape)), dtype=dt)
         values[np.searchsorted(offsets, p), t] = vals
         return cls._trusted(np.ascontiguousarray(offsets, dtype=np.int64), values, shape)
@@ -497,45 +411,6 @@ class DiagMatrix:
         if isinstance(other, DiagMatrix):
             return NotImplemented
         return self.rmatmul(other)
-
-
-def _nonzero_triples(A):
-    """``(rows, cols, values, shape)`` of the non-zeros of a SciPy sparse or NumPy ``A``."""
-    import scipy.sparse as sp
-
-    sparse = sp.issparse(A)
-    if not sparse:
-        A = backend.unwrap(A)  # a diagnet Tensor -> its array
-        if not isinstance(A, np.ndarray):
-            raise TypeError(f"A must be a SciPy sparse matrix or array, or a 2-D NumPy array; "
-                            f"got {type(A).__name__} (a GPU array: use DiagMatrix.from_dense)")
-    if len(A.shape) != 2:
-        raise ValueError(f"A must be 2-D (m, n); got shape {tuple(A.shape)}")
-    shape = validate_shape(tuple(int(s) for s in A.shape), "A.shape")
-    if np.dtype(A.dtype).kind not in "fiub":
-        raise TypeError(f"A must hold real numbers (float, int or bool); got dtype {A.dtype}")
-    if sparse:
-        coo = sp.coo_array(A, copy=True)  # a copy: summing duplicates must not touch A
-        coo.sum_duplicates()
-        rows, cols, vals = coo.row, coo.col, coo.data
-    else:
-        A = np.asarray(A)  # an np.matrix would index to 2-D rows
-        rows, cols = np.nonzero(A)
-        vals = A[rows, cols]
-    keep = vals != 0  # explicit zeros say nothing about which diagonals are used
-    return rows[keep].astype(np.int64), cols[keep].astype(np.int64), vals[keep], shape
-
-
-def _check_on_offsets(p, rows, cols, vals, offsets, shape):
-    """Raise `ValueError` naming the first non-zero (row-major) whose diagonal ``p`` is not
-    in ``offsets``."""
-    off = ~np.isin(p, offsets)
-    if off.any():
-        bad = np.flatnonzero(off)
-        i = bad[np.argmin(rows[bad] * shape[1] + cols[bad])]
-        raise ValueError(f"A has a non-zero off the given offsets: A[{rows[i]}, {cols[i]}] = "
-                         f"{vals[i].item()!r} lies on diagonal {p[i]} (shape {shape}, P = "
-                         f"{max(shape)}); offsets must include it")
 
 
 def _unwrap_operand(x, what):
