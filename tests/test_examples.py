@@ -141,6 +141,18 @@ def test_bad_arguments_get_one_error_line_naming_the_flag(script, args, expected
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("args, expected", [
+    (("--label-smoothing", "1"), "--label-smoothing: expected a number in [0, 1), got '1'"),
+    (("--label-smoothing", "-0.1"), "--label-smoothing: expected a number in [0, 1), got '-0.1'"),
+    (("--label-smoothing", "nan"), "--label-smoothing: expected a number in [0, 1), got 'nan'"),
+])
+def test_vit_label_smoothing_flag_gets_one_error_line(args, expected, tmp_path, monkeypatch,
+                                                      capsys):
+    line = _refused("train_vit_mnist.py", args, tmp_path, monkeypatch, capsys)
+    assert expected in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_without_an_earlier_run_says_there_is_none(tmp_path, monkeypatch, capsys):
     line = _refused("train_mnist_mlp.py", ("--resume",), tmp_path, monkeypatch, capsys)
     assert f"--resume: there is no run to resume in {tmp_path / 'run'}" in line, line
