@@ -38,3 +38,18 @@ def test_dst_guide_first_example_runs():
     from diagnet.dst import DynaDiag
 
     assert isinstance(namespace["dst"], DynaDiag) and len(namespace["dst"].layers) == 2
+
+
+def test_the_code_map_names_every_module_and_only_files_that_exist():
+    section = README.read_text().split("## How to read the code", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:diagnet|kernels|models|tests|bench|docs)/[^`]*)`", section))
+    root = README.parent
+    missing = sorted(p for p in named if not any(root.glob(p.rstrip("/"))))
+    assert not missing, f"the README's map names files that do not exist: {missing}"
+    units = {f"diagnet/{p.name}" + ("/" if p.is_dir() else "")
+             for p in (root / "diagnet").iterdir()
+             if p.name != "__init__.py" and not p.name.startswith((".", "__"))
+             and (p.suffix == ".py" or (p / "__init__.py").exists())}
+    unlisted = sorted(units - named)
+    assert not unlisted, f"the README's map leaves out {unlisted}"
+    assert "(docs/tour.md)" in section
