@@ -13,9 +13,9 @@ batches used in turn). Variants, timed in one process at batch 128 and 1024 (``-
 * **diagnet diag 90% static**: ``MLP(..., linear="diag", sparsity=0.9)``: the two hidden
   layers `nn.DiagLinear` at sparsity 0.9, the head dense;
 * **diagnet DynaDiag 90% soft**: the dense MLP converted by ``diagnet.dst.sparsify(model,
-  "dynadiag", 0.9, dense=("head",), schedule=...)`` (sparse mode, pool 0.25: the soft top-k
-  over all diagonals, ``K + ceil(K/4)`` stored), timed on ordinary steps (the controller's
-  hooks run, no swap happens);
+  "diag", 0.9, method="dynadiag", dense=("head",), schedule=...)`` (sparse mode, pool 0.25:
+  the soft top-k over all diagonals, ``K + ceil(K/4)`` stored), timed on ordinary steps (the
+  controller's hooks run, no swap happens);
 * **diagnet DynaDiag 90% frozen**: the same after ``freeze()`` (a `DiagLinear` with ``K``);
 * **PyTorch dense**: the same MLP in torch (``nn.Linear`` x 3, ReLU, Adam), when torch
   imports (on CUDA with ``--device cuda``, when torch has it); otherwise the report says
@@ -105,7 +105,7 @@ def make_model(name, seed=0, device="cpu"):
                    device=device), None
     model = MLP(IN, HIDDEN, CLASSES, rng=seed, device=device)
     # swap_every far away: the timed steps are ordinary steps (the hooks still run)
-    ctrl = sparsify(model, "dynadiag", SPARSITY, dense=("head",), rng=seed,
+    ctrl = sparsify(model, "diag", SPARSITY, method="dynadiag", dense=("head",), rng=seed,
                     schedule=TemperatureSchedule("cosine", span=10_000, per="step"),
                     swap_every=10**9)
     if name == FROZEN:

@@ -19,7 +19,7 @@ batch 1 and 128 (forward only, ``eval()`` mode, under ``no_grad``). Variants:
 * **diagnet diag 90% static**: the dense model converted by ``diagnet.dst.sparsify(model,
   "diag", 0.9, ...)`` as the example does (ViT: every ``qkv``, ``proj``, ``fc1``, ``fc2``;
   MLP: the hidden layers; the patch embedding and the head stay dense);
-* **diagnet DynaDiag 90% soft**: the same with ``"dynadiag"`` (sparse mode, pool 0.25),
+* **diagnet DynaDiag 90% soft**: the same with ``method="dynadiag"`` (sparse mode, pool 0.25),
   timed on ordinary steps (the controller's hooks run, no swap happens);
 * **diagnet DynaDiag 90% frozen**: the same after ``freeze()``;
 * **PyTorch dense**: the twin of each model in PyTorch, when torch imports, timed in a
@@ -151,7 +151,7 @@ def make_model(sizes, model_name, variant, device, seed=0):
     if variant == STATIC:
         return model, sparsify(model, "diag", SPARSITY, **kw)
     # swap_every far away: the timed steps are ordinary steps (the hooks still run)
-    ctrl = sparsify(model, "dynadiag", SPARSITY, **kw,
+    ctrl = sparsify(model, "diag", SPARSITY, method="dynadiag", **kw,
                     schedule=TemperatureSchedule("cosine", span=10_000, per="step"),
                     swap_every=10**9)
     if variant == FROZEN:

@@ -4,11 +4,10 @@ Both figures read nothing but ``log.jsonl`` (`diagnet.train`), so a resumed run,
 copied from another machine, plots the same:
 
 * `plot_learning_curves`: training and evaluation loss and accuracy per epoch;
-* `plot_diagonal_activity`: for each sparse layer, which diagonal offsets are stored at the
-  end of each epoch, as a heatmap (offsets down, epochs across). The first state comes from
-  the ``initial_offsets`` entry of the run's configuration (``{layer: [offsets]}``, written by
-  the examples); every later one replays the log's structure events: ``swap`` and
-  ``mask_update`` (``dropped`` / ``grown``) and ``freeze`` (``kept``).
+* `plot_diagonal_activity`: for each diagonal layer, which diagonal offsets are stored at the
+  end of each epoch, as a heatmap (offsets down, epochs across). The first state is the
+  controller's structure in the ``run_start`` record; every later one replays the
+  controller's structure events. Both follow the schema of `diagnet.dst.events`.
 
 matplotlib is imported only when a plot is drawn: ``pip install "diagnet[plot]"``.
 `matplotlib_available` tells whether it is there.
@@ -19,6 +18,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
+from .dst import events as ev
 
 __all__ = ["matplotlib_available", "plot_learning_curves", "plot_diagonal_activity",
            "diagonal_activity"]
@@ -76,31 +77,27 @@ def diagonal_activity(log_path) -> dict:
     """``{layer: (P, epochs + 1) bool array}``: the stored offsets before training and at the
     end of each epoch, replayed from the log (see the module docstring).
 
-    ``P`` is taken from the configuration's ``diagonals`` entry (``{layer: P}``) when present,
-    else from the largest offset seen plus one. Layers without ``initial_offsets`` are
-    skipped (an unstructured run has none).
+    Only the diagonal layers of the run's controller are there: none for a dense run or an
+    unstructured one.
     """
     records = _records(log_path)
-    start = next((r for r in records if r.get("event") == "run_start"), None)
-    config = (start or {}).get("config") or {}
-    initial = config.get("initial_offsets") or {}
-    sizes = config.get("diagonals") or {}
-    current = {name: set(offsets) for name, offsets in initial.items()}
+    start = next((r for r in records if r.get(ev.EVENT) == "run_start"), None)
+    structure = ((start or {}).get("controller") or {}).get(ev.STRUCTURE) or {}
+    current = {name: set(layer[ev.OFFSETS]) for name, layer in structure.items()}
     snapshots = {name: [sorted(s)] for name, s in current.items()}
     for r in records:
-        kind, name = r.get("event"), r.get("layer")
-        if kind in ("swap", "mask_update") and name in current:
-            current[name] -= set(r.get("dropped", []))
-            current[name] |= set(r.get("grown", []))
-        elif kind == "freeze" and name in current:
-            current[name] = set(r.get("kept", []))
+        kind, name = r.get(ev.EVENT), r.get(ev.LAYER)
+        if kind in (ev.SWAP, ev.MASK_UPDATE) and name in current:
+            current[name] -= set(r.get(ev.DROPPED, []))
+            current[name] |= set(r.get(ev.GROWN, []))
+        elif kind == ev.FREEZE and name in current:
+            current[name] = set(r.get(ev.KEPT, []))
         elif kind == "epoch":
             for layer, s in current.items():
                 snapshots[layer].append(sorted(s))
     out = {}
     for name, snaps in snapshots.items():
-        P = int(sizes.get(name, 1 + max((max(s) for s in snaps if s), default=0)))
-        grid = np.zeros((P, len(snaps)), dtype=bool)
+        grid = np.zeros((structure[name][ev.DIAGONALS], len(snaps)), dtype=bool)
         for col, offsets in enumerate(snaps):
             grid[offsets, col] = True
         out[name] = grid

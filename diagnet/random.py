@@ -21,9 +21,9 @@ Give a thread its own stream with an explicit ``rng``.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
+
+from . import checks
 
 _default = np.random.default_rng(0)
 
@@ -36,7 +36,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 def manual_seed(seed: int) -> None:
     """Reseed the default generator (used wherever ``rng`` is not given)."""
     global _default
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not checks.is_integer(seed):
         raise TypeError(f"seed must be an int; got {type(seed).__name__} {seed!r}")
     _default = np.random.default_rng(int(seed))
 
@@ -53,8 +53,7 @@ def get_state() -> dict:
 
 def _state_int(value, where, bits):
     """``value`` as an int if it is one (not a bool) in ``[0, 2**bits)``, else ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or not 0 <= value < 2 ** bits:
+    if not checks.is_integer(value) or not 0 <= value < 2 ** bits:
         raise ValueError(f"{where} must be an int in [0, 2**{bits}); got "
                          f"{type(value).__name__} {value!r:.60}")
     return int(value)
@@ -98,8 +97,7 @@ def check_state(state: dict) -> dict:
     if inc % 2 == 0:
         raise ValueError(f"state['state']['inc'] must be odd (a PCG64 increment); got {inc}")
     flag = state["has_uint32"]
-    if isinstance(flag, (bool, np.bool_)) or not isinstance(flag, numbers.Integral) \
-            or flag not in (0, 1):
+    if not checks.is_integer(flag) or flag not in (0, 1):
         raise ValueError(f"state['has_uint32'] must be 0 or 1; got {type(flag).__name__} "
                          f"{flag!r:.60}")
     return {"bit_generator": kind,
@@ -195,7 +193,7 @@ def _check_fields(given, model, field, same_values) -> None:
         if given != model:
             raise ValueError(f"{field} must be {model!r}; got {given!r:.40}")
     else:
-        if isinstance(given, (bool, np.bool_)) or not isinstance(given, numbers.Integral):
+        if not checks.is_integer(given):
             raise ValueError(f"{field} must be an int; got {type(given).__name__} "
                              f"{given!r:.40}")
         if same_values and given != model:
@@ -236,7 +234,7 @@ def as_generator(rng=None) -> np.random.Generator:
         return _default
     if isinstance(rng, np.random.Generator):
         return rng
-    if isinstance(rng, (bool, np.bool_)) or not isinstance(rng, numbers.Integral):
+    if not checks.is_integer(rng):
         raise TypeError(f"{_RNG_EXPECTED}; got {type(rng).__name__} {rng!r}")
     if rng < 0:  # NumPy's own message, "expected non-negative integer", names nothing
         raise ValueError(f"{_RNG_EXPECTED}; got {rng!r}")

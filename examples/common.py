@@ -14,17 +14,9 @@ from numba.core import event
 import diagnet as dn
 from diagnet import nn
 from diagnet.data import ArrayDataset, DataLoader
-from diagnet.dst import SCHEDULES, DynaDiagLinear
+from diagnet.dst import LAYERS, METHODS, RECIPES, SCHEDULES, DynaDiagLinear, find_recipe
 from diagnet.dst.temperature import MAY_RISE
 from diagnet.train.trainer import BEST_NAME, LAST_NAME, LOG_NAME
-
-#: ``--method`` -> the `diagnet.dst.sparsify` kind, for diagonal and unstructured layers
-KINDS = {
-    ("diag", "static"): "diag", ("diag", "dynadiag"): "dynadiag",
-    ("diag", "set"): "diag_set", ("diag", "rigl"): "diag_rigl",
-    ("unstructured", "static"): "unstructured", ("unstructured", "set"): "unstructured_set",
-    ("unstructured", "rigl"): "unstructured_rigl",
-}
 
 #: flags that a resumed run may change: where it writes and reads, how long it runs, where
 #: it computes; every other flag is the run's own (taken from its checkpoint on ``--resume``)
@@ -61,11 +53,11 @@ fraction = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 def add_common_flags(parser, epochs, lr, batch_size, out):
     """The flags both examples take."""
-    parser.add_argument("--linear", choices=("dense", "diag", "unstructured"), default="diag",
+    parser.add_argument("--linear", choices=("dense", *LAYERS), default="diag",
                         help="layer type of the sparse layers (default: diag)")
     parser.add_argument("--sparsity", type=fraction, default=0.9)
-    parser.add_argument("--method", choices=("dynadiag", "rigl", "set", "static"),
-                        default="dynadiag", help="how the sparse structure is trained")
+    parser.add_argument("--method", choices=METHODS, default="dynadiag",
+                        help="how the sparse structure is trained (see diagnet.dst.RECIPES)")
     parser.add_argument("--mode", choices=("sparse", "reference"), default="sparse",
                         help="DynaDiag storage mode (default: sparse)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="cosine",
@@ -116,8 +108,10 @@ def parse_args(parser, argv, example, smoke):
         args, saved = _resume_flags(parser, argv, args, example)
     else:
         _keep_earlier_run(parser, args)
-    if args.linear == "unstructured" and args.method == "dynadiag":
-        parser.error("--method dynadiag needs --linear diag (pick rigl, set or static)")
+    takes = [r.method for r in RECIPES if r.layer == args.linear]
+    if args.linear != "dense" and args.method not in takes:
+        needs = " or ".join(r.layer for r in RECIPES if r.method == args.method)
+        parser.error(f"--method {args.method} needs --linear {needs} (pick {', '.join(takes)})")
     dynadiag = args.linear == "diag" and args.method == "dynadiag"
     if dynadiag and args.t_start < args.t_end and args.schedule not in MAY_RISE:
         parser.error(f"--t-start {args.t_start} is below --t-end {args.t_end}: --schedule "
@@ -130,9 +124,10 @@ def parse_args(parser, argv, example, smoke):
     return args
 
 
-def run_config(args, example, kind, model):
-    """The run's configuration, for its log and checkpoints: the example, the layer kind,
-    the flags (all but ``--resume``/``--overwrite``) and the diagonal layers' structure.
+def run_config(args, example):
+    """The run's configuration, for its log and checkpoints: the example, the recipe's name
+    (``kind``: see `diagnet.dst.RECIPES`; ``"dense"`` for dense layers) and the flags (all but
+    ``--resume``/``--overwrite``). The layers' structure is the controller's, in the log.
 
     None with ``--resume``: the run keeps the configuration it started with (`parse_args`
     checked the flags against it; only run-local ones such as ``--epochs`` may differ).
@@ -141,7 +136,8 @@ def run_config(args, example, kind, model):
         return None
     flags = {k: v for k, v in vars(args).items()
              if k not in ("resume", "overwrite", "planned_epochs")}
-    return {"example": example, "kind": kind, **flags, **structure_config(model)}
+    kind = find_recipe(args.linear, args.method).name if args.linear != "dense" else "dense"
+    return {"example": example, "kind": kind, **flags}
 
 
 def _keep_earlier_run(parser, args):
@@ -307,14 +303,6 @@ def _zero_batch(loader):
     inputs = np.zeros((rows, *np.shape(x)), dtype=np.asarray(x).dtype)
     labels = np.zeros((rows, *np.shape(y)), dtype=np.asarray(y).dtype)
     return (dn.tensor(inputs, device=loader.device), dn.tensor(labels, device=loader.device))
-
-
-def structure_config(model):
-    """``initial_offsets`` and ``diagonals`` of every diagonal layer, for the log's config
-    (the offset heatmap replays the log from there, `diagnet.plots`)."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.DiagLinear)}
-    return {"initial_offsets": {n: m.offsets.numpy().tolist() for n, m in layers.items()},
-            "diagonals": {n: m.P for n, m in layers.items()}}
 
 
 def summary_table(model, log_records, test_accuracy):

@@ -48,15 +48,14 @@ def main(argv=None):
     print(f"data: {source}; device {device}")
 
     model = MLP(784, args.hidden, 10, rng=args.seed, device=device)
-    controller, kind = None, None
+    controller = None
     if args.linear != "dense":
-        kind = common.KINDS[(args.linear, args.method)]
         options = common.controller_options(args, len(train))
-        controller = sparsify(model, kind, args.sparsity, dense=("head",), count_dense=False,
-                              rng=args.seed, **options)
+        controller = sparsify(model, args.linear, args.sparsity, method=args.method,
+                              dense=("head",), count_dense=False, rng=args.seed, **options)
     optimizer = optim.Adam(model.parameters(), lr=args.lr)
     scheduler = optim.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    config = common.run_config(args, EXAMPLE, kind or "dense", model)
+    config = common.run_config(args, EXAMPLE)
     print(dn.nn.summary(model))
 
     trainer = Trainer(model, optimizer, train, eval_loader=test, scheduler=scheduler,

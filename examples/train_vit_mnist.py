@@ -54,17 +54,16 @@ def main(argv=None):
     model = ViT(image_size=28, patch_size=7, in_channels=1, dim=args.dim, depth=args.depth,
                 heads=args.heads, mlp_ratio=args.mlp_ratio, num_classes=10, rng=args.seed,
                 device=device)
-    controller, kind = None, None
+    controller = None
     if args.linear != "dense":
-        kind = common.KINDS[(args.linear, args.method)]
-        controller = sparsify(model, kind, args.sparsity, dense=("patch_embed.proj", "head"),
-                              count_dense=False, rng=args.seed,
-                              **common.controller_options(args, len(train)))
+        controller = sparsify(model, args.linear, args.sparsity, method=args.method,
+                              dense=("patch_embed.proj", "head"), count_dense=False,
+                              rng=args.seed, **common.controller_options(args, len(train)))
     optimizer = optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = len(train) * args.epochs
     scheduler = optim.WarmupCosine(optimizer, warmup_steps=min(len(train), steps // 4),
                                    total_steps=steps)
-    config = common.run_config(args, EXAMPLE, kind or "dense", model)
+    config = common.run_config(args, EXAMPLE)
     print(dn.nn.summary(model))
 
     loss_fn = functools.partial(dn.cross_entropy, label_smoothing=args.label_smoothing)

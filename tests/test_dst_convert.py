@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,8 @@ import diagnet as dn
 from diagnet import nn
 from diagnet.dst import (DiagPruneGrow, DynaDiag, DynaDiagLinear, MaskedLinear,
                          SparsityController, UnstructuredPruneGrow)
-from diagnet.dst.convert import KINDS, dense_linears, sparsify
+from diagnet.dst import RECIPES, find_recipe
+from diagnet.dst.convert import dense_linears, sparsify
 from diagnet.models import MLP
 
 EXPECTED = {
@@ -31,11 +34,13 @@ def _model():
     return MLP(64, [48, 32], 10, rng=0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_kind_replaces_the_linears_in_place_and_trains(kind):
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+def test_every_kind_replaces_the_linears_in_place_and_trains(recipe):
+    kind = recipe.name
     model = _model()
     names = list(dense_linears(model))
-    controller = sparsify(model, kind, sparsity=0.8, dense=("head",), rng=0, **_options(kind))
+    controller = sparsify(model, recipe.layer, method=recipe.method, sparsity=0.8,
+                          dense=("head",), rng=0, **_options(kind))
     layer_type, controller_type = EXPECTED[kind]
     assert type(controller) is controller_type
     assert list(controller.layers) == names[:-1]
@@ -93,13 +98,22 @@ def test_init_dense_keeps_the_largest_diagonals():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(kind="sparse"), "kind must be one of"),
-    (dict(kind="diag", dense=("nope",)), "dense pattern 'nope' matches no linear layer"),
-    (dict(kind="diag", dense=("*",)), "no linear layer left"),
-    (dict(kind="dynadiag", init="dense"), "init must be 'fresh' or 'dense'"),
-    (dict(kind="diag", mode="sparse"), "only apply to kind 'dynadiag'"),
-    (dict(kind="diag", t_end=5), "has no controller; unexpected options t_end"),
-    (dict(kind="diag", sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+    (dict(layer="sparse"), r"layer must be one of \('diag', 'unstructured'\) .*got 'sparse'"),
+    (dict(layer="diag", method="prune"),
+     r"method must be one of \('static', 'set', 'rigl', 'dynadiag'\); got 'prune'"),
+    (dict(layer="unstructured", method="dynadiag"),
+     r"method 'dynadiag' does not apply to layer 'unstructured': its methods are "
+     r"\('static', 'set', 'rigl'\)"),
+    (dict(layer="diag_set", method="rigl"), "layer='diag_set' is the recipe of method 'set'"),
+    (dict(layer="diag", dense=("nope",)), "dense pattern 'nope' matches no linear layer"),
+    (dict(layer="diag", dense=("*",)), "no linear layer left"),
+    (dict(layer="dynadiag", init="dense"), "init must be 'fresh' or 'dense'"),
+    (dict(layer="diag", mode="sparse"),
+     "options mode do not apply to layer 'diag' with method 'static'"),
+    (dict(layer="diag", t_end=5), r"options t_end .* it takes none \(it has no controller\)"),
+    (dict(layer="diag", method="set", t_end=5, schedule=None),
+     "options schedule do not apply .* it takes delta_t, t_end, f0"),
+    (dict(layer="diag", sparsity=1.0), r"sparsity must be in \[0, 1\)"),
 ])
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -115,3 +129,41 @@ def test_count_dense_false_puts_each_sparse_layer_at_the_target():
     other = MLP(784, [256, 256], 10, rng=0)
     counted = sparsify(other, "diag", 0.9, dense=("head",), rng=0)
     assert sum(layer.K for layer in counted.layers.values()) < 78 + 26
+
+
+def test_a_recipe_name_builds_what_its_layer_and_method_build():
+    a, b = _model(), _model()
+    by_name = sparsify(a, "diag_rigl", 0.8, rng=0, t_end=50)
+    by_pair = sparsify(b, "diag", 0.8, method="rigl", rng=0, t_end=50)
+    assert type(by_name) is type(by_pair) is DiagPruneGrow and by_pair.method == "rigl"
+    np.testing.assert_array_equal(a.features[0].offsets.numpy(), b.features[0].offsets.numpy())
+    assert find_recipe("dynadiag") is find_recipe("diag", "dynadiag")
+    assert find_recipe("dynadiag", "dynadiag") is find_recipe("diag", "dynadiag")
+    assert find_recipe("unstructured").method == "static"
+
+
+def test_refused_controller_leaves_the_model_and_the_generator_as_they_were():
+    """The controller refuses (SET needs ``t_end``) after the layers were drawn: the model
+    keeps its dense layers and the generator its state."""
+    model = _model()
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    gen = np.random.default_rng(5)
+    state = gen.bit_generator.state
+    with pytest.raises(ValueError, match="t_end is required"):
+        sparsify(model, "diag_set", sparsity=0.8, rng=gen)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+    assert gen.bit_generator.state == state
+
+
+def test_docs_table_is_the_recipe_table():
+    """``docs/dst.md`` shows `RECIPES` row for row, so the two cannot drift."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dst.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `\"")]
+    want = [f"| `\"{r.layer}\"` | `\"{r.method}\"` | `\"{r.name}\"` "
+            f"| `{_qualified(r.layer_class)}` | `{_qualified(r.controller)}` "
+            f"| {', '.join(f'`{o}`' for o in r.options) or '-'} |" for r in RECIPES]
+    assert rows == want
+
+
+def _qualified(cls):
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("diagnet.nn") else cls.__name__

@@ -157,7 +157,7 @@ def test_cross_entropy_label_errors():
         F.cross_entropy(logits, [0, -1, 2, 1])
     with pytest.raises(ValueError, match="reduction must be one of"):
         F.cross_entropy(logits, [0, 1, 2, 1], reduction="avg")
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\); got 1.0"):
+    with pytest.raises(ValueError, match=r"invalid label_smoothing=1.0: must be in \[0, 1\)"):
         F.cross_entropy(logits, [0, 1, 2, 1], label_smoothing=1.0)
 
 

@@ -263,11 +263,11 @@ def _qkv32(B=2, H=2, L=3, S=3, E=4):
      r"mask of shape \(4, 3\) does not broadcast to the attention scores' shape \(B, H, L, S\) "
      r"= \(2, 2, 3, 3\)"),
     (dict(mask=np.ones((1, 2, 2, 3, 3), bool)), ValueError, "does not broadcast"),
-    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1.0"),
-    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=1.0), ValueError, r"invalid dropout_p=1.0: must be in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, r"invalid dropout_p=-0.1: must be in \[0, 1\)"),
     (dict(dropout_p="0.1"), TypeError, "dropout_p must be a real number; got str"),
     (dict(dropout_p=True), TypeError, "dropout_p must be a real number; got bool"),
-    (dict(scale=float("nan")), ValueError, "scale must be finite; got nan"),
+    (dict(scale=float("nan")), ValueError, "invalid scale=nan: must be finite"),
     (dict(scale=None, rng="seed", dropout_p=0.1), TypeError, "rng must be None"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_drawn(change, error, match):
@@ -317,7 +317,7 @@ def test_heads_gradcheck():
      "heads must be an int; got float"),
     (lambda: F.qkv_split(dn.tensor(np.zeros((1, 2, 6))), True), TypeError, "got bool"),
     (lambda: F.qkv_split(dn.tensor(np.zeros((1, 2, 6))), 0), ValueError,
-     "heads must be at least 1; got 0"),
+     "invalid heads=0: must be >= 1"),
     (lambda: F.qkv_split(dn.tensor(np.zeros((1, 2, 6))), 4), ValueError,
      r"divisible by 12; got \(1, 2, 6\)"),
     (lambda: F.qkv_split(dn.tensor(np.zeros((2, 6))), 1), ValueError, r"got \(2, 6\)"),

@@ -975,6 +975,6 @@ def test_axis_and_dim_together_raise(call):
 @pytest.mark.parametrize("value", ["0.1", None, [0.1], True])
 def test_cross_entropy_label_smoothing_must_be_a_number(value):
     logits = diagnet.tensor([[1.0, 2.0]])
-    with pytest.raises(TypeError, match=rf"label_smoothing must be a float in \[0, 1\); got "
+    with pytest.raises(TypeError, match=rf"label_smoothing must be a real number; got "
                                         rf"{type(value).__name__} "):
         F.cross_entropy(logits, [0], label_smoothing=value)

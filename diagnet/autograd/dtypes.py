@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from ..checks import FLOAT_DTYPES
 DEFAULT_DTYPE = np.dtype(np.float32)
 
 #: dtypes a Tensor may hold: the two float types and NumPy's integer and bool types

@@ -23,13 +23,13 @@ import datetime
 import hashlib
 import http.client
 import json
-import numbers
 import os
 import stat
 import sys
 import urllib.request
 import warnings
 
+from .. import checks
 from ..tensorfile import atomic_write
 
 __all__ = ["download_url", "DownloadSizeError", "ChecksumError", "gzip_bound", "sha256", "md5",
@@ -111,14 +111,6 @@ def say(message, progress, log):
 # ============================================================================== network
 
 
-def _check_max_bytes(max_bytes):
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
-        raise TypeError(f"max_bytes must be an int >= 1; got {max_bytes!r}")
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes must be an int >= 1; got {max_bytes!r}")
-    return int(max_bytes)
-
-
 def download_url(url, *, timeout=None, progress=True, desc=None, max_bytes=MAX_BYTES):
     """Download ``url`` into memory, with a tqdm progress bar and a size cap.
 
@@ -143,7 +135,7 @@ def download_url(url, *, timeout=None, progress=True, desc=None, max_bytes=MAX_B
     """
     from tqdm.auto import tqdm
 
-    max_bytes = _check_max_bytes(max_bytes)
+    max_bytes = checks.integer("max_bytes", max_bytes, 1)
     timeout = TIMEOUT if timeout is None else timeout
     request = urllib.request.Request(url, headers={"User-Agent": "diagnet"})
     with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import numbers
 import os
 import struct
 import zlib
@@ -44,6 +43,7 @@ from stat import S_ISREG
 
 import numpy as np
 
+from .. import checks
 from ..tensorfile import atomic_write
 
 __all__ = ["IDXError", "read_idx", "write_idx", "encode_idx", "IDX_TYPES", "MAX_BYTES",
@@ -86,11 +86,7 @@ def _check_arguments(source, name, max_bytes):
     if name is not None and not isinstance(name, str):
         raise TypeError(f"read_idx: name must be a str or None; got {type(name).__name__} "
                         f"{name!r:.60}")
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
-        raise TypeError(f"read_idx: max_bytes must be a positive int; got "
-                        f"{type(max_bytes).__name__} {max_bytes!r:.60}")
-    if max_bytes <= 0:
-        raise ValueError(f"read_idx: max_bytes must be a positive int; got {max_bytes}")
+    checks.integer("max_bytes", max_bytes, 1)
 
 
 def read_idx(source, *, name=None, max_bytes=MAX_BYTES):

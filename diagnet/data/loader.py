@@ -25,25 +25,15 @@ Any other dataset is asked for one sample at a time, and `collate` stacks the sa
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from .. import backend
+from .. import backend, checks
 from ..autograd import DEFAULT_DTYPE, Tensor
 
 __all__ = ["ArrayDataset", "DataLoader", "epoch_order", "collate"]
 
 # array kinds a Tensor can hold: bool, signed and unsigned integers, floats
 _NUMERIC_KINDS = "biuf"
-
-
-def _non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0; got {value}")
-    return int(value)
 
 
 def _flag(name, value):
@@ -223,11 +213,11 @@ class DataLoader:
             raise TypeError(f"dataset must support len() and indexing; got "
                             f"{type(dataset).__name__}")
         self.dataset = dataset
-        self.batch_size = _non_negative_int("batch_size", batch_size)
+        self.batch_size = checks.integer("batch_size", batch_size, 0)
         if self.batch_size == 0:
             raise ValueError("batch_size must be a positive int; got 0")
         self.shuffle = _flag("shuffle", shuffle)
-        self.seed = _non_negative_int("seed", seed)
+        self.seed = checks.integer("seed", seed, 0)
         self.drop_last = _flag("drop_last", drop_last)
         self.device = backend.resolve_device(device)
         if transform is not None and not callable(transform):
@@ -249,7 +239,7 @@ class DataLoader:
     # ------------------------------------------------------------------ epochs and position
     def set_epoch(self, epoch):
         """Make ``epoch`` (a non-negative int) the current epoch, from its first batch."""
-        self.epoch = _non_negative_int("epoch", epoch)
+        self.epoch = checks.integer("epoch", epoch, 0)
         self.batch = 0
         self._resume_at = None
 
@@ -268,8 +258,8 @@ class DataLoader:
         if set(state) != {"epoch", "batch"}:
             raise KeyError(f"DataLoader state must have exactly the keys 'epoch' and 'batch'; "
                            f"got {sorted(state)}")
-        _non_negative_int("epoch", state["epoch"])
-        batch = _non_negative_int("batch", state["batch"])
+        checks.integer("epoch", state["epoch"], 0)
+        batch = checks.integer("batch", state["batch"], 0)
         if batch > len(self):
             raise ValueError(f"DataLoader state: batch {batch} is past the end of an epoch of "
                              f"{len(self)} batches (was it saved with another batch_size or "

@@ -20,10 +20,10 @@ Public API: `load_mnist`, `mnist_arrays`, `fetch_mnist`, `mnist_dir`, and the co
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from .. import checks
 from . import mnist_files
 from .download import TIMEOUT, download_url
 from .idx import IDXError, read_idx
@@ -104,9 +104,7 @@ def mnist_arrays(split, root=None, normalize=True, flatten=True, dtype=np.float3
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise TypeError(f"dtype must be a floating dtype; got {dtype}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
-                              or limit < 0):
-        raise ValueError(f"limit must be None or an int >= 0; got {limit!r}")
+    limit = checks.int_at_least("limit", limit, 0, optional=True)
     images, labels = load_mnist(root, split, download=download, progress=progress)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]

@@ -3,7 +3,9 @@
 `diagnet.sparse.DiagMatrix`, the diagonal op `diagnet.ops.diagonal` and the layers built on
 them all validate through these functions, so every entry point reports a bad argument in
 the same words: which argument, what was expected, what was received. Nothing here knows
-about the autograd engine: callers unwrap Tensors first.
+about the autograd engine: callers unwrap Tensors first. The number and dtype checks shared
+by every package (`FLOAT_DTYPES`, `float_dtype`, `is_integer`) live in `diagnet.checks`;
+this module adds the checks of the diagonal format itself.
 
 Offsets are checked when a structure is created or changed, not on every product: on the
 GPU the check is a device reduction plus one host synchronisation.
@@ -16,9 +18,9 @@ import numbers
 import numpy as np
 
 from .. import backend
+from ..checks import FLOAT_DTYPES, is_integer, is_real
 from . import layout
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def as_array(a, name, xp=None):
     """``a`` as a backend array; sequences and scalars become arrays of ``xp`` (default NumPy).
@@ -46,7 +48,7 @@ def as_array(a, name, xp=None):
 
 def check_int(v, name, what="an int"):
     """``v`` as a Python int; `TypeError` naming ``name`` unless it is an integer (not a bool)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+    if not is_integer(v):
         raise TypeError(f"{name} must be {what}; got {type(v).__name__} {v!r}")
     return int(v)
 
@@ -226,7 +228,7 @@ def check_sparsity(sparsity, name="sparsity", allow_one=True):
     and the value received.
     """
     interval = "[0, 1]" if allow_one else "[0, 1)"
-    if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
+    if not is_real(sparsity):
         raise TypeError(f"{name} must be a number in {interval}; got "
                         f"{type(sparsity).__name__} {sparsity!r}")
     s = float(sparsity)
@@ -234,13 +236,3 @@ def check_sparsity(sparsity, name="sparsity", allow_one=True):
         raise ValueError(f"{name} must be in {interval}; got {sparsity!r}")
     return s
 
-
-def check_float_dtype(dtype, name="dtype"):
-    """``dtype`` as a NumPy dtype; `TypeError` naming ``name`` unless float32 or float64."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"{name} must be float32 or float64; got {dtype!r}") from exc
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64; got {dt}")
-    return dt

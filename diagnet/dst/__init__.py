@@ -1,6 +1,8 @@
 """Dynamic sparse training: algorithms that change which weights a sparse layer stores.
 
 * `SparsityController` (``base``): the protocol between an algorithm and the training loop;
+* `event` and the names of the log's events and fields (``events``), which `diagnet.plots`
+  reads;
 * `GradientTap` (``capture``): a layer's input and output gradient at mask-update steps;
 * `DynaDiagLinear` (``dynadiag``), `DynaDiag` (``dynadiag_controller``): the paper's soft
   top-k over diagonals, with its temperature schedules (``temperature``), swaps and freeze;
@@ -10,11 +12,13 @@
 * ``select``: the rules that pick units (ranking with tie-breaking, SET/RigL's
   `drop_lowest`, `grow_random`, `grow_top`), shared by both algorithms;
 * ``density``: layer-wise densities (uniform, ERK) and integer budgets that hit the total;
+* `RECIPES` (``recipes``): the one table of what each sparse layer kind and method builds;
 * `sparsify` (``convert``): one call that turns a model's dense linears into sparse layers of
-  a chosen kind and returns their controller.
+  a chosen recipe and returns their controller.
 """
 
-from .base import SparsityController, event
+from .base import SparsityController
+from .events import event
 from .capture import GradientTap
 from .density import diagonal_budgets, element_budgets, layer_densities
 from .masked import MaskedLinear
@@ -23,4 +27,5 @@ from .select import drop_lowest, grow_random, grow_top
 from .temperature import SCHEDULES, TemperatureSchedule
 from .dynadiag import DynaDiagLinear, dynadiag_layers
 from .dynadiag_controller import DynaDiag
-from .convert import KINDS, sparsify
+from .recipes import LAYERS, METHODS, RECIPES, Recipe, find_recipe
+from .convert import sparsify

@@ -13,7 +13,9 @@ fixed points of each step::
 
 ``step`` counts optimizer steps from 0 over the whole run. `after_step` and `start_epoch`
 return a list of events: plain JSON-able dicts that the trainer writes to its JSONL log,
-built with `event`. `metrics` gives the numbers a progress bar shows. The controller's
+built with `event` (their names and fields are in ``events``). `structure` gives the stored
+diagonals of the layers, the start from which those events replay; `metrics` gives the
+numbers a progress bar shows. The controller's
 ``state_dict`` (JSON-able values and backend arrays) goes into checkpoints, so that a
 resumed run continues exactly.
 
@@ -28,21 +30,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from .. import random as _random
+from ..nn import DiagLinear
+from .events import DIAGONALS, OFFSETS
 
-__all__ = ["SparsityController", "event", "controller_generator", "checked_generator_state",
+__all__ = ["SparsityController", "controller_generator", "checked_generator_state",
            "ever_active"]
-
-
-def event(kind: str, step: int, **fields) -> dict:
-    """A log event: ``{"event": kind, "step": step, **fields}`` with JSON-able values.
-
-    NumPy scalars and arrays in ``fields`` are turned into Python numbers and lists.
-    """
-    out = {"event": str(kind), "step": int(step)}
-    for key, value in fields.items():
-        out[key] = _plain(value)
-    return out
 
 
 def controller_generator(rng) -> np.random.Generator:
@@ -68,18 +62,6 @@ def ever_active(size, active) -> np.ndarray:
     ever = np.zeros(size, dtype=bool)
     ever[active] = True
     return ever
-
-
-def _plain(value):
-    if hasattr(value, "tolist"):          # NumPy / CuPy arrays and scalars
-        if hasattr(value, "get"):
-            value = value.get()
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
 
 
 class SparsityController:
@@ -116,6 +98,14 @@ class SparsityController:
             stored, full = layer.weight_stats()
             nnz, dense = nnz + stored, dense + full
         return 1.0 - nnz / dense
+
+    def structure(self) -> dict:
+        """``{layer: {"offsets": [stored offsets], "diagonals": P}}`` of the diagonal layers
+        (`nn.DiagLinear` and its subclasses; masked layers have no offsets to list): the
+        start from which the structure events replay (see ``events``). Reads the device."""
+        return {name: {OFFSETS: backend.to_numpy(layer.offsets.data).tolist(),
+                       DIAGONALS: layer.P}
+                for name, layer in self.layers.items() if isinstance(layer, DiagLinear)}
 
     def state_dict(self) -> dict:
         """The controller's own state (not the layers': those are in the model's state dict)."""

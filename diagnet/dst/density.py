@@ -35,7 +35,8 @@ entry) of it by construction; see `diagonal_budgets` for the precise bound.
 from __future__ import annotations
 
 import math
-import numbers
+
+from ..checks import is_integer, number_in
 
 __all__ = ["DISTRIBUTIONS", "layer_densities", "diagonal_budgets", "element_budgets"]
 
@@ -51,7 +52,7 @@ def _check_shapes(shapes) -> dict:
     out = {}
     for name, shape in shapes.items():
         ok = isinstance(shape, (tuple, list)) and len(shape) == 2 and all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+            is_integer(s) and s >= 1
             for s in shape)
         if not ok:
             raise ValueError(f"shape of layer {name!r} must be a pair of positive ints "
@@ -63,10 +64,7 @@ def _check_shapes(shapes) -> dict:
 
 
 def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
-            or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be a number in (0, 1]; got {density!r}")
-    return float(density)
+    return number_in("density", density, 0, 1, include_low=False)
 
 
 def _check_dense(dense, shapes) -> set:
@@ -107,10 +105,7 @@ def layer_densities(shapes, density, distribution="uniform", dense=(), erk_power
     density = _check_density(density)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}; got {distribution!r}")
-    if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, numbers.Real) \
-            or not 0.0 <= float(erk_power_scale) < math.inf:
-        raise ValueError(f"erk_power_scale must be a finite number >= 0; got "
-                         f"{erk_power_scale!r}")
+    number_in("erk_power_scale", erk_power_scale, 0, math.inf, include_high=False)
     dense = _check_dense(dense, shapes)
     size = {name: m * n for name, (m, n) in shapes.items()}
     total = sum(size.values())

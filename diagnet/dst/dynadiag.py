@@ -64,14 +64,13 @@ that pick the diagonals (shared with SET/RigL) in `diagnet.dst.select`.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from .. import backend
 from .. import random as _random
 from ..autograd import Tensor
-from ..checks import positive_int
+from ..checks import number_in, positive_int
 from ..config import no_grad
 from ..diag import layout, validate
 from ..nn.linear import DiagLinear
@@ -96,10 +95,7 @@ EFFECTIVE_THRESHOLD = 1e-3
 
 def check_temperature(value) -> float:
     """``value`` as a float; ValueError unless it is a positive finite real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"temperature must be a positive finite number; got {value!r}")
-    return float(value)
+    return number_in("temperature", value, 0, math.inf, include_low=False, include_high=False)
 
 
 class DynaDiagLinear(DiagLinear):
@@ -148,9 +144,7 @@ class DynaDiagLinear(DiagLinear):
                  pool=0.25, temperature=1.0, rng=None, dtype=np.float32, device=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-        if isinstance(pool, bool) or not isinstance(pool, numbers.Real) \
-                or not (math.isfinite(float(pool)) and float(pool) >= 0):
-            raise ValueError(f"pool must be a finite number >= 0; got {pool!r}")
+        number_in("pool", pool, 0, math.inf, include_high=False)
         T = check_temperature(temperature)
         m = positive_int("out_features", out_features)
         n = positive_int("in_features", in_features)

@@ -12,15 +12,16 @@ counters, the generator) travels with checkpoints.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from ..checks import int_at_least, number_in
 from ..diag import validate
 from ..nn.module import Module
-from .base import SparsityController, checked_generator_state, controller_generator, event
+from .base import SparsityController, checked_generator_state, controller_generator
 from .capture import GradientTap
 from .dynadiag import DynaDiagLinear, check_temperature, dynadiag_layers
+from .events import FREEZE, SWAP, event
 from .temperature import TemperatureSchedule
 
 __all__ = ["DynaDiag"]
@@ -51,10 +52,11 @@ class DynaDiag(SparsityController):
             a Generator, or None (seeded from `diagnet.random`'s default generator). Its
             state is in `state_dict`.
 
-    Events (`event` dicts): ``{"event": "swap", "step", "layer", "dropped", "grown", "k",
-    "stored", "sparsity", "effective_k", "itop", "temperature"}`` per layer at every swap step
-    (empty lists when nothing beat the pool), and ``{"event": "freeze", "step", "layer",
-    "kept", "k", "stored", "sparsity", "temperature"}`` (plus ``"epoch"`` at an epoch).
+    Events (`event` dicts, their names in ``events``): ``{"event": "swap", "step", "layer",
+    "dropped", "grown", "k", "stored", "sparsity", "effective_k", "itop", "temperature"}`` per
+    layer at every swap step (empty lists when nothing beat the pool), and ``{"event":
+    "freeze", "step", "layer", "kept", "k", "stored", "sparsity", "temperature"}`` (plus
+    ``"epoch"`` at an epoch).
     """
 
     def __init__(self, layers, schedule=None, swap_every=None, swap_until=None,
@@ -70,17 +72,14 @@ class DynaDiag(SparsityController):
             raise TypeError(f"schedule must be a TemperatureSchedule or None; got "
                             f"{type(schedule).__name__}")
         self.schedule = schedule
-        self.swap_every = self._optional_int("swap_every", swap_every, 1)
-        self.swap_until = self._optional_int("swap_until", swap_until, 0)
-        if isinstance(swap_fraction, bool) or not isinstance(swap_fraction, numbers.Real) \
-                or not 0 < float(swap_fraction) <= 1:
-            raise ValueError(f"swap_fraction must be in (0, 1]; got {swap_fraction!r}")
-        self.swap_fraction = float(swap_fraction)
+        self.swap_every = int_at_least("swap_every", swap_every, 1, optional=True)
+        self.swap_until = int_at_least("swap_until", swap_until, 0, optional=True)
+        self.swap_fraction = number_in("swap_fraction", swap_fraction, 0, 1, include_low=False)
         if freeze_per not in ("epoch", "step"):
             raise ValueError(f"freeze_per must be 'epoch' or 'step'; got {freeze_per!r}")
         self.freeze_per = freeze_per
-        self.freeze_at = self._optional_int("freeze_at", freeze_at,
-                                            1 if freeze_per == "step" else 0)
+        self.freeze_at = int_at_least("freeze_at", freeze_at, 1 if freeze_per == "step" else 0,
+                                      optional=True)
         reference = [n for n, l in self.layers.items() if l.mode != "sparse"]
         if self.swap_every is not None and reference:
             raise ValueError(f"swap_every needs sparse-mode layers; {reference} are in "
@@ -91,14 +90,6 @@ class DynaDiag(SparsityController):
         self.epoch = None        # the last epoch started
         self.next_step = 0       # steps completed
         self.swaps = 0           # swap steps done
-
-    @staticmethod
-    def _optional_int(name, value, low):
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be None or an int >= {low}; got {value!r}")
-        return int(value)
 
     def config(self) -> dict:
         """The controller's settings, JSON-able (for run logs)."""
@@ -152,7 +143,7 @@ class DynaDiag(SparsityController):
                 n = max(1, math.ceil(round(self.swap_fraction * (layer.K - layer.active_k), 9)))
                 dropped, grown = layer.swap(self.tap.diagonal_scores(name), n, rng=self.rng)
                 n_done += 1
-                events.append(event("swap", step, layer=name, dropped=dropped, grown=grown,
+                events.append(event(SWAP, step, layer=name, dropped=dropped, grown=grown,
                                     k=layer.active_k, stored=layer.K, sparsity=layer.sparsity,
                                     effective_k=layer.effective_k(), itop=layer.itop(),
                                     temperature=layer.T))
@@ -169,7 +160,7 @@ class DynaDiag(SparsityController):
         for name, layer in self.layers.items():
             kept = layer.freeze()
             if kept is not None:
-                events.append(event("freeze", step, layer=name, kept=kept, k=layer.active_k,
+                events.append(event(FREEZE, step, layer=name, kept=kept, k=layer.active_k,
                                     stored=layer.K, sparsity=layer.sparsity,
                                     temperature=layer.T, **extra))
         return events
@@ -212,10 +203,9 @@ class DynaDiag(SparsityController):
                              f"controller manages {list(self.layers)}")
         if state["temperature"] is not None:
             check_temperature(state["temperature"])
-        if state["epoch"] is not None:
-            self._optional_int("epoch", state["epoch"], 0)
-        self._optional_int("next_step", state["next_step"], 0)
-        self._optional_int("swaps", state["swaps"], 0)
+        int_at_least("epoch", state["epoch"], 0, optional=True)
+        int_at_least("next_step", state["next_step"], 0, optional=True)
+        int_at_least("swaps", state["swaps"], 0, optional=True)
         frozen = state["frozen"]
         if not isinstance(frozen, (list, tuple)) or len(frozen) != len(self.layers) \
                 or not all(isinstance(f, (bool, np.bool_)) for f in frozen):

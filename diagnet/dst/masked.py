@@ -21,14 +21,13 @@ The number of active entries is kept on the host (counted once per mask change),
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from .. import backend
 from .. import random as _random
 from ..autograd import FLOAT_DTYPES, Tensor
-from ..checks import positive_int
+from ..checks import number_in, positive_int
 from ..nn import init
 from ..nn.linear import Linear
 from ..nn.module import Module
@@ -44,10 +43,8 @@ def active_count(density, size) -> int:
 
     Rounded half up, so a density computed as ``k / size`` gives back ``k`` exactly.
     """
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) \
-            or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be a number in (0, 1]; got {density!r}")
-    return min(size, max(1, math.floor(float(density) * size + 0.5)))
+    density = number_in("density", density, 0, 1, include_low=False)
+    return min(size, max(1, math.floor(density * size + 0.5)))
 
 
 def _random_mask(shape, count, gen) -> np.ndarray:

@@ -50,17 +50,16 @@ that a run resumed from a checkpoint (model + optimizer + controller) continues 
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 
 import numpy as np
 
 from .. import backend
-from ..checks import positive_int
+from ..checks import is_integer, number_in, positive_int
 from ..nn.linear import DiagLinear
-from .base import (SparsityController, checked_generator_state, controller_generator, event,
-                   ever_active)
+from .base import SparsityController, checked_generator_state, controller_generator, ever_active
 from .capture import GradientTap
+from .events import MASK_UPDATE, event
 from .masked import MaskedLinear
 from .select import drop_lowest, grow_random, grow_top
 
@@ -115,9 +114,7 @@ class _PruneGrow(SparsityController):
         self.method = method
         self.delta_t = positive_int("delta_t", delta_t)
         self.t_end = positive_int("t_end", t_end)
-        if isinstance(f0, bool) or not isinstance(f0, numbers.Real) or not 0.0 <= f0 <= 1.0:
-            raise ValueError(f"f0 must be a number in [0, 1]; got {f0!r}")
-        self.f0 = float(f0)
+        self.f0 = number_in("f0", f0, 0, 1)
         self.rng = controller_generator(rng)
         self.tap = GradientTap(self.layers) if method == "rigl" else None
 
@@ -274,7 +271,7 @@ class DiagPruneGrow(_PruneGrow):
             layer.set_offsets(np.union1d(np.setdiff1d(offsets, dropped), grown), keep=True,
                               init="zeros")
             self._ever[name][grown] = True
-        return event("mask_update", step, layer=name, method=self.method, dropped=dropped,
+        return event(MASK_UPDATE, step, layer=name, method=self.method, dropped=dropped,
                      grown=grown, k=layer.K, sparsity=layer.sparsity, fraction=fraction,
                      itop=self._ever_count(name) / P)
 
@@ -284,7 +281,7 @@ class DiagPruneGrow(_PruneGrow):
     def _check_ever(self, name, value):
         P = self.layers[name].P
         ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v < P
+            is_integer(v) and 0 <= v < P
             for v in value) and len(set(value)) == len(value)
         if not ok:
             raise ValueError(f"controller state 'ever_active' of layer {name!r} must be a list "
@@ -340,7 +337,7 @@ class UnstructuredPruneGrow(_PruneGrow):
             layer.set_mask(new.reshape(mask.shape))                 # counts the active entries
             self._ever[name] = xp.logical_or(self._ever[name], layer.mask.data)
             self._ever_counts[name] = int(self._ever[name].sum())   # a read: update steps only
-        return event("mask_update", step, layer=name, method=self.method, dropped=n, grown=n,
+        return event(MASK_UPDATE, step, layer=name, method=self.method, dropped=n, grown=n,
                      k=layer.nnz, sparsity=layer.sparsity, fraction=fraction,
                      itop=self._ever_counts[name] / size)
 

@@ -20,11 +20,10 @@ so that a seed fixes the whole stream of decisions.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from .. import backend
+from ..checks import is_integer
 from .. import random as _random
 
 __all__ = ["ranking", "smallest", "random_subset", "swap_pairs", "drop_lowest", "grow_top",
@@ -121,7 +120,7 @@ def swap_pairs(offsets, scale, scores, active_k, n, noise):
 def _check(scores, n, mask, mask_name):
     if scores.ndim != 1:
         raise ValueError(f"scores must be one-dimensional; got shape {tuple(scores.shape)}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= scores.size:
+    if not is_integer(n) or not 0 <= n <= scores.size:
         raise ValueError(f"n must be an int in [0, {scores.size}]; got {n!r}")
     if mask is not None and (mask.dtype.kind != "b" or tuple(mask.shape) != tuple(scores.shape)):
         raise ValueError(f"{mask_name} must be a boolean array of shape {tuple(scores.shape)}; "

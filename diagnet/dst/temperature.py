@@ -34,7 +34,8 @@ epoch over the epochs before the freeze.
 from __future__ import annotations
 
 import math
-import numbers
+
+from ..checks import int_at_least, is_integer, number_in
 
 __all__ = ["TemperatureSchedule", "SCHEDULES", "MAY_RISE", "temperature_at"]
 
@@ -90,18 +91,7 @@ def temperature_at(kind, counter, span, t_start, t_end, t_min, t_max, warmup, ga
 
 
 def _positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    return value
-
-
-def _int_at_least(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
-    return int(value)
+    return number_in(name, value, 0, math.inf, include_low=False, include_high=False)
 
 
 class TemperatureSchedule:
@@ -141,18 +131,18 @@ class TemperatureSchedule:
         if per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step'; got {per!r}")
         self.kind, self.per = kind, per
-        self.span = _int_at_least("span", span, 1)
+        self.span = int_at_least("span", span, 1)
         self.t_start = _positive_float("t_start", t_start)
         self.t_end = _positive_float("t_end", t_end)
         self.t_min = _positive_float("t_min", self.t_end if t_min is None else t_min)
         self.t_max = _positive_float("t_max", self.t_start if t_max is None else t_max)
         self._check_direction()
-        self.warmup = _int_at_least("warmup", warmup, 0)
+        self.warmup = int_at_least("warmup", warmup, 0)
         self.gamma = _positive_float("gamma", gamma)
         if self.gamma > 1:
             raise ValueError(f"gamma must be in (0, 1]; got {self.gamma}")
-        self.step_size = _int_at_least("step_size", step_size, 1)
-        self.cycles = _int_at_least("cycles", cycles, 1)
+        self.step_size = int_at_least("step_size", step_size, 1)
+        self.cycles = int_at_least("cycles", cycles, 1)
 
     def _check_direction(self):
         """ValueError when a schedule that only falls is asked to rise (see `MAY_RISE`)."""
@@ -167,7 +157,7 @@ class TemperatureSchedule:
 
     def __call__(self, counter) -> float:
         """The temperature at ``counter`` (an int; clamped to ``[0, span - 1]``)."""
-        if isinstance(counter, bool) or not isinstance(counter, numbers.Integral):
+        if not is_integer(counter):
             raise TypeError(f"counter must be an int; got {type(counter).__name__} {counter!r}")
         return float(temperature_at(self.kind, int(counter), self.span, self.t_start,
                                     self.t_end, self.t_min, self.t_max, self.warmup,

@@ -25,11 +25,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, settings
+from ..checks import FLOAT_DTYPES
 from ..diag import threadpools
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward"]
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def reference_forward(x, weight, bias, eps):
@@ -90,7 +89,7 @@ def _check_rows(name, a, dtype, shape):
 
 
 def _check_x(x):
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"layer_norm: x must be float32 or float64; got dtype {x.dtype}")
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"layer_norm: x must be (rows, N) with N >= 1; got shape {tuple(x.shape)}")

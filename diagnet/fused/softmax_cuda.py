@@ -34,6 +34,7 @@ import operator
 import numpy as np
 
 from .. import cuda_launch
+from ..checks import FLOAT_DTYPES
 
 __all__ = ["softmax", "softmax_grad", "log_softmax", "log_softmax_grad", "cross_entropy_rows",
            "cross_entropy_grad", "launch_config", "SoftmaxConfig", "DEFAULT_CONFIG"]
@@ -45,7 +46,6 @@ MACRO_PREFIX = "SOFTMAX"
 COMPILED_FIELDS = {"threads": "SOFTMAX_THREADS"}
 
 _INT32_MAX = 2**31 - 1
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _rows(cp, *arrays):
     """The arrays as C-contiguous ``(R, C)`` arrays, ``C >= 1``, all of the first one's shape
     and float dtype (checked in O(1); a copy only where one is not contiguous)."""
     first = arrays[0]
-    if first.ndim != 2 or first.dtype not in _FLOAT_DTYPES or first.shape[1] < 1:
+    if first.ndim != 2 or first.dtype not in FLOAT_DTYPES or first.shape[1] < 1:
         raise ValueError(f"expected a (rows, C) float32 or float64 array with C >= 1; got "
                          f"{first.dtype} of shape {tuple(first.shape)}")
     for a in arrays[1:]:

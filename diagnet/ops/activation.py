@@ -17,11 +17,10 @@ through those of ``kernels/softmax.cu`` (`softmax_kernels`).
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from .. import backend, settings
+from .. import backend, checks, settings
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import FLOAT_DTYPES, Function, Tensor, axis_or_dim
 from ..diag import threadpools
@@ -249,7 +248,7 @@ def softmax_kernels(x):
 def _last_axis_kernels(x, axis):
     """The softmax kernels for ``x`` when ``axis`` is its last axis, else None (the
     reference handles other axes, tuples of axes, and reports bad ones)."""
-    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or x.ndim == 0 \
+    if not checks.is_integer(axis) or x.ndim == 0 \
             or axis not in (-1, x.ndim - 1) or x.size == 0:
         return None
     return softmax_kernels(x)

@@ -23,11 +23,10 @@ Each public function follows the `Function` class that implements it.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from .. import backend, settings
+from .. import backend, checks, settings
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..diag import threadpools
@@ -199,27 +198,14 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, rng=None, sc
             different devices.
     """
     B, H, L, S, E = _check_qkv(q, k, v)
-    scale = 1.0 / math.sqrt(E) if scale is None else _real("scale", scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scaled_dot_product_attention: scale must be finite; got {scale}")
-    dropout_p = _real("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1); got "
-                         f"{dropout_p}")
+    scale = 1.0 / math.sqrt(E) if scale is None else checks.real("scale", scale)
+    dropout_p = checks.unit_interval("dropout_p", dropout_p, include_one=False)
     xp = _xp(q.data)
     mask = None if mask is None else _check_mask(mask, (B, H, L, S), xp)
     drop = None
     if dropout_p > 0.0:
         drop = dropout_scale((B, H, L, S), dropout_p, xp, q.dtype, rng)
     return ScaledDotProductAttention(mask, drop, scale)(q, k, v)
-
-
-def _real(name, value):
-    """``value`` as a float if it is a real number (not a bool), else `TypeError`."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"scaled_dot_product_attention: {name} must be a real number; got "
-                        f"{type(value).__name__} {value!r:.40}")
-    return float(value)
 
 
 def _check_qkv(q, k, v):
@@ -317,11 +303,7 @@ def qkv_split(x, heads):
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"qkv_split: x must be a Tensor; got {type(x).__name__}")
-    if isinstance(heads, (bool, np.bool_)) or not isinstance(heads, numbers.Integral):
-        raise TypeError(f"qkv_split: heads must be an int; got {type(heads).__name__} "
-                        f"{heads!r:.40}")
-    if heads < 1:
-        raise ValueError(f"qkv_split: heads must be at least 1; got {heads}")
+    heads = checks.integer("heads", heads, 1)
     if x.ndim != 3 or x.shape[2] % (3 * heads):
         raise ValueError(f"qkv_split: x must have shape (B, N, 3 * heads * head_dim) with "
                          f"heads={heads}, a last dim divisible by {3 * heads}; got {x.shape}")

@@ -18,9 +18,7 @@ mask-update steps of dynamic sparse training use to pick diagonals to grow.
 
 from __future__ import annotations
 
-import numbers
-
-from .. import backend
+from .. import backend, checks
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..diag import dispatch, validate
 
@@ -130,7 +128,7 @@ def diag_linear(x, offsets, values, shape, bias=None):
         TypeError: ``shape`` not a pair of ints; non-float or mismatched dtypes; non-integer
             ``offsets``.
     """
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+    if checks.is_integer(shape):
         raise TypeError(f"diag_linear: shape must be the weight's full shape "
                         f"(out_features, in_features); got the int {shape!r}")
     m, n = validate.validate_shape(shape, "shape (out_features, in_features)")

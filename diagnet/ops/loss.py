@@ -9,10 +9,9 @@ tested against.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
+from .. import checks
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import Function, Tensor
 from . import basic, reduce
@@ -140,12 +139,8 @@ def cross_entropy(logits, labels, label_smoothing=0.0, reduction="mean"):
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(label_smoothing,
-                                                                       numbers.Real):
-        raise TypeError(f"cross_entropy: label_smoothing must be a float in [0, 1); got "
-                        f"{type(label_smoothing).__name__} {label_smoothing!r:.40}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1); got {label_smoothing}")
+    label_smoothing = checks.unit_interval("label_smoothing", label_smoothing,
+                                           include_one=False)
     shape = tuple(logits.shape)
     if len(shape) < 1:
         raise ValueError("cross_entropy: logits must have a class dimension; got a scalar")

@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-from .. import backend
+from .. import backend, checks
 from ..autograd import Function, Tensor, as_tensor_like, axis_or_dim
 
 __all__ = ["sum", "mean", "var", "max", "min", "argmax"]
@@ -118,7 +118,7 @@ def var(x, axis=None, keepdims=False, ddof=0, *, dim=None):
     ``keepdims`` here. ``N - ddof`` must be positive (else `ValueError`; NumPy would return
     inf or NaN with a warning).
     """
-    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+    if not checks.is_integer(ddof) or ddof < 0:
         raise ValueError(f"var: ddof must be a non-negative int; got {ddof!r}")
     axis = axis_or_dim("var", axis, dim)
     axes = _normalise_axis(axis, x.ndim, "var")

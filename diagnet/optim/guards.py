@@ -12,11 +12,7 @@ state dict (in ``optimizer.py``) uses `_is_step_count` and `_describe` too.
 
 from __future__ import annotations
 
-import numbers
-
-import numpy as np
-
-from .. import backend
+from .. import backend, checks
 from ..autograd import FLOAT_DTYPES, Tensor
 
 #: the largest step count a state dict may hold: an int64 counter, small enough that the
@@ -26,8 +22,7 @@ _MAX_STEP = 2 ** 63 - 1
 
 def _is_step_count(value) -> bool:
     """Whether ``value`` is a step count: an int (not a bool) in ``[0, 2**63)``."""
-    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
-            and 0 <= value <= _MAX_STEP)
+    return checks.is_integer(value) and 0 <= value <= _MAX_STEP
 
 
 def _describe(name, index, where=""):

@@ -31,11 +31,9 @@ active; the optimizer's state follows through `remap_rows`, `reset_rows` and `ma
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from .. import backend
+from .. import backend, checks
 from ..autograd import Tensor
 from ..config import enable_grad, no_grad
 from ..row_state import RowOwner
@@ -329,7 +327,7 @@ class Optimizer(StepGuards, RowStateMethods):
         if len(ids) != len(group["params"]):
             raise ValueError(f"param group {number}: loaded state dict has {len(ids)} "
                              f"parameters, the optimizer's group has {len(group['params'])}")
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+        if not all(checks.is_integer(i) for i in ids):
             raise ValueError(f"param group {number} of the loaded state dict: 'params' must "
                              f"be integer indices; got {ids!r:.80}")
         allowed = set(self.defaults) | set(group) | set(_SCHEDULER_KEYS)

@@ -14,9 +14,9 @@ import numpy as np
 
 from .. import backend
 from .. import random as _random
+from ..checks import FLOAT_DTYPES, float_dtype
 from ..diag import dispatch, layout
-from ..diag.validate import (FLOAT_DTYPES, as_array, check_float_dtype, check_same_device,
-                            resolve_num_diagonals,
+from ..diag.validate import (as_array, check_same_device, resolve_num_diagonals,
                             validate_offsets, validate_shape, validate_values)
 from . import scipy_format
 
@@ -224,7 +224,7 @@ class DiagMatrix:
 
         With ``copy=False`` and the same dtype, ``self`` is returned.
         """
-        dt = check_float_dtype(dtype)
+        dt = float_dtype(dtype)
         if dt == self.dtype and not copy:
             return self
         return DiagMatrix._trusted(self._offsets, self._values.astype(dt, copy=True),
@@ -298,7 +298,7 @@ class DiagMatrix:
             ValueError: ``A`` is not 2-D or has an empty side; with ``offsets``, a non-zero
                 of ``A`` off them (the message names the first one, in row-major order).
         """
-        dt = None if dtype is None else check_float_dtype(dtype)
+        dt = None if dtype is None else float_dtype(dtype)
         rows, cols, vals, shape = scipy_format.nonzero_triples(A)
         if dt is None:
             dt = vals.dtype if vals.dtype in FLOAT_DTYPES else np.dtype(np.float64)
@@ -333,7 +333,7 @@ class DiagMatrix:
         matrices, ``K * n / m`` for tall ones.
         """
         shape = validate_shape(shape)
-        dt = check_float_dtype(dtype)
+        dt = float_dtype(dtype)
         K = resolve_num_diagonals(shape, sparsity, k)
         gen = np.random.default_rng() if rng is None else _random.as_generator(rng)
         m, n = shape

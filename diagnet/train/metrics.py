@@ -13,11 +13,9 @@ used on its own:
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from .. import backend
+from .. import backend, checks
 from ..autograd import Tensor
 from ..config import no_grad
 from ..ops import cross_entropy
@@ -121,6 +119,6 @@ def metric_value(key, value):
         value = backend.to_numpy(value).reshape(()).item()
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not checks.is_real(value):
         raise TypeError(f"eval_fn: metric {key!r} must be a number; got {type(value).__name__}")
     return value

@@ -7,8 +7,9 @@ The batch bar shows the epoch's running loss and accuracy and the controller's n
 
 from __future__ import annotations
 
-import numbers
 import time
+
+from .. import checks
 
 __all__ = ["ProgressBars"]
 
@@ -22,7 +23,7 @@ def _short(metrics):
     "0.5"}``: numbers only, 4 digits, short names."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not checks.is_real(value):
             continue
         key = key.replace("train_", "").replace("accuracy", "acc").replace("temperature", "temp")
         out[key] = f"{value:.4g}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
+from .. import checks
 from ..version import __version__
 
 __all__ = ["TrainerState", "EpochTotals", "describe_run"]
@@ -120,7 +121,7 @@ class TrainerState:
             fail(f"trainer state version {d.get('version')!r}; this diagnet reads {VERSION}")
 
         def count(value, name):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            if not checks.is_integer(value) or value < 0:
                 fail(f"trainer state: {name} must be a non-negative int; got {value!r}")
             return int(value)
 
@@ -175,7 +176,8 @@ def describe_object(obj):
     method (`DynaDiag`) gives its dict; one whose ``hyperparameters`` is a tuple of attribute
     names (the schedulers) gives those; any other object its public attributes that are
     plain numbers, strings or lists of them. A controller's layer names are added as
-    ``layers`` unless already there.
+    ``layers`` unless already there, and its ``structure()`` (the stored diagonals at the
+    start, from which `diagnet.plots` replays the log) as ``structure``.
     """
     if obj is None:
         return None
@@ -195,6 +197,8 @@ def describe_object(obj):
     layers = getattr(obj, "layers", None)
     if isinstance(layers, dict) and "layers" not in out:
         out["layers"] = list(layers)
+    if callable(getattr(obj, "structure", None)):
+        out["structure"] = obj.structure()
     return out
 
 

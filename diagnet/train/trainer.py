@@ -51,11 +51,11 @@ from __future__ import annotations
 
 import datetime
 import math
-import numbers
 import os
 import time
 import warnings
 
+from .. import checks
 from .. import random as _random
 from ..checkpoint import load, save
 from ..config import no_grad
@@ -75,12 +75,6 @@ __all__ = ["Trainer", "FitResult", "NonFiniteLossError", "evaluate", "TIME_KEYS"
 
 def _now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------- Trainer
@@ -167,10 +161,10 @@ class Trainer:
         self.eval_loader, self.eval_fn = eval_loader, eval_fn
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.controller = controller
-        self.epochs = _positive_int("epochs", epochs)
-        self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, minimum=0)
+        self.epochs = checks.int_at_least("epochs", epochs, 1)
+        self.checkpoint_every = checks.int_at_least("checkpoint_every", checkpoint_every, 0)
         self.best_metric, self.best_mode = best_metric, best_mode
-        self.seed = _positive_int("seed", seed, minimum=0)
+        self.seed = checks.int_at_least("seed", seed, 0)
         self.config, self.progress, self.overwrite = config, bool(progress), bool(overwrite)
         self.out_dir = os.fspath(out_dir)
         self.state = self.log = None

@@ -80,6 +80,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ...checks import FLOAT_DTYPES
 from .both_grads import _both_grads_block, _both_grads_parallel
 from .gather import _gather_block, _gather_parallel, _gather_rotated_parallel, _rotate_square
 from .scatter import _scatter_block, _scatter_parallel
@@ -256,7 +257,6 @@ def _input_and_value_grad(dy, x, values, offsets):
 # Argument checks (O(1) apart from the offsets range check)
 # --------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = np.dtype(np.int64)
 
 
@@ -271,7 +271,7 @@ def _float_pair(primary, other):
     if type(primary) is not np.ndarray or not primary.flags.c_contiguous:
         primary = np.ascontiguousarray(primary)
     dtype = primary.dtype
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"expected a float32 or float64 array; got {dtype}")
     if not _is_ready(other, dtype):
         other = np.ascontiguousarray(other, dtype=dtype)
