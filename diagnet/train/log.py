@@ -12,7 +12,8 @@ numbers and lists, and non-finite floats become the strings ``"nan"``, ``"inf"``
 
 The records a `diagnet.train.Trainer` writes, each with an ``"event"`` key: ``run_start``
 (seed, config, diagnet version, model size, optimizer / scheduler / controller
-hyperparameters, loader settings), the controller's events as they come
+hyperparameters and, for a sparsity controller, its starting ``structure``: each layer's
+stored offsets and number of possible diagonals; loader settings), the controller's events as they come
 (``controller.after_step`` / ``start_epoch``, written as the controller made them: step,
 layer, dropped, grown, ...), one ``epoch`` record per epoch, an ``lr_schedule`` record where
 a resumed run changes the learning rate schedule's length (``epoch``, ``step``,
