@@ -8,4 +8,6 @@
   arrays wrap NumPy arrays and whose ``RawModule`` kernels run in the harness. ``pytest
   --fake-cupy`` installs them as ``cupy``/``cupyx`` so that the GPU code path of diagnet runs
   in CI on machines without a GPU.
+* `simt.nvcc`: compiles a kernel source with the real nvcc, where the CUDA toolkit is
+  installed, and parses ptxas's report of registers, spills and shared memory.
 """

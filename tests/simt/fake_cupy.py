@@ -3,7 +3,7 @@
 ``pytest --fake-cupy`` (see ``tests/conftest.py``) registers this module as ``cupy`` (and
 `simt.fake_cupyx` as ``cupyx``) before diagnet probes for CuPy, so ``diagnet.cuda_available()``
 is True and every test marked ``gpu`` runs the whole CuPy code path of diagnet on the CPU.
-The kernel tests in ``tests/test_cuda_kernels.py`` use it directly as the launcher's CuPy.
+The kernel tests in ``tests/diag/test_cuda_kernels.py`` use it directly as the launcher's CuPy.
 
 What it mirrors from CuPy, because diagnet could get it wrong:
 

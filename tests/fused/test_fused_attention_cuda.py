@@ -28,6 +28,7 @@ import pytest
 from simt import fake_cupy
 from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, HarnessError, binary_unusable,
                           shared_builder)
+from simt.nvcc import NVCC, nvcc_compile
 
 import diagnet as dn
 from diagnet import backend, cuda_launch, settings
@@ -35,7 +36,6 @@ from diagnet import functional as F
 from diagnet.fused import attention_cuda
 from diagnet.ops import attention as ops_attention
 from diagnet.ops.attention import MASKED_SCORE, reference_backward, reference_forward
-from test_cuda_kernels import NVCC, nvcc_compile
 from tolerances import F32_GRAD_TOL, F32_TOL, F64_GRAD_TOL, F64_TOL, GRADCHECK_TOL
 
 needs_gxx = pytest.mark.skipif(GXX is None, reason=NO_GXX_REASON)

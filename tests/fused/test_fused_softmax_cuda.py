@@ -25,6 +25,7 @@ import pytest
 from simt import fake_cupy
 from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, HarnessError, binary_unusable,
                           shared_builder)
+from simt.nvcc import NVCC, nvcc_compile
 
 import diagnet
 from diagnet import backend, cuda_launch, settings
@@ -32,7 +33,6 @@ from diagnet import functional as F
 from diagnet.fused import softmax_cuda
 from diagnet.ops.activation import softmax_kernels
 from diagnet.ops.loss import CrossEntropy
-from test_cuda_kernels import NVCC, nvcc_compile
 from test_fused_softmax import LOG_SOFTMAX_F32_TOL
 from tolerances import F32_GRAD_TOL, F64_TOL
 

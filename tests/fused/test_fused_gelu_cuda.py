@@ -21,13 +21,13 @@ import pytest
 from simt import fake_cupy
 from simt.harness import GXX, KERNEL_DIR, NO_GXX_REASON, HarnessError, binary_unusable, \
     shared_builder
+from simt.nvcc import NVCC, nvcc_compile
 
 import diagnet
 from diagnet import backend, cuda_launch
 from diagnet import functional as F
 from diagnet.fused import gelu_cuda
 from diagnet.ops.activation import _gelu_grad_reference, _gelu_reference, gelu_kernels
-from test_cuda_kernels import NVCC, nvcc_compile
 from tolerances import F32_GRAD_TOL, F32_TOL, F64_TOL
 
 needs_gxx = pytest.mark.skipif(GXX is None, reason=NO_GXX_REASON)

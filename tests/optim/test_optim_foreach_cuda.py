@@ -23,12 +23,12 @@ import pytest
 from simt import fake_cupy
 from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, AddressTable, HarnessError,
                           run_harness, shared_builder)
+from simt.nvcc import NVCC, nvcc_compile
 
 from diagnet import backend, cuda_launch
 from diagnet.autograd import Tensor
 from diagnet.nn.parameter import Parameter
 from diagnet.optim import SGD, Adam, AdamW, Optimizer, _foreach_cuda
-from test_cuda_kernels import NVCC, nvcc_compile
 
 needs_gxx = pytest.mark.skipif(GXX is None, reason=NO_GXX_REASON)
 DTYPES = [np.float32, np.float64]

@@ -21,16 +21,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from simt import fake_cupy
 from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, ROOT, HarnessError, binary_unusable,
                           run_harness, shared_builder)
+from simt.nvcc import NVCC, nvcc_compile
 
 from diagnet import backend, cuda_launch
 from diagnet.diag import cuda, reference
@@ -38,7 +35,6 @@ from tolerances import cuda_kernel_tol
 
 KERNEL_SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
 
-NVCC = shutil.which("nvcc")
 ARCHS = ("sm_80", "sm_90")
 
 # Entry points the launcher calls, per dtype.
@@ -63,35 +59,6 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason=NO_GXX_REASON)
 # =====================================================================================
 # nvcc: compile, warnings as errors, registers and spills
 # =====================================================================================
-
-_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
-_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
-
-
-def parse_ptxas(output: str) -> dict[str, dict[str, int]]:
-    """Per kernel: registers, spill stores/loads, stack frame and static shared memory."""
-    kernels: dict[str, dict[str, int]] = {}
-    current = None
-    for line in output.splitlines():
-        if m := _PTXAS_ENTRY.search(line):
-            current = kernels.setdefault(m.group(1), {"arch": m.group(2)})
-        elif current is not None and (m := _PTXAS_FRAME.search(line)):
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                           spill_loads=int(m.group(3)))
-        elif current is not None and (m := _PTXAS_USED.search(line)):
-            current.update(registers=int(m.group(1)), barriers=int(m.group(2) or 0),
-                           smem=int(m.group(3) or 0))
-    return kernels
-
-
-def nvcc_compile(source: Path, arch: str, defines=(), outdir: Path | None = None):
-    outdir = Path(tempfile.mkdtemp()) if outdir is None else outdir
-    cmd = [NVCC, "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-Werror", "all-warnings",
-           *defines, "-o", str(outdir / f"{source.stem}.{arch}.cubin"), str(source)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return res, parse_ptxas(res.stdout + res.stderr)
-
 
 @pytest.fixture(scope="module", params=ARCHS)
 def nvcc_build(request, tmp_path_factory):

@@ -3,9 +3,9 @@
 `docs/tour.md` refers to the code in inline code spans: file paths (``diagnet/row_state.py``,
 ``kernels/*.cu``), dotted symbols (``diagnet.nn.linear.DiagLinear.set_offsets``) and, on a
 ``Check yourself:`` line closing each section, a pytest selection (``pytest -q
-tests/test_optim.py -k remap_rows``). Every path must exist, every symbol must import, and
+tests/optim/test_optim.py -k remap_rows``). Every path must exist, every symbol must import, and
 every selection must select at least one test. Its map must list the layers of
-`tests/test_layers.py`, and its stops must be the stops the companion prints.
+`tests/project/test_layers.py`, and its stops must be the stops the companion prints.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOUR_MD = ROOT / "docs" / "tour.md"
 TOUR_PY = ROOT / "docs" / "tour.py"
 STOP_HEADING = re.compile(r"^## Stop (\d+): (.+?) \(\d+ minutes\)$", flags=re.M)

@@ -5,7 +5,7 @@ The reference is the array code of `diagnet.ops.activation` / `diagnet.ops.loss`
 with ``DIAGNET_CPU_KERNELS=reference`` (the `use_kernels` fixture): float64 values and
 gradients agree to rounding, including rows of width 1, huge logits, ``-inf`` entries and
 rows that are all ``-inf`` (NaN in both); float32 agrees with the float64 reference to the
-stated tolerances. The CuPy path (the CUDA kernels, `tests/test_fused_softmax_cuda.py`) is
+stated tolerances. The CuPy path (the CUDA kernels, `tests/fused/test_fused_softmax_cuda.py`) is
 checked against these kernels by the ``gpu`` tests at the end.
 """
 

@@ -157,7 +157,7 @@ def test_refused_controller_leaves_the_model_and_the_generator_as_they_were():
 
 def test_docs_table_is_the_recipe_table():
     """``docs/dst.md`` shows `RECIPES` row for row, so the two cannot drift."""
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "dst.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "dst.md").read_text()
     rows = [line for line in doc.splitlines() if line.startswith("| `\"")]
     want = [f"| `\"{r.layer}\"` | `\"{r.method}\"` | `\"{r.name}\"` "
             f"| `{_qualified(r.layer_class)}` | `{_qualified(r.controller)}` "

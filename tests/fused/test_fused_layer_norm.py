@@ -21,6 +21,7 @@ import pytest
 from simt import fake_cupy
 from simt.harness import (GXX, KERNEL_DIR, NO_GXX_REASON, HarnessError, binary_unusable,
                           run_harness, shared_builder)
+from simt.nvcc import NVCC, nvcc_compile
 
 import diagnet
 from diagnet import backend, cuda_launch
@@ -29,7 +30,6 @@ from diagnet.fused import layer_norm as ln
 from diagnet.fused import layer_norm_cpu, layer_norm_cuda
 from diagnet.gradcheck import gradcheck
 from helpers import t64
-from test_cuda_kernels import NVCC, nvcc_compile
 from tolerances import F64_TOL, GRADCHECK_TOL, LAYER_NORM_RTOL
 
 needs_gxx = pytest.mark.skipif(GXX is None, reason=NO_GXX_REASON)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 #: the units, lowest layer first; the units of one layer are side by side
 LAYERS = (

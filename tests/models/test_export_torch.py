@@ -22,7 +22,7 @@ from diagnet.models import MLP
 
 torch = pytest.importorskip("torch")
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "export.md"
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-6)}
 
 
