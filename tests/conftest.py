@@ -172,3 +172,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def make_fake(harness_builder, tmp_path, monkeypatch):
+    """Make the CuPy stand-in the CUDA launcher's CuPy, its kernels run by a fresh SIMT device.
+
+    For the kernel test modules, each of which defines a ``harness_builder`` fixture (the
+    harness builds of its ``.cu`` file). Returns a factory taking the harness flavor (default:
+    the builder's, ASan where it runs); the device it returns records the compiles and
+    launches of the test. Compiled modules are forgotten before and after: they belong to
+    one device.
+    """
+    import contextlib
+
+    from diagnet import cuda_launch
+    from simt import fake_cupy
+
+    stack = contextlib.ExitStack()
+
+    def install(flavor=None):
+        device = fake_cupy.SimtDevice(harness_builder, flavor or harness_builder.flavor, tmp_path)
+        stack.enter_context(fake_cupy.use_device(device))
+        monkeypatch.setattr(cuda_launch, "require_cupy", lambda what="": fake_cupy)
+        cuda_launch.clear_cache()
+        return device
+
+    with stack:
+        yield install
+    cuda_launch.clear_cache()

@@ -18,7 +18,6 @@ Three layers:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 
@@ -209,25 +208,6 @@ def harness_builder():
     return builder
 
 
-@pytest.fixture
-def make_fake(harness_builder, tmp_path, monkeypatch):
-    """Make the CuPy stand-in the launcher's CuPy, its kernels run by a fresh `SimtDevice`.
-
-    Returns a factory taking the harness flavor (default: ASan where it runs); the device it
-    returns records the compiles and launches of the test.
-    """
-    stack = contextlib.ExitStack()
-
-    def install(flavor=None):
-        device = fake_cupy.SimtDevice(harness_builder, flavor or harness_builder.flavor, tmp_path)
-        stack.enter_context(fake_cupy.use_device(device))
-        monkeypatch.setattr(cuda_launch, "require_cupy", lambda what="": fake_cupy)
-        cuda.clear_cache()  # compiled modules belong to the previous device
-        return device
-
-    with stack:
-        yield install
-    cuda.clear_cache()
 
 
 @pytest.fixture

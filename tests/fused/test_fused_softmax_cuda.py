@@ -223,21 +223,6 @@ def harness_builder():
     return builder
 
 
-@pytest.fixture
-def make_fake(harness_builder, tmp_path, monkeypatch):
-    """Make the CuPy stand-in the launcher's CuPy; returns a factory taking the flavor."""
-    stack = contextlib.ExitStack()
-
-    def install(flavor=None):
-        device = fake_cupy.SimtDevice(harness_builder, flavor or harness_builder.flavor, tmp_path)
-        stack.enter_context(fake_cupy.use_device(device))
-        monkeypatch.setattr(cuda_launch, "require_cupy", lambda what="": fake_cupy)
-        cuda_launch.clear_cache()
-        return device
-
-    with stack:
-        yield install
-    cuda_launch.clear_cache()
 
 
 def check(R, C, dtype, config, eps, special=False, dev=fake_cupy.asarray):
