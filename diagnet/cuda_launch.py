@@ -199,3 +199,23 @@ class Kernel:
             raise ValueError(f"{where} must fit a {'32' if kind == 'i' else '64'}-bit int; "
                              f"got {value}")
         return np.int32(value) if kind == "i" else np.int64(value)
+
+
+# ---- launch configurations: frozen dataclasses of compile-time constants ---------------------
+
+def check_positive_fields(config) -> None:
+    """Raise ValueError unless every field of the dataclass ``config`` is an int >= 1 (not a
+    bool); the message names the class and the field. Each kernel's config checks its own
+    relations between fields after this."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{field.name} must be a positive int; "
+                             f"got {value!r}")
+
+
+def config_defines(config, compiled_fields: dict[str, str]) -> tuple[str, ...]:
+    """The ``-D`` options that compile ``config``'s constants into a kernel:
+    ``compiled_fields`` maps each field name to its macro name."""
+    return tuple(f"-D{macro}={getattr(config, field)}" for field, macro in compiled_fields.items())
+

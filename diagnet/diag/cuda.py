@@ -87,10 +87,7 @@ class KernelConfig:
     max_reduce_blocks: int = MAX_GRID_YZ  #: cap on the reduction's grid.x (it loops too)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KernelConfig.{field.name} must be a positive int; got {value!r}")
+        cuda_launch.check_positive_fields(self)
         if self.gather_block_x * self.gather_block_y > 1024:
             raise ValueError("KernelConfig: gather_block_x * gather_block_y must be <= 1024")
         if self.vg_block_x * self.vg_block_y > 1024:
@@ -106,7 +103,7 @@ class KernelConfig:
 
     def defines(self) -> tuple[str, ...]:
         """The ``-D`` options that compile these constants into the kernels."""
-        return tuple(f"-D{macro}={getattr(self, field)}" for field, macro in COMPILED_FIELDS.items())
+        return cuda_launch.config_defines(self, COMPILED_FIELDS)
 
 
 DEFAULT_CONFIG = KernelConfig()

@@ -69,11 +69,7 @@ class AttentionConfig:
     max_grid: int = 65535  #: cap on grid.x (blocks walk the lanes beyond it)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"AttentionConfig.{field.name} must be a positive int; "
-                                 f"got {value!r}")
+        cuda_launch.check_positive_fields(self)
         if self.threads > 1024 or self.query_tile > self.threads:
             raise ValueError(f"AttentionConfig: need query_tile <= threads <= 1024; got "
                              f"query_tile={self.query_tile}, threads={self.threads}")
@@ -95,8 +91,7 @@ class AttentionConfig:
 
     def defines(self) -> tuple[str, ...]:
         """The ``-D`` options that compile these constants into the kernels."""
-        return tuple(f"-D{macro}={getattr(self, field)}"
-                     for field, macro in COMPILED_FIELDS.items())
+        return cuda_launch.config_defines(self, COMPILED_FIELDS)
 
 
 DEFAULT_CONFIG = AttentionConfig()

@@ -64,10 +64,7 @@ class GeluConfig:
     max_grid: int = 65535  #: cap on grid.x of the grid-stride kernels (they loop beyond)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GeluConfig.{field.name} must be a positive int; got {value!r}")
+        cuda_launch.check_positive_fields(self)
         if self.threads > 1024 or not _power_of_two(self.threads):
             raise ValueError(f"GeluConfig.threads must be a power of two <= 1024; "
                              f"got {self.threads}")
@@ -77,8 +74,7 @@ class GeluConfig:
 
     def defines(self) -> tuple[str, ...]:
         """The ``-D`` options that compile these constants into the kernels."""
-        return tuple(f"-D{macro}={getattr(self, field)}"
-                     for field, macro in COMPILED_FIELDS.items())
+        return cuda_launch.config_defines(self, COMPILED_FIELDS)
 
 
 DEFAULT_CONFIG = GeluConfig()

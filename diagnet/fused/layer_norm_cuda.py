@@ -61,11 +61,7 @@ class LayerNormConfig:
     max_grid: int = 65535  #: cap on grid.x of the forward and the reduction (they loop beyond)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LayerNormConfig.{field.name} must be a positive int; "
-                                 f"got {value!r}")
+        cuda_launch.check_positive_fields(self)
         if self.threads > 1024 or not _power_of_two(self.threads):
             raise ValueError(f"LayerNormConfig.threads must be a power of two <= 1024; "
                              f"got {self.threads}")
@@ -75,8 +71,7 @@ class LayerNormConfig:
 
     def defines(self) -> tuple[str, ...]:
         """The ``-D`` options that compile these constants into the kernels."""
-        return tuple(f"-D{macro}={getattr(self, field)}"
-                     for field, macro in COMPILED_FIELDS.items())
+        return cuda_launch.config_defines(self, COMPILED_FIELDS)
 
 
 DEFAULT_CONFIG = LayerNormConfig()
