@@ -18,6 +18,17 @@ number of its batches already handed out. After `DataLoader.load_state_dict`, th
 iteration yields batches ``i, i+1, ...`` of epoch ``e``, exactly those that an uninterrupted
 iteration would have yielded next; earlier batches are skipped without being gathered.
 
+Sharding. ``DataLoader(..., rank=r, world_size=W)`` gives process ``r`` of a data-parallel
+job of ``W`` its share of every *global* batch: batch ``i`` of the single-process order,
+``order[i*B:(i+1)*B]`` (``B`` is ``batch_size``, the global batch), is split into ``W``
+contiguous parts as ``numpy.array_split`` splits it (sizes differ by at most one, the first
+parts larger), and rank ``r`` takes part ``r``. As with PyTorch's ``DistributedSampler``
+every rank sees a different part of one epoch order, but the split is per global batch and
+nothing is padded or repeated: the union of the ranks' batches is exactly the
+single-process batch, in order, so ``W`` ranks train on the same global batches as one
+process. Epochs, positions (`DataLoader.state_dict`) and `DataLoader.describe` count global
+batches and do not mention the world size, so a run saved by 2 ranks resumes on 1.
+
 Cost. A batch of an `ArrayDataset` is gathered with one fancy index per array
 (``array[indices]``), never with a Python loop over samples, and copied to the device once.
 Any other dataset is asked for one sample at a time, and `collate` stacks the samples.
@@ -182,7 +193,11 @@ class DataLoader:
         transform: optional callable ``transform(*tensors) -> tuple of tensors`` applied to
             each batch after it is on the device (e.g. ``lambda x, y: (x.astype("float32")
             / 255, y)``, which moves uint8 images to the GPU at a quarter of the float32
-            size). A single returned `Tensor` becomes a 1-tuple.
+            size). A single returned `Tensor` becomes a 1-tuple. With sharding it sees this
+            rank's share of the batch.
+        rank: keyword only; this process's rank ``r``, an int in ``[0, world_size)``.
+        world_size: keyword only; the number of processes ``W`` that share every batch (an
+            int >= 1; 1, the default, does not shard).
 
     Iterating yields, for each batch, a tuple with one `Tensor` per dataset array (or per
     field of a sample), of shape ``(B, *array.shape[1:])`` (the last batch of an epoch may
@@ -202,13 +217,26 @@ class DataLoader:
     iteration then starts again at batch 0 of the same epoch, unless `load_state_dict` set a
     position. One iteration at a time: two simultaneous iterators share the position.
 
+    Sharding. With ``world_size`` ``W > 1`` each batch is this rank's part of a global batch
+    of ``batch_size`` samples: the global batch is split into ``W`` contiguous parts with
+    ``numpy.array_split``'s sizes and rank ``r`` gets part ``r`` (see the module notes). It
+    works like PyTorch's ``DistributedSampler``, but per global batch and without padding or
+    repeated samples: the ranks' batches together are the single-process batches, and the
+    union of the shards is the single-process epoch. Every rank yields ``len(loader)``
+    batches per epoch (the number of global batches); `state_dict`, `load_state_dict` and
+    `set_epoch` count global batches and `describe` holds no rank or world size, so a state
+    saved by ``W`` ranks loads on any other number. A per-sample dataset is asked only for
+    this rank's samples. Each rank must get at least one sample of every batch, so every
+    global batch, the last one included, needs ``W`` samples or more.
+
     Raises:
-        TypeError / ValueError: invalid arguments, or a dataset that gives no batch at all
-            (empty, or fewer than ``batch_size`` samples with ``drop_last``).
+        TypeError / ValueError: invalid arguments, a dataset that gives no batch at all
+            (empty, or fewer than ``batch_size`` samples with ``drop_last``), or a global
+            batch with fewer samples than ``world_size`` (some rank would get none).
     """
 
     def __init__(self, dataset, batch_size, shuffle=False, seed=0, drop_last=False, device=None,
-                 transform=None):
+                 transform=None, *, rank=0, world_size=1):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must support len() and indexing; got "
                             f"{type(dataset).__name__}")
@@ -223,11 +251,16 @@ class DataLoader:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
         self.transform = transform
+        self.world_size = checks.integer("world_size", world_size, 1)
+        self.rank = checks.integer("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"invalid rank={self.rank}: must be < world_size={self.world_size}")
         self._per_sample = not isinstance(dataset, ArrayDataset)
         self.num_samples = len(dataset)
         if len(self) == 0:
             raise ValueError(f"DataLoader: no batch to give: the dataset has {self.num_samples} "
                              f"samples, batch_size={self.batch_size}, drop_last={self.drop_last}")
+        self._check_shares()
         self.epoch = 0
         self.batch = 0           # batches of `epoch` handed out by the current iteration
         self._resume_at = None   # set by load_state_dict: where the next iteration starts
@@ -235,6 +268,29 @@ class DataLoader:
     def __len__(self):
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
+
+    @property
+    def sharded(self):
+        """True when each batch is split across ``world_size > 1`` ranks."""
+        return self.world_size > 1
+
+    def _check_shares(self):
+        """Refuse a setting where some global batch leaves a rank without samples."""
+        ranks = self.world_size
+        last = 0 if self.drop_last else self.num_samples % self.batch_size
+        if self.batch_size < ranks:
+            problem = f"a global batch has at most {self.batch_size} sample(s)"
+            fix = f"use a batch_size of at least {ranks}"
+        elif 0 < last < ranks:
+            problem = f"the last global batch has {last} sample(s)"
+            fix = ("use drop_last=True, or a batch_size that leaves a last batch of at least "
+                   f"{ranks} samples")
+        else:
+            return
+        raise ValueError(
+            f"DataLoader: with world_size={ranks} every global batch needs at least {ranks} "
+            f"samples (one per rank), but {problem} ({self.num_samples} samples, "
+            f"batch_size={self.batch_size}, drop_last={self.drop_last}): {fix}")
 
     # ------------------------------------------------------------------ epochs and position
     def set_epoch(self, epoch):
@@ -291,10 +347,19 @@ class DataLoader:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         for i in range(start, len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.world_size > 1:
+                indices = self._share(indices)
             batch = self._to_tensors(self._gather(indices))
             self.batch = i + 1   # counted as handed out while the consumer uses it
             yield batch
         self.epoch, self.batch = epoch + 1, 0
+
+    def _share(self, indices):
+        """This rank's contiguous part of a global batch's ``indices``: part ``rank`` of
+        ``numpy.array_split(indices, world_size)``, computed without splitting."""
+        size, larger = divmod(len(indices), self.world_size)
+        start = self.rank * size + min(self.rank, larger)
+        return indices[start:start + size + (self.rank < larger)]
 
     def _gather(self, indices):
         if self._per_sample:
@@ -315,6 +380,7 @@ class DataLoader:
         return batch
 
     def __repr__(self):
+        shard = f", rank={self.rank}, world_size={self.world_size}" if self.sharded else ""
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
-                f"device={self.device!r})")
+                f"device={self.device!r}{shard})")
