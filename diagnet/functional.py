@@ -2,7 +2,8 @@
 
 All functions take and return `diagnet.Tensor` (other operands such as Python scalars or
 arrays are treated as constants of the tensor's dtype and device), except `numel` (an int)
-and `diagonal_scores`, which returns a backend array (it is a score, not part of a graph).
+and `diagonal_scores` and `diagonal_norms`, which return backend arrays (they are scores,
+not part of a graph).
 `argmax` returns an int64 tensor without gradient.
 
 The names are those of `diagnet.ops` (each op module's ``__all__``, so an op is listed

@@ -9,9 +9,9 @@ of a backward pass, in one pass over the batch with the numba kernels. The first
 returns the numba kernels configures the thread pools (`threadpools.configure`).
 
 `diagonal_scores` is the exception: it is one dense matmul ``dy.T @ x`` plus a gather of
-its ``P`` diagonals, written once in backend-generic array code (NumPy or CuPy, whichever
-holds the arrays) and run only at mask-update steps, so it has no per-backend kernel and
-the CPU kernel setting does not affect it.
+its ``P`` diagonals (`diagonal_norms`), written once in backend-generic array code (NumPy or
+CuPy, whichever holds the arrays) and run only at mask-update steps, so it has no
+per-backend kernel and the CPU kernel setting does not affect it.
 """
 
 from __future__ import annotations
@@ -99,3 +99,12 @@ def diagonal_scores(dy, x):
     only at mask-update steps, where a dense product is affordable.
     """
     return reference.diagonal_scores(dy, x)
+
+
+def diagonal_norms(w):
+    """The L2 norm of the dense ``(m, n)`` matrix ``w`` on each of its ``P`` diagonals; ``(P,)``.
+
+    The second half of `diagonal_scores`, for a dense gradient formed elsewhere (e.g. summed
+    across processes); the same backend-generic code.
+    """
+    return reference.diagonal_norms(w)

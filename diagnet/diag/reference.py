@@ -62,9 +62,17 @@ def diagonal_scores(dy, x):
 
     This builds the dense ``(m, n)`` gradient, so it is meant for mask-update steps only.
     """
-    xp = backend.get_array_module(dy)
-    m, n = dy.shape[1], x.shape[1]
-    squares = (dy.T @ x) ** 2
+    return diagonal_norms(dy.T @ x)
+
+
+def diagonal_norms(w):
+    """The L2 norm of the dense ``(m, n)`` matrix ``w`` on each of its ``P`` diagonals; ``(P,)``.
+
+    ``out[p] = sqrt(sum_t w[r_p(t), c_p(t)] ** 2)``, dtype of ``w``, on ``w``'s device.
+    """
+    xp = backend.get_array_module(w)
+    m, n = w.shape
+    squares = w ** 2
     # rows of R are the positions t, its columns wrap around: R[t, (t + p) % P] is position t
     # of diagonal p (for m >= n entry ((t + p) % m, t), i.e. the transpose; for m < n entry
     # (t, (t + p) % n) directly)

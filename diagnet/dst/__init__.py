@@ -11,6 +11,8 @@
   baselines;
 * ``select``: the rules that pick units (ranking with tie-breaking, SET/RigL's
   `drop_lowest`, `grow_random`, `grow_top`), shared by both algorithms;
+* `structure_fingerprint` (``fingerprint``): a digest of each sparse layer's structure,
+  to check that the processes of data-parallel training agree;
 * ``density``: layer-wise densities (uniform, ERK) and integer budgets that hit the total;
 * `RECIPES` (``recipes``): the one table of what each sparse layer kind and method builds;
 * `sparsify` (``convert``): one call that turns a model's dense linears into sparse layers of
@@ -27,5 +29,6 @@ from .select import drop_lowest, grow_random, grow_top
 from .temperature import SCHEDULES, TemperatureSchedule
 from .dynadiag import DynaDiagLinear, dynadiag_layers
 from .dynadiag_controller import DynaDiag
+from .fingerprint import structure_fingerprint
 from .recipes import LAYERS, METHODS, RECIPES, Recipe, find_recipe
 from .convert import sparsify

@@ -34,6 +34,7 @@ from .. import backend
 from .. import random as _random
 from ..nn import DiagLinear
 from .events import DIAGONALS, OFFSETS
+from .fingerprint import structure_fingerprint
 
 __all__ = ["SparsityController", "controller_generator", "checked_generator_state",
            "ever_active"]
@@ -106,6 +107,17 @@ class SparsityController:
         return {name: {OFFSETS: backend.to_numpy(layer.offsets.data).tolist(),
                        DIAGONALS: layer.P}
                 for name, layer in self.layers.items() if isinstance(layer, DiagLinear)}
+
+    def taps(self) -> list:
+        """The controller's `GradientTap` objects (empty: this one has none). Data-parallel
+        training sets a reducer on each, without knowing the controller's type."""
+        return []
+
+    def fingerprint(self) -> dict:
+        """``{layer: SHA-256 hex digest}`` of each managed layer's structure
+        (`structure_fingerprint`); equal across processes whose structures agree. Reads
+        the device."""
+        return structure_fingerprint(self.layers)
 
     def state_dict(self) -> dict:
         """The controller's own state (not the layers': those are in the model's state dict)."""

@@ -7,12 +7,18 @@ entries. A `GradientTap` arms a one-shot forward hook on each layer; on the next
 keeps the layer's input ``x`` and wraps the output in an identity op whose backward keeps
 ``dy``. After ``loss.backward()`` the pair is available, and the tap is disarmed again, so
 ordinary steps pay nothing.
+
+Data-parallel training gives the tap a *reducer*: a score is a norm over a diagonal of
+``dy.T @ x``, and a norm of a sum is not a sum of norms, so each process forms its dense
+gradient, the reducer sums them across processes, and the scores are taken from the sum.
+Every process then sees the same scores and makes the same decision.
 """
 
 from __future__ import annotations
 
+from .. import backend
 from ..autograd import Function, Tensor
-from ..ops.diagonal import diagonal_scores
+from ..ops.diagonal import diagonal_norms, diagonal_scores
 
 __all__ = ["GradientTap"]
 
@@ -42,12 +48,32 @@ class GradientTap:
     read ``tap.inputs[name]`` / ``tap.grads[name]`` (backend arrays, leading dims
     flattened), or ``tap.diagonal_scores(name)`` / ``tap.dense_grad(name)``; ``tap.clear()``
     drops them. A layer called several times in one step keeps its first call.
+
+    ``reducer`` (attribute, None by default): a callable ``reducer(dense) -> array`` that
+    `diagonal_scores` and `dense_grad` pass the dense ``(m, n)`` gradient ``dy.T @ x``
+    through before using it (data parallel: its sum across processes). It may work in
+    place and must return an ``(m, n)`` array. Each call of `diagonal_scores` or
+    `dense_grad` forms and reduces the gradient anew: call one of them once per layer and
+    step (under data parallelism every process must make the same calls).
     """
 
     def __init__(self, layers):
         self.layers = dict(layers)
         self.inputs, self.grads = {}, {}
         self._handles = []
+        self._reducer = None
+
+    @property
+    def reducer(self):
+        """None, or the callable the dense gradient goes through (see the class doc)."""
+        return self._reducer
+
+    @reducer.setter
+    def reducer(self, fn):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"reducer must be None or a callable reducer(dense) -> array; "
+                            f"got {type(fn).__name__}")
+        self._reducer = fn
 
     def arm(self):
         """Install one-shot hooks on every layer (idempotent)."""
@@ -85,10 +111,24 @@ class GradientTap:
         return name in self.inputs and name in self.grads
 
     def diagonal_scores(self, name):
-        """``(P,)`` backend array: the norm of ``dy.T @ x`` on every wrap-around diagonal."""
-        layer = self.layers[name]
-        return diagonal_scores(self.inputs[name], self.grads[name], layer.out_features)
+        """``(P,)`` backend array: the norm of ``dy.T @ x`` on every wrap-around diagonal
+        (of the reduced ``dy.T @ x`` when a reducer is set)."""
+        if self._reducer is None:
+            layer = self.layers[name]
+            return diagonal_scores(self.inputs[name], self.grads[name], layer.out_features)
+        return diagonal_norms(self.dense_grad(name))
 
     def dense_grad(self, name):
-        """``(m, n)`` backend array ``dy.T @ x``: the gradient of a dense weight (regrowth only)."""
-        return self.grads[name].T @ self.inputs[name]
+        """``(m, n)`` backend array ``dy.T @ x``: the gradient of a dense weight (regrowth
+        only), passed through the reducer when one is set."""
+        dense = self.grads[name].T @ self.inputs[name]
+        if self._reducer is None:
+            return dense
+        shape = dense.shape
+        reduced = self._reducer(dense)
+        if not backend.is_array(reduced) or reduced.shape != shape:
+            got = (f"{type(reduced).__name__} of shape {tuple(reduced.shape)}"
+                   if backend.is_array(reduced) else type(reduced).__name__)
+            raise ValueError(f"reducer must return an array of shape {shape} (the dense "
+                             f"gradient of layer {name!r}); got {got}")
+        return reduced

@@ -102,6 +102,10 @@ class DynaDiag(SparsityController):
                                   "P": l.P, "pool": l.pool}
                            for name, l in self.layers.items()}}
 
+    def taps(self) -> list:
+        """``[tap]``: the gradient tap whose scores drive the swaps."""
+        return [self.tap]
+
     # ------------------------------------------------------------------ the hooks
     def _set_temperature(self, T):
         self.temperature = float(T)

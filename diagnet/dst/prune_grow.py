@@ -133,6 +133,10 @@ class _PruneGrow(SparsityController):
         """The update fraction used after ``step``: ``drop_fraction(step + 1, f0, t_end)``."""
         return drop_fraction(operator.index(step) + 1, self.f0, self.t_end)
 
+    def taps(self) -> list:
+        """``[tap]`` for RigL (its gradient scores), ``[]`` for SET (it draws at random)."""
+        return [] if self.tap is None else [self.tap]
+
     # -- the training-loop hooks
     def before_step(self, step) -> None:
         """Arm the gradient tap (RigL) if ``step`` is an update step; otherwise nothing."""

@@ -13,7 +13,8 @@ kernels of `diagnet.diag.dispatch`:
 (both gradients together -> ``dispatch.input_and_value_grad``, one pass over the batch)
 
 and `diagonal_scores` gives the gradient norm of *every* diagonal (stored or not), which
-mask-update steps of dynamic sparse training use to pick diagonals to grow.
+mask-update steps of dynamic sparse training use to pick diagonals to grow; `diagonal_norms`
+gives the same norms of a dense gradient formed elsewhere (summed across processes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .. import backend, checks
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..diag import dispatch, validate
 
-__all__ = ["diag_linear", "diagonal_scores", "DiagLinearFunction"]
+__all__ = ["diag_linear", "diagonal_scores", "diagonal_norms", "DiagLinearFunction"]
 
 
 class DiagLinearFunction(Function):
@@ -207,3 +208,28 @@ def diagonal_scores(x, dy, out_features=None):
     x2 = xp.ascontiguousarray(xa.reshape(-1, xa.shape[-1]))
     d2 = xp.ascontiguousarray(da.reshape(-1, da.shape[-1]))
     return dispatch.diagonal_scores(d2, x2)
+
+
+def diagonal_norms(w):
+    """The L2 norm of a dense ``(m, n)`` matrix on each of its ``P`` wrap-around diagonals.
+
+    ``out[p] = sqrt(sum_t w[r_p(t), c_p(t)] ** 2)`` for every ``p`` in ``[0, P)``, in the
+    convention of `diag_linear`: `diagonal_scores` is ``diagonal_norms(dy.T @ x)``. Use it
+    where the dense gradient ``dy.T @ x`` is formed, or changed, before the scores, e.g.
+    summed across the processes of data-parallel training.
+
+    Args:
+        w: ``(out_features, in_features)`` float32 or float64 backend array or Tensor (not
+            tracked), or a nested sequence of numbers.
+
+    Returns:
+        Backend array ``(P,)``, ``P = max(m, n)``, with ``w``'s dtype, on ``w``'s device.
+    """
+    wa = _as_tensor(w, name="w").data
+    if wa.ndim != 2:
+        raise ValueError(f"diagonal_norms: w must be a 2-d (out_features, in_features) "
+                         f"matrix; got shape {tuple(wa.shape)}")
+    validate.validate_shape(tuple(int(s) for s in wa.shape), "diagonal_norms: w's shape")
+    if wa.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"diagonal_norms: w must be float32 or float64; got dtype {wa.dtype}")
+    return dispatch.diagonal_norms(wa)
