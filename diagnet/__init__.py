@@ -10,7 +10,8 @@ are in ``diagnet.models``.
 """
 
 from .version import __version__
-from . import backend, checkpoint, config, data, dst, functional, nn, optim, random, sparse, train
+from . import (backend, checkpoint, config, data, distributed, dst, functional, nn, optim, random,
+               sparse, train)
 from .autograd import Function, Tensor, from_dlpack, tensor
 from .config import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .backend import cuda_available, default_device, get_array_module

@@ -59,6 +59,29 @@ def _require_cupy():
     return cp
 
 
+def nccl():
+    """CuPy's NCCL bindings, ``cupy.cuda.nccl``, for collectives on CuPy arrays.
+
+    Raises ``RuntimeError`` with the reason when they cannot be used: CuPy or a device is
+    missing, or CuPy cannot load the NCCL library (which comes from the ``nvidia-nccl-cu12``
+    / ``nvidia-nccl-cu13`` wheels that the ``cuda12`` / ``cuda13`` extras install).
+    """
+    cp, reason = _cupy_probe()
+    if cp is None:
+        raise RuntimeError(f"NCCL needs CuPy and a CUDA device: {reason}")
+    install = ("pip install nvidia-nccl-cu12 (or -cu13), which diagnet[cuda12] / "
+               "diagnet[cuda13] bring")
+    try:
+        from cupy.cuda import nccl as module
+    except Exception as exc:  # ImportError, or a library that fails to load
+        raise RuntimeError(f"NCCL is not available to CuPy {cp.__version__} "
+                           f"({type(exc).__name__}: {exc}); {install}") from exc
+    if not getattr(module, "available", True):
+        raise RuntimeError(f"NCCL is not available to CuPy {cp.__version__} (CuPy was built "
+                           f"or loaded without it); {install}")
+    return module
+
+
 def default_device() -> str:
     """The device used when none is given: `settings.device` (``$DIAGNET_DEVICE``, or
     `diagnet.settings.set_device`) if set, else cuda if usable, else cpu."""

@@ -32,12 +32,24 @@ Devices and GPU tests:
   ``cupyx``) before diagnet probes for CuPy, so CUDA is "available" and every ``gpu`` test
   runs the CuPy code path on the CPU, with the CUDA kernels emulated from their real source
   by the SIMT harness: ``python -m pytest -q -m gpu --fake-cupy``.
+
+Under MPI (``mpiexec -n 2 python -m pytest -p no:cacheprovider tests/distributed``), detected
+as `diagnet.distributed.init` detects it (mpi4py is not imported in a plain run), with more
+than one rank:
+
+* each rank gets its own pytest base temporary folder (the numbered folders of one base would
+  race between the processes);
+* a test that fails on one rank prints its report with the rank and aborts the whole job, so
+  the other ranks never wait forever in a collective that the failed rank will not reach.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck
@@ -121,6 +133,7 @@ def pytest_addoption(parser):
              "SIMT harness; needs g++)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before the temporary-folder plugin reads the base folder
 def pytest_configure(config):
     if _USER_DEVICE is None:
         # Pinned before collection too: some test modules build tensors at import time.
@@ -136,6 +149,60 @@ def pytest_configure(config):
 
         diagnet.backend._cupy_probe.cache_clear()
         diagnet.diag.cuda.clear_cache()
+    _configure_mpi(config)
+
+
+# ----------------------------------------------------------------------------- MPI
+
+#: the world communicator when this run is one rank of several (mpiexec), else None
+_MPI_WORLD = None
+
+
+def _configure_mpi(config):
+    """Under an MPI launcher with more than one rank: a base temporary folder per rank."""
+    global _MPI_WORLD
+    from diagnet.distributed import launched_by_mpi
+
+    if not launched_by_mpi():
+        return
+    from diagnet import distributed
+
+    comm = distributed.init()
+    if comm.size == 1:
+        return
+    _MPI_WORLD = comm
+    given = config.option.basetemp
+    config.option.basetemp = (f"{given}-rank{comm.rank}" if given else
+                              tempfile.mkdtemp(prefix=f"pytest-rank{comm.rank}-"))
+    config._mpi_made_basetemp = not given
+
+
+def _abort_job_if_failed(report):
+    """Print a failed report with the rank and abort every rank (only under MPI)."""
+    if _MPI_WORLD is None or not report.failed:
+        return
+    when = getattr(report, "when", "collect")
+    sys.stderr.write(f"\n[rank {_MPI_WORLD.rank}/{_MPI_WORLD.size}] {report.nodeid} failed "
+                     f"({when}); aborting all ranks\n{report.longreprtext}\n")
+    _MPI_WORLD.abort(1)
+
+
+def pytest_runtest_logreport(report):
+    _abort_job_if_failed(report)
+
+
+def pytest_collectreport(report):
+    _abort_job_if_failed(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under MPI: remove the rank's base temporary folder after a passing run, once every
+    rank is done (another rank may still read a folder that rank 0 shared)."""
+    if _MPI_WORLD is None:
+        return
+    _MPI_WORLD.barrier()
+    if exitstatus == 0 and getattr(session.config, "_mpi_made_basetemp", False):
+        shutil.rmtree(session.config.option.basetemp, ignore_errors=True)
 
 
 def pytest_unconfigure(config):

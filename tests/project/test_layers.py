@@ -21,6 +21,7 @@ cycle can form between units::
     skeleton                       state dicts split into tensors and JSON
     checkpoint                     whole training runs in one file
     data, dst                      data sets and loaders; dynamic sparse training
+    distributed                    data-parallel training over MPI and NCCL
     train, plots                   the Trainer and its log; plots of the log
     diagnet                        the package root, which imports everything above
     models                         models built on the public API (the root included)
@@ -58,6 +59,7 @@ LAYERS = (
     ("skeleton",),
     ("checkpoint",),
     ("data", "dst"),
+    ("distributed",),
     ("train", "plots"),
     ("",),            # the package root, diagnet/__init__.py
     ("models",),

@@ -31,6 +31,8 @@ What it mirrors from CuPy, because diagnet could get it wrong:
   and a float as ``double``, whatever the kernel declares), grid and block are tuples of three
   ints. The kernels then run from the real ``kernels/*.cu`` source in the SIMT emulation
   harness (`simt.harness`), built with the launcher's own ``-D`` options.
+* ``cupy.cuda.nccl`` is `simt.fake_nccl`: NCCL's calling convention (device pointers,
+  counts, ``NCCL_*`` constants) over MPI on the stand-in's memory.
 * A ``uint64`` kernel argument is a table of device addresses (``a.data.ptr`` of other
   arrays, as a kernel that updates many arrays at once takes them): every entry must be the
   address of a live stand-in array, which then travels to the harness as a memory block of
@@ -58,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import harness
+from . import fake_nccl, harness
 
 __version__ = "0.0.0+simt"  # not a real CuPy: the SIMT emulation stand-in of diagnet's tests
 
@@ -934,7 +936,7 @@ cuda = _module(
     "cupy.cuda", "``cupy.cuda`` of the SIMT stand-in.",
     runtime=runtime, Device=Device, Event=Event, Stream=Stream, MemoryPointer=MemoryPointer,
     get_elapsed_time=get_elapsed_time, get_current_stream=get_current_stream,
-    is_available=lambda: True,
+    is_available=lambda: True, nccl=fake_nccl,
 )
 
 random = _Namespace(np.random, "cupy.random")
@@ -1069,6 +1071,13 @@ def _address_owner(address: int) -> ndarray:
     return max(owners, key=lambda a: a.nbytes)
 
 
+def live_spans() -> list:
+    """``(start, end)`` addresses of the live arrays whose ``data.ptr`` was taken (for the
+    NCCL stand-in, which receives bare pointers)."""
+    return [(address, address + a.nbytes) for address, refs in _address_owners.items()
+            for a in (r() for r in refs) if a is not None]
+
+
 def _with_address_tables(args):
     """``(values, blocks)``: the harness values of ``args``, each uint64 array replaced by a
     `harness.AddressTable` into ``blocks``, the arrays its addresses point at (each once)."""
@@ -1158,7 +1167,8 @@ class RawModule:
 
 
 def install() -> dict:
-    """Register this module as ``cupy`` (and the stand-in ``cupyx``) in ``sys.modules``.
+    """Register this module as ``cupy`` (with ``cupy.cuda`` and `simt.fake_nccl` as
+    ``cupy.cuda.nccl``, and the stand-in ``cupyx``) in ``sys.modules``.
 
     Returns the entries it replaced, for `uninstall`. Call it before anything imports CuPy
     (diagnet's backend caches its probe: clear ``diagnet.backend._cupy_probe`` after).
@@ -1167,7 +1177,7 @@ def install() -> dict:
 
     this = sys.modules[__name__]
     modules = {"cupy": this, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime,
-               "cupy.random": random, **fake_cupyx.modules()}
+               "cupy.cuda.nccl": fake_nccl, "cupy.random": random, **fake_cupyx.modules()}
     previous = {name: sys.modules.get(name) for name in modules}
     sys.modules.update(modules)
     return previous
