@@ -6,7 +6,8 @@ used on its own:
 * `split_batch`: ``(inputs..., target)`` -> the model's inputs and the target;
 * `step_numbers`: a step's loss and correct count as Python numbers, in one device read-back;
 * `evaluate`: the mean loss (and accuracy) of a model over a loader, the sums kept on the
-  device until the end;
+  device until the end (`evaluation_totals`: the sums, which data-parallel runs add over
+  the ranks; `totals_metrics`: the means of such sums);
 * `correct_count` and `batch_samples`: the pieces they share; `metric_value`: an ``eval_fn``
   metric as a Python number.
 """
@@ -21,7 +22,7 @@ from ..config import no_grad
 from ..ops import cross_entropy
 
 __all__ = ["split_batch", "batch_samples", "correct_count", "step_numbers", "evaluate",
-           "metric_value"]
+           "evaluation_totals", "totals_metrics", "metric_value"]
 
 
 def split_batch(batch):
@@ -71,16 +72,18 @@ def step_numbers(loss, output, target):
     return float(both[0]), int(both[1])
 
 
-def evaluate(model, loader, loss_fn=cross_entropy):
-    """Mean loss (and accuracy, for classification) of ``model`` over ``loader``.
+def evaluation_totals(model, loader, loss_fn=cross_entropy):
+    """The sums `evaluate` divides: ``(loss sum, samples, correct, labels)`` over ``loader``.
 
-    Runs in eval mode under `no_grad` (the model's mode is restored after). ``loss_fn``
-    returns a batch's mean loss; the result weights batches by their sizes. The sums stay
-    on the device and are read back once, at the end.
+    ``loss sum`` is the sum of ``batch mean loss * batch size`` (a float), ``samples`` the
+    number of samples, ``correct`` the number of correct predictions (None when the outputs
+    and targets are not logits and integer labels) and ``labels`` the number of labels. Runs
+    in eval mode under `no_grad` (the model's mode is restored after); the sums stay on the
+    device and are read back once, at the end. Data-parallel evaluation adds these over the
+    ranks before dividing.
 
-    Returns:
-        ``{"loss": float, "accuracy": float}`` (no ``"accuracy"`` when the outputs and
-        targets are not logits and integer labels).
+    Raises:
+        ValueError: the loader gave no batch.
     """
     was_training = model.training
     model.eval()
@@ -105,10 +108,32 @@ def evaluate(model, loader, loss_fn=cross_entropy):
         model.train(was_training)
     if not samples:
         raise ValueError("evaluate: the loader gave no batch")
-    result = {"loss": float(backend.to_numpy(loss_sum)) / samples}
+    return (float(backend.to_numpy(loss_sum)), samples,
+            None if correct is None else int(backend.to_numpy(correct)), labels)
+
+
+def totals_metrics(totals):
+    """``{"loss": ..., "accuracy": ...}`` of `evaluation_totals`' sums (no ``"accuracy"``
+    when nothing was classified)."""
+    loss_sum, samples, correct, labels = totals
+    result = {"loss": loss_sum / samples}
     if correct is not None:
-        result["accuracy"] = int(backend.to_numpy(correct)) / labels
+        result["accuracy"] = correct / labels
     return result
+
+
+def evaluate(model, loader, loss_fn=cross_entropy):
+    """Mean loss (and accuracy, for classification) of ``model`` over ``loader``.
+
+    Runs in eval mode under `no_grad` (the model's mode is restored after). ``loss_fn``
+    returns a batch's mean loss; the result weights batches by their sizes. The sums stay
+    on the device and are read back once, at the end (see `evaluation_totals`).
+
+    Returns:
+        ``{"loss": float, "accuracy": float}`` (no ``"accuracy"`` when the outputs and
+        targets are not logits and integer labels).
+    """
+    return totals_metrics(evaluation_totals(model, loader, loss_fn))
 
 
 def metric_value(key, value):

@@ -41,6 +41,10 @@ scheduler, ``after_step``, the epoch's bookkeeping), the state is saved as it is
 ``exact: false``. Either way ``last.safetensors`` is written, then an ``interrupted`` record,
 and `fit` returns with ``interrupted=True``.
 
+Data parallel (`diagnet.train.parallel`): launched by ``mpiexec -n N`` with a loader sharded
+over the ranks, every rank runs `fit`; the ranks average their gradients, agree on every
+step's numbers and stop together, and rank 0 alone writes the files.
+
 Assumptions for exactness: running ``controller.before_step(step)`` again after a rollback
 has the same effect as running it once (it arms gradient taps or sets a per-step
 temperature, a function of ``step``), and the loader order is fixed by ``(seed, epoch)``
@@ -50,12 +54,11 @@ temperature, a function of ``step``), and the loader order is fixed by ``(seed, 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import time
 import warnings
 
-from .. import checks
+from .. import checks, distributed
 from .. import random as _random
 from ..checkpoint import load, save
 from ..config import no_grad
@@ -63,7 +66,9 @@ from ..nn.module import Module
 from ..ops import cross_entropy
 from .interrupt import DeferredInterrupt
 from .log import TIME_KEYS, RunLog, jsonable
-from .metrics import batch_samples, evaluate, metric_value, split_batch, step_numbers
+from .metrics import (batch_samples, evaluate, evaluation_totals, metric_value, split_batch,
+                      step_numbers, totals_metrics)
+from .parallel import NullLog, ParallelRun
 from .progress import ProgressBars
 from .result import FitResult, NonFiniteLossError
 from .resume import check_resume, extend_schedule
@@ -116,6 +121,11 @@ class Trainer:
         progress: show tqdm bars (False: print nothing, for tests and CI).
         overwrite: allow a fresh run in an ``out_dir`` that holds a previous run's log or
             checkpoints (they are replaced); otherwise that is an error.
+        comm: the `diagnet.distributed.Communicator` of a data-parallel run (default:
+            `diagnet.distributed.world()`, one process unless launched by ``mpiexec`` and
+            `diagnet.distributed.init` was called). With several ranks the train loader
+            must be sharded over them, every rank calls `fit`, and rank 0 alone writes the
+            files; see `diagnet.train.parallel`.
 
     Raises:
         TypeError / ValueError: invalid arguments, naming the argument.
@@ -129,7 +139,7 @@ class Trainer:
                  epochs=1, eval_loader=None, eval_fn=None, scheduler=None,
                  scheduler_interval="epoch", controller=None, checkpoint_every=1,
                  best_metric=None, best_mode="auto", seed=0, config=None, progress=True,
-                 overwrite=False):
+                 overwrite=False, comm=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a diagnet.nn.Module; got {type(model).__name__}")
         for name in ("step", "zero_grad", "state_dict", "load_state_dict"):
@@ -156,6 +166,11 @@ class Trainer:
             if best_mode == "auto":
                 best_mode = "min" if "loss" in best_metric else "max"
         jsonable(config, "config")  # raises TypeError naming what cannot be logged
+        comm = distributed.world() if comm is None else comm
+        if not isinstance(comm, distributed.Communicator):
+            raise TypeError(f"comm must be a diagnet.distributed.Communicator or None; got "
+                            f"{type(comm).__name__}")
+        self.ranks = ParallelRun(comm, optimizer, controller, train_loader, eval_loader)
         self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
         self.loss_fn = loss_fn if loss_fn is not None else cross_entropy
         self.eval_loader, self.eval_fn = eval_loader, eval_fn
@@ -212,7 +227,8 @@ class Trainer:
             note = self._resume(self.last_path if resume is True else resume)
         st = self.state
         interrupted = False
-        self._bars = ProgressBars(self.progress, self.epochs, min(st.epoch, self.epochs))
+        self._bars = ProgressBars(self.progress and self.ranks.is_main, self.epochs,
+                                  min(st.epoch, self.epochs))
         if note:
             self._bars.write(note)
         self._interrupt = DeferredInterrupt(self._bars.write)
@@ -255,12 +271,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ start / resume
     def _start_fresh(self):
-        clear_previous_run(self.out_dir, self.overwrite)
+        main, comm = self.ranks.is_main, self.ranks.comm
+        # rank 0 alone looks at out_dir; a refusal there stops every rank
+        distributed.agree(lambda: clear_previous_run(self.out_dir, self.overwrite)
+                          if main else None, comm)
         _random.manual_seed(self.seed)
+        if self.ranks.parallel:  # every rank starts from rank 0's model, optimizer, structure
+            distributed.broadcast_state(self.model, self.optimizer, self.controller, comm)
         loader = self.train_loader.describe() if hasattr(self.train_loader, "describe") else {}
         self.state = TrainerState(seed=self.seed, loader=loader, best_metric=self.best_metric,
                                   best_mode=self.best_mode)
-        self.log = RunLog.create(self.log_path)
+        self.log = RunLog.create(self.log_path) if main else NullLog()
         run = describe_run(
             seed=self.seed, config=self.config, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, scheduler_interval=self.scheduler_interval,
@@ -268,7 +289,8 @@ class Trainer:
             settings={"eval": self.eval_loader is not None or self.eval_fn is not None,
                       "checkpoint_every": self.checkpoint_every,
                       "best_metric": self.best_metric,
-                      "best_mode": self.best_mode if self.best_metric else None})
+                      "best_mode": self.best_mode if self.best_metric else None,
+                      "world_size": comm.size})
         self.log.write({"event": "run_start", **run, "time": _now()})
 
     def _components(self):
@@ -282,12 +304,16 @@ class Trainer:
         continues with these objects and settings, then load it. A refused resume changes
         no object, file or generator state. Returns a note to print, or None."""
         path = os.fspath(path)
-        saved = load(path, rng=False)  # read and verified; nothing assigned
         objects = {"model": self.model, "optimizer": self.optimizer,
                    "scheduler": self.scheduler, **self._components()}
-        state, log_bytes, log_sha = check_resume(path, saved, objects, self.best_metric,
-                                                 self.best_mode, self.log_path)
-        schedule = extend_schedule(path, saved, state, self.scheduler)
+
+        def check():  # on every rank (each reads the files); a refusal anywhere stops all
+            saved = load(path, rng=False)  # read and verified; nothing assigned
+            checked = check_resume(path, saved, objects, self.best_metric, self.best_mode,
+                                   self.log_path)
+            return saved, checked, extend_schedule(path, saved, checked[0], self.scheduler)
+
+        saved, (state, log_bytes, log_sha), schedule = distributed.agree(check, self.ranks.comm)
         # diagnet.load validates every component against its object before assigning any
         load(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
              rng=True, **self._components())
@@ -295,7 +321,8 @@ class Trainer:
             warnings.warn(f"resuming {path}: the config given differs from the checkpoint's; "
                           "the checkpoint's is kept (it is the run's)", stacklevel=3)
         self.config, self.seed = saved.config, state.seed
-        self.log = RunLog.resume(self.log_path, log_bytes, log_sha)
+        self.log = (RunLog.resume(self.log_path, log_bytes, log_sha) if self.ranks.is_main
+                    else NullLog())
         self.state = state
         if schedule is None:
             return None
@@ -311,7 +338,7 @@ class Trainer:
         """Mark the current state as consistent: an interrupt before the next update is undone
         back to here. Then stop if Ctrl-C was pressed."""
         self._rng_mark = _random.get_state()
-        if check_interrupt and self._interrupt.requested:
+        if check_interrupt and self.ranks.any_stop(self._interrupt.requested):
             raise KeyboardInterrupt
 
     def _begin_update(self):
@@ -325,7 +352,7 @@ class Trainer:
             self._begin_update()
             self.train_loader.set_epoch(st.epoch)
             if c is not None:
-                self._log_events(c.start_epoch(st.epoch))
+                self._log_events(c.start_epoch(st.epoch), c)
             st.batch, st.totals, st.epoch_started = 0, EpochTotals(), True
             self._safe_point()
         self._epoch_t0 = time.perf_counter()
@@ -343,21 +370,28 @@ class Trainer:
         loss = self.loss_fn(output, target)
         # One read-back from the device per step (loss and correct count in one transfer):
         # it waits for the GPU, but the NaN check and the progress bar need the number.
-        value, correct = step_numbers(loss, output, target)
-        if not math.isfinite(value):
+        # With several ranks, one small allreduce makes them the global batch's numbers.
+        value, samples, correct, labels, nonfinite, stop = self.ranks.step_numbers(
+            *step_numbers(loss, output, target), batch_samples(target), target.size,
+            self._interrupt.requested)
+        if stop:  # a Ctrl-C on some rank: every rank stops here, before the update
+            raise KeyboardInterrupt
+        if nonfinite:
             raise NonFiniteLossError(st.epoch, st.step, value)
         self.optimizer.zero_grad()
         loss.backward()
+        self.ranks.average_gradients()
         self._begin_update()
         self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
         if c is not None:
-            self._log_events(c.after_step(st.step))
-        st.totals.add(value, batch_samples(target), correct, target.size)
+            self._log_events(c.after_step(st.step), c)
+        st.totals.add(value, samples, correct, labels)
         st.step += 1
         st.batch += 1
-        self._safe_point()
+        # with several ranks the next step's allreduce (or the epoch's end) checks for Ctrl-C
+        self._safe_point(check_interrupt=not self.ranks.parallel)
         self._bars.step(st.totals.means(""), self._controller_metrics if c is not None else None)
 
     def _end_epoch(self):
@@ -392,6 +426,7 @@ class Trainer:
         self._safe_point(check_interrupt=False)
         for name in names:
             self._save(name)
+        self.ranks.barrier()  # the checkpoints are there for every rank when fit returns
         self._bars.end_epoch(metrics)
         self._safe_point()
 
@@ -401,8 +436,9 @@ class Trainer:
         if self.eval_loader is not None:
             if callable(getattr(self.eval_loader, "set_epoch", None)):
                 self.eval_loader.set_epoch(self.state.epoch)  # a shuffled one: a fixed order
+            totals = evaluation_totals(self.model, self.eval_loader, self.loss_fn)
             out.update({f"eval_{k}": v for k, v in
-                        evaluate(self.model, self.eval_loader, self.loss_fn).items()})
+                        totals_metrics(self.ranks.eval_totals(totals)).items()})
         if self.eval_fn is not None:
             was_training = self.model.training
             self.model.eval()
@@ -423,16 +459,20 @@ class Trainer:
     def _controller_metrics(self):
         return jsonable(self.controller.metrics(), "controller.metrics()")
 
-    def _log_events(self, events):
+    def _log_events(self, events, controller):
         for ev in events or ():
             if not isinstance(ev, dict):
                 raise TypeError(f"controller events must be dicts (see diagnet.dst.event); got "
                                 f"{type(ev).__name__}")
             self.log.write(ev)
+        if events:  # the structure changed: it must have changed alike on every rank
+            self.ranks.check_structure(controller)
 
     # ------------------------------------------------------------------ saving
     def _save(self, name):
         path = os.path.join(self.out_dir, name)
+        if not self.ranks.is_main:
+            return path
         save(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
              state=self.state.to_dict(self.log.nbytes, self.log.sha256()), config=self.config,
              rng=True, **self._components())
@@ -453,6 +493,7 @@ class Trainer:
                           "uninterrupted run exactly", RuntimeWarning, stacklevel=3)
         self.train_loader.load_state_dict({"epoch": st.epoch, "batch": st.batch})
         self._save(LAST_NAME)
+        self.ranks.barrier()
         self.log.write({"event": "interrupted", "epoch": st.epoch, "batch": st.batch,
                         "step": st.step, "checkpoint": LAST_NAME, "exact": exact,
                         "time": _now()})
