@@ -1,5 +1,11 @@
 """Pieces the MNIST examples share: the flags and their checks, data, the sparse-layer
-choice, the kernel warm-up, the summary, the plots."""
+choice, the kernel warm-up, the summary, the plots, and data-parallel runs.
+
+Data parallel: ``mpiexec -n N python examples/<example>.py ...`` runs N ranks of the same
+command (`parse_args` calls `diagnet.distributed.init`). ``--batch-size`` stays the global
+batch: each rank takes its share of every batch (sharded loaders), so the run trains the
+model that one process would. Rank 0 downloads MNIST while the others wait, and alone
+prints and writes files."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 
 import numpy as np
 from numba.core import event
@@ -75,6 +82,9 @@ def add_common_flags(parser, epochs, lr, batch_size, out):
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--lr", type=non_negative_number, default=lr)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="parameters and images (float64: slower, but runs on 1 and N "
+                             "processes then agree far longer; see docs/distributed.md)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", default=out, help="output folder (log, checkpoints, plots)")
     run = parser.add_mutually_exclusive_group()
@@ -101,7 +111,11 @@ def parse_args(parser, argv, example, smoke):
     Adds ``args.planned_epochs``: the ``--epochs`` the run started with. The structure
     schedules (SET/RigL updates, DynaDiag's freeze) follow it, so a resumed run that adds
     epochs keeps them.
+
+    Under ``mpiexec`` it first joins the job's ranks (`diagnet.distributed.init`) and
+    silences the standard output of every rank but 0 (errors still reach stderr).
     """
+    start_ranks()
     args = parser.parse_args(argv)
     saved = {}
     if args.resume:
@@ -187,14 +201,29 @@ def _flag(dest, value):
     return shown if isinstance(value, bool) else f"--{dest.replace('_', '-')} {shown}"
 
 
+def start_ranks():
+    """Join the ranks of an ``mpiexec`` job (one process otherwise); ranks other than 0 print
+    nothing to the standard output. Returns the communicator."""
+    comm = dn.distributed.init()
+    if not comm.is_main:
+        sys.stdout = open(os.devnull, "w")
+    return comm
+
+
 def pick_device(parser, name):
-    """The device of ``--device`` (None: the default); a bad name is a ``parser.error``."""
+    """The device of ``--device`` (None: the default); a bad name is a ``parser.error``.
+
+    With several ranks on the GPU, each rank takes the GPU of its local rank (one rank per
+    GPU, as NCCL requires)."""
     try:
-        return dn.backend.resolve_device(name)
+        device = dn.backend.resolve_device(name)
     except (ValueError, RuntimeError) as exc:
         where = (f"--device {name}" if name is not None
                  else f"{dn.backend.ENV_DEVICE}={os.environ.get(dn.backend.ENV_DEVICE)}")
         parser.error(f"{where}: {exc}")
+    if device == "cuda" and dn.distributed.world_size() > 1:
+        dn.distributed.use_local_gpu()
+    return device
 
 
 # ----------------------------------------------------------------------------- the run
@@ -204,22 +233,27 @@ def mnist_loaders(args, flatten, device):
     """Train and test loaders of normalised MNIST (or a synthetic stand-in with ``--smoke``)."""
     if args.smoke:
         rng = np.random.default_rng(args.seed)
-        x = rng.standard_normal((384, 784)).astype(np.float32)
+        x = rng.standard_normal((384, 784)).astype(args.dtype)
         y = (np.abs(x[:, :10]).argmax(1)).astype(np.int64)  # learnable labels
         xtr, ytr, xte, yte = x[:256], y[:256], x[256:], y[256:]
         source = "synthetic (--smoke)"
     else:
         from diagnet.data import mnist_arrays
 
-        progress = not args.no_progress
-        xtr, ytr = mnist_arrays("train", root=args.data_root, progress=progress)
-        xte, yte = mnist_arrays("test", root=args.data_root, progress=progress)
+        progress = not args.no_progress and dn.distributed.is_main()
+        with dn.distributed.main_first():  # rank 0 downloads; the others read its cache
+            xtr, ytr = mnist_arrays("train", root=args.data_root, dtype=args.dtype,
+                                    progress=progress)
+            xte, yte = mnist_arrays("test", root=args.data_root, dtype=args.dtype,
+                                    progress=progress)
         source = "MNIST"
     if not flatten:
         xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
+    # every rank takes its share of each global batch: the union is one process's batch
+    shard = dict(rank=dn.distributed.rank(), world_size=dn.distributed.world_size())
     train = DataLoader(ArrayDataset(xtr, ytr), batch_size=args.batch_size, shuffle=True,
-                       seed=args.seed, device=device)
-    test = DataLoader(ArrayDataset(xte, yte), batch_size=1000, device=device)
+                       seed=args.seed, device=device, **shard)
+    test = DataLoader(ArrayDataset(xte, yte), batch_size=1000, device=device, **shard)
     return train, test, f"{source}: {len(xtr)} train / {len(xte)} test images"
 
 
@@ -310,6 +344,7 @@ def summary_table(model, log_records, test_accuracy):
     layers store now: a DynaDiag layer that has not frozen yet also stores its candidates)."""
     times = [r["time_s"] for r in log_records if r["event"] == "epoch"]
     lines = [f"test accuracy: {100 * test_accuracy:.2f}%",
+             f"processes: {dn.distributed.world_size()}",
              f"time per epoch: {np.mean(times):.1f} s (median {np.median(times):.1f} s, "
              f"{len(times)} epochs)" if times else "time per epoch: no epoch completed", ""]
     layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "weight_stats")]
@@ -358,6 +393,8 @@ def fit_and_report(trainer, model, args, started):
 
     trainer.resume_hint = RESUME_HINT
     result = trainer.fit(resume=True if args.resume else None)
+    if not dn.distributed.is_main():  # rank 0 reports and plots
+        return 130 if result.interrupted else 0
     records = read_log(result.log_path)
     print()
     print(summary_table(model, records, result.metrics.get("eval_accuracy", 0.0)))

@@ -47,7 +47,7 @@ def main(argv=None):
     train, test, source = common.mnist_loaders(args, flatten=True, device=device)
     print(f"data: {source}; device {device}")
 
-    model = MLP(784, args.hidden, 10, rng=args.seed, device=device)
+    model = MLP(784, args.hidden, 10, rng=args.seed, dtype=args.dtype, device=device)
     controller = None
     if args.linear != "dense":
         options = common.controller_options(args, len(train))

@@ -53,7 +53,7 @@ def main(argv=None):
 
     model = ViT(image_size=28, patch_size=7, in_channels=1, dim=args.dim, depth=args.depth,
                 heads=args.heads, mlp_ratio=args.mlp_ratio, num_classes=10, rng=args.seed,
-                device=device)
+                dtype=args.dtype, device=device)
     controller = None
     if args.linear != "dense":
         controller = sparsify(model, args.linear, args.sparsity, method=args.method,

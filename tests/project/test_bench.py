@@ -163,3 +163,25 @@ def test_train_step_bench_runs_on_cuda(fast_fake_gpu, capsys):
                  "ms / step @ 2", "not run with `--device cuda`"):
         assert text in out, out
     assert "wrote section" not in out
+
+
+def test_distributed_bench_quick_run_prints_both_tables(tmp_path):
+    """The scaling bench on --smoke data: 1 and 2 processes of the MLP example, and the
+    bytes table (counted, not timed)."""
+    import os
+    import shutil
+    import subprocess
+
+    bin_dir = str(Path(sys.executable).parent)
+    if shutil.which("mpiexec", path=bin_dir + os.pathsep + os.environ.get("PATH", "")) is None:
+        pytest.skip('needs mpiexec: pip install -e ".[distributed]"')
+    env = {**os.environ, "DIAGNET_DEVICE": "cpu",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_distributed.py"),
+                          "--quick"], capture_output=True, text=True, timeout=600, check=True,
+                         cwd=tmp_path, env=env)
+    assert "| MLP dense | " in res.stdout and "2 processes" in res.stdout, res.stdout
+    assert "1 process, all cores" in res.stdout
+    rows = [line for line in res.stdout.splitlines() if "diagonal 90%" in line]
+    assert len(rows) == 6, res.stdout  # MLP and ViT: RigL, DynaDiag soft and frozen
+    assert "bytes per ordinary step" in res.stdout
