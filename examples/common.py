@@ -29,6 +29,10 @@ from diagnet.train.trainer import BEST_NAME, LAST_NAME, LOG_NAME
 #: it computes; every other flag is the run's own (taken from its checkpoint on ``--resume``)
 RUN_LOCAL_FLAGS = ("out", "resume", "overwrite", "epochs", "device", "data_root", "no_progress")
 
+#: flags added after runs were saved, with the value those runs trained with: ``--resume`` of a
+#: run whose configuration lacks one takes this value, not the flag's new default
+ADDED_FLAGS = {"label_smoothing": 0.0, "dtype": "float32"}
+
 #: what ``--resume`` tells the user after Ctrl-C, in place of the library's ``fit(resume=...)``
 RESUME_HINT = "the same command plus --resume"
 
@@ -178,6 +182,7 @@ def _resume_flags(parser, argv, args, example):
         parser.error(f"--resume: the run in {args.out} is one of {config['example']}.py, not "
                      f"of {example}.py")
     saved = {k: v for k, v in config.items() if k in vars(args) and k not in RUN_LOCAL_FLAGS}
+    saved.update({k: v for k, v in ADDED_FLAGS.items() if k in vars(args) and k not in config})
     parser.set_defaults(**saved)
     args = parser.parse_args(argv)
     differ = [f"{_flag(k, getattr(args, k))} (the run in {args.out} has {_value(k, v)})"

@@ -287,3 +287,25 @@ def test_kernels_compile_before_the_timed_loop(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("compiling kernels (first run only") == 1, res.stdout
     assert "compiled during fit: 0" in res.stdout, res.stdout
+
+
+def test_resume_of_a_run_saved_before_a_flag_existed_keeps_its_old_value(tmp_path):
+    """A ViT run saved before --label-smoothing existed trained without smoothing: --resume
+    must continue with 0, not the flag's new default (0.1), so giving 0.1 contradicts it."""
+    import diagnet as dn
+
+    run = tmp_path / "run"
+    _run("train_vit_mnist.py", "--out", str(run), cwd=tmp_path)
+    config = dn.load(run / "last.safetensors", rng=False).config
+    assert config["label_smoothing"] == 0.1
+    old = tmp_path / "old"
+    old.mkdir()
+    del config["label_smoothing"]
+    dn.save(old / "last.safetensors", config=config)  # the configuration is all --resume reads
+    env = {"DIAGNET_DEVICE": "cpu", "PATH": "", "HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, str(EXAMPLES / "train_vit_mnist.py"), "--smoke",
+                          "--no-progress", "--out", str(old), "--resume", "--label-smoothing",
+                          "0.1"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--label-smoothing 0.1 (the run in" in res.stderr and "has 0.0)" in res.stderr
