@@ -1,5 +1,6 @@
-// CUDA kernels of GELU and of the fused bias + GELU (diagnet/ops/activation.py holds the
-// composed reference they must reproduce; diagnet/fused/gelu.py the CPU kernels).
+// CUDA kernels of GELU and of the fused bias + activation after a linear layer, GELU or ReLU
+// (diagnet/ops/activation.py holds the composed reference they must reproduce;
+// diagnet/fused/gelu.py and diagnet/fused/relu.py the CPU kernels).
 //
 //   erf form:   gelu(h) = h * Phi(h),  Phi(h) = erfc(-h / sqrt(2)) / 2
 //               gelu'(h) = Phi(h) + h * exp(-h^2 / 2) / sqrt(2 pi)
@@ -16,7 +17,10 @@
 //   bias_gelu_forward_*       y = gelu(x + bias); x, y (R, N), bias (N,)
 //   bias_gelu_backward_*      dx = dy * gelu'(x + bias), and per-thread-row partial sums of
 //                             dbias = sum over rows of dx
-//   bias_gelu_bias_reduce_*   adds the partial sums up, in a fixed order
+//   bias_relu_forward_*       y = relu(x + bias) = h * (h > 0), h = x + bias (NaN stays NaN)
+//   bias_relu_backward_*      dx = dy * (y > 0) from the forward's output y (positive exactly
+//                             where h is), and the partial sums of dbias as for GELU
+//   bias_gelu_bias_reduce_*   adds the partial sums up, in a fixed order (both activations)
 //
 // The flat kernels are grid-stride loops over 64-bit indices. The bias kernels use the block
 // shape of diagnet/fused/gelu_cuda.py `launch_config`: blockDim.x threads along a row (a power
@@ -186,6 +190,54 @@ __device__ __forceinline__ void bias_gelu_backward_rows(const T* __restrict__ x,
     }
 }
 
+// ---- bias + ReLU over rows: the loops of bias + GELU with ReLU's arithmetic -----------------
+
+template <typename T>
+__device__ __forceinline__ void bias_relu_forward_rows(const T* __restrict__ x,
+                                                       const T* __restrict__ bias,
+                                                       T* __restrict__ y, int R, int N)
+{
+    const long long stride = (long long)gridDim.x * blockDim.y;
+    for (long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y; r < R; r += stride) {
+        const T* __restrict__ xr = x + r * N;
+        T* __restrict__ yr = y + r * N;
+        for (int j = (int)threadIdx.x; j < N; j += (int)blockDim.x) {
+            const T h = xr[j] + bias[j];
+            yr[j] = h * T(h > T(0));  // the reference's formula: NaN and -inf give NaN
+        }
+    }
+}
+
+// As bias_gelu_backward_rows, with the mask y > 0 in place of gelu'(x + bias).
+template <typename T>
+__device__ __forceinline__ void bias_relu_backward_rows(const T* __restrict__ y,
+                                                        const T* __restrict__ dy,
+                                                        T* __restrict__ dx,
+                                                        T* __restrict__ partial, int R, int N,
+                                                        int want_bias, int rows_per_block)
+{
+    const int tx = (int)threadIdx.x;
+    const int bx = (int)blockDim.x;
+    const long long p = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    T* __restrict__ pb = partial + p * N;
+    if (want_bias)
+        for (int j = tx; j < N; j += bx) pb[j] = T(0);
+
+    const long long begin = (long long)blockIdx.x * rows_per_block;
+    long long end = begin + rows_per_block;
+    if (end > R) end = R;
+    for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
+        const T* __restrict__ yr = y + r * N;
+        const T* __restrict__ dyr = dy + r * N;
+        T* __restrict__ dxr = dx + r * N;
+        for (int j = tx; j < N; j += bx) {
+            const T g = dyr[j] * T(yr[j] > T(0));
+            dxr[j] = g;
+            if (want_bias) pb[j] += g;
+        }
+    }
+}
+
 // out[j] = sum_p partial[p * N + j]. GELU_REDUCE_Y lanes stride over p, then a tree adds the
 // lanes: a fixed order.
 template <typename T>
@@ -245,6 +297,19 @@ __device__ __forceinline__ void bias_gelu_reduce(const T* __restrict__ partial,
     {                                                                                          \
         bias_gelu_backward_rows<T>(x, bias, dy, dx, partial, R, N, tanh_form, want_bias,      \
                                    rows_per_block);                                            \
+    }                                                                                          \
+                                                                                               \
+    extern "C" __global__ void __launch_bounds__(GELU_THREADS) bias_relu_forward_##SUFFIX(    \
+        const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int R, int N) \
+    {                                                                                          \
+        bias_relu_forward_rows<T>(x, bias, y, R, N);                                           \
+    }                                                                                          \
+                                                                                               \
+    extern "C" __global__ void __launch_bounds__(GELU_THREADS) bias_relu_backward_##SUFFIX(   \
+        const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx,                \
+        T* __restrict__ partial, int R, int N, int want_bias, int rows_per_block)             \
+    {                                                                                          \
+        bias_relu_backward_rows<T>(y, dy, dx, partial, R, N, want_bias, rows_per_block);       \
     }                                                                                          \
                                                                                                \
     extern "C" __global__ void __launch_bounds__(GELU_REDUCE_X * GELU_REDUCE_Y)                \

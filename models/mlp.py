@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from diagnet import functional as F
 from diagnet import nn
 from diagnet import random as _random
 
@@ -36,6 +37,14 @@ class MLP(nn.Module):
         rng: None (default generator), int seed or Generator; the layers draw in order.
 
     Submodules: ``features`` (`nn.Sequential`) and ``head`` (`nn.Linear`).
+
+    The forward walks ``features`` itself: a linear layer with a bias followed by an
+    ``nn.ReLU`` runs without its bias (``layer(x, add_bias=False)``) and `F.bias_relu` adds
+    it in the activation's pass (one pass over the hidden activations each way instead of
+    several). Forward hooks on those linears therefore see their output without the bias,
+    and the ``nn.ReLU`` modules after them, like ``features`` itself, are not called (their
+    hooks do not run). ``features(x)`` called directly composes the layers as usual: the
+    same values, up to the rounding of where the bias is added.
     """
 
     def __init__(self, in_features, hidden, num_classes, linear="dense", sparsity=0.9,
@@ -68,4 +77,28 @@ class MLP(nn.Module):
                              f"{self.in_features} elements per sample; got {x.shape}")
         if x.ndim > 2:
             x = x.reshape(x.shape[0], self.in_features)
-        return self.head(self.features(x))
+        return self.head(self._features(x))
+
+    def _features(self, x):
+        """``features(x)``, each biased linear layer followed by ReLU fused as `F.bias_relu`."""
+        layers = list(self.features)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if _bias_then_relu(layer, layers[i + 1] if i + 1 < len(layers) else None):
+                x = F.bias_relu(layer(x, add_bias=False), layer.bias)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x
+
+
+def _bias_then_relu(layer, following):
+    """True for a linear layer with a bias followed by an ``nn.ReLU``.
+
+    Every linear kind the MLP or `diagnet.dst.sparsify` puts here (`nn.Linear`,
+    `nn.DiagLinear` and their sparse-training subclasses) takes ``add_bias=False``.
+    """
+    return (type(following) is nn.ReLU and isinstance(layer, (nn.Linear, nn.DiagLinear))
+            and layer.bias is not None)

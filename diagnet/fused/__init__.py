@@ -11,6 +11,9 @@ the CPU instead of the numba kernels (for debugging, or where numba is unavailab
   (``layer_norm_cpu``, ``layer_norm_cuda``, ``kernels/layer_norm.cu``).
 * `gelu`: GELU (erf and tanh forms) forward and backward, one pass over a flat array
   (numba; the reference and the CuPy path are `diagnet.ops.activation.GELU`).
+* `relu`: bias + ReLU after a linear layer, forward and backward, one pass over each row
+  (numba; the reference and the dispatch are `diagnet.ops.activation.BiasReLU`; the CUDA
+  kernels are the ReLU variants of the bias kernels in ``gelu_cuda``, ``kernels/gelu.cu``).
 * `softmax`: softmax, log-softmax and softmax cross-entropy, one pass per row each way
   (numba; the references and the CuPy path are in `diagnet.ops.activation` and
   `diagnet.ops.loss`).

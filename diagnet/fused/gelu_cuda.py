@@ -1,10 +1,10 @@
-"""CUDA kernels of GELU and of bias + GELU: launch ``kernels/gelu.cu``.
+"""CUDA kernels of GELU and of bias + GELU or ReLU: launch ``kernels/gelu.cu``.
 
-The functions have the signatures of the CPU kernels in `diagnet.fused.gelu` (plus a
-keyword-only ``config=``) and take CuPy float32/float64 arrays; results are new CuPy arrays
-of the input dtype. The composed reference they are tested against is the array code of
-`diagnet.ops.activation` (`GELU`, `BiasGELU`). This module imports without CuPy; only
-calling the functions needs it.
+The functions have the signatures of the CPU kernels in `diagnet.fused.gelu` and
+`diagnet.fused.relu` (plus a keyword-only ``config=``) and take CuPy float32/float64 arrays;
+results are new CuPy arrays of the input dtype. The composed reference they are tested
+against is the array code of `diagnet.ops.activation` (`GELU`, `BiasGELU`, `BiasReLU`). This
+module imports without CuPy; only calling the functions needs it.
 
 Kernel design (details in ``docs/kernels.md`` and the comments of the ``.cu`` file):
 
@@ -19,6 +19,8 @@ Kernel design (details in ``docs/kernels.md`` and the comments of the ``.cu`` fi
   of rows, and each thread row adds its rows into its own partial row. A second kernel adds
   the partial rows in a fixed order: deterministic, no atomics (as the layer norm does for its
   parameter gradients).
+* **bias + ReLU**: the same blocks, rows and reduction. The forward writes
+  ``y = relu(x + bias)``; the backward reads that ``y`` (``y > 0`` is the mask) and ``dy``.
 
 `launch_config` and `flat_config` are pure Python (no CuPy), so the tests hand the real
 launch geometry to the SIMT emulation harness.
@@ -32,8 +34,8 @@ import operator
 
 from .. import cuda_launch
 
-__all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad", "launch_config", "flat_config",
-           "GeluConfig", "DEFAULT_CONFIG"]
+__all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad", "bias_relu", "bias_relu_grad",
+           "launch_config", "flat_config", "GeluConfig", "DEFAULT_CONFIG"]
 
 KERNEL_FILE = "gelu.cu"
 MACRO_PREFIX = "GELU"
@@ -90,7 +92,8 @@ class FlatPlan:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    """Grids and blocks of the three bias + GELU kernels for one ``(R, N)``."""
+    """Grids and blocks of the three bias kernels (forward, backward, reduction) for one
+    ``(R, N)``."""
 
     block: tuple[int, int, int]  #: forward and backward: (threads per row, rows, 1)
     forward_grid: tuple[int, int, int]
@@ -150,6 +153,11 @@ _BIAS_BACKWARD = cuda_launch.Kernel(
     KERNEL_FILE, "bias_gelu_backward",
     "x:F bias:F dy:F dx:O partial:O R:i N:i tanh_form:i want_bias:i rows_per_block:i",
     MACRO_PREFIX)
+_RELU_FORWARD = cuda_launch.Kernel(KERNEL_FILE, "bias_relu_forward", "x:F bias:F y:O R:i N:i",
+                                   MACRO_PREFIX)
+_RELU_BACKWARD = cuda_launch.Kernel(
+    KERNEL_FILE, "bias_relu_backward",
+    "y:F dy:F dx:O partial:O R:i N:i want_bias:i rows_per_block:i", MACRO_PREFIX)
 _BIAS_REDUCE = cuda_launch.Kernel(KERNEL_FILE, "bias_gelu_bias_reduce",
                                   "partial:F out:O P:i N:i", MACRO_PREFIX)
 
@@ -170,13 +178,13 @@ def _cupy():
     return cuda_launch.require_cupy("the CUDA GELU kernels")
 
 
-def _checked_rows(x, bias):
+def _checked_rows(x, bias, name="bias_gelu"):
     """``(R, N)`` of ``x``, after the O(1) checks that keep the kernels in bounds."""
     if x.ndim != 2 or bias.shape != x.shape[1:]:
-        raise ValueError(f"bias_gelu: expected x (R, N) and bias (N,); got x {tuple(x.shape)}, "
+        raise ValueError(f"{name}: expected x (R, N) and bias (N,); got x {tuple(x.shape)}, "
                          f"bias {tuple(bias.shape)}")
     if bias.dtype != x.dtype:
-        raise TypeError(f"bias_gelu: bias must have x's dtype {x.dtype}; got {bias.dtype}")
+        raise TypeError(f"{name}: bias must have x's dtype {x.dtype}; got {bias.dtype}")
     return x.shape
 
 
@@ -247,7 +255,54 @@ def bias_gelu_grad(x, bias, gy, approximate="none", want_bias=True, *,
                     plan.rows_per_block), defines=defines)
     if not want_bias:
         return dx, None
-    db = cp.empty(N, dtype=x.dtype)
-    _BIAS_REDUCE(x.dtype, plan.reduce_grid, plan.reduce_block, (partial, db, plan.partial_rows, N),
-                 defines=defines)
-    return dx, db
+    return dx, _reduce_bias(partial, plan, defines)
+
+
+def _reduce_bias(partial, plan, defines):
+    """``dbias`` ``(N,)``: the sum of the backward's ``(P, N)`` partial rows, in a fixed order."""
+    db = _cupy().empty(partial.shape[1], dtype=partial.dtype)
+    _BIAS_REDUCE(partial.dtype, plan.reduce_grid, plan.reduce_block,
+                 (partial, db, plan.partial_rows, partial.shape[1]), defines=defines)
+    return db
+
+
+def bias_relu(x, bias, *, config: GeluConfig | None = None):
+    """``relu(x + bias)`` for ``x`` ``(R, N)`` and ``bias`` ``(N,)`` of ``x``'s dtype."""
+    cp = _cupy()
+    cfg = DEFAULT_CONFIG if config is None else config
+    R, N = _checked_rows(x, bias, "bias_relu")
+    x, bias = cp.ascontiguousarray(x), cp.ascontiguousarray(bias)
+    y = cp.empty_like(x)
+    if x.size:
+        plan = launch_config(R, N, cfg)
+        _RELU_FORWARD(x.dtype, plan.forward_grid, plan.block, (x, bias, y, R, N),
+                      defines=_defines(cfg))
+    return y
+
+
+def bias_relu_grad(y, gy, want_bias=True, *, config: GeluConfig | None = None):
+    """``(dx, dbias)`` of `bias_relu` from its output ``y`` ``(R, N)`` and the output gradient
+    ``gy``: ``dx = gy * (y > 0)`` ``(R, N)`` and ``dbias = dx.sum(axis=0)`` ``(N,)`` (None
+    unless ``want_bias``)."""
+    cp = _cupy()
+    cfg = DEFAULT_CONFIG if config is None else config
+    if y.ndim != 2:
+        raise ValueError(f"bias_relu_grad: expected a 2-d y; got shape {tuple(y.shape)}")
+    if gy.shape != y.shape:
+        raise ValueError(f"bias_relu_grad: gy must have y's shape {tuple(y.shape)}; "
+                         f"got {tuple(gy.shape)}")
+    R, N = y.shape
+    y = cp.ascontiguousarray(y)
+    gy = cp.ascontiguousarray(gy, dtype=y.dtype)
+    dx = cp.empty_like(y)
+    if not y.size:
+        return dx, (cp.zeros(N, dtype=y.dtype) if want_bias else None)
+    plan = launch_config(R, N, cfg)
+    # without want_bias the partial sums are never touched: a one-element stand-in
+    partial = cp.empty((plan.partial_rows, N) if want_bias else 1, dtype=y.dtype)
+    defines = _defines(cfg)
+    _RELU_BACKWARD(y.dtype, plan.backward_grid, plan.block,
+                   (y, gy, dx, partial, R, N, want_bias, plan.rows_per_block), defines=defines)
+    if not want_bias:
+        return dx, None
+    return dx, _reduce_bias(partial, plan, defines)

@@ -8,7 +8,8 @@ One concept per module:
 * `inplace`: the in-place ops behind ``+=``, ``add_``, ``fill_``, ``copy_``, ``t[i] = v``
   (methods of `Tensor`, not part of the functional API);
 * `reduce`: sum, mean, var, max, min, argmax;
-* `activation`: relu, gelu, log_sigmoid, softmax, log_softmax;
+* `activation`: relu, gelu, bias_relu and bias_gelu (a linear's bias added in the activation's
+  pass), log_sigmoid, softmax, log_softmax;
 * `loss`: cross_entropy, mse_loss;
 * `regularization`: dropout;
 * `normalization`: layer_norm;

@@ -1,4 +1,5 @@
-"""Activations: relu, gelu, bias_gelu, log_sigmoid, and the softmax family (softmax, log_softmax).
+"""Activations: relu, bias_relu, gelu, bias_gelu, log_sigmoid, and the softmax family
+(softmax, log_softmax).
 
 (`sigmoid` and `tanh` are plain element-wise math and live in `basic`.) The numerically
 delicate ones are single functions with hand-written backward passes: fewer graph nodes and
@@ -6,12 +7,13 @@ the stable formulas (subtract the max before exponentiating; never exponentiate 
 positive number) in one place. Each public function follows the `Function` class that
 implements it.
 
-GELU and the softmax family run on NumPy float arrays through the compiled kernels of
-`diagnet.fused` (one pass per direction); the composed array code in each `Function` is the
-readable reference they are tested against, and the path for every array when
-``DIAGNET_CPU_KERNELS=reference``. See `fused_cpu`. GELU and bias + GELU run on CuPy float
-arrays through the CUDA kernels of ``kernels/gelu.cu`` (`gelu_kernels`), the softmax family
-through those of ``kernels/softmax.cu`` (`softmax_kernels`).
+GELU, bias + ReLU and the softmax family run on NumPy float arrays through the compiled
+kernels of `diagnet.fused` (one pass per direction); the composed array code in each
+`Function` is the readable reference they are tested against, and the path for every array
+when ``DIAGNET_CPU_KERNELS=reference``. See `fused_cpu`. GELU, bias + GELU and bias + ReLU run
+on CuPy float arrays through the CUDA kernels of ``kernels/gelu.cu`` (`gelu_kernels`,
+`bias_relu_kernels`), the softmax family through those of ``kernels/softmax.cu``
+(`softmax_kernels`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..backend import get_array_module as _xp  # the array module (numpy/cupy) o
 from ..autograd import FLOAT_DTYPES, Function, Tensor, axis_or_dim
 from ..diag import threadpools
 
-__all__ = ["relu", "gelu", "bias_gelu", "log_sigmoid", "softmax", "log_softmax"]
+__all__ = ["relu", "bias_relu", "gelu", "bias_gelu", "log_sigmoid", "softmax", "log_softmax"]
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -46,6 +48,8 @@ def fused_cpu(x, module):
         return None
     if module == "gelu":
         from ..fused import gelu as kernels
+    elif module == "relu":
+        from ..fused import relu as kernels
     else:
         from ..fused import softmax as kernels
     threadpools.configure_once()
@@ -66,6 +70,86 @@ class ReLU(Function):
 def relu(x):
     """``max(x, 0)`` element-wise (gradient 0 at 0)."""
     return ReLU()(x)
+
+
+def bias_relu_kernels(x):
+    """The bias + ReLU kernels for the array ``x``, or None (use the composed reference).
+
+    `diagnet.fused.relu` (numba) for NumPy arrays, as `fused_cpu` decides;
+    `diagnet.fused.gelu_cuda` (the bias kernels of ``kernels/gelu.cu``) for CuPy
+    float32/float64 arrays. Both modules have ``bias_relu(x, bias)`` and
+    ``bias_relu_grad(y, gy, want_bias)``.
+    """
+    if isinstance(x, np.ndarray):
+        return fused_cpu(x, "relu")
+    if x.dtype not in _KERNEL_DTYPES or _xp(x) is np:
+        return None
+    from ..fused import gelu_cuda as kernels
+    return kernels
+
+
+class BiasReLU(Function):
+    """``relu(x + bias)``; inputs ``(x, bias)``, ``x`` ``(..., N)``, ``bias`` ``(N,)``.
+
+    The kernels form ``x + bias`` on the fly and keep only the output: ``y > 0`` is the mask
+    of the backward, which sums ``dx`` over the rows into the bias gradient in the same pass.
+    The reference keeps the mask ``x + bias > 0``, as `ReLU` does.
+    """
+
+    def forward(self, x, bias):
+        self.x_shape = x.shape
+        rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (R, N), also for N = 0
+        self.kernels = bias_relu_kernels(x)
+        if self.kernels is not None:
+            self.y = self.kernels.bias_relu(rows, bias)
+            return self.y.reshape(x.shape)
+        h = rows + bias
+        self.positive = h > 0
+        return (h * self.positive).reshape(x.shape)
+
+    def backward(self, gy):
+        gy = gy.reshape(math.prod(self.x_shape[:-1]), self.x_shape[-1])
+        want_bias = self.needs_input_grad[1]
+        if self.kernels is not None:
+            gx, gb = self.kernels.bias_relu_grad(self.y, gy, want_bias)
+        else:
+            gx = gy * self.positive
+            gb = gx.sum(axis=0) if want_bias else None
+        return gx.reshape(self.x_shape), gb
+
+
+def _check_bias_operands(name, x, bias):
+    """Refuse what `bias_relu` and `bias_gelu` cannot take (a bias not matching ``x``)."""
+    for arg, t in (("x", x), ("bias", bias)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {arg} must be a Tensor; got {type(t).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: x must be float32 or float64; got dtype {x.dtype}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{name}: bias must have x's dtype {x.dtype}; got {bias.dtype}")
+    if x.ndim < 1 or bias.shape != x.shape[-1:]:
+        raise ValueError(f"{name}: bias must have shape (N,) with N = x's last dim; got "
+                         f"x of shape {x.shape} and bias of shape {bias.shape}")
+
+
+def bias_relu(x, bias):
+    """``relu(x + bias)`` as one op, for a linear layer followed by ReLU.
+
+    The layer runs without its bias (``layer(x, add_bias=False)``) and the bias is added
+    here, in the activation's pass; its gradient is summed in the same pass as ``x``'s.
+    As `relu`: ``h * (h > 0)`` for ``h = x + bias`` (NaN stays NaN), gradient 0 at 0.
+
+    Args:
+        x: Tensor ``(..., N)``, float32 or float64.
+        bias: Tensor ``(N,)`` of ``x``'s dtype and device, or None (then this is `relu`).
+
+    Returns:
+        Tensor of ``x``'s shape and dtype.
+    """
+    if bias is None:
+        return relu(x)
+    _check_bias_operands("bias_relu", x, bias)
+    return BiasReLU()(x, bias)
 
 
 def gelu_kernels(x):
@@ -185,16 +269,7 @@ def bias_gelu(x, bias, approximate="none"):
     _check_approximate("bias_gelu", approximate)
     if bias is None:
         return gelu(x, approximate)
-    for name, t in (("x", x), ("bias", bias)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"bias_gelu: {name} must be a Tensor; got {type(t).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"bias_gelu: x must be float32 or float64; got dtype {x.dtype}")
-    if bias.dtype != x.dtype:
-        raise TypeError(f"bias_gelu: bias must have x's dtype {x.dtype}; got {bias.dtype}")
-    if x.ndim < 1 or bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias_gelu: bias must have shape (N,) with N = x's last dim; got "
-                         f"x of shape {x.shape} and bias of shape {bias.shape}")
+    _check_bias_operands("bias_gelu", x, bias)
     return BiasGELU(approximate)(x, bias)
 
 

@@ -128,7 +128,7 @@ def test_nvcc_compiles_launcher_options_without_spills(arch, dtype, tmp_path):
         assert "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
         sfx = "f32" if dtype is np.float32 else "f64"
         entries = ("gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
-                   "bias_gelu_bias_reduce")
+                   "bias_gelu_bias_reduce", "bias_relu_forward", "bias_relu_backward")
         assert set(kernels) == {f"{k}_{sfx}" for k in entries}
         for name, k in kernels.items():
             assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["stack"] == 0, (name, k)

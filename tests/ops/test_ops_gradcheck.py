@@ -293,6 +293,19 @@ add_case("bias_gelu-erf", F.bias_gelu,
 add_case("bias_gelu-tanh", lambda x, b: F.bias_gelu(x, b, approximate="tanh"),
          lambda rng: [2.0 * rng.standard_normal((4, 5)), rng.standard_normal(5)])
 
+
+def _bias_relu_inputs(shape):
+    """x and bias with ``x + bias`` away from relu's kink."""
+    def make(rng):
+        b = rng.standard_normal(shape[-1:])
+        return [away_from_zero(rng, shape) - b, b]
+    return make
+
+
+add_case("bias_relu-2d", F.bias_relu, _bias_relu_inputs((4, 5)))
+add_case("bias_relu-3d", F.bias_relu, _bias_relu_inputs((2, 3, 5)))
+add_case("bias_relu-const-bias", F.bias_relu, _bias_relu_inputs((3, 4)), (True, False))
+
 # astype through float32 and back: the float32 round trip loses ~1e-7 relative, which a
 # 1e-6 perturbation cannot resolve, so this one case uses eps=1e-3 and matching tolerances
 # (the exact gradient of astype is tested in test_astype_gradient_is_cast_back).

@@ -6,6 +6,8 @@ SIMT_KERNEL(gelu_backward_f32)
 SIMT_KERNEL(bias_gelu_forward_f32)
 SIMT_KERNEL(bias_gelu_backward_f32)
 SIMT_KERNEL(bias_gelu_bias_reduce_f32)
+SIMT_KERNEL(bias_relu_forward_f32)
+SIMT_KERNEL(bias_relu_backward_f32)
 #endif
 #if GELU_ENABLE_F64
 SIMT_KERNEL(gelu_forward_f64)
@@ -13,4 +15,6 @@ SIMT_KERNEL(gelu_backward_f64)
 SIMT_KERNEL(bias_gelu_forward_f64)
 SIMT_KERNEL(bias_gelu_backward_f64)
 SIMT_KERNEL(bias_gelu_bias_reduce_f64)
+SIMT_KERNEL(bias_relu_forward_f64)
+SIMT_KERNEL(bias_relu_backward_f64)
 #endif
