@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diagnet import functional as F
+from diagnet.ops.activation import BiasReLU
 from diagnet import nn
 from diagnet import random as _random
 
@@ -80,25 +80,42 @@ class MLP(nn.Module):
         return self.head(self._features(x))
 
     def _features(self, x):
-        """``features(x)``, each biased linear layer followed by ReLU fused as `F.bias_relu`."""
-        layers = list(self.features)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if _bias_then_relu(layer, layers[i + 1] if i + 1 < len(layers) else None):
-                x = F.bias_relu(layer(x, add_bias=False), layer.bias)
-                i += 2
-            else:
+        """``features(x)``, each linear layer with a bias followed by ReLU fused as
+        `F.bias_relu` (its own bias: the operands fit, so `F.bias_relu`'s checks are
+        skipped)."""
+        for layer, relu in self._feature_plan():
+            if relu is None:
                 x = layer(x)
-                i += 1
+                continue
+            bias = layer.bias
+            if bias is None:  # removed since the plan was made
+                x = relu(layer(x))
+            else:
+                x = BiasReLU()(layer(x, add_bias=False), bias)
         return x
 
+    def _feature_plan(self):
+        """``[(module, relu), ...]``: the modules of ``features`` to call, with the `nn.ReLU`
+        that follows a linear layer (called fused, not on its own) or None. Made again when
+        the modules changed (`diagnet.dst.sparsify` replaces the linear layers after
+        construction)."""
+        modules = list(self.features)
+        # a list compares its items by identity first: the same modules, the same plan
+        if self.__dict__.get("_plan_modules") != modules:
+            plan, i = [], 0
+            while i < len(modules):
+                following = modules[i + 1] if i + 1 < len(modules) else None
+                fused = _linear_then_relu(modules[i], following)
+                plan.append((modules[i], following if fused else None))
+                i += 2 if fused else 1
+            self.__dict__["_plan"], self.__dict__["_plan_modules"] = plan, modules
+        return self.__dict__["_plan"]
 
-def _bias_then_relu(layer, following):
-    """True for a linear layer with a bias followed by an ``nn.ReLU``.
+
+def _linear_then_relu(layer, following):
+    """True for a linear layer followed by an ``nn.ReLU``.
 
     Every linear kind the MLP or `diagnet.dst.sparsify` puts here (`nn.Linear`,
     `nn.DiagLinear` and their sparse-training subclasses) takes ``add_bias=False``.
     """
-    return (type(following) is nn.ReLU and isinstance(layer, (nn.Linear, nn.DiagLinear))
-            and layer.bias is not None)
+    return type(following) is nn.ReLU and isinstance(layer, (nn.Linear, nn.DiagLinear))

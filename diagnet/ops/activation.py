@@ -72,16 +72,22 @@ def relu(x):
     return ReLU()(x)
 
 
+#: NumPy arrays with fewer elements take the composed bias + ReLU: at (16, 256) both cost
+#: the same; below, the three NumPy calls beat a compiled call's fixed cost (batch-1 inference)
+BIAS_RELU_KERNEL_MIN_ELEMENTS = 4096
+
+
 def bias_relu_kernels(x):
     """The bias + ReLU kernels for the array ``x``, or None (use the composed reference).
 
-    `diagnet.fused.relu` (numba) for NumPy arrays, as `fused_cpu` decides;
+    `diagnet.fused.relu` (numba) for NumPy arrays of at least
+    `BIAS_RELU_KERNEL_MIN_ELEMENTS` elements, as `fused_cpu` decides;
     `diagnet.fused.gelu_cuda` (the bias kernels of ``kernels/gelu.cu``) for CuPy
     float32/float64 arrays. Both modules have ``bias_relu(x, bias)`` and
     ``bias_relu_grad(y, gy, want_bias)``.
     """
     if isinstance(x, np.ndarray):
-        return fused_cpu(x, "relu")
+        return fused_cpu(x, "relu") if x.size >= BIAS_RELU_KERNEL_MIN_ELEMENTS else None
     if x.dtype not in _KERNEL_DTYPES or _xp(x) is np:
         return None
     from ..fused import gelu_cuda as kernels
@@ -98,14 +104,14 @@ class BiasReLU(Function):
 
     def forward(self, x, bias):
         self.x_shape = x.shape
-        rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (R, N), also for N = 0
         self.kernels = bias_relu_kernels(x)
         if self.kernels is not None:
+            rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (R, N), also for N = 0
             self.y = self.kernels.bias_relu(rows, bias)
             return self.y.reshape(x.shape)
-        h = rows + bias
+        h = x + bias  # broadcasting over the leading dims: no reshape needed
         self.positive = h > 0
-        return (h * self.positive).reshape(x.shape)
+        return h * self.positive
 
     def backward(self, gy):
         gy = gy.reshape(math.prod(self.x_shape[:-1]), self.x_shape[-1])
@@ -113,7 +119,7 @@ class BiasReLU(Function):
         if self.kernels is not None:
             gx, gb = self.kernels.bias_relu_grad(self.y, gy, want_bias)
         else:
-            gx = gy * self.positive
+            gx = gy * self.positive.reshape(gy.shape)
             gb = gx.sum(axis=0) if want_bias else None
         return gx.reshape(self.x_shape), gb
 

@@ -20,12 +20,20 @@ from diagnet import functional as F
 from diagnet.dst import sparsify
 from diagnet.gradcheck import gradcheck
 from diagnet.models import MLP
+from diagnet.ops import activation
 from diagnet.ops.activation import BiasReLU
 from helpers import away_from_zero
 from tolerances import F64_GRAD_TOL, F64_TOL, GRADCHECK_TOL
 
 # rows of width 1, odd widths, 3-d, one array past the parallel threshold, empty ones
 SHAPES = [(1,), (7,), (3, 1), (5, 33), (2, 3, 4), (300, 257), (0, 4), (3, 0)]
+
+
+@pytest.fixture(autouse=True)
+def kernels_at_every_size(monkeypatch):
+    """The tests here check the kernels on small shapes too: no size takes the composed
+    path unless asked (`test_small_arrays_take_the_composed_path`)."""
+    monkeypatch.setattr(activation, "BIAS_RELU_KERNEL_MIN_ELEMENTS", 0)
 SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, np.inf, -np.inf, np.nan]
 
 
@@ -326,3 +334,12 @@ def test_bias_relu_on_cuda_matches_the_cpu_kernels():
         results.append((y.numpy(), tx.grad.numpy(), tb.grad.numpy()))
     for a, c in zip(*results):
         np.testing.assert_allclose(a, c, **F64_GRAD_TOL)
+
+
+def test_small_arrays_take_the_composed_path(monkeypatch):
+    """Below `BIAS_RELU_KERNEL_MIN_ELEMENTS` NumPy arrays take the composed reference (a
+    compiled call costs more there); from it on, the numba kernels."""
+    monkeypatch.setattr(activation, "BIAS_RELU_KERNEL_MIN_ELEMENTS", 4096)
+    assert activation.bias_relu_kernels(np.zeros((1, 256), np.float32)) is None
+    assert activation.bias_relu_kernels(np.zeros((15, 256), np.float32)) is None
+    assert activation.bias_relu_kernels(np.zeros((16, 256), np.float32)) is not None
