@@ -155,18 +155,17 @@ __device__ __forceinline__ void bias_gelu_forward_rows(const T* __restrict__ x,
     }
 }
 
-// Block b owns the rows [b * rows_per_block, (b + 1) * rows_per_block) (the launcher makes
-// gridDim.x * rows_per_block >= R); thread row ty takes every blockDim.y-th of them and, with
-// want_bias, adds each dx of its columns into its own row p = b * blockDim.y + ty of `partial`
-// ((P, N), P = gridDim.x * blockDim.y).
-template <typename T>
-__device__ __forceinline__ void bias_gelu_backward_rows(const T* __restrict__ x,
-                                                        const T* __restrict__ bias,
-                                                        const T* __restrict__ dy,
-                                                        T* __restrict__ dx,
-                                                        T* __restrict__ partial, int R, int N,
-                                                        int tanh_form, int want_bias,
-                                                        int rows_per_block)
+// The backward of a bias + activation over rows: dx = dy * slope(i, j) at flat index
+// i = r * N + j. Block b owns the rows [b * rows_per_block, (b + 1) * rows_per_block) (the
+// launcher makes gridDim.x * rows_per_block >= R); thread row ty takes every blockDim.y-th of
+// them and, with want_bias, adds each dx of its columns into its own row
+// p = b * blockDim.y + ty of `partial` ((P, N), P = gridDim.x * blockDim.y).
+template <typename T, typename Slope>
+__device__ __forceinline__ void bias_activation_backward_rows(const T* __restrict__ dy,
+                                                              T* __restrict__ dx,
+                                                              T* __restrict__ partial, int R,
+                                                              int N, int want_bias,
+                                                              int rows_per_block, Slope slope)
 {
     const int tx = (int)threadIdx.x;
     const int bx = (int)blockDim.x;
@@ -179,15 +178,45 @@ __device__ __forceinline__ void bias_gelu_backward_rows(const T* __restrict__ x,
     long long end = begin + rows_per_block;
     if (end > R) end = R;
     for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
-        const T* __restrict__ xr = x + r * N;
-        const T* __restrict__ dyr = dy + r * N;
-        T* __restrict__ dxr = dx + r * N;
+        const long long row = r * N;
         for (int j = tx; j < N; j += bx) {
-            const T g = dyr[j] * gelu_slope(xr[j] + bias[j], tanh_form);
-            dxr[j] = g;
+            const T g = dy[row + j] * slope(row + j, j);
+            dx[row + j] = g;
             if (want_bias) pb[j] += g;
         }
     }
+}
+
+// gelu'(x + bias), from the input (the forward keeps nothing)
+template <typename T>
+struct BiasGeluSlope {
+    const T* __restrict__ x;
+    const T* __restrict__ bias;
+    int tanh_form;
+    __device__ __forceinline__ T operator()(long long i, int j) const
+    {
+        return gelu_slope(x[i] + bias[j], tanh_form);
+    }
+};
+
+// relu'(x + bias), from the output: y > 0 exactly where x + bias > 0
+template <typename T>
+struct ReluSlope {
+    const T* __restrict__ y;
+    __device__ __forceinline__ T operator()(long long i, int) const { return T(y[i] > T(0)); }
+};
+
+template <typename T>
+__device__ __forceinline__ void bias_gelu_backward_rows(const T* __restrict__ x,
+                                                        const T* __restrict__ bias,
+                                                        const T* __restrict__ dy,
+                                                        T* __restrict__ dx,
+                                                        T* __restrict__ partial, int R, int N,
+                                                        int tanh_form, int want_bias,
+                                                        int rows_per_block)
+{
+    bias_activation_backward_rows<T>(dy, dx, partial, R, N, want_bias, rows_per_block,
+                                     BiasGeluSlope<T>{x, bias, tanh_form});
 }
 
 // ---- bias + ReLU over rows: the loops of bias + GELU with ReLU's arithmetic -----------------
@@ -208,7 +237,6 @@ __device__ __forceinline__ void bias_relu_forward_rows(const T* __restrict__ x,
     }
 }
 
-// As bias_gelu_backward_rows, with the mask y > 0 in place of gelu'(x + bias).
 template <typename T>
 __device__ __forceinline__ void bias_relu_backward_rows(const T* __restrict__ y,
                                                         const T* __restrict__ dy,
@@ -216,26 +244,8 @@ __device__ __forceinline__ void bias_relu_backward_rows(const T* __restrict__ y,
                                                         T* __restrict__ partial, int R, int N,
                                                         int want_bias, int rows_per_block)
 {
-    const int tx = (int)threadIdx.x;
-    const int bx = (int)blockDim.x;
-    const long long p = (long long)blockIdx.x * blockDim.y + threadIdx.y;
-    T* __restrict__ pb = partial + p * N;
-    if (want_bias)
-        for (int j = tx; j < N; j += bx) pb[j] = T(0);
-
-    const long long begin = (long long)blockIdx.x * rows_per_block;
-    long long end = begin + rows_per_block;
-    if (end > R) end = R;
-    for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
-        const T* __restrict__ yr = y + r * N;
-        const T* __restrict__ dyr = dy + r * N;
-        T* __restrict__ dxr = dx + r * N;
-        for (int j = tx; j < N; j += bx) {
-            const T g = dyr[j] * T(yr[j] > T(0));
-            dxr[j] = g;
-            if (want_bias) pb[j] += g;
-        }
-    }
+    bias_activation_backward_rows<T>(dy, dx, partial, R, N, want_bias, rows_per_block,
+                                     ReluSlope<T>{y});
 }
 
 // out[j] = sum_p partial[p * N + j]. GELU_REDUCE_Y lanes stride over p, then a tree adds the
