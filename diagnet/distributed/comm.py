@@ -32,7 +32,7 @@ from .nccl import NcclChannel
 __all__ = ["Communicator", "SingleProcess", "MPICommunicator", "OPS", "REDUCE_DTYPES",
            "LAUNCHER_VARIABLES", "launched_by_mpi", "init", "world", "rank", "world_size",
            "is_main", "barrier", "broadcast", "allreduce", "main_first", "agree",
-           "LOCAL_RANK_VARIABLES", "local_rank", "use_local_gpu"]
+           "LOCAL_RANK_VARIABLES", "local_rank", "use_local_gpu", "checked_comm"]
 
 #: the reductions of `Communicator.allreduce`
 OPS = ("sum", "max", "min")
@@ -324,6 +324,15 @@ def _abort_on_uncaught_exception(comm: Communicator) -> None:
 def world() -> Communicator:
     """The communicator of `init`; a `SingleProcess` if `init` was not called."""
     return _default if _world is None else _world
+
+
+def checked_comm(comm) -> Communicator:
+    """``comm``, or `world()` for None; TypeError for anything but a `Communicator`."""
+    if comm is None:
+        return world()
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"comm must be a Communicator or None; got {type(comm).__name__}")
+    return comm
 
 
 def rank() -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from .. import backend, checks
 from ..autograd import Tensor
 from ..config import enable_grad
-from .comm import Communicator, world
+from .comm import checked_comm
 
 __all__ = ["GradientAverager", "DistributedOptimizer"]
 
@@ -77,15 +77,6 @@ def _check_grad(param, index):
     if type(g) is not type(p) or g.shape != p.shape or g.dtype != p.dtype:
         raise ValueError(f"the gradient of params[{index}] has {_describe(g)}; the parameter "
                          f"has {_describe(p)}")
-
-
-def checked_comm(comm) -> Communicator:
-    """``comm``, or `world()` for None; TypeError for anything but a `Communicator`."""
-    if comm is None:
-        return world()
-    if not isinstance(comm, Communicator):
-        raise TypeError(f"comm must be a Communicator or None; got {type(comm).__name__}")
-    return comm
 
 
 def _checked_params(params) -> list:

@@ -27,8 +27,7 @@ import numpy as np
 from .. import backend, checks
 from ..autograd import Tensor
 from ..nn.module import Module
-from .comm import agree
-from .gradients import checked_comm
+from .comm import agree, checked_comm
 
 __all__ = ["broadcast_state", "attach_controller", "check_structure"]
 

@@ -243,16 +243,28 @@ def bias_gelu_grad(x, bias, gy, approximate="none", want_bias=True, *,
         raise ValueError(f"gy must have x's shape {tuple(x.shape)}; got {tuple(gy.shape)}")
     x, bias = cp.ascontiguousarray(x), cp.ascontiguousarray(bias)
     gy = cp.ascontiguousarray(gy, dtype=x.dtype)
-    dx = cp.empty_like(x)
-    if not x.size:
-        return dx, (cp.zeros(N, dtype=x.dtype) if want_bias else None)
+    return _bias_backward(_BIAS_BACKWARD, (x, bias, gy), (approximate == "tanh",), want_bias,
+                          cfg)
+
+
+def _bias_backward(kernel, inputs, flags, want_bias, cfg):
+    """``(dx, dbias)`` of a bias + activation: ``kernel`` (the GELU or ReLU backward) run
+    over the ``(R, N)`` rows of ``inputs[-1]`` (the output gradient, C-contiguous) with
+    arguments ``(*inputs, dx, partial, R, N, *flags, want_bias, rows_per_block)``, then the
+    fixed-order sum of its partial rows (`_reduce_bias`) when ``want_bias``."""
+    cp = _cupy()
+    gy = inputs[-1]
+    R, N = gy.shape
+    dx = cp.empty_like(gy)
+    if not gy.size:
+        return dx, (cp.zeros(N, dtype=gy.dtype) if want_bias else None)
     plan = launch_config(R, N, cfg)
     # without want_bias the partial sums are never touched: a one-element stand-in
-    partial = cp.empty((plan.partial_rows, N) if want_bias else 1, dtype=x.dtype)
+    partial = cp.empty((plan.partial_rows, N) if want_bias else 1, dtype=gy.dtype)
     defines = _defines(cfg)
-    _BIAS_BACKWARD(x.dtype, plan.backward_grid, plan.block,
-                   (x, bias, gy, dx, partial, R, N, approximate == "tanh", want_bias,
-                    plan.rows_per_block), defines=defines)
+    kernel(gy.dtype, plan.backward_grid, plan.block,
+           (*inputs, dx, partial, R, N, *flags, want_bias, plan.rows_per_block),
+           defines=defines)
     if not want_bias:
         return dx, None
     return dx, _reduce_bias(partial, plan, defines)
@@ -291,18 +303,6 @@ def bias_relu_grad(y, gy, want_bias=True, *, config: GeluConfig | None = None):
     if gy.shape != y.shape:
         raise ValueError(f"bias_relu_grad: gy must have y's shape {tuple(y.shape)}; "
                          f"got {tuple(gy.shape)}")
-    R, N = y.shape
     y = cp.ascontiguousarray(y)
     gy = cp.ascontiguousarray(gy, dtype=y.dtype)
-    dx = cp.empty_like(y)
-    if not y.size:
-        return dx, (cp.zeros(N, dtype=y.dtype) if want_bias else None)
-    plan = launch_config(R, N, cfg)
-    # without want_bias the partial sums are never touched: a one-element stand-in
-    partial = cp.empty((plan.partial_rows, N) if want_bias else 1, dtype=y.dtype)
-    defines = _defines(cfg)
-    _RELU_BACKWARD(y.dtype, plan.backward_grid, plan.block,
-                   (y, gy, dx, partial, R, N, want_bias, plan.rows_per_block), defines=defines)
-    if not want_bias:
-        return dx, None
-    return dx, _reduce_bias(partial, plan, defines)
+    return _bias_backward(_RELU_BACKWARD, (y, gy), (), want_bias, cfg)
