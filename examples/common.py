@@ -20,7 +20,8 @@ from numba.core import event
 
 import diagnet as dn
 from diagnet import nn
-from diagnet.data import ArrayDataset, DataLoader
+from diagnet.data import ArrayDataset, DataLoader, RandomShift
+from diagnet.data.mnist import MNIST_MEAN, MNIST_STD
 from diagnet.dst import LAYERS, METHODS, RECIPES, SCHEDULES, DynaDiagLinear, find_recipe
 from diagnet.dst.temperature import MAY_RISE
 from diagnet.train.trainer import BEST_NAME, LAST_NAME, LOG_NAME
@@ -31,7 +32,7 @@ RUN_LOCAL_FLAGS = ("out", "resume", "overwrite", "epochs", "device", "data_root"
 
 #: flags added after runs were saved, with the value those runs trained with: ``--resume`` of a
 #: run whose configuration lacks one takes this value, not the flag's new default
-ADDED_FLAGS = {"label_smoothing": 0.0, "dtype": "float32"}
+ADDED_FLAGS = {"label_smoothing": 0.0, "dtype": "float32", "shift": 0}
 
 #: what ``--resume`` tells the user after Ctrl-C, in place of the library's ``fit(resume=...)``
 RESUME_HINT = "the same command plus --resume"
@@ -254,10 +255,15 @@ def mnist_loaders(args, flatten, device):
         source = "MNIST"
     if not flatten:
         xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
+    augment = None
+    if getattr(args, "shift", 0):  # training images only; --shift needs flatten=False
+        # an incoming pixel is black: 0 after MNIST's normalisation is -mean/std
+        black = 0.0 if args.smoke else -MNIST_MEAN / MNIST_STD
+        augment = RandomShift(args.shift, fill=black)
     # every rank takes its share of each global batch: the union is one process's batch
     shard = dict(rank=dn.distributed.rank(), world_size=dn.distributed.world_size())
     train = DataLoader(ArrayDataset(xtr, ytr), batch_size=args.batch_size, shuffle=True,
-                       seed=args.seed, device=device, **shard)
+                       seed=args.seed, device=device, augment=augment, **shard)
     test = DataLoader(ArrayDataset(xte, yte), batch_size=1000, device=device, **shard)
     return train, test, f"{source}: {len(xtr)} train / {len(xte)} test images"
 

@@ -4,9 +4,11 @@ With no flags: ViT on 7x7 patches (16 tokens + a class token), width 64, 4 block
 heads, MLP ratio 2; every qkv, attention-output and MLP linear is a 90%-sparse diagonal layer
 with fixed random diagonals (``--method static``; ``dynadiag``, ``rigl`` and ``set`` train the
 structure too); the patch embedding and the head stay dense. 16 epochs of AdamW (lr 3e-3,
-weight decay 0.05) with a one-epoch warm-up and cosine decay, batch 128, label smoothing 0.1.
-The run before these defaults (8 epochs, lr 2e-3, no label smoothing) is
-``--epochs 8 --lr 2e-3 --label-smoothing 0``.
+weight decay 0.05) with a one-epoch warm-up and cosine decay, batch 128, label smoothing 0.1,
+and each training image shifted by up to 2 pixels along each axis (``--shift``, drawn anew
+every epoch). ``--shift 0`` trains without the shifts; the run before these defaults
+(8 epochs, lr 2e-3, no label smoothing, no shifts) is
+``--epochs 8 --lr 2e-3 --label-smoothing 0 --shift 0``.
 
     python examples/train_vit_mnist.py
     python examples/train_vit_mnist.py --method dynadiag --epochs 12
@@ -45,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--weight-decay", type=common.non_negative_number, default=0.05)
     parser.add_argument("--label-smoothing", type=common.fraction, default=0.1,
                         help="of the loss's targets (the logged eval_loss too; default: 0.1)")
+    parser.add_argument("--shift", type=common.non_negative_int, default=2,
+                        help="shift each training image by up to this many pixels along each "
+                             "axis, drawn anew every epoch (default: 2; 0: no augmentation)")
     args = common.parse_args(parser, argv, EXAMPLE, smoke={"depth": 1, "dim": 32})
     started = time.perf_counter()
     device = common.pick_device(parser, args.device)

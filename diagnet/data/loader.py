@@ -29,6 +29,10 @@ single-process batch, in order, so ``W`` ranks train on the same global batches 
 process. Epochs, positions (`DataLoader.state_dict`) and `DataLoader.describe` count global
 batches and do not mention the world size, so a run saved by 2 ranks resumes on 1.
 
+Augmentation. ``DataLoader(..., augment=RandomShift(2))`` changes the inputs of every batch
+with draws that are a pure function of ``(seed, epoch, batch index)``, made for the whole
+global batch before it is split across ranks (`diagnet.data.augment`).
+
 Cost. A batch of an `ArrayDataset` is gathered with one fancy index per array
 (``array[indices]``), never with a Python loop over samples, and copied to the device once.
 Any other dataset is asked for one sample at a time, and `collate` stacks the samples.
@@ -42,6 +46,10 @@ from .. import backend, checks
 from ..autograd import DEFAULT_DTYPE, Tensor
 
 __all__ = ["ArrayDataset", "DataLoader", "epoch_order", "collate"]
+
+#: the last word of the seed of each batch's augmentation generator, which keeps its stream
+#: apart from the epoch order's ``default_rng([seed, epoch])``
+_AUGMENT_STREAM = 0x61756700
 
 # array kinds a Tensor can hold: bool, signed and unsigned integers, floats
 _NUMERIC_KINDS = "biuf"
@@ -195,6 +203,13 @@ class DataLoader:
             / 255, y)``, which moves uint8 images to the GPU at a quarter of the float32
             size). A single returned `Tensor` becomes a 1-tuple. With sharding it sees this
             rank's share of the batch.
+        augment: optional augmentation of the first array (the inputs) of every batch,
+            such as `diagnet.data.augment.RandomShift`: an object with ``draw(rng, n)``,
+            ``apply(images, params)`` and ``describe()`` (see that module). Its random
+            draws come from a generator made for each global batch from ``(seed, epoch,
+            batch index)``, one draw per sample of the global batch, so they are
+            reproducible, resumable and the same whatever the world size. Applied on the
+            host, before the batch moves to ``device`` and before ``transform``.
         rank: keyword only; this process's rank ``r``, an int in ``[0, world_size)``.
         world_size: keyword only; the number of processes ``W`` that share every batch (an
             int >= 1; 1, the default, does not shard).
@@ -236,7 +251,7 @@ class DataLoader:
     """
 
     def __init__(self, dataset, batch_size, shuffle=False, seed=0, drop_last=False, device=None,
-                 transform=None, *, rank=0, world_size=1):
+                 transform=None, augment=None, *, rank=0, world_size=1):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must support len() and indexing; got "
                             f"{type(dataset).__name__}")
@@ -251,6 +266,12 @@ class DataLoader:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
         self.transform = transform
+        for method in ("draw", "apply", "describe"):
+            if augment is not None and not callable(getattr(augment, method, None)):
+                raise TypeError(f"augment must be None or an augmentation with draw(), apply() "
+                                f"and describe() methods (e.g. RandomShift); got "
+                                f"{type(augment).__name__}, which has no {method}()")
+        self.augment = augment
         self.world_size = checks.integer("world_size", world_size, 1)
         self.rank = checks.integer("rank", rank, 0)
         if self.rank >= self.world_size:
@@ -330,9 +351,12 @@ class DataLoader:
 
     def describe(self):
         """The settings that fix the batches, as a JSON-able dict (for logs and checks)."""
-        return {"samples": self.num_samples, "batch_size": self.batch_size,
-                "batches": len(self), "shuffle": self.shuffle, "seed": self.seed,
-                "drop_last": self.drop_last}
+        settings = {"samples": self.num_samples, "batch_size": self.batch_size,
+                    "batches": len(self), "shuffle": self.shuffle, "seed": self.seed,
+                    "drop_last": self.drop_last}
+        if self.augment is not None:  # absent without one: older runs' settings still match
+            settings["augment"] = self.augment.describe()
+        return settings
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
@@ -347,19 +371,40 @@ class DataLoader:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         for i in range(start, len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
+            params = None
+            if self.augment is not None:
+                # drawn for the global batch, then cut like the indices: every world size
+                # changes sample k of batch i the same way
+                rng = np.random.default_rng([self.seed, epoch, i, _AUGMENT_STREAM])
+                params = self.augment.draw(rng, len(indices))
             if self.world_size > 1:
-                indices = self._share(indices)
-            batch = self._to_tensors(self._gather(indices))
+                start, stop = self._share_bounds(len(indices))
+                indices = indices[start:stop]
+                params = None if params is None else params[start:stop]
+            arrays = self._gather(indices)
+            if params is not None:
+                arrays = self._augmented(arrays, params)
+            batch = self._to_tensors(arrays)
             self.batch = i + 1   # counted as handed out while the consumer uses it
             yield batch
         self.epoch, self.batch = epoch + 1, 0
 
-    def _share(self, indices):
-        """This rank's contiguous part of a global batch's ``indices``: part ``rank`` of
-        ``numpy.array_split(indices, world_size)``, computed without splitting."""
-        size, larger = divmod(len(indices), self.world_size)
+    def _share_bounds(self, n):
+        """``(start, stop)`` of this rank's contiguous part of a global batch of ``n``
+        samples: part ``rank`` of ``numpy.array_split(range(n), world_size)``."""
+        size, larger = divmod(n, self.world_size)
         start = self.rank * size + min(self.rank, larger)
-        return indices[start:start + size + (self.rank < larger)]
+        return start, start + size + (self.rank < larger)
+
+    def _augmented(self, arrays, params):
+        """``arrays`` with the first one changed by the augmentation's ``params``."""
+        if not isinstance(arrays, tuple):
+            arrays = (arrays,)
+        images = arrays[0]
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"augment works on host NumPy arrays; the dataset's first field is "
+                            f"a {type(images).__name__}")
+        return (self.augment.apply(images, params),) + arrays[1:]
 
     def _gather(self, indices):
         if self._per_sample:
@@ -381,6 +426,7 @@ class DataLoader:
 
     def __repr__(self):
         shard = f", rank={self.rank}, world_size={self.world_size}" if self.sharded else ""
+        augment = f", augment={self.augment!r}" if self.augment is not None else ""
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
-                f"device={self.device!r}{shard})")
+                f"device={self.device!r}{augment}{shard})")

@@ -145,8 +145,10 @@ def test_bad_arguments_get_one_error_line_naming_the_flag(script, args, expected
     (("--label-smoothing", "1"), "--label-smoothing: expected a number in [0, 1), got '1'"),
     (("--label-smoothing", "-0.1"), "--label-smoothing: expected a number in [0, 1), got '-0.1'"),
     (("--label-smoothing", "nan"), "--label-smoothing: expected a number in [0, 1), got 'nan'"),
+    (("--shift", "-1"), "--shift: expected a non-negative integer, got '-1'"),
+    (("--shift", "1.5"), "--shift: expected a non-negative integer, got '1.5'"),
 ])
-def test_vit_label_smoothing_flag_gets_one_error_line(args, expected, tmp_path, monkeypatch,
+def test_vit_flags_get_one_error_line(args, expected, tmp_path, monkeypatch,
                                                       capsys):
     line = _refused("train_vit_mnist.py", args, tmp_path, monkeypatch, capsys)
     assert expected in line, line
@@ -289,23 +291,29 @@ def test_kernels_compile_before_the_timed_loop(tmp_path):
     assert "compiled during fit: 0" in res.stdout, res.stdout
 
 
-def test_resume_of_a_run_saved_before_a_flag_existed_keeps_its_old_value(tmp_path):
-    """A ViT run saved before --label-smoothing existed trained without smoothing: --resume
-    must continue with 0, not the flag's new default (0.1), so giving 0.1 contradicts it."""
+@pytest.mark.parametrize("flag, key, default, old", [
+    ("--label-smoothing", "label_smoothing", 0.1, "0.0"),
+    ("--shift", "shift", 2, "0"),
+])
+def test_resume_of_a_run_saved_before_a_flag_existed_keeps_its_old_value(flag, key, default, old,
+                                                                         tmp_path):
+    """A ViT run saved before --label-smoothing (or --shift) existed trained without
+    smoothing (or shifts): --resume must continue with the old value, not the flag's new
+    default, so giving the new default contradicts it."""
     import diagnet as dn
 
     run = tmp_path / "run"
     _run("train_vit_mnist.py", "--out", str(run), cwd=tmp_path)
     config = dn.load(run / "last.safetensors", rng=False).config
-    assert config["label_smoothing"] == 0.1
-    old = tmp_path / "old"
-    old.mkdir()
-    del config["label_smoothing"]
-    dn.save(old / "last.safetensors", config=config)  # the configuration is all --resume reads
+    assert config[key] == default
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    del config[key]
+    dn.save(old_run / "last.safetensors", config=config)  # the configuration is all --resume reads
     env = {"DIAGNET_DEVICE": "cpu", "PATH": "", "HOME": str(tmp_path)}
     res = subprocess.run([sys.executable, str(EXAMPLES / "train_vit_mnist.py"), "--smoke",
-                          "--no-progress", "--out", str(old), "--resume", "--label-smoothing",
-                          "0.1"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env=env)
+                          "--no-progress", "--out", str(old_run), "--resume", flag,
+                          str(default)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "--label-smoothing 0.1 (the run in" in res.stderr and "has 0.0)" in res.stderr
+    assert f"{flag} {default} (the run in" in res.stderr and f"has {old})" in res.stderr
