@@ -15,11 +15,14 @@ variables again, for a program that changed ``os.environ`` after importing diagn
   [4, 30], or ``"off"``; None (the default) lets `diagnet.diag.threadpools` pick.
 * `gomp_spincount` (``DIAGNET_GOMP_SPINCOUNT``): libgomp's spin count for numba's pool, an
   int >= 0, or ``"off"``; None (the default) lets `diagnet.diag.threadpools` pick.
+* `heap` (``DIAGNET_HEAP``): ``"off"`` leaves glibc's malloc thresholds alone; None (the
+  default) lets `diagnet.heap` set them.
 
 An empty variable counts as unset. A bad value makes ``import diagnet`` fail with a message
 that names the variable; a setter refuses a bad value and changes nothing. The two thread
-settings take effect when `diagnet.diag.threadpools.configure` runs (once per process, at the
-first CPU kernel call); the others at the next operation.
+settings take effect when `diagnet.diag.threadpools.configure` runs, and `heap` when
+`diagnet.heap.configure` runs (each once per process, at the first CPU kernel call); the others
+at the next operation.
 
 This module sits at the bottom of the package (it imports nothing from diagnet), so that
 `diagnet.backend` can read the device from it.
@@ -33,9 +36,9 @@ import os
 # The settings are read as attributes (``settings.device``), never star-imported: a copy
 # would not follow `set_device` and the others.
 __all__ = ["set_device", "set_cpu_kernels", "set_attention_kernels", "set_blas_thread_timeout",
-           "set_gomp_spincount", "override", "read_environment", "check_device", "DEVICES",
+           "set_gomp_spincount", "set_heap", "override", "read_environment", "check_device", "DEVICES",
            "CPU_KERNELS", "ATTENTION_KERNELS", "ENV_DEVICE", "ENV_CPU_KERNELS",
-           "ENV_ATTENTION_KERNELS", "ENV_BLAS_THREAD_TIMEOUT", "ENV_GOMP_SPINCOUNT"]
+           "ENV_ATTENTION_KERNELS", "ENV_BLAS_THREAD_TIMEOUT", "ENV_GOMP_SPINCOUNT", "ENV_HEAP"]
 
 DEVICES = ("cpu", "cuda")
 CPU_KERNELS = ("numba", "reference")
@@ -47,6 +50,7 @@ ENV_CPU_KERNELS = "DIAGNET_CPU_KERNELS"
 ENV_ATTENTION_KERNELS = "DIAGNET_ATTENTION_KERNELS"
 ENV_BLAS_THREAD_TIMEOUT = "DIAGNET_BLAS_THREAD_TIMEOUT"
 ENV_GOMP_SPINCOUNT = "DIAGNET_GOMP_SPINCOUNT"
+ENV_HEAP = "DIAGNET_HEAP"
 
 # The settings themselves; assigned from the environment at the end of this module.
 device: str | None = None
@@ -54,6 +58,7 @@ cpu_kernels: str = "numba"
 attention_kernels: str = "blas"
 blas_thread_timeout: int | str | None = None
 gomp_spincount: int | str | None = None
+heap: str | None = None
 
 
 # ----------------------------------------------------------------------------- values
@@ -132,6 +137,17 @@ def _off_or_int(low, high, what):
     return parse
 
 
+def _off_or_default(value, label):
+    """A parser for a setting that is None (the default: diagnet decides) or ``"off"``."""
+    if _unset(value):
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{label} must be 'off' or None; got {type(value).__name__}")
+    if value.strip().lower() not in _OFF_WORDS:
+        raise ValueError(f"{label} must be 'off' (or unset); got {value!r}")
+    return "off"
+
+
 # setting -> (environment variable, parser)
 _SETTINGS = {
     "device": (ENV_DEVICE, _parse_device),
@@ -139,6 +155,7 @@ _SETTINGS = {
     "attention_kernels": (ENV_ATTENTION_KERNELS, _choice(ATTENTION_KERNELS, "blas")),
     "blas_thread_timeout": (ENV_BLAS_THREAD_TIMEOUT, _off_or_int(4, 30, "an int in [4, 30]")),
     "gomp_spincount": (ENV_GOMP_SPINCOUNT, _off_or_int(0, None, "an int >= 0")),
+    "heap": (ENV_HEAP, _off_or_default),
 }
 
 
@@ -190,6 +207,12 @@ def set_gomp_spincount(value):
     """libgomp's spin count for numba's pool (`diagnet.diag.threadpools.configure`): an int
     >= 0; ``"off"`` leaves libgomp alone; None restores the default."""
     _assign({"gomp_spincount": value})
+
+
+def set_heap(value):
+    """``"off"`` leaves glibc's malloc thresholds alone (`diagnet.heap.configure`); None
+    restores the default (diagnet sets them at the first CPU kernel call)."""
+    _assign({"heap": value})
 
 
 @contextlib.contextmanager

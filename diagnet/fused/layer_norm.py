@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, settings
+from .. import backend, heap, settings
 from ..checks import FLOAT_DTYPES
 from ..diag import threadpools
 
@@ -77,6 +77,7 @@ def _implementation(array):
     else:
         from . import layer_norm_cpu as impl
         threadpools.configure_once()  # numba's pool and OpenBLAS's take turns on the cores
+        heap.configure_once()  # a step's arrays reuse the pages of the step before
     return impl.forward, impl.backward
 
 

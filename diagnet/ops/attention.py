@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .. import backend, checks, settings
+from .. import backend, checks, heap, settings
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..diag import threadpools
@@ -133,6 +133,7 @@ def _kernels(q, k, v):
             return gpu.forward, gpu.backward
         return reference_forward, reference_backward
     threadpools.configure_once()  # both CPU versions run numba kernels beside BLAS
+    heap.configure_once()
     if choice == "numba":
         from ..fused import attention as cpu
 

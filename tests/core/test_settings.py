@@ -32,12 +32,12 @@ def test_the_environment_is_read_at_import_not_per_call(monkeypatch):
 def test_a_fresh_process_reads_every_variable():
     env = dict(os.environ, DIAGNET_DEVICE=" CPU ", DIAGNET_CPU_KERNELS="reference",
                DIAGNET_ATTENTION_KERNELS="numba", DIAGNET_BLAS_THREAD_TIMEOUT="12",
-               DIAGNET_GOMP_SPINCOUNT="off")
+               DIAGNET_GOMP_SPINCOUNT="off", DIAGNET_HEAP=" Off ")
     code = ("from diagnet import settings as s; print(s.device, s.cpu_kernels, "
-            "s.attention_kernels, s.blas_thread_timeout, s.gomp_spincount)")
+            "s.attention_kernels, s.blas_thread_timeout, s.gomp_spincount, s.heap)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300, check=True)
-    assert res.stdout.split() == ["cpu", "reference", "numba", "12", "off"]
+    assert res.stdout.split() == ["cpu", "reference", "numba", "12", "off", "off"]
 
 
 def test_a_bad_variable_fails_the_import_naming_it():
@@ -61,6 +61,10 @@ def test_setters_normalise_and_defaults_come_back_with_none():
     assert settings.blas_thread_timeout == "off"
     settings.set_gomp_spincount(0)
     assert settings.gomp_spincount == 0
+    settings.set_heap("NO")
+    assert settings.heap == "off"
+    settings.set_heap(None)
+    assert settings.heap is None
 
 
 @pytest.mark.parametrize("setter, value, error, message", [
@@ -73,10 +77,12 @@ def test_setters_normalise_and_defaults_come_back_with_none():
     ("set_blas_thread_timeout", True, TypeError, "blas_thread_timeout .* got bool"),
     ("set_gomp_spincount", "-1", ValueError, "gomp_spincount must be 'off' or an int >= 0"),
     ("set_gomp_spincount", 2.5, TypeError, "gomp_spincount .* got float"),
+    ("set_heap", "on", ValueError, "heap must be 'off' \\(or unset\\); got 'on'"),
+    ("set_heap", 0, TypeError, "heap must be 'off' or None; got int"),
 ])
 def test_a_refused_value_names_the_setting_and_changes_nothing(setter, value, error, message):
     before = {name: getattr(settings, name) for name in ("device", "cpu_kernels",
-              "attention_kernels", "blas_thread_timeout", "gomp_spincount")}
+              "attention_kernels", "blas_thread_timeout", "gomp_spincount", "heap")}
     with pytest.raises(error, match=message):
         getattr(settings, setter)(value)
     assert {name: getattr(settings, name) for name in before} == before

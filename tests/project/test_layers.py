@@ -47,7 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: the units, lowest layer first; the units of one layer are side by side
 LAYERS = (
     ("version", "settings", "checks"),
-    ("backend", "config", "random"),
+    ("backend", "config", "random", "heap"),
     ("autograd",),
     ("cuda_launch",),
     ("diag",),
