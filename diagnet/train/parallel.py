@@ -82,8 +82,8 @@ class ParallelRun:
         if not self.parallel:
             return
         self.eval_sharded = _sharded(eval_loader)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.averager = GradientAverager(params, comm)
+        self.optimizer = optimizer
+        self.averager = GradientAverager(self._trained_params(), comm)
         if controller is not None:
             attach_controller(controller, comm, lambda: self.weight)
 
@@ -119,10 +119,24 @@ class ParallelRun:
         return (loss, total, None if correct is None else int(sums[2]), int(sums[3]),
                 bool(sums[4]), bool(sums[5]))
 
+    def _trained_params(self):
+        """The optimizer's parameters now, group by group."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def average_gradients(self):
-        """Replace every gradient by the global batch's (this rank's weighted by `weight`)."""
-        if self.averager is not None:
-            self.averager.reduce(self.weight)
+        """Replace every gradient by the global batch's (this rank's weighted by `weight`).
+
+        The parameters are the optimizer's at this step: a group added after the run was made
+        is averaged too (a new averager, its byte counts carried over)."""
+        if self.averager is None:
+            return
+        params = self._trained_params()
+        current = self.averager.params
+        if len(params) != len(current) or any(a is not b for a, b in zip(params, current)):
+            stats = self.averager.stats
+            self.averager = GradientAverager(params, self.comm)
+            self.averager.stats.update(stats)
+        self.averager.reduce(self.weight)
 
     def any_stop(self, stop) -> bool:
         """Whether any rank asks to stop (``stop``: this rank's wish)."""

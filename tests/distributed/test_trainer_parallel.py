@@ -243,3 +243,29 @@ def test_unsharded_train_loader_is_refused(two_ranks, rank_tmp):
     model = MLP(FEATURES, [16], CLASSES, rng=0)
     with pytest.raises(ValueError, match="train_loader must be sharded"):
         Trainer(model, optim.Adam(model.parameters()), train, out_dir=rank_tmp, comm=two_ranks)
+
+
+def _late_group_run(comm, out):
+    """A dense MLP whose optimizer gets the head's parameter group after the Trainer was
+    made (as a user adds a group between `Trainer(...)` and `fit`); return the trainer."""
+    x, y = _data(np.float64)
+    world = comm if hasattr(comm, "rank") else SingleProcess()
+    train = DataLoader(ArrayDataset(x, y), batch_size=BATCH, shuffle=True, seed=3,
+                       rank=world.rank, world_size=world.size)
+    model = MLP(FEATURES, [16], CLASSES, dtype=np.float64, rng=0)
+    optimizer = optim.Adam(model.features.parameters(), lr=1e-2)
+    trainer = Trainer(model, optimizer, train, epochs=1, out_dir=out, seed=0, progress=False,
+                      comm=comm)
+    optimizer.add_param_group({"params": list(model.head.parameters()), "lr": 5e-3})
+    trainer.fit()
+    return trainer
+
+
+def test_a_parameter_group_added_after_the_trainer_is_averaged_too(two_ranks, shared_tmp,
+                                                                   rank_tmp):
+    parallel = _late_group_run(two_ranks, shared_tmp / "two")
+    single = _late_group_run(SingleProcess(), rank_tmp / "one")
+    head = parallel.model.head.weight.data
+    theirs = two_ranks.allgather_object(head)
+    np.testing.assert_array_equal(theirs[0], theirs[1])  # the ranks stayed identical
+    np.testing.assert_allclose(head, single.model.head.weight.data, rtol=1e-10)
