@@ -12,6 +12,7 @@ import, or ``settings.set_device``) and explicit ``device=`` arguments override 
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 
@@ -130,8 +131,6 @@ def get_array_module(*arrays):
 def _cupy_imported() -> bool:
     # Avoid importing CuPy just to answer "is this a NumPy array?": if nobody imported it,
     # no CuPy array can exist.
-    import sys
-
     return "cupy" in sys.modules
 
 

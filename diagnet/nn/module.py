@@ -182,8 +182,17 @@ class Module(StateDictMixin):
             stack.extend(reversed(children))
 
     def modules(self):
-        for _, m in self.named_modules():
-            yield m
+        """This module and every descendant, each once, in the order of `named_modules`."""
+        # the same walk without the dotted names: `train`/`eval` run it on every call
+        seen = set()
+        stack = [self]
+        while stack:
+            mod = stack.pop()
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            yield mod
+            stack.extend(reversed([m for m in mod._modules.values() if m is not None]))
 
     def named_children(self):
         for name, m in self._modules.items():
