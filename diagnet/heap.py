@@ -11,9 +11,12 @@ threshold* is free there. Either way the next step's arrays land on pages the ke
 and zero again, one page fault per 4 KiB page touched. glibc raises both thresholds by
 itself after the first ``munmap`` of a block, but only up to the size of that block (so an
 array larger than any freed before is mapped afresh), and the graph of a backward pass frees
-tens of megabytes at once, which the trim then hands back. In a training step of the MNIST
-ViT (batch 128) these page faults took about a fifth of the CPU time, and about as much in
-the MLP (docs/benchmarks.md, "Measurements behind design choices").
+tens of megabytes at once, which the trim then hands back. In a process that had freed no
+large block before training, these page faults took about a fifth of the CPU time of a
+training step of the MNIST ViT (batch 128), and as much in the MLP; a process whose data
+preparation freed blocks of tens of megabytes first gets most of the fix from glibc itself
+(docs/benchmarks.md, "Measurements behind design choices"). The fix makes the cost of a
+step independent of what the process did before.
 
 The fix
 -------
@@ -30,8 +33,9 @@ tcmalloc, mimalloc in ``LD_PRELOAD``: it has its own caching), or when the user 
 already (any of ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
 ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``): `status` says why.
 
-When it runs: as `diagnet.diag.threadpools`, at the first CPU kernel call (through
-`diagnet.runtime.configure_once`), never at import; a program may call `configure` earlier.
+When it runs: as `diagnet.diag.threadpools`, at the first CPU kernel call (the dispatchers
+that pick a numba kernel call `configure_once`), never at import; a program may call
+`configure` earlier.
 """
 
 from __future__ import annotations
@@ -145,10 +149,3 @@ def configure_once():
 def status():
     """What `configure` did (its return value); None before it ran."""
     return None if _status is None else dict(_status)
-
-
-def _reset_for_tests():
-    """Forget the first call, so that a test can call `configure` again (the thresholds
-    already set in this process stay set)."""
-    global _status
-    _status = None

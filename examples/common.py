@@ -257,7 +257,7 @@ def mnist_loaders(args, flatten, device):
         xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
     augment = None
     if getattr(args, "shift", 0):  # training images only; --shift needs flatten=False
-        # an incoming pixel is black: 0 after MNIST's normalisation is -mean/std
+        # pixels shifted in are black: a black pixel (0) is -mean/std once normalised
         black = 0.0 if args.smoke else -MNIST_MEAN / MNIST_STD
         augment = RandomShift(args.shift, fill=black)
     # every rank takes its share of each global batch: the union is one process's batch

@@ -378,9 +378,9 @@ class DataLoader:
                 rng = np.random.default_rng([self.seed, epoch, i, _AUGMENT_STREAM])
                 params = self.augment.draw(rng, len(indices))
             if self.world_size > 1:
-                start, stop = self._share_bounds(len(indices))
-                indices = indices[start:stop]
-                params = None if params is None else params[start:stop]
+                first, stop = self._share_bounds(len(indices))
+                indices = indices[first:stop]
+                params = None if params is None else params[first:stop]
             arrays = self._gather(indices)
             if params is not None:
                 arrays = self._augmented(arrays, params)
