@@ -9,7 +9,8 @@ that consumed its outputs), so it is iterative and visits each node once.
 One concept per module, each importing only those above it in this list:
 
 * `dtypes`: the dtypes a tensor may hold, `canonical_dtype`, `check_integer_range`;
-* `shapes`: `reduces_to`, `sum_to` (broadcasting undone) and the ``axis=``/``dim=`` pair;
+* `shapes`: `reduces_to`, `sum_to` (broadcasting undone), `sum_rows` (a column sum at BLAS
+  speed) and the ``axis=``/``dim=`` pair;
 * `version`: `VersionCounter`, the record of in-place changes;
 * `engine`: the backward walk (`engine.run_backward`);
 * `tensor_class`: `Tensor` and `Tensor.from_array`;
@@ -46,10 +47,10 @@ from .creation import from_dlpack, tensor
 from .dtypes import (DEFAULT_DTYPE, FLOAT_DTYPES, SUPPORTED_KINDS, canonical_dtype,
                      check_integer_range)
 from .function import Function, as_tensor_like
-from .shapes import axis_or_dim, reduces_to, sum_to
+from .shapes import axis_or_dim, reduces_to, sum_rows, sum_to
 from .tensor_class import Tensor
 from .version import VersionCounter
 
 __all__ = ["Tensor", "Function", "VersionCounter", "tensor", "from_dlpack", "as_tensor_like",
            "FLOAT_DTYPES", "DEFAULT_DTYPE", "SUPPORTED_KINDS", "canonical_dtype",
-           "check_integer_range", "reduces_to", "sum_to", "axis_or_dim"]
+           "check_integer_range", "reduces_to", "sum_to", "sum_rows", "axis_or_dim"]

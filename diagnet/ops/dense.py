@@ -5,12 +5,12 @@ the engine one function application, and the backward needs only two matrix prod
 
 * input gradient:  ``dx = dy @ W``
 * weight gradient: ``dW = dy.T @ x`` (leading dims of ``x`` flattened into the batch)
-* bias gradient:   ``db = dy.sum(0)``
+* bias gradient:   ``db = dy.sum(0)`` (`sum_rows`: one BLAS matrix-vector product)
 """
 
 from __future__ import annotations
 
-from ..autograd import Function, Tensor
+from ..autograd import Function, Tensor, sum_rows
 
 __all__ = ["linear"]
 
@@ -35,7 +35,7 @@ class LinearFunction(Function):
         gw = gy2.T @ x2 if needs[1] else None
         if len(needs) == 2:
             return gx, gw
-        return gx, gw, (gy2.sum(axis=0) if needs[2] else None)
+        return gx, gw, (sum_rows(gy2) if needs[2] else None)
 
 
 def linear(x, weight, bias=None):

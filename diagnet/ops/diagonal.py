@@ -20,7 +20,7 @@ gives the same norms of a dense gradient formed elsewhere (summed across process
 from __future__ import annotations
 
 from .. import backend, checks
-from ..autograd import FLOAT_DTYPES, Function, Tensor
+from ..autograd import FLOAT_DTYPES, Function, Tensor, sum_rows
 from ..diag import dispatch, validate
 
 __all__ = ["diag_linear", "diagonal_scores", "diagonal_norms", "DiagLinearFunction"]
@@ -80,7 +80,7 @@ class DiagLinearFunction(Function):
         if gx is not None:
             gx = gx.reshape(self.x_shape)
         if len(needs) > 2 and needs[2]:
-            gb = gy2.sum(axis=0)
+            gb = sum_rows(gy2)
         return (gx, gv) if len(needs) == 2 else (gx, gv, gb)
 
 

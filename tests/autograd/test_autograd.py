@@ -12,7 +12,8 @@ import pytest
 import diagnet
 from diagnet import Function, Tensor
 from diagnet import functional as F
-from diagnet.autograd import VersionCounter, sum_to
+from diagnet.autograd import VersionCounter, sum_rows, sum_to
+from diagnet.autograd.shapes import SUM_ROWS_GEMV_MIN
 from helpers import t64
 
 
@@ -170,6 +171,35 @@ def test_sum_to():
     np.testing.assert_array_equal(sum_to(g, (2, 1, 4)), g.sum(1, keepdims=True))
     np.testing.assert_array_equal(sum_to(g, ()), g.sum())
     assert sum_to(g, (2, 3, 4)) is g
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0, 3), (40, 17, 3), (5, 1, 3)])
+def test_sum_to_over_leading_axes_of_any_size(shape):
+    g = np.random.default_rng(0).standard_normal(shape)
+    for target in (shape[1:], (1,) + shape[1:]):
+        got = sum_to(g, target)
+        assert got.shape == target and got.dtype == g.dtype
+        np.testing.assert_allclose(got, g.sum(0).reshape(target), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, SUM_ROWS_GEMV_MIN - 1, SUM_ROWS_GEMV_MIN, 1000])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-4)])
+def test_sum_rows_is_the_column_sum(rows, dtype, rtol):
+    a = np.random.default_rng(1).standard_normal((rows, 7)).astype(dtype) + 3.0
+    got = sum_rows(a)
+    assert got.shape == (7,) and got.dtype == dtype
+    np.testing.assert_allclose(got, a.astype(np.float64).sum(0), rtol=rtol)
+    # other layouts and dtypes take NumPy's sum, with the same result
+    np.testing.assert_allclose(sum_rows(np.asfortranarray(a)), got, rtol=rtol)
+    ints = np.arange(rows * 3).reshape(rows, 3)
+    np.testing.assert_array_equal(sum_rows(ints), ints.sum(0))
+
+
+def test_sum_rows_propagates_nan_and_inf():
+    a = np.ones((64, 3))
+    a[5, 0], a[7, 1] = np.nan, np.inf
+    got = sum_rows(a)
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == 64.0
 
 
 # ----------------------------------------------------------------------------- graph freeing
