@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 import warnings
 
@@ -44,6 +45,10 @@ REDUCE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float64, np.int32, np
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
                       "MPI_LOCALNRANKS")
 _INSTALL_HINT = 'pip install "diagnet[distributed]"'
+#: seconds an aborting rank waits after flushing its output: the launcher forwards a rank's
+#: output through a pipe, and an abort that tears the job down at once can lose the report
+#: that says why
+ABORT_GRACE_S = 0.5
 
 
 def launched_by_mpi(environ=None) -> bool:
@@ -252,6 +257,7 @@ class MPICommunicator(Communicator):
     def abort(self, code=1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # let the launcher forward the report before the teardown
         self.mpi_comm.Abort(code)
 
 
