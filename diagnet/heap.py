@@ -94,11 +94,10 @@ def _glibc_mallopt():
     """glibc's ``mallopt`` from this process's C library, or None (not glibc)."""
     try:
         libc = ctypes.CDLL(None)
-        version = libc.gnu_get_libc_version
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc exports it
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return mallopt

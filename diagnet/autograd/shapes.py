@@ -56,8 +56,8 @@ def sum_rows(a):
     tokens). The sums then come in BLAS's order, so they may differ from NumPy's in the last
     bits. Other arrays (CuPy, other dtypes, few rows) use ``a.sum(axis=0)``.
     """
-    if (type(a) is np.ndarray and a.shape[0] >= SUM_ROWS_GEMV_MIN and a.dtype in _GEMV_DTYPES
-            and a.flags.c_contiguous and a.ndim == 2):
+    if (type(a) is np.ndarray and a.ndim == 2 and a.shape[0] >= SUM_ROWS_GEMV_MIN
+            and a.dtype in _GEMV_DTYPES and a.flags.c_contiguous):
         return np.ones(a.shape[0], dtype=a.dtype) @ a
     return a.sum(axis=0)
 
