@@ -21,7 +21,8 @@ the CPU instead of the numba kernels (for debugging, or where numba is unavailab
   ``DIAGNET_ATTENTION_KERNELS=numba``: it is not faster than NumPy's batched matmuls at a
   ViT's sizes). The CPU default composes those matmuls with the row softmax of `softmax`;
   the reference, the dispatch and the CuPy path are `diagnet.ops.attention`.
-* `fastmath`: a vectorisable exponential for loops whose results are stored as float32.
+* `fastmath`: vectorisable exponentials for float32 results: one computed in float64
+  registers (`exp_nonpositive_f32`), one in float32 registers (`exp_f32`).
 
 The differentiable ops built on them live in `diagnet.ops`.
 """

@@ -7,21 +7,24 @@ way: forward writes ``y`` from ``x``; backward writes ``gy * gelu'(x)`` from ``x
 composed NumPy/CuPy version in `diagnet.ops.activation` is the reference these kernels are
 tested against, and the GPU path.
 
-How each form is computed (float32 arrays in float64 registers, rounded once on the store):
+How each form is computed. Each array is computed in registers of its own dtype: float32
+arrays in float32 arithmetic (16 SIMD lanes of AVX-512 instead of float64's 8; the float32
+tolerances of the tests bound the error against a float64 reference), float64 arrays in
+float64.
 
 * **tanh form**: ``0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u))``, with the
   exponential taken of ``-2|u|`` (never positive: no overflow); the derivative uses the
   same ``sigmoid``: ``s + x * 2 s (1 - s) * du/dx``.
 * **erf form, float64**: ``Phi(x) = erfc(-x / sqrt(2)) / 2`` from the C library's ``erfc``
   (accurate in both tails; one scalar call per element, as precise as SciPy's ``erf``).
-* **erf form, float32**: ``erfc`` from the Chebyshev fit of Numerical Recipes (``erfcc``,
-  relative error below 1.2e-7 for every ``z >= 0``), which vectorises: about float32's own
-  precision, at a fraction of a scalar ``erfc`` call per element.
+* **erf form, float32**: ``Phi(-|x|) = erfc(|x| / sqrt(2)) / 2`` from the Chebyshev fit of
+  Numerical Recipes (``erfcc``, relative error below 1.2e-7 for every ``z >= 0``), which
+  vectorises; taking the tail from ``erfc`` keeps its relative precision for negative
+  ``x``, where ``1 + erf`` would cancel.
 * the density in the erf form's derivative: ``exp(-x^2 / 2) / sqrt(2 pi)``.
 * every exponential: float64 arrays use `diagnet.fused.softmax.exp_nonpositive` (a few ulps
-  of float64); float32 arrays use `diagnet.fused.fastmath.exp_nonpositive_f32` (a relative
-  4e-10, without the former's table lookup, so the whole loop becomes SIMD code); both
-  through `diagnet.fused.softmax.exp_for_dtype`.
+  of float64); float32 arrays use `diagnet.fused.fastmath.exp_f32` (about 1.3 ulps of
+  float32, in float32 arithmetic, no table: the whole loop becomes SIMD code).
 
 Threads: arrays of fewer than ``_SERIAL_ELEMENTS`` elements are done on the calling
 thread, larger ones in chunks over numba's pool (the policy of `diagnet.diag.cpu`).
@@ -46,8 +49,8 @@ from numba import types
 from numba.extending import overload
 
 from . import fastmath
-from .fastmath import exp_nonpositive_f32
-from .softmax import exp_for_dtype
+from .fastmath import exp_f32
+from .softmax import exp_nonpositive
 
 __all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad"]
 
@@ -65,6 +68,10 @@ _SQRT1_2 = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _TANH_CUBIC = 0.044715
+_F32 = np.float32
+#: Numerical Recipes' ``erfcc`` coefficients after the two highest, highest first, float32
+_ERFCC_F32 = tuple(_F32(c) for c in (1.48851587, -1.13520398, 0.27886807, -0.18628806,
+                                     0.09678418, 0.37409196, 1.00002368, -1.26551223))
 
 
 # --------------------------------------------------------------------------------------
@@ -73,29 +80,42 @@ _TANH_CUBIC = 0.044715
 
 
 @_inline
-def _erfc_approx(z):
-    """``erfc(z)`` for ``z >= 0`` to a relative 1.2e-7 (Numerical Recipes' ``erfcc``)."""
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
-            -0.82215223 + t * 0.17087277))))))))
+def _erfc_approx_f32(z):
+    """``erfc(z)`` for a float32 ``z >= 0`` in float32 arithmetic (Numerical Recipes'
+    ``erfcc``, whose fit is good to a relative 1.2e-7; float32 rounding adds a few ulps)."""
+    t = _F32(1.0) / (_F32(1.0) + _F32(0.5) * z)
+    poly = _F32(0.17087277) * t + _F32(-0.82215223)
+    for c in _ERFCC_F32:  # a constant tuple: unrolled
+        poly = poly * t + c
     exponent = poly - z * z  # at most 3e-8 (at z = 0, where erfc is 1): clamp to 0
-    return t * exp_nonpositive_f32(exponent if exponent < 0.0 else 0.0)
+    return t * exp_f32(exponent if exponent < _F32(0.0) else _F32(0.0))
 
 
 def _normal_cdf(v):
-    """``Phi(v)`` in float64, to the precision ``v``'s dtype needs (typed by `overload`)."""
+    """``Phi(v)`` in ``v``'s dtype, to its precision (typed by `overload`)."""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(_normal_cdf, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"},
-          inline="always")
+def _normal_pdf(v):
+    """``exp(-v^2 / 2) / sqrt(2 pi)`` in ``v``'s dtype (typed by `overload`)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+def _tanh_gate(v):
+    """``(s, ds/dv)`` of the tanh form in ``v``'s dtype, ``s = 0.5 (1 + tanh(u)) =
+    sigmoid(2u)`` (typed by `overload`)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+_OVERLOAD = dict(jit_options={"fastmath": _FASTMATH, "error_model": "numpy"}, inline="always")
+
+
+@overload(_normal_cdf, **_OVERLOAD)
 def _normal_cdf_for(v):
     if v == types.float32:
         def cdf_float32(v):
-            x = np.float64(v)
-            tail = 0.5 * _erfc_approx(abs(x) * _SQRT1_2)  # Phi(-|x|)
-            return tail if x < 0.0 else 1.0 - tail
+            tail = _F32(0.5) * _erfc_approx_f32(abs(v) * _F32(_SQRT1_2))  # Phi(-|v|)
+            return tail if v < _F32(0.0) else _F32(1.0) - tail
         return cdf_float32
 
     def cdf_float64(v):
@@ -103,16 +123,35 @@ def _normal_cdf_for(v):
     return cdf_float64
 
 
-@_inline
-def _tanh_gate(x, like):
-    """``(s, ds/dx)`` of the tanh form, ``s = 0.5 (1 + tanh(u)) = sigmoid(2u)``, for the
-    float64 ``x`` to the precision of ``like``'s dtype."""
-    u = _SQRT_2_OVER_PI * (x + _TANH_CUBIC * x * x * x)
-    e = exp_for_dtype(like, -2.0 * abs(u))
-    inv = 1.0 / (1.0 + e)
-    s, rest = (inv, e * inv) if u >= 0.0 else (e * inv, inv)  # s and 1 - s, both accurate
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * x * x)
-    return s, 2.0 * s * rest * du
+@overload(_normal_pdf, **_OVERLOAD)
+def _normal_pdf_for(v):
+    if v == types.float32:
+        return lambda v: _F32(_INV_SQRT_2PI) * exp_f32(_F32(-0.5) * v * v)
+    return lambda v: _INV_SQRT_2PI * exp_nonpositive(-0.5 * v * v)
+
+
+@overload(_tanh_gate, **_OVERLOAD)
+def _tanh_gate_for(v):
+    if v == types.float32:
+        def gate_float32(v):
+            u = _F32(_SQRT_2_OVER_PI) * (v + _F32(_TANH_CUBIC) * v * v * v)
+            e = exp_f32(_F32(-2.0) * abs(u))
+            inv = _F32(1.0) / (_F32(1.0) + e)
+            s, rest = (inv, e * inv) if u >= _F32(0.0) else (e * inv, inv)  # s, 1 - s
+            du = _F32(_SQRT_2_OVER_PI) * (_F32(1.0) + _F32(3.0 * _TANH_CUBIC) * v * v)
+            # v * v overflows float32 from |v| ~ 1.8e19 (float64's reference does not): where
+            # the gate has saturated (e == 0: s or 1 - s is 0) the slope is 0, not 0 * inf
+            return s, _F32(0.0) if e == _F32(0.0) else _F32(2.0) * s * rest * du
+        return gate_float32
+
+    def gate_float64(v):
+        u = _SQRT_2_OVER_PI * (v + _TANH_CUBIC * v * v * v)
+        e = exp_nonpositive(-2.0 * abs(u))
+        inv = 1.0 / (1.0 + e)
+        s, rest = (inv, e * inv) if u >= 0.0 else (e * inv, inv)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * v * v)
+        return s, 2.0 * s * rest * du
+    return gate_float64
 
 
 # --------------------------------------------------------------------------------------
@@ -124,25 +163,25 @@ def _tanh_gate(x, like):
 def _gelu_block(x, y, tanh_form, start, stop):
     if tanh_form:
         for i in range(_u(start), _u(stop)):
-            v = np.float64(x[i])
-            y[i] = v * _tanh_gate(v, x[i])[0]
+            v = x[i]
+            y[i] = v * _tanh_gate(v)[0]
     else:
         for i in range(_u(start), _u(stop)):
-            y[i] = np.float64(x[i]) * _normal_cdf(x[i])
+            v = x[i]
+            y[i] = v * _normal_cdf(v)
 
 
 @_jit
 def _gelu_grad_block(x, gy, gx, tanh_form, start, stop):
     if tanh_form:
         for i in range(_u(start), _u(stop)):
-            v = np.float64(x[i])
-            s, ds = _tanh_gate(v, x[i])
-            gx[i] = np.float64(gy[i]) * (s + v * ds)
+            v = x[i]
+            s, ds = _tanh_gate(v)
+            gx[i] = gy[i] * (s + v * ds)
     else:
         for i in range(_u(start), _u(stop)):
-            v = np.float64(x[i])
-            pdf = _INV_SQRT_2PI * exp_for_dtype(x[i], -0.5 * v * v)
-            gx[i] = np.float64(gy[i]) * (_normal_cdf(x[i]) + v * pdf)
+            v = x[i]
+            gx[i] = gy[i] * (_normal_cdf(v) + v * _normal_pdf(v))
 
 
 @_pjit
@@ -172,13 +211,12 @@ def _bias_gelu_rows(x, bias, y, tanh_form, start, stop):
     for r in range(_u(start), _u(stop)):
         if tanh_form:
             for j in range(N):
-                h = x[r, j] + bias[j]  # rounded to the dtype, as in the reference
-                v = np.float64(h)
-                y[r, j] = v * _tanh_gate(v, h)[0]
+                h = x[r, j] + bias[j]
+                y[r, j] = h * _tanh_gate(h)[0]
         else:
             for j in range(N):
                 h = x[r, j] + bias[j]
-                y[r, j] = np.float64(h) * _normal_cdf(h)
+                y[r, j] = h * _normal_cdf(h)
 
 
 @_jit
@@ -189,15 +227,12 @@ def _bias_gelu_grad_rows(x, bias, gy, gx, gbias, tanh_form, start, stop):
         if tanh_form:
             for j in range(N):
                 h = x[r, j] + bias[j]
-                v = np.float64(h)
-                s, ds = _tanh_gate(v, h)
-                gx[r, j] = np.float64(gy[r, j]) * (s + v * ds)
+                s, ds = _tanh_gate(h)
+                gx[r, j] = gy[r, j] * (s + h * ds)
         else:
             for j in range(N):
                 h = x[r, j] + bias[j]
-                v = np.float64(h)
-                pdf = _INV_SQRT_2PI * exp_for_dtype(h, -0.5 * v * v)
-                gx[r, j] = np.float64(gy[r, j]) * (_normal_cdf(h) + v * pdf)
+                gx[r, j] = gy[r, j] * (_normal_cdf(h) + h * _normal_pdf(h))
         # a loop of its own (the row is in L1): LLVM cannot tell that gx and gbias do not
         # overlap, and stores to both in one loop keep it from vectorising
         for j in range(N):
