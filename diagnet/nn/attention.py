@@ -1,9 +1,9 @@
 """`MultiHeadSelfAttention`: multi-head self-attention with dense or diagonal projections.
 
-A forward is five graph nodes: the ``qkv`` projection (``linear`` or ``diag_linear``),
-`functional.qkv_split`, `functional.scaled_dot_product_attention` (scores, mask, softmax,
-dropout and the weighted sum in one op), `functional.merge_heads` and the ``proj``
-projection.
+A forward is three graph nodes: the ``qkv`` projection (``linear`` or ``diag_linear``),
+`functional.qkv_attention` (the head split, scores, mask, softmax, dropout, the weighted sum
+and the head merge in one op: `functional.qkv_split`, `functional.scaled_dot_product_attention`
+and `functional.merge_heads` composed) and the ``proj`` projection.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ class MultiHeadSelfAttention(Module):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MultiHeadSelfAttention expects x of shape (B, N, {self.dim}); "
                              f"got {x.shape}")
-        q, k, v = F.qkv_split(self.qkv(x), self.heads)          # each (B, heads, N, head_dim)
-        out = F.scaled_dot_product_attention(
-            q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(F.merge_heads(out))                     # (B, N, dim)
+        # qkv_split, scaled_dot_product_attention and merge_heads in one node
+        out = F.qkv_attention(self.qkv(x), self.heads, mask=mask,
+                              dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out)                                    # (B, N, dim)
 
     def extra_repr(self):
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, "

@@ -16,6 +16,11 @@
   ``v`` of shape ``(B, H, N, d)`` in one node, whose backward writes the three gradients
   into one buffer (instead of one zero-filled input-sized array per indexed part).
 * `merge_heads`: ``(B, H, N, d) -> (B, N, H*d)``, the inverse layout, in one node.
+* `qkv_attention`: the three in one node, ``(B, N, 3*H*d) -> (B, N, H*d)``, what
+  `diagnet.nn.MultiHeadSelfAttention` runs. On the CPU its products read ``q``, ``k``, ``v``
+  where they lie in the ``qkv`` array and write the output and the three gradients where
+  they belong in the merged and the ``qkv`` layout (NumPy's matmul takes strided views and
+  an ``out=`` view), so neither the split nor the merge copies anything.
 
 Each public function follows the `Function` class that implements it.
 """
@@ -32,7 +37,7 @@ from ..backend import get_array_module as _xp  # the array module (numpy/cupy) o
 from ..diag import threadpools
 from .regularization import dropout_scale
 
-__all__ = ["scaled_dot_product_attention", "qkv_split", "merge_heads"]
+__all__ = ["scaled_dot_product_attention", "qkv_split", "merge_heads", "qkv_attention"]
 
 #: The score given to masked-out keys. Finite, not -inf: a query whose keys are all masked
 #: then attends uniformly instead of producing NaN (softmax subtracts the row maximum first,
@@ -78,9 +83,14 @@ def reference_backward(dout, q, k, v, weights, mask, drop, scale):
     return dscores @ k, xp.swapaxes(dscores, -1, -2) @ q, dv
 
 
-def blas_forward(q, k, v, mask, drop, scale, masked_score):
+def blas_forward(q, k, v, mask, drop, scale, masked_score, out=None):
     """`reference_forward` for NumPy arrays, with the row softmax computed in one compiled
-    pass per row (`diagnet.fused.softmax.softmax`); the products stay NumPy's matmuls."""
+    pass per row (`diagnet.fused.softmax.softmax`); the products stay NumPy's matmuls.
+
+    ``q``, ``k``, ``v`` may be strided views (NumPy's matmul reads any inner matrix with a
+    unit stride on one axis); ``out``: None or a ``(B, H, L, Ev)`` array (a view is fine)
+    that receives the output, which is then returned.
+    """
     from ..fused import softmax as rows
 
     scores = q @ np.swapaxes(k, -1, -2)
@@ -89,16 +99,21 @@ def blas_forward(q, k, v, mask, drop, scale, masked_score):
         scores = np.where(mask, scores, masked_score)
     weights = rows.softmax(scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
     kept = weights if drop is None else weights * drop
-    return kept @ v, weights
+    return np.matmul(kept, v, out=out), weights
 
 
-def blas_backward(dout, q, k, v, weights, mask, drop, scale):
+def blas_backward(dout, q, k, v, weights, mask, drop, scale, out=None):
     """`reference_backward` for NumPy arrays, with the softmax gradient computed in one
-    compiled pass per row (`diagnet.fused.softmax.softmax_grad`)."""
+    compiled pass per row (`diagnet.fused.softmax.softmax_grad`).
+
+    ``out``: None or three arrays (views are fine) of the shapes of ``q``, ``k``, ``v``
+    that receive ``dq``, ``dk``, ``dv``, which are then returned.
+    """
     from ..fused import softmax as rows
 
+    dq_out, dk_out, dv_out = (None, None, None) if out is None else out
     kept = weights if drop is None else weights * drop
-    dv = np.swapaxes(kept, -1, -2) @ dout
+    dv = np.matmul(np.swapaxes(kept, -1, -2), dout, out=dv_out)
     dweights = dout @ np.swapaxes(v, -1, -2)
     if drop is not None:
         dweights *= drop
@@ -108,7 +123,8 @@ def blas_backward(dout, q, k, v, weights, mask, drop, scale):
     if mask is not None:
         dscores = np.where(mask, dscores, 0)
     dscores *= scale
-    return dscores @ k, np.swapaxes(dscores, -1, -2) @ q, dv
+    return (np.matmul(dscores, k, out=dq_out),
+            np.matmul(np.swapaxes(dscores, -1, -2), q, out=dk_out), dv)
 
 
 #: The environment variable that picks the implementation: ``blas`` (the default),
@@ -238,22 +254,22 @@ def _check_qkv(q, k, v):
     return B, H, L, S, E
 
 
-def _check_mask(mask, shape, xp):
+def _check_mask(mask, shape, xp, op="scaled_dot_product_attention", data="q"):
     """``mask`` as a bool array on ``xp``'s device, after checking it broadcasts to
-    ``shape`` = (B, H, L, S)."""
+    ``shape`` = (B, H, L, S); errors name ``op`` and its array argument ``data``."""
     m = mask.data if isinstance(mask, Tensor) else mask
     if getattr(m, "dtype", None) != np.dtype(bool):
-        raise TypeError(f"scaled_dot_product_attention: mask must be a boolean array or "
+        raise TypeError(f"{op}: mask must be a boolean array or "
                         f"Tensor; got {getattr(m, 'dtype', type(m).__name__)}")
     try:
         fits = np.broadcast_shapes(tuple(m.shape), shape) == shape
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(m.shape)} does "
+        raise ValueError(f"{op}: mask of shape {tuple(m.shape)} does "
                          f"not broadcast to the attention scores' shape (B, H, L, S) = {shape}")
     if xp is np and backend.device_of(m) != "cpu":
-        raise ValueError("scaled_dot_product_attention: the mask is on cuda but q is on cpu; "
+        raise ValueError(f"{op}: the mask is on cuda but {data} is on cpu; "
                          "move it with .to('cpu') first")
     return xp.asarray(m)
 
@@ -336,3 +352,113 @@ def merge_heads(x):
     if x.ndim != 4:
         raise ValueError(f"merge_heads: x must have shape (B, H, N, d); got {x.shape}")
     return MergeHeads()(x)
+
+
+# ----------------------------------------------------------------------------- fused
+
+class QKVAttention(Function):
+    """``merge_heads(scaled_dot_product_attention(*qkv_split(x, heads)))`` as one node:
+    ``(B, N, 3*H*d) -> (B, N, H*d)``. The mask and the dropout multiplier are constants given
+    to the constructor, as for `ScaledDotProductAttention`.
+
+    With the CPU's default kernels (``blas``) nothing is copied: the products read ``q``,
+    ``k``, ``v`` as strided views of ``x`` and write the output straight into the merged
+    layout, and backward writes ``dq``, ``dk``, ``dv`` straight into one ``x``-shaped
+    buffer. Otherwise (the GPU, or another kernel setting) ``q``, ``k``, ``v`` are copied
+    into one contiguous array for the kernels, as `qkv_split` does, and the output and the
+    gradients are moved into their layouts afterwards.
+    """
+
+    def __init__(self, heads, mask, drop, scale):
+        self.heads = heads
+        self.mask = mask
+        self.drop = drop
+        self.scale = scale
+
+    def forward(self, x):
+        B, N, F = x.shape
+        H = self.heads
+        d = F // (3 * H)
+        parts = x.reshape(B, N, 3, H, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, d) view
+        forward, self.kernel_backward = _kernels(parts[0], parts[1], parts[2])
+        xp = _xp(x)
+        merged = xp.empty((B, N, H, d), dtype=x.dtype)
+        heads_view = merged.transpose(0, 2, 1, 3)  # (B, H, N, d): writing it writes merged
+        self.in_place = forward is blas_forward
+        if self.in_place:
+            q, k, v = parts[0], parts[1], parts[2]
+            _, weights = blas_forward(q, k, v, self.mask, self.drop, self.scale, MASKED_SCORE,
+                                      out=heads_view)
+        else:
+            q, k, v = xp.ascontiguousarray(parts)
+            out, weights = forward(q, k, v, self.mask, self.drop, self.scale, MASKED_SCORE)
+            heads_view[...] = out
+        self.save(q, k, v, weights)
+        return merged.reshape(B, N, H * d)
+
+    def backward(self, gy):
+        q, k, v, weights = self.saved
+        B, H, N, d = q.shape
+        xp = _xp(gy)
+        dout = gy.reshape(B, N, H, d).transpose(0, 2, 1, 3)  # (B, H, N, d) view
+        gx = xp.empty((B, N, 3, H, d), dtype=gy.dtype)
+        gparts = gx.transpose(2, 0, 3, 1, 4)  # (3, B, H, N, d): writing it writes gx
+        if self.in_place:
+            blas_backward(dout, q, k, v, weights, self.mask, self.drop, self.scale,
+                          out=(gparts[0], gparts[1], gparts[2]))
+        else:
+            grads = self.kernel_backward(xp.ascontiguousarray(dout), q, k, v, weights,
+                                         self.mask, self.drop, self.scale)
+            for i in range(3):
+                gparts[i] = grads[i]
+        return gx.reshape(B, N, 3 * H * d)
+
+
+def qkv_attention(x, heads, mask=None, dropout_p=0.0, rng=None, scale=None):
+    """Multi-head attention over a fused ``qkv`` projection, as one node:
+    ``merge_heads(scaled_dot_product_attention(*qkv_split(x, heads), mask, dropout_p, rng,
+    scale))``.
+
+    Args:
+        x: Tensor ``(B, N, 3*E)``, float32 or float64: ``q``, ``k``, ``v`` laid out as
+            `qkv_split` reads them (``E = heads * d``).
+        heads: number of heads ``H >= 1``; ``3 * heads`` must divide the last dim.
+        mask, dropout_p, rng, scale: as for `scaled_dot_product_attention`, with ``L = S =
+            N`` (the mask broadcasts to ``(B, H, N, N)``; ``scale`` defaults to
+            ``1 / sqrt(d)``). The dropout mask is drawn as `scaled_dot_product_attention`
+            draws it, so the two give the same values for the same generator state.
+
+    Returns:
+        Tensor ``(B, N, E)`` of ``x``'s dtype: head ``h`` of query ``i`` in features
+        ``h*d .. (h+1)*d - 1``, as `merge_heads` lays them out. Backward gives one
+        ``(B, N, 3*E)`` gradient and keeps the attention weights ``(B, H, N, N)``.
+
+    Raises:
+        TypeError: ``x`` is not a float Tensor, ``heads`` not an int, the mask not boolean,
+            or ``dropout_p``/``scale`` not a real number.
+        ValueError: ``x`` is not ``(B, N, 3 * heads * d)`` with ``N >= 1``, ``heads < 1``,
+            the mask does not broadcast, ``dropout_p`` is outside ``[0, 1)``, ``scale`` is
+            not finite, or the mask is on another device.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"qkv_attention: x must be a Tensor; got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"qkv_attention: x must be float32 or float64; got dtype {x.dtype}")
+    heads = checks.integer("heads", heads, 1)
+    if x.ndim != 3 or x.shape[2] % (3 * heads):
+        raise ValueError(f"qkv_attention: x must have shape (B, N, 3 * heads * head_dim) with "
+                         f"heads={heads}, a last dim divisible by {3 * heads}; got {x.shape}")
+    B, N, F = x.shape
+    if N < 1:
+        raise ValueError(f"qkv_attention: x must hold at least one token (N >= 1); got "
+                         f"{x.shape}")
+    d = F // (3 * heads)
+    scale = 1.0 / math.sqrt(d) if scale is None else checks.real("scale", scale)
+    dropout_p = checks.unit_interval("dropout_p", dropout_p, include_one=False)
+    xp = _xp(x.data)
+    shape = (B, int(heads), N, N)
+    mask = None if mask is None else _check_mask(mask, shape, xp, "qkv_attention", "x")
+    drop = None
+    if dropout_p > 0.0:
+        drop = dropout_scale(shape, dropout_p, xp, x.dtype, rng)
+    return QKVAttention(int(heads), mask, drop, scale)(x)

@@ -400,3 +400,117 @@ def test_blas_path_matches_the_reference_float64(shape, masked, dropped):
     got = ops_attention.blas_backward(dout, q, k, v, w, mask, drop, scale)
     for g, wt in zip(got, want):
         np.testing.assert_allclose(g, wt, **F64_TOL)
+
+
+# ----------------------------------------------------------------------------- qkv_attention
+
+def _composed_heads(x, heads, **kw):
+    """The three ops that `F.qkv_attention` fuses, applied one after the other."""
+    return F.merge_heads(F.scaled_dot_product_attention(*F.qkv_split(x, heads), **kw))
+
+
+#: (B, N, heads, head_dim): ragged sizes, one token, and the ViT's own shape
+QKV_SHAPES = [(2, 5, 3, 4), (1, 1, 1, 3), (3, 17, 4, 16)]
+
+
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_qkv_attention_matches_split_attention_merge(shape, masked, dropout_p, impl):
+    """Values and the gradient of ``x`` equal the three-op composition (float64), with
+    the same dropout mask for the same seed."""
+    B, N, H, d = shape
+    rng = np.random.default_rng(21)
+    x = dn.tensor(rng.standard_normal((B, N, 3 * H * d)), requires_grad=True)
+    mask = (rng.random((B, 1, N, N)) < 0.6) if masked else None
+    if masked:
+        mask[0, :, 0] = False  # a query that may attend to nothing
+    g = dn.tensor(rng.standard_normal((B, N, H * d)))
+    results = []
+    for fn in (F.qkv_attention, _composed_heads):
+        x.grad = None
+        y = fn(x, H, mask=mask, dropout_p=dropout_p, rng=5)
+        assert y.shape == (B, N, H * d) and y.data.flags.c_contiguous
+        (y * g).sum().backward()
+        results.append((y.numpy(), x.grad.numpy()))
+    for name, got, want in zip(["out", "dx"], *results):
+        np.testing.assert_allclose(got, want, **F64_GRAD_TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_qkv_attention_gradcheck(masked, dropout_p, impl):
+    rng = np.random.default_rng(22)
+    x = dn.tensor(rng.standard_normal((2, 3, 12)), requires_grad=True)
+    mask = rng.random((3, 3)) < 0.6 if masked else None
+    assert dn.gradcheck(lambda x: F.qkv_attention(x, 2, mask, dropout_p, rng=3, scale=0.7),
+                        x, **GRADCHECK_TOL)
+
+
+def test_qkv_attention_float32_matches_float64(impl):
+    rng = np.random.default_rng(23)
+    x64 = rng.standard_normal((4, 17, 48))
+    g = rng.standard_normal((4, 17, 16))
+    out = {}
+    for dtype in (np.float64, np.float32):
+        x = dn.tensor(x64.astype(dtype), requires_grad=True)
+        y = F.qkv_attention(x, 4)
+        (y * dn.tensor(g.astype(dtype))).sum().backward()
+        assert y.dtype == x.grad.dtype == dtype
+        out[dtype] = (y.numpy(), x.grad.numpy())
+    np.testing.assert_allclose(out[np.float32][0], out[np.float64][0], **F32_TOL)
+    np.testing.assert_allclose(out[np.float32][1], out[np.float64][1], **F32_GRAD_TOL)
+
+
+def test_qkv_attention_blas_path_copies_nothing_into_the_split_layout(monkeypatch):
+    """On the CPU default the products read q, k, v inside x: `blas_forward` receives
+    views whose base is x's array, and backward writes into one buffer."""
+    seen = {}
+    real = ops_attention.blas_forward
+
+    def spy(q, k, v, *args, **kw):
+        seen["bases"] = [a.base is not None and np.shares_memory(a, x.data) for a in (q, k, v)]
+        seen["out"] = kw.get("out") is not None
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(ops_attention, "blas_forward", spy)
+    x = dn.tensor(np.random.default_rng(24).standard_normal((2, 4, 12)), requires_grad=True)
+    F.qkv_attention(x, 2).sum().backward()
+    assert seen == {"bases": [True, True, True], "out": True}
+    assert x.grad.shape == (2, 4, 12)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: F.qkv_attention(x.data, 2), TypeError, "x must be a Tensor; got ndarray"),
+    (lambda x: F.qkv_attention(dn.tensor(np.zeros((1, 2, 12), np.int64)), 2), TypeError,
+     "float32 or float64"),
+    (lambda x: F.qkv_attention(x, 2.0), TypeError, "heads"),
+    (lambda x: F.qkv_attention(x, 0), ValueError, "heads"),
+    (lambda x: F.qkv_attention(x, 3), ValueError, "divisible by 9"),
+    (lambda x: F.qkv_attention(dn.tensor(np.zeros((1, 0, 12))), 2), ValueError,
+     "at least one token"),
+    (lambda x: F.qkv_attention(x, 2, mask=np.ones((3, 3), bool)), ValueError,
+     "qkv_attention: mask of shape"),
+    (lambda x: F.qkv_attention(x, 2, mask=np.ones((2, 2))), TypeError, "boolean"),
+    (lambda x: F.qkv_attention(x, 2, dropout_p=1.0), ValueError, "dropout_p"),
+])
+def test_qkv_attention_refuses_bad_arguments(call, error, match):
+    x = dn.tensor(np.zeros((1, 2, 12)), requires_grad=True)
+    with pytest.raises(error, match=match):
+        call(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_qkv_attention_on_the_gpu_matches_the_cpu(dropout_p):
+    out = {}
+    for device in ("cpu", "cuda"):
+        rng = np.random.default_rng(25)
+        x = dn.tensor(rng.standard_normal((2, 5, 12)), device=device, requires_grad=True)
+        mask = rng.random((5, 5)) < 0.7
+        y = F.qkv_attention(x, 2, mask=mask, dropout_p=dropout_p, rng=2)
+        assert backend.device_of(y.data) == device
+        (y * dn.tensor(rng.standard_normal((2, 5, 4)), device=device)).sum().backward()
+        out[device] = [y.numpy(), x.grad.numpy()]
+    for cpu, gpu in zip(out["cpu"], out["cuda"]):
+        np.testing.assert_allclose(gpu, cpu, **F64_GRAD_TOL)
