@@ -66,9 +66,21 @@ def prepare_offsets(offsets):
     return cuda.prepare_offsets(offsets)
 
 
-def forward(x, offsets, values, m):
-    """``y = x @ W.T`` for the diagonal weight ``(offsets, values)`` of shape ``(m, n)``."""
-    return implementation(x).forward(x, offsets, values, m)
+def forward(x, offsets, values, m, bias=None):
+    """``y = x @ W.T (+ bias)`` for the diagonal weight ``(offsets, values)`` of shape
+    ``(m, n)``; ``bias``: None or ``(m,)`` of ``x``'s dtype.
+
+    The numba kernels add the bias in their store pass (one pass over ``y`` fewer); the
+    reference and the CUDA kernels add it after the product (``y += bias``), with the same
+    values: each output is rounded before the bias is added either way.
+    """
+    impl = implementation(x)
+    if impl is _cpu:
+        return impl.forward(x, offsets, values, m, bias)
+    y = impl.forward(x, offsets, values, m)
+    if bias is not None:
+        y += bias
+    return y
 
 
 def input_grad(dy, offsets, values, n):

@@ -53,10 +53,11 @@ class DiagLinearFunction(Function):
         self.save(x2, values)
         if self.offsets.shape[0] == 0:
             y = xp.zeros((x2.shape[0], m), dtype=x.dtype)
+            if bias is not None:
+                y += bias
         else:
-            y = dispatch.forward(x2, self.offsets, values, m)
-        if bias is not None:
-            y += bias  # y is a fresh array from the kernel
+            # the bias is added by the kernel (in its store pass on the CPU)
+            y = dispatch.forward(x2, self.offsets, values, m, bias)
         return y.reshape(tuple(x.shape[:-1]) + (m,))
 
     def backward(self, gy):

@@ -114,6 +114,45 @@ def test_shapes_against_reference(shape, dtype, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(5, 5), (17, 17), (64, 48), (48, 64), (192, 64), (64, 128),
+                                   (3, 2), (1, 7)], ids=str)
+def test_forward_adds_the_bias_in_its_store_pass(shape, dtype, path):
+    """``forward(..., bias)`` equals ``forward(...) + bias`` on every path (gather, scatter,
+    rotated square; serial and threaded; batches with leftover rows, of 1 row, and empty).
+    The gather stores add the bias to the rounded sum, exactly as ``y += bias`` does; the
+    scatter's store adds it to the sum of the two folded halves, in an order that
+    ``reassoc`` may change, so there the match is to rounding."""
+    m, n = shape
+    rng = np.random.default_rng(m * 7 + n)
+    for K in sorted({1, min(5, max(m, n)), max(m, n)}):
+        for B in (0, 1, 3, 8, 13):
+            x, _, offsets, values = make_case(rng, B, m, n, K, dtype)
+            bias = rng.standard_normal(m).astype(dtype)
+            got = cpu.forward(x, offsets, values, m, bias)
+            want = cpu.forward(x, offsets, values, m) + bias
+            assert got.dtype == dtype and got.shape == (B, m)
+            scale = np.abs(cpu.forward(np.abs(x), offsets, np.abs(values), m)) + np.abs(bias)
+            assert_close(got, want, scale, dtype)
+            if m <= n:  # a gather: the bias lands on the rounded sum, as y += bias
+                np.testing.assert_array_equal(got, want)
+    # no diagonals: the bias alone
+    x, _, _, _ = make_case(rng, 3, m, n, 1, dtype)
+    empty = cpu.forward(x, np.zeros(0, np.int64), np.zeros((0, min(m, n)), dtype), m, bias)
+    np.testing.assert_array_equal(empty, np.broadcast_to(bias, (3, m)))
+
+
+def test_forward_bias_is_checked_and_converted():
+    rng = np.random.default_rng(3)
+    x, _, offsets, values = make_case(rng, 4, 6, 9, 3, np.float32)
+    with pytest.raises(ValueError, match=r"bias must have shape \(m,\) = \(6,\); got \(9,\)"):
+        cpu.forward(x, offsets, values, 6, np.zeros(9, np.float32))
+    got = cpu.forward(x, offsets, values, 6, np.arange(6.0))  # float64 bias: converted
+    np.testing.assert_allclose(got, cpu.forward(x, offsets, values, 6) + np.arange(6.0),
+                               rtol=1e-6, atol=1e-6)
+    assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", [(768, 768), (300, 77), (77, 300)], ids=str)
 def test_large_batches_use_several_tasks(shape, dtype):
     """Sizes where the default (unforced) dispatch goes parallel with several tasks per thread."""

@@ -31,6 +31,11 @@ or square weight, input grad of a wide one), each diagonal of a square weight is
 into output order once per call (``K * L`` copies) and the same gather runs; a rectangular
 weight scatters instead (`.scatter`).
 
+**The bias.** Every gather and scatter writes its output from the tile buffer in a last
+pass (`.tiles`), which adds a bias row on the way: `forward` takes a layer's bias there
+instead of a separate ``y += bias`` over the whole output (zeros where there is none, as
+for the input grads).
+
 **Threads.** Forward and input grad give each task a block of batch rows (several tasks per
 thread, so uneven batches still balance). The square forward gives each thread one block and
 its own rotated copy of the diagonals, because reading a copy that the other core just wrote
@@ -136,43 +141,50 @@ def _rows_per_task(B, threads):
     return max(_TILE_ROWS, min(rows, _MAX_ROWS_PER_TASK))
 
 
-def _gather(out, inp, vals, shifts):
-    """``out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]]``."""
+def _no_bias(out):
+    """Zeros for the bias that the kernels' store pass adds, where there is none."""
+    return np.zeros(out.shape[1], dtype=out.dtype)
+
+
+def _gather(out, inp, vals, shifts, bias):
+    """``out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]] + bias[i]``."""
     B = out.shape[0]
     marker = _marker(out.shape[1] + inp.shape[1] - 1)
     threads = _row_threads(B, *vals.shape)
     if threads == 1:
-        _gather_block(out, inp, vals, shifts, 0, B, marker)
+        _gather_block(out, inp, vals, shifts, bias, 0, B, marker)
     else:
-        _gather_parallel(out, inp, vals, shifts, _rows_per_task(B, threads), marker)
+        _gather_parallel(out, inp, vals, shifts, bias, _rows_per_task(B, threads), marker)
 
 
-def _scatter(out, inp, vals, offsets):
-    """``out[b, (t + offsets[k]) % out.shape[1]] = sum_k vals[k, t] * inp[b, t]``."""
+def _scatter(out, inp, vals, offsets, bias):
+    """``out[b, (t + offsets[k]) % out.shape[1]] = sum_k vals[k, t] * inp[b, t]``, plus
+    ``bias``."""
     B = out.shape[0]
     marker = _marker(out.shape[1] + inp.shape[1] - 1)
     threads = _row_threads(B, *vals.shape)
     if threads == 1:
-        _scatter_block(out, inp, vals, offsets, 0, B, marker)
+        _scatter_block(out, inp, vals, offsets, bias, 0, B, marker)
     else:
-        _scatter_parallel(out, inp, vals, offsets, _rows_per_task(B, threads), marker)
+        _scatter_parallel(out, inp, vals, offsets, bias, _rows_per_task(B, threads), marker)
 
 
-def _to_long_side(out, short, values, offsets):
-    """The product whose output is the long side of the weight (index ``(t + p) % P``)."""
+def _to_long_side(out, short, values, offsets, bias):
+    """The product whose output is the long side of the weight (index ``(t + p) % P``),
+    plus ``bias``."""
     B = out.shape[0]
     if short.shape[1] != out.shape[1] or B < _TILE_ROWS:
         # rectangular, or too few rows to pay for rotating the diagonals: scatter
-        _scatter(out, short, values, offsets)
+        _scatter(out, short, values, offsets, bias)
         return
     # square: rotate the diagonals into output order, then the faster gather applies
     marker = _marker(2 * out.shape[1] - 1)
     threads = _row_threads(B, *values.shape)
     if threads == 1:
         rot, shifts = _rotate_square(values, offsets)
-        _gather_block(out, short, rot, shifts, 0, B, marker)
+        _gather_block(out, short, rot, shifts, bias, 0, B, marker)
     else:
-        _gather_rotated_parallel(out, short, values, offsets, threads, marker)
+        _gather_rotated_parallel(out, short, values, offsets, bias, threads, marker)
 
 
 def _vgrad_split(B, K, L, P, threads):
@@ -226,10 +238,10 @@ def _input_grad(dx, dy, values, offsets):
     """``dx = dy @ W`` into ``dx`` (``B >= 1``, ``K >= 1``)."""
     if dy.shape[1] >= dx.shape[1]:
         # tall or square: dx is indexed by t, the short side; dy by (t + p) % m
-        _gather(dx, dy, values, offsets)
+        _gather(dx, dy, values, offsets, _no_bias(dx))
     else:
         # wide: dx is indexed by (t + p) % n, the long side
-        _to_long_side(dx, dy, values, offsets)
+        _to_long_side(dx, dy, values, offsets, _no_bias(dx))
 
 
 def _input_and_value_grad(dy, x, values, offsets):
@@ -325,12 +337,16 @@ def _check_layout(m, n, offsets, K, L):
 # Public API
 # --------------------------------------------------------------------------------------
 
-def forward(x, offsets, values, m):
-    """``y = x @ W.T`` for the diagonal weight ``W`` of shape ``(m, n)``, ``n = x.shape[1]``.
+def forward(x, offsets, values, m, bias=None):
+    """``y = x @ W.T (+ bias)`` for the diagonal weight ``W`` of shape ``(m, n)``,
+    ``n = x.shape[1]``.
 
     ``x``: ``(B, n)`` float32 or float64. ``offsets``: ``(K,)`` integers (any int dtype) in
     ``[0, max(m, n))``, normally sorted and unique. ``values``: ``(K, min(m, n))``, converted to
-    ``x.dtype``. Non-contiguous inputs are copied. Returns ``y``: ``(B, m)``, ``x.dtype``.
+    ``x.dtype``. ``bias``: None or ``(m,)``, converted to ``x.dtype`` and added in the
+    kernels' store pass (each output rounded, then the bias added: the same values as
+    ``y += bias`` after the product). Non-contiguous inputs are copied. Returns ``y``:
+    ``(B, m)``, ``x.dtype``.
     """
     x, values = _float_pair(x, values)
     offsets = _as_offsets(offsets)
@@ -338,14 +354,21 @@ def forward(x, offsets, values, m):
     B, n = x.shape
     _check_layout(m, n, offsets, *values.shape)
     y = np.empty((B, m), dtype=x.dtype)
+    if bias is None:
+        bias = _no_bias(y)
+    else:
+        if not _is_ready(bias, x.dtype):
+            bias = np.ascontiguousarray(bias, dtype=x.dtype)
+        if bias.shape != (m,):
+            raise ValueError(f"bias must have shape (m,) = ({m},); got {bias.shape}")
     if B == 0 or offsets.shape[0] == 0:
-        y[:] = 0
+        y[:] = bias
     elif m < n:
         # wide: y is indexed by t, the short side; x by (t + p) % n
-        _gather(y, x, values, offsets)
+        _gather(y, x, values, offsets, bias)
     else:
         # tall or square: y is indexed by (t + p) % m, the long side
-        _to_long_side(y, x, values, offsets)
+        _to_long_side(y, x, values, offsets, bias)
     return y
 
 

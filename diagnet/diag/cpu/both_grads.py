@@ -42,18 +42,19 @@ def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
     a = np.empty(size, dtype=g.dtype)
     ext = np.empty(size, dtype=g.dtype)
     acc = np.empty(size, dtype=g.dtype)
+    no_bias = np.zeros(dx.shape[1], dtype=g.dtype)  # the stores add a bias: none here
     tiles_stop = b_start + (b_stop - b_start) // _TILE_ROWS * _TILE_ROWS
     for b in range(b_start, tiles_stop, _TILE_ROWS):
         _load_tile(a, short, b, _TILE_ROWS, L, marker)
         _load_tile(ext, long, b, _TILE_ROWS, width, marker)
         if tall:
             _gather_tile(acc, ext, vals, offsets, marker)
-            _store_tile(dx, acc, b, _TILE_ROWS, marker)
+            _store_tile(dx, acc, no_bias, b, _TILE_ROWS, marker)
         else:
             _zero_tile(acc, _TILE_ROWS, width, marker)
             for k in range(K):
                 _scatter_4rows_1diag(acc, a, vals, k, offsets[k], marker)
-            _store_tile_folded(dx, acc, b, _TILE_ROWS, width, marker)
+            _store_tile_folded(dx, acc, no_bias, b, _TILE_ROWS, width, marker)
         _vgrad_tile(g, a, ext, 0, K, offsets, marker)
     for b in range(tiles_stop, b_stop):
         _load_tile(a, short, b, 1, L, marker)
@@ -61,12 +62,12 @@ def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
         if tall:
             _zero_tile(acc, 1, L, marker)
             _gather_row(acc, ext, vals, offsets)
-            _store_tile(dx, acc, b, 1, marker)
+            _store_tile(dx, acc, no_bias, b, 1, marker)
         else:
             _zero_tile(acc, 1, width, marker)
             for k in range(K):
                 _scatter_1row_1diag(acc, a, vals, k, offsets[k])
-            _store_tile_folded(dx, acc, b, 1, width, marker)
+            _store_tile_folded(dx, acc, no_bias, b, 1, width, marker)
         _vgrad_row(g, a, ext, 0, K, offsets)
 
 

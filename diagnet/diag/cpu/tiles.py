@@ -87,19 +87,24 @@ def _zero_tile(tile, nrows, width, marker):
 
 
 @_jit
-def _store_tile(dst, tile, b_start, nrows, marker):
-    """``dst[b_start + r, j] = tile[r*S + j]`` for ``r < nrows``."""
+def _store_tile(dst, tile, bias, b_start, nrows, marker):
+    """``dst[b_start + r, j] = tile[r*S + j] + bias[j]`` for ``r < nrows``.
+
+    ``bias`` ``(dst.shape[1],)``: a layer's bias added in the store pass (zeros where there
+    is none: adding 0 changes no value).
+    """
     S = _stride(marker)
     for r in range(_u(nrows)):
         b = _u(b_start) + r
         for j in range(_u(dst.shape[1])):
-            dst[b, j] = tile[r * S + j]
+            dst[b, j] = tile[r * S + j] + bias[j]
 
 
 @_jit
-def _store_tile_folded(dst, tile, b_start, nrows, width, marker):
-    """``dst[b_start + r, j] = tile[r*S + j] + tile[r*S + j + P]``, the second term where
-    ``j + P < width``: tile rows of ``width = P + L - 1`` entries fold onto ``P`` outputs."""
+def _store_tile_folded(dst, tile, bias, b_start, nrows, width, marker):
+    """``dst[b_start + r, j] = (tile[r*S + j] + tile[r*S + j + P]) + bias[j]``, the second
+    term where ``j + P < width``: tile rows of ``width = P + L - 1`` entries fold onto ``P``
+    outputs. ``bias`` as in `_store_tile`."""
     S = _stride(marker)
     P = _u(dst.shape[1])
     tail = _u(width) - P
@@ -107,6 +112,6 @@ def _store_tile_folded(dst, tile, b_start, nrows, width, marker):
         b = _u(b_start) + r
         base = r * S
         for j in range(tail):
-            dst[b, j] = tile[base + j] + tile[base + j + P]
+            dst[b, j] = (tile[base + j] + tile[base + j + P]) + bias[j]
         for j in range(tail, P):
-            dst[b, j] = tile[base + j]
+            dst[b, j] = tile[base + j] + bias[j]
