@@ -34,8 +34,8 @@ already (any of ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC
 ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``): `status` says why.
 
 When it runs: as `diagnet.diag.threadpools`, at the first CPU kernel call (the dispatchers
-that pick a numba kernel call `configure_once`), never at import; a program may call
-`configure` earlier.
+that pick a numba kernel call `diagnet.diag.cpu_process.configure_once`, which configures
+both), never at import; a program may call `configure` earlier.
 """
 
 from __future__ import annotations

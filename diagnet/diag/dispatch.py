@@ -6,8 +6,8 @@
 ``settings.set_cpu_kernels("reference")``) switches the CPU path to the plain NumPy reference
 (for debugging, or where numba is unavailable). `input_and_value_grad` gives both gradients
 of a backward pass, in one pass over the batch with the numba kernels. The first call that
-returns the numba kernels configures the thread pools (`threadpools.configure`) and the C
-heap (`diagnet.heap.configure`).
+returns the numba kernels configures the process for them (`cpu_process`: the thread pools
+and the C heap).
 
 `diagonal_scores` is the exception: it is one dense matmul ``dy.T @ x`` plus a gather of
 its ``P`` diagonals (`diagonal_norms`), written once in backend-generic array code (NumPy or
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, heap, settings
-from . import reference, threadpools
+from .. import backend, settings
+from . import cpu_process, reference
 
 
 _cpu = None  # diagnet.diag.cpu once loaded (importing it loads numba: only on first use)
@@ -32,8 +32,7 @@ def _cpu_kernels():
         from . import cpu
 
         # the kernels run on numba's pool, the dense matmuls beside them on OpenBLAS's
-        threadpools.configure_once()
-        heap.configure_once()  # a step's arrays reuse the pages of the step before
+        cpu_process.configure_once()
         _cpu = cpu
     return _cpu
 

@@ -48,10 +48,11 @@ The fix
 When it runs
 ------------
 Importing diagnet (or its kernels) changes nothing. The dispatchers that pick a numba kernel
-(`diagnet.diag.dispatch`, and those of the fused ops) call `configure_once` before they return
-one, so `configure` runs at the first CPU kernel call and logs what it did (one ``INFO``
-line on the ``diagnet.diag.threadpools`` logger). A program or benchmark that calls the
-kernel modules directly calls `configure` itself.
+(`diagnet.diag.dispatch`, and those of the fused ops) call `configure_once` (through
+`diagnet.diag.cpu_process`) before they return one, so `configure` runs at the first CPU
+kernel call and logs what it did (one ``INFO`` line on the ``diagnet.diag.threadpools``
+logger). A program or benchmark that calls the kernel modules directly calls `configure`
+itself.
 
 Caveat: stopping OpenBLAS's workers while another thread is inside a BLAS call could hang
 that call (as a ``fork`` at that moment would); `configure` runs at the first kernel call,

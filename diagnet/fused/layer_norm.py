@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, heap, settings
+from .. import backend, settings
 from ..checks import FLOAT_DTYPES
-from ..diag import threadpools
+from ..diag import cpu_process
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward"]
 
@@ -76,8 +76,7 @@ def _implementation(array):
         return reference_forward, reference_backward
     else:
         from . import layer_norm_cpu as impl
-        threadpools.configure_once()  # numba's pool and OpenBLAS's take turns on the cores
-        heap.configure_once()  # a step's arrays reuse the pages of the step before
+        cpu_process.configure_once()  # thread pools and heap, as for the diagonal kernels
     return impl.forward, impl.backward
 
 

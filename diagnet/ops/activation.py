@@ -22,10 +22,10 @@ import math
 
 import numpy as np
 
-from .. import backend, checks, heap, settings
+from .. import backend, checks, settings
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import FLOAT_DTYPES, Function, Tensor, axis_or_dim
-from ..diag import threadpools
+from ..diag import cpu_process
 
 __all__ = ["relu", "bias_relu", "gelu", "bias_gelu", "log_sigmoid", "softmax", "log_softmax"]
 
@@ -40,8 +40,8 @@ def fused_cpu(x, module):
     when ``settings.cpu_kernels == "reference"`` (`diagnet.settings`, the switch of
     `diagnet.diag.dispatch`, for debugging or where numba is unavailable). The modules are
     imported on first use, so importing diagnet does not compile or load numba; the first
-    use configures the thread pools (`diagnet.diag.threadpools`) and the C heap
-    (`diagnet.heap`).
+    use configures the process for the kernels (`diagnet.diag.cpu_process`: the thread pools
+    and the C heap).
     """
     if type(x) is not np.ndarray or x.dtype not in _KERNEL_DTYPES:
         return None
@@ -53,8 +53,7 @@ def fused_cpu(x, module):
         from ..fused import relu as kernels
     else:
         from ..fused import softmax as kernels
-    threadpools.configure_once()
-    heap.configure_once()
+    cpu_process.configure_once()
     return kernels
 
 

@@ -31,10 +31,10 @@ import math
 
 import numpy as np
 
-from .. import backend, checks, heap, settings
+from .. import backend, checks, settings
 from ..autograd import FLOAT_DTYPES, Function, Tensor
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
-from ..diag import threadpools
+from ..diag import cpu_process
 from .regularization import dropout_scale
 
 __all__ = ["scaled_dot_product_attention", "qkv_split", "merge_heads", "qkv_attention"]
@@ -148,8 +148,7 @@ def _kernels(q, k, v):
         if gpu.fits(q.shape, k.shape, v.shape, q.dtype):
             return gpu.forward, gpu.backward
         return reference_forward, reference_backward
-    threadpools.configure_once()  # both CPU versions run numba kernels beside BLAS
-    heap.configure_once()
+    cpu_process.configure_once()  # both CPU versions run numba kernels beside BLAS
     if choice == "numba":
         from ..fused import attention as cpu
 
@@ -215,14 +214,24 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, rng=None, sc
             different devices.
     """
     B, H, L, S, E = _check_qkv(q, k, v)
+    mask, drop, scale = _constants(q.data, (B, H, L, S), E, mask, dropout_p, rng, scale)
+    return ScaledDotProductAttention(mask, drop, scale)(q, k, v)
+
+
+def _constants(data, shape, E, mask, dropout_p, rng, scale, op="scaled_dot_product_attention",
+               name="q"):
+    """``(mask, drop, scale)`` for attention scores of ``shape`` = (B, H, L, S) over
+    ``data`` (the query array, named ``name`` in errors), after checking the arguments:
+    the mask on ``data``'s device, the dropout multiplier drawn (None without dropout), the
+    scale (``1 / sqrt(E)`` by default)."""
     scale = 1.0 / math.sqrt(E) if scale is None else checks.real("scale", scale)
     dropout_p = checks.unit_interval("dropout_p", dropout_p, include_one=False)
-    xp = _xp(q.data)
-    mask = None if mask is None else _check_mask(mask, (B, H, L, S), xp)
+    xp = _xp(data)
+    mask = None if mask is None else _check_mask(mask, shape, xp, op, name)
     drop = None
     if dropout_p > 0.0:
-        drop = dropout_scale((B, H, L, S), dropout_p, xp, q.dtype, rng)
-    return ScaledDotProductAttention(mask, drop, scale)(q, k, v)
+        drop = dropout_scale(shape, dropout_p, xp, data.dtype, rng)
+    return mask, drop, scale
 
 
 def _check_qkv(q, k, v):
@@ -452,13 +461,6 @@ def qkv_attention(x, heads, mask=None, dropout_p=0.0, rng=None, scale=None):
     if N < 1:
         raise ValueError(f"qkv_attention: x must hold at least one token (N >= 1); got "
                          f"{x.shape}")
-    d = F // (3 * heads)
-    scale = 1.0 / math.sqrt(d) if scale is None else checks.real("scale", scale)
-    dropout_p = checks.unit_interval("dropout_p", dropout_p, include_one=False)
-    xp = _xp(x.data)
-    shape = (B, int(heads), N, N)
-    mask = None if mask is None else _check_mask(mask, shape, xp, "qkv_attention", "x")
-    drop = None
-    if dropout_p > 0.0:
-        drop = dropout_scale(shape, dropout_p, xp, x.dtype, rng)
+    mask, drop, scale = _constants(x.data, (B, int(heads), N, N), F // (3 * heads), mask,
+                                   dropout_p, rng, scale, "qkv_attention", "x")
     return QKVAttention(int(heads), mask, drop, scale)(x)

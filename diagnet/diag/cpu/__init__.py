@@ -76,8 +76,8 @@ differs from the reference, so results agree to rounding of the summed terms.
 
 Numba compiles the kernels on first use, per dtype and tile stride (tens of seconds for all
 of them), and caches the machine code on disk (``cache=True``); importing this package
-compiles nothing and configures nothing: `diagnet.diag.dispatch` configures the thread pools
-(`diagnet.diag.threadpools`) at its first call of these kernels.
+compiles nothing and configures nothing: `diagnet.diag.dispatch` configures the process for
+them (`diagnet.diag.cpu_process`: thread pools and C heap) at its first call of these kernels.
 """
 
 from __future__ import annotations
