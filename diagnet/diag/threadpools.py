@@ -36,8 +36,11 @@ The fix
   non-Linux system: the mechanism is specific to OpenBLAS's own thread server, found
   through ``/proc/self/maps``).
 * **libgomp** (numba's ``omp`` threading layer): its workers spin `GOMP_SPINS` times
-  (about 0.2 ms) instead of 300,000 before they sleep: enough to catch the next kernel of
-  the same backward pass, short enough to be asleep when the next matmul runs. libgomp
+  (0.3-0.5 ms here) instead of 300,000 before they sleep: enough to catch the next kernel
+  of the same step (a kernel that finds its worker asleep waits 30-45 µs for it in a VM,
+  against 2 µs when it spins), short enough to be asleep soon after a kernel that a large
+  matmul follows. The count trades one against the other; the measurements behind it are
+  in docs/benchmarks.md ("The libgomp spin count"). libgomp
   reads ``GOMP_SPINCOUNT`` when it loads, which numba does when it starts its thread pool;
   `configure` starts that pool itself with ``GOMP_SPINCOUNT`` set for the moment (then
   restores the environment). Not done when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is
@@ -91,7 +94,7 @@ _USER_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
 #: (read into `diagnet.settings.gomp_spincount`)
 GOMP_ENV = settings.ENV_GOMP_SPINCOUNT
 #: libgomp's spin iterations before a worker sleeps (its default is 300,000)
-GOMP_SPINS = 10_000
+GOMP_SPINS = 30_000
 _USER_GOMP_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 _lock = threading.Lock()
