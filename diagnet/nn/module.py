@@ -235,8 +235,17 @@ class Module(StateDictMixin):
         """Set training mode (dropout active) on this module and all descendants; returns self."""
         if not isinstance(mode, bool):
             raise TypeError(f"mode must be a bool; got {type(mode).__name__}")
-        for m in self.modules():
-            object.__setattr__(m, "training", mode)
+        # The walk of `modules` without its generator and ordering: inference loops call
+        # `eval()` before every batch, so this is on their path.
+        seen = set()
+        stack = [self]
+        while stack:
+            mod = stack.pop()
+            if mod is None or id(mod) in seen:  # an absent submodule, or one seen before
+                continue
+            seen.add(id(mod))
+            mod.__dict__["training"] = mode
+            stack.extend(mod._modules.values())
         return self
 
     def eval(self):

@@ -105,6 +105,19 @@ def test_train_eval_reach_every_module_and_dropout_follows():
         net.train("no")
 
 
+def test_train_eval_skip_absent_submodules_and_visit_shared_ones_once():
+    """The walk of `train` (its own loop, not `modules()`): a submodule set to None is
+    skipped, one shared by two parents and a cycle back to an ancestor end the walk."""
+    shared = nn.Dropout(0.5)
+    net = nn.Sequential(nn.Sequential(shared), shared, nn.Linear(2, 2, rng=0))
+    net[2]._modules["extra"] = None  # an absent submodule slot
+    net[0]._modules["back"] = net  # a cycle
+    assert net.eval() is net
+    assert not any(m.training for m in (net, net[0], shared, net[2]))
+    net.train()
+    assert all(m.training for m in (net, net[0], shared, net[2]))
+
+
 def test_zero_grad_both_forms_and_requires_grad_():
     lin = nn.Linear(3, 2, rng=0)
     lin(dn.tensor(np.ones((2, 3), np.float32))).sum().backward()
