@@ -38,13 +38,19 @@ class MLP(nn.Module):
 
     Submodules: ``features`` (`nn.Sequential`) and ``head`` (`nn.Linear`).
 
-    The forward walks ``features`` itself: a linear layer with a bias followed by an
-    ``nn.ReLU`` runs without its bias (``layer(x, add_bias=False)``) and `F.bias_relu` adds
-    it in the activation's pass (one pass over the hidden activations each way instead of
-    several). Forward hooks on those linears therefore see their output without the bias,
-    and the ``nn.ReLU`` modules after them, like ``features`` itself, are not called (their
-    hooks do not run). ``features(x)`` called directly composes the layers as usual: the
-    same values, up to the rounding of where the bias is added.
+    The forward walks ``features`` itself and fuses each linear layer with the ``nn.ReLU``
+    that follows it (one pass over the hidden activations each way instead of several):
+
+    * an ``nn.DiagLinear`` (or a subclass) without forward hooks applies the ReLU in its
+      own kernels' pass and node (``layer(x, relu=True)``);
+    * any other linear layer with a bias (a dense one, or a diagonal one with hooks, as
+      dynamic sparse training adds at its mask-update steps) runs without its bias
+      (``layer(x, add_bias=False)``) and `F.bias_relu` adds it in the activation's pass;
+      forward hooks on it therefore see its output without the bias.
+
+    The ``nn.ReLU`` modules after those linears, like ``features`` itself, are not called
+    (their hooks do not run). ``features(x)`` called directly composes the layers as usual:
+    the same values, up to the rounding of where the bias is added.
     """
 
     def __init__(self, in_features, hidden, num_classes, linear="dense", sparsity=0.9,
@@ -80,12 +86,15 @@ class MLP(nn.Module):
         return self.head(self._features(x))
 
     def _features(self, x):
-        """``features(x)``, each linear layer with a bias followed by ReLU fused as
-        `F.bias_relu` (its own bias: the operands fit, so `F.bias_relu`'s checks are
-        skipped)."""
+        """``features(x)``, each linear layer followed by ReLU fused with it (see the class
+        docstring; `F.bias_relu` with the layer's own bias: the operands fit, so its checks
+        are skipped)."""
         for layer, relu in self._feature_plan():
             if relu is None:
                 x = layer(x)
+                continue
+            if isinstance(layer, nn.DiagLinear) and not layer._forward_hooks:
+                x = layer(x, relu=True)
                 continue
             bias = layer.bias
             if bias is None:  # removed since the plan was made

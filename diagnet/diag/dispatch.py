@@ -65,20 +65,23 @@ def prepare_offsets(offsets):
     return cuda.prepare_offsets(offsets)
 
 
-def forward(x, offsets, values, m, bias=None):
+def forward(x, offsets, values, m, bias=None, relu=False):
     """``y = x @ W.T (+ bias)`` for the diagonal weight ``(offsets, values)`` of shape
-    ``(m, n)``; ``bias``: None or ``(m,)`` of ``x``'s dtype.
+    ``(m, n)``, then ``relu(y)`` with ``relu``; ``bias``: None or ``(m,)`` of ``x``'s dtype.
 
-    The numba kernels add the bias in their store pass (one pass over ``y`` fewer); the
-    reference and the CUDA kernels add it after the product (``y += bias``), with the same
-    values: each output is rounded before the bias is added either way.
+    The numba kernels add the bias and apply the ReLU in their store pass (one pass over
+    ``y`` fewer for each); the reference and the CUDA kernels do both after the product
+    (``y += bias``, ``y *= y > 0``), with the same values: each output is rounded before the
+    bias is added either way, and the ReLU is ``h * (h > 0)`` everywhere.
     """
     impl = implementation(x)
     if impl is _cpu:
-        return impl.forward(x, offsets, values, m, bias)
+        return impl.forward(x, offsets, values, m, bias, relu)
     y = impl.forward(x, offsets, values, m)
     if bias is not None:
         y += bias
+    if relu:
+        y *= y > 0
     return y
 
 

@@ -228,23 +228,26 @@ class DynaDiagLinear(DiagLinear):
         full[self.offsets.data] = s.data
         return Tensor.from_array(full)
 
-    def forward(self, x, add_bias=True):
+    def forward(self, x, add_bias=True, relu=False):
         """``x`` ``(..., in_features)`` -> ``(..., out_features)``; ``add_bias=False`` leaves
-        the bias out (as `Linear.forward`).
+        the bias out and ``relu=True`` applies a ReLU in the same node (as
+        `DiagLinear.forward`).
 
         While soft: ``y = x @ W.T + b`` with stored diagonal ``k`` scaled by
         ``s[offsets[k]]``; gradients reach ``values``, ``alpha``, ``bias`` and ``x``. Frozen:
         `DiagLinear.forward` exactly.
         """
         if self._frozen:
-            return super().forward(x, add_bias)
+            return super().forward(x, add_bias, relu)
         if not isinstance(x, Tensor):
             raise TypeError(f"DynaDiagLinear expects a Tensor; got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"DynaDiagLinear: x's last dim must be in_features="
                              f"{self.in_features}; got x of shape {x.shape}")
+        if type(relu) is not bool:
+            raise TypeError(f"DynaDiagLinear: relu must be a bool; got {type(relu).__name__}")
         scaled = self.values * _shape.reshape(self.stored_scale(), self.K, 1)
-        fn = DiagLinearFunction(self._kernel_offsets(), self.shape)
+        fn = DiagLinearFunction(self._kernel_offsets(), self.shape, relu)
         bias = self.bias if add_bias else None
         return fn(x, scaled) if bias is None else fn(x, scaled, bias)
 

@@ -215,15 +215,19 @@ class DiagLinear(Module):
             self._prepared_from = data
         return self._prepared
 
-    def forward(self, x, add_bias=True):
+    def forward(self, x, add_bias=True, relu=False):
         """``x`` ``(..., in_features)`` -> ``(..., out_features)``, on the diagonal kernels;
-        ``add_bias=False`` leaves the bias out (as `Linear.forward`)."""
+        ``add_bias=False`` leaves the bias out (as `Linear.forward`); ``relu=True`` returns
+        ``relu(linear(x))``, the ReLU applied in the same pass and node (an MLP's hidden
+        layer: `models.MLP` uses it)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"DiagLinear expects a Tensor; got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"DiagLinear: x's last dim must be in_features={self.in_features}; "
                              f"got x of shape {x.shape}")
-        fn = DiagLinearFunction(self._kernel_offsets(), self.shape)
+        if type(relu) is not bool:
+            raise TypeError(f"DiagLinear: relu must be a bool; got {type(relu).__name__}")
+        fn = DiagLinearFunction(self._kernel_offsets(), self.shape, relu)
         bias = self.bias if add_bias else None
         return fn(x, self.values) if bias is None else fn(x, self.values, bias)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from .. import backend, checks
 from ..autograd import FLOAT_DTYPES, Function, Tensor, sum_rows
 from ..diag import dispatch, validate
+from .activation import bias_relu_kernels
 
 __all__ = ["diag_linear", "diagonal_scores", "diagonal_norms", "DiagLinearFunction"]
 
@@ -35,12 +36,19 @@ class DiagLinearFunction(Function):
     `diagnet.diag.validate`). This is the hot path that layers call directly, validating
     their structure once when it changes; `diag_linear` validates every argument on each
     call.
+
+    With ``relu=True`` the node is ``relu(x @ W.T + bias)``, the ReLU applied in the
+    kernels' store pass (`diagnet.diag.dispatch.forward`): an MLP's linear layer and the
+    ReLU after it in one node and one pass over the output. Its backward masks ``dy`` with
+    ``y > 0`` (and sums the bias gradient) in one pass, as `diagnet.ops.activation.BiasReLU`
+    does, before the products.
     """
 
-    def __init__(self, offsets, shape):
+    def __init__(self, offsets, shape, relu=False):
         # converted once here (int32 on the GPU) rather than by each of the three kernels
         self.offsets = dispatch.prepare_offsets(offsets)
         self.shape = shape
+        self.relu = relu
 
     def forward(self, x, values, bias=None):
         xp = backend.get_array_module(x)
@@ -55,9 +63,13 @@ class DiagLinearFunction(Function):
             y = xp.zeros((x2.shape[0], m), dtype=x.dtype)
             if bias is not None:
                 y += bias
+            if self.relu:
+                y *= y > 0
         else:
-            # the bias is added by the kernel (in its store pass on the CPU)
-            y = dispatch.forward(x2, self.offsets, values, m, bias)
+            # the bias and the ReLU are applied by the kernel (in its store pass on the CPU)
+            y = dispatch.forward(x2, self.offsets, values, m, bias, self.relu)
+        if self.relu:
+            self.y = y  # the backward's mask is y > 0
         return y.reshape(tuple(x.shape[:-1]) + (m,))
 
     def backward(self, gy):
@@ -66,8 +78,11 @@ class DiagLinearFunction(Function):
         m, n = self.shape
         gy2 = xp.ascontiguousarray(gy.reshape(-1, m))
         needs = self.needs_input_grad
+        want_bias = len(needs) > 2 and needs[2]
         empty = self.offsets.shape[0] == 0
         gx = gv = gb = None
+        if self.relu:
+            gy2, gb = _relu_grad(self.y, gy2, want_bias)
         if needs[0] and needs[1] and not empty:
             # both from one pass over the batch (on the CPU; two kernel calls on the GPU)
             gx, gv = dispatch.input_and_value_grad(gy2, x2, self.offsets, values)
@@ -80,9 +95,19 @@ class DiagLinearFunction(Function):
                       else dispatch.value_grad(gy2, x2, self.offsets))
         if gx is not None:
             gx = gx.reshape(self.x_shape)
-        if len(needs) > 2 and needs[2]:
+        if want_bias and gb is None:
             gb = sum_rows(gy2)
         return (gx, gv) if len(needs) == 2 else (gx, gv, gb)
+
+
+def _relu_grad(y, gy, want_bias):
+    """``(gy * (y > 0), its sum over rows or None)`` for ``y``, ``gy`` ``(B, m)``: one pass
+    of the bias + ReLU kernels where they apply (`bias_relu_kernels`), else composed."""
+    kernels = bias_relu_kernels(y)
+    if kernels is not None:
+        return kernels.bias_relu_grad(y, gy, want_bias)
+    gz = gy * (y > 0)
+    return gz, (sum_rows(gz) if want_bias else None)
 
 
 def _as_tensor(a, ref_dtype=None, xp=None, name="argument"):

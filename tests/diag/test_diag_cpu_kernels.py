@@ -141,6 +141,36 @@ def test_forward_adds_the_bias_in_its_store_pass(shape, dtype, path):
     np.testing.assert_array_equal(empty, np.broadcast_to(bias, (3, m)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(5, 5), (17, 17), (64, 48), (48, 64), (192, 64), (64, 128),
+                                   (3, 2), (1, 7)], ids=str)
+def test_forward_applies_the_relu_in_its_store_pass(shape, dtype, path):
+    """``forward(..., bias, relu=True)`` is bit for bit ``h * (h > 0)`` of
+    ``h = forward(..., bias)`` (the formula of `diagnet.ops.activation.relu`) on every path,
+    for batches with leftover rows, of 1 row, and empty, with and without a bias; NaN and
+    ``-inf`` outputs give NaN, negatives ``-0.0``, as the composed ReLU."""
+    m, n = shape
+    rng = np.random.default_rng(m * 11 + n)
+    for K in sorted({1, min(5, max(m, n)), max(m, n)}):
+        for B in (0, 1, 3, 8, 13):
+            x, _, offsets, values = make_case(rng, B, m, n, K, dtype)
+            if B:
+                x[0, 0] = np.nan  # poisons the outputs that read it
+                x[-1, -1] = -np.inf
+            bias = rng.standard_normal(m).astype(dtype)
+            for b in (bias, None):
+                h = cpu.forward(x, offsets, values, m, b)
+                with np.errstate(invalid="ignore"):  # -inf * 0 is NaN, as intended
+                    want = h * (h > 0)
+                got = cpu.forward(x, offsets, values, m, b, relu=True)
+                assert got.dtype == dtype and got.shape == (B, m)
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    empty = cpu.forward(x, np.zeros(0, np.int64), np.zeros((0, min(m, n)), dtype), m, bias,
+                        relu=True)
+    np.testing.assert_array_equal(empty, np.broadcast_to(bias * (bias > 0), (x.shape[0], m)))
+
+
 def test_forward_bias_is_checked_and_converted():
     rng = np.random.default_rng(3)
     x, _, offsets, values = make_case(rng, 4, 6, 9, 3, np.float32)

@@ -95,6 +95,103 @@ def test_gradients_match_dense(kernel_impl, use_kernels, case):
         assert_close(bt.grad.data, d2.sum(axis=0), np.abs(d2).sum(axis=0), dtype)
 
 
+def _relu_node_and_composed(case, device="cpu"):
+    """``(fused, composed)``: each a function of ``(x, values[, bias])`` tensors, the
+    `DiagLinearFunction` node with ``relu=True`` and ``relu(diag_linear(...))``."""
+    (m, n), offsets, _, _, _, _ = case
+    offsets = backend.to_device(offsets, device)
+
+    def fused(*a):
+        return DiagLinearFunction(offsets, (m, n), relu=True)(*a)
+
+    def composed(*a):
+        return F.relu(F.diag_linear(a[0], offsets, a[1], (m, n), a[2] if len(a) > 2 else None))
+
+    return fused, composed
+
+
+def _relu_case_inputs(case, device="cpu"):
+    """The case's ``(x, values[, bias])`` as tensors that require grad, and its ``dy``."""
+    _, _, values, bias, x, dy = case
+    arrays = [x, values] + ([] if bias is None else [bias])
+    return ([tensor(backend.to_device(a, device), requires_grad=True) for a in arrays],
+            backend.to_device(dy, device))
+
+
+def _check_relu_node(case, device="cpu"):
+    """The fused node against the composition on one case: the same forward bits, the same
+    input and value gradient bits (the same masked ``dy`` goes to the same kernels), and
+    the bias gradient to rounding (summed in float64 partial rows by the bias + ReLU
+    kernels, by `sum_rows` in the composition)."""
+    fused, composed = _relu_node_and_composed(case, device)
+    results = []
+    for fn in (fused, composed):
+        inputs, dy = _relu_case_inputs(case, device)
+        y = fn(*inputs)
+        y.backward(dy)
+        results.append([backend.to_numpy(y.data)] +
+                       [backend.to_numpy(t.grad.data) for t in inputs])
+    (y, gx, gv, *gb), (y_c, gx_c, gv_c, *gb_c) = results
+    np.testing.assert_array_equal(y, y_c)
+    np.testing.assert_array_equal(gx, gx_c)
+    np.testing.assert_array_equal(gv, gv_c)
+    if gb:
+        _, _, values, _, _, dy = case
+        d2 = np.abs(dy.reshape(-1, dy.shape[-1]).astype(np.float64))
+        assert gb[0].dtype == values.dtype
+        assert_close(gb[0], gb_c[0].astype(np.float64), d2.sum(axis=0), values.dtype)
+
+
+@given(layers())
+def test_relu_node_equals_relu_of_the_layer(kernel_impl, use_kernels, case):
+    """`DiagLinearFunction(..., relu=True)`, the node of ``layer(x, relu=True)``: forward and
+    gradients equal to ``relu(diag_linear(x, ...))`` on both CPU kernel sets."""
+    with use_kernels(kernel_impl):
+        _check_relu_node(case)
+
+
+@pytest.mark.gpu
+@given(layers())
+def test_relu_node_equals_relu_of_the_layer_on_the_gpu(case):
+    """The same on CuPy arrays (the CUDA kernels, then ``y += bias`` and ``y *= y > 0``)."""
+    _check_relu_node(case, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(128, 64), (64, 128), (96, 96)], ids=str)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_relu_node_on_layers_that_take_the_fused_kernels(device, shape, dtype):
+    """Outputs of 4096 elements and more: the backward's mask and bias sum run in the
+    bias + ReLU kernels (`diagnet.ops.activation.bias_relu_kernels`), batch leftovers
+    included (B = 67)."""
+    m, n = shape
+    rng = np.random.default_rng(m + n)
+    P, L = max(m, n), min(m, n)
+    offsets = np.sort(rng.choice(P, size=P // 10, replace=False)).astype(np.int64)
+    case = ((m, n), offsets, rng.standard_normal((len(offsets), L)).astype(dtype),
+            rng.standard_normal(m).astype(dtype), rng.standard_normal((67, n)).astype(dtype),
+            rng.standard_normal((67, m)).astype(dtype))
+    _check_relu_node(case, device)
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_relu_node(kernel_impl, use_kernels, shape, with_bias):
+    m, n = shape
+    P, L = max(shape), min(shape)
+    rng = np.random.default_rng(m * 100 + n)
+    offsets = np.sort(rng.choice(P, size=max(1, P // 2), replace=False))
+    case = ((m, n), offsets, None, None, None, None)
+    fused, _ = _relu_node_and_composed(case)
+    inputs = [tensor(rng.standard_normal((2, 3, n)), dtype=np.float64, requires_grad=True),
+              tensor(rng.standard_normal((len(offsets), L)), dtype=np.float64,
+                     requires_grad=True)]
+    if with_bias:
+        inputs.append(tensor(rng.standard_normal(m), dtype=np.float64, requires_grad=True))
+    with use_kernels(kernel_impl):
+        assert gradcheck(fused, *inputs)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @given(layers())
 def test_diagonal_scores_match_dense(device, case):

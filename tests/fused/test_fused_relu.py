@@ -257,13 +257,18 @@ def _forward_backward(model, forward, x):
 
 @pytest.mark.parametrize("kind", LINEAR_KINDS)
 def test_mlp_fuses_each_hidden_bias_into_relu(kind):
-    """Same values and gradients as the composed ``relu(layer(x))`` path, one BiasReLU node
-    per hidden layer, and the same modules and state dict keys."""
+    """Same values and gradients as the composed ``relu(layer(x))`` path, the ReLU fused
+    into each hidden layer's node (diagonal) or into one BiasReLU node after it (others),
+    and the same modules and state dict keys."""
     model = _mlp(kind)
     keys, modules = list(model.state_dict()), [type(m) for m in model.features]
     x = np.random.default_rng(6).standard_normal((5, 12))
     y, names, got = _forward_backward(model, MLP.__call__, x)
-    assert names.count("BiasReLU") == 2 and "ReLU" not in names
+    fused_in = "DiagLinearFunction" if kind in ("diag", "dynadiag") else "BiasReLU"
+    assert names.count(fused_in) == 2 and "ReLU" not in names
+    assert kind in ("diag", "dynadiag") or "DiagLinearFunction" not in names
+    if fused_in == "DiagLinearFunction":
+        assert "BiasReLU" not in names
     y_ref, _, want = _forward_backward(model, _composed, x)
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), **F64_TOL)
     assert len(got) == len(want) == len(list(model.parameters())) + 1
@@ -291,7 +296,7 @@ def test_mlp_with_dropout_fuses_and_draws_the_same_masks():
     x = np.random.default_rng(8).standard_normal((6, 12))
     diagnet.manual_seed(9)
     y, names, got = _forward_backward(model, MLP.__call__, x)
-    assert names.count("BiasReLU") == 2
+    assert names.count("DiagLinearFunction") == 2 and "ReLU" not in names
     diagnet.manual_seed(9)
     y_ref, _, want = _forward_backward(model, _composed, x)
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), **F64_TOL)
@@ -300,14 +305,27 @@ def test_mlp_with_dropout_fuses_and_draws_the_same_masks():
 
 
 def test_mlp_linear_hooks_see_the_output_without_the_bias():
-    """As documented: the hidden linears run with ``add_bias=False``."""
+    """As documented: a hidden linear with forward hooks runs with ``add_bias=False`` (its
+    ReLU in a BiasReLU node), so that the hook sees the layer's own output, before the
+    ReLU; the layer without hooks keeps its ReLU in its own node."""
     model = _mlp("diag")
     seen = []
     model.features[0].register_forward_hook(lambda m, inputs, out: seen.append(out.numpy()))
-    x = diagnet.tensor(np.random.default_rng(10).standard_normal((2, 12)))
-    model(x)
+    x = np.random.default_rng(10).standard_normal((2, 12))
+    y, names, _ = _forward_backward(model, MLP.__call__, x)
     layer = model.features[0]
-    np.testing.assert_allclose(seen[0] + layer.bias.numpy(), layer(x).numpy(), **F64_TOL)
+    np.testing.assert_allclose(seen[0] + layer.bias.numpy(),
+                               layer(diagnet.tensor(x)).numpy(), **F64_TOL)
+    assert names.count("BiasReLU") == 1 and names.count("DiagLinearFunction") == 2
+    y_ref, _, _ = _forward_backward(model, _composed, x)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), **F64_TOL)
+
+
+def test_diag_linear_relu_argument_must_be_a_bool():
+    layer = _mlp("diag").features[0]
+    x = diagnet.tensor(np.zeros((2, 12)))
+    with pytest.raises(TypeError, match="relu must be a bool; got int"):
+        layer(x, relu=1)
 
 
 def test_mlp_fused_float32_step_matches_the_composed_one():

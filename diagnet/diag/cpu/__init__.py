@@ -146,45 +146,48 @@ def _no_bias(out):
     return np.zeros(out.shape[1], dtype=out.dtype)
 
 
-def _gather(out, inp, vals, shifts, bias):
-    """``out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]] + bias[i]``."""
+def _gather(out, inp, vals, shifts, bias, relu):
+    """``out[b, i] = sum_k vals[k, i] * inp[b, (i + shifts[k]) % inp.shape[1]] + bias[i]``,
+    then a ReLU with ``relu``."""
     B = out.shape[0]
     marker = _marker(out.shape[1] + inp.shape[1] - 1)
     threads = _row_threads(B, *vals.shape)
     if threads == 1:
-        _gather_block(out, inp, vals, shifts, bias, 0, B, marker)
+        _gather_block(out, inp, vals, shifts, bias, relu, 0, B, marker)
     else:
-        _gather_parallel(out, inp, vals, shifts, bias, _rows_per_task(B, threads), marker)
+        _gather_parallel(out, inp, vals, shifts, bias, relu, _rows_per_task(B, threads),
+                         marker)
 
 
-def _scatter(out, inp, vals, offsets, bias):
+def _scatter(out, inp, vals, offsets, bias, relu):
     """``out[b, (t + offsets[k]) % out.shape[1]] = sum_k vals[k, t] * inp[b, t]``, plus
-    ``bias``."""
+    ``bias``, then a ReLU with ``relu``."""
     B = out.shape[0]
     marker = _marker(out.shape[1] + inp.shape[1] - 1)
     threads = _row_threads(B, *vals.shape)
     if threads == 1:
-        _scatter_block(out, inp, vals, offsets, bias, 0, B, marker)
+        _scatter_block(out, inp, vals, offsets, bias, relu, 0, B, marker)
     else:
-        _scatter_parallel(out, inp, vals, offsets, bias, _rows_per_task(B, threads), marker)
+        _scatter_parallel(out, inp, vals, offsets, bias, relu, _rows_per_task(B, threads),
+                          marker)
 
 
-def _to_long_side(out, short, values, offsets, bias):
+def _to_long_side(out, short, values, offsets, bias, relu):
     """The product whose output is the long side of the weight (index ``(t + p) % P``),
-    plus ``bias``."""
+    plus ``bias``, then a ReLU with ``relu``."""
     B = out.shape[0]
     if short.shape[1] != out.shape[1] or B < _TILE_ROWS:
         # rectangular, or too few rows to pay for rotating the diagonals: scatter
-        _scatter(out, short, values, offsets, bias)
+        _scatter(out, short, values, offsets, bias, relu)
         return
     # square: rotate the diagonals into output order, then the faster gather applies
     marker = _marker(2 * out.shape[1] - 1)
     threads = _row_threads(B, *values.shape)
     if threads == 1:
         rot, shifts = _rotate_square(values, offsets)
-        _gather_block(out, short, rot, shifts, bias, 0, B, marker)
+        _gather_block(out, short, rot, shifts, bias, relu, 0, B, marker)
     else:
-        _gather_rotated_parallel(out, short, values, offsets, bias, threads, marker)
+        _gather_rotated_parallel(out, short, values, offsets, bias, relu, threads, marker)
 
 
 def _vgrad_split(B, K, L, P, threads):
@@ -238,10 +241,10 @@ def _input_grad(dx, dy, values, offsets):
     """``dx = dy @ W`` into ``dx`` (``B >= 1``, ``K >= 1``)."""
     if dy.shape[1] >= dx.shape[1]:
         # tall or square: dx is indexed by t, the short side; dy by (t + p) % m
-        _gather(dx, dy, values, offsets, _no_bias(dx))
+        _gather(dx, dy, values, offsets, _no_bias(dx), False)
     else:
         # wide: dx is indexed by (t + p) % n, the long side
-        _to_long_side(dx, dy, values, offsets, _no_bias(dx))
+        _to_long_side(dx, dy, values, offsets, _no_bias(dx), False)
 
 
 def _input_and_value_grad(dy, x, values, offsets):
@@ -337,16 +340,17 @@ def _check_layout(m, n, offsets, K, L):
 # Public API
 # --------------------------------------------------------------------------------------
 
-def forward(x, offsets, values, m, bias=None):
-    """``y = x @ W.T (+ bias)`` for the diagonal weight ``W`` of shape ``(m, n)``,
-    ``n = x.shape[1]``.
+def forward(x, offsets, values, m, bias=None, relu=False):
+    """``y = x @ W.T (+ bias)``, then ``relu(y)`` with ``relu``, for the diagonal weight ``W``
+    of shape ``(m, n)``, ``n = x.shape[1]``.
 
     ``x``: ``(B, n)`` float32 or float64. ``offsets``: ``(K,)`` integers (any int dtype) in
     ``[0, max(m, n))``, normally sorted and unique. ``values``: ``(K, min(m, n))``, converted to
     ``x.dtype``. ``bias``: None or ``(m,)``, converted to ``x.dtype`` and added in the
     kernels' store pass (each output rounded, then the bias added: the same values as
-    ``y += bias`` after the product). Non-contiguous inputs are copied. Returns ``y``:
-    ``(B, m)``, ``x.dtype``.
+    ``y += bias`` after the product). ``relu``: a ReLU applied in the same pass, with the
+    values of `diagnet.ops.activation.relu` (``h * (h > 0)``). Non-contiguous inputs are
+    copied. Returns ``y``: ``(B, m)``, ``x.dtype``.
     """
     x, values = _float_pair(x, values)
     offsets = _as_offsets(offsets)
@@ -361,14 +365,17 @@ def forward(x, offsets, values, m, bias=None):
             bias = np.ascontiguousarray(bias, dtype=x.dtype)
         if bias.shape != (m,):
             raise ValueError(f"bias must have shape (m,) = ({m},); got {bias.shape}")
+    relu = bool(relu)
     if B == 0 or offsets.shape[0] == 0:
         y[:] = bias
+        if relu:
+            y *= y > 0
     elif m < n:
         # wide: y is indexed by t, the short side; x by (t + p) % n
-        _gather(y, x, values, offsets, bias)
+        _gather(y, x, values, offsets, bias, relu)
     else:
         # tall or square: y is indexed by (t + p) % m, the long side
-        _to_long_side(y, x, values, offsets, bias)
+        _to_long_side(y, x, values, offsets, bias, relu)
     return y
 
 

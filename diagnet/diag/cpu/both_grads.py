@@ -49,12 +49,12 @@ def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
         _load_tile(ext, long, b, _TILE_ROWS, width, marker)
         if tall:
             _gather_tile(acc, ext, vals, offsets, marker)
-            _store_tile(dx, acc, no_bias, b, _TILE_ROWS, marker)
+            _store_tile(dx, acc, no_bias, False, b, _TILE_ROWS, marker)
         else:
             _zero_tile(acc, _TILE_ROWS, width, marker)
             for k in range(K):
                 _scatter_4rows_1diag(acc, a, vals, k, offsets[k], marker)
-            _store_tile_folded(dx, acc, no_bias, b, _TILE_ROWS, width, marker)
+            _store_tile_folded(dx, acc, no_bias, False, b, _TILE_ROWS, width, marker)
         _vgrad_tile(g, a, ext, 0, K, offsets, marker)
     for b in range(tiles_stop, b_stop):
         _load_tile(a, short, b, 1, L, marker)
@@ -62,12 +62,12 @@ def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
         if tall:
             _zero_tile(acc, 1, L, marker)
             _gather_row(acc, ext, vals, offsets)
-            _store_tile(dx, acc, no_bias, b, 1, marker)
+            _store_tile(dx, acc, no_bias, False, b, 1, marker)
         else:
             _zero_tile(acc, 1, width, marker)
             for k in range(K):
                 _scatter_1row_1diag(acc, a, vals, k, offsets[k])
-            _store_tile_folded(dx, acc, no_bias, b, 1, width, marker)
+            _store_tile_folded(dx, acc, no_bias, False, b, 1, width, marker)
         _vgrad_row(g, a, ext, 0, K, offsets)
 
 

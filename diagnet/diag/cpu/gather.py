@@ -160,9 +160,10 @@ def _gather_row(acc, ext, vals, shifts):
 
 
 @_jit
-def _gather_block(out, inp, vals, shifts, bias, b_start, b_stop, marker):
+def _gather_block(out, inp, vals, shifts, bias, relu, b_start, b_stop, marker):
     """Rows ``b_start .. b_stop-1`` of `_gather`: tiles of 4 rows, then single rows;
-    ``bias`` ``(out.shape[1],)`` is added in the store pass (zeros for none)."""
+    ``bias`` ``(out.shape[1],)`` is added in the store pass (zeros for none), followed by a
+    ReLU with ``relu`` (`.tiles._store_tile`)."""
     W = out.shape[1]
     ext_width = W + inp.shape[1] - 1
     size = _TILE_ROWS * _stride(marker)
@@ -172,23 +173,23 @@ def _gather_block(out, inp, vals, shifts, bias, b_start, b_stop, marker):
     for b in range(b_start, tiles_stop, _TILE_ROWS):
         _load_tile(ext, inp, b, _TILE_ROWS, ext_width, marker)
         _gather_tile(acc, ext, vals, shifts, marker)
-        _store_tile(out, acc, bias, b, _TILE_ROWS, marker)
+        _store_tile(out, acc, bias, relu, b, _TILE_ROWS, marker)
     for b in range(tiles_stop, b_stop):
         _load_tile(ext, inp, b, 1, ext_width, marker)
         _zero_tile(acc, 1, W, marker)
         _gather_row(acc, ext, vals, shifts)
-        _store_tile(out, acc, bias, b, 1, marker)
+        _store_tile(out, acc, bias, relu, b, 1, marker)
 
 
 @_pjit
-def _gather_parallel(out, inp, vals, shifts, bias, rows_per_task, marker):
+def _gather_parallel(out, inp, vals, shifts, bias, relu, rows_per_task, marker):
     """`_gather_block` over the whole batch in tasks of ``rows_per_task`` rows."""
     B = out.shape[0]
     ntasks = (B + rows_per_task - 1) // rows_per_task
     for task in numba.prange(ntasks):
         b_start = task * rows_per_task
-        _gather_block(out, inp, vals, shifts, bias, b_start, min(B, b_start + rows_per_task),
-                      marker)
+        _gather_block(out, inp, vals, shifts, bias, relu, b_start,
+                      min(B, b_start + rows_per_task), marker)
 
 
 @_jit
@@ -215,7 +216,7 @@ def _rotate_square(values, offsets):
 
 
 @_pjit
-def _gather_rotated_parallel(out, inp, values, offsets, bias, n_chunks, marker):
+def _gather_rotated_parallel(out, inp, values, offsets, bias, relu, n_chunks, marker):
     """`_gather_block` of the rotated diagonals of a square weight, one batch chunk per thread.
 
     Each thread rotates its own copy of the diagonals: a copy written by one core and read by
@@ -228,4 +229,4 @@ def _gather_rotated_parallel(out, inp, values, offsets, bias, n_chunks, marker):
         b_stop = min(B, _TILE_ROWS * (tiles * (c + 1) // n_chunks))
         if b_start < b_stop:
             rot, shifts = _rotate_square(values, offsets)
-            _gather_block(out, inp, rot, shifts, bias, b_start, b_stop, marker)
+            _gather_block(out, inp, rot, shifts, bias, relu, b_start, b_stop, marker)

@@ -44,9 +44,10 @@ def _scatter_1row_1diag(acc, x, vals, k, p):
 
 
 @_jit
-def _scatter_block(out, inp, vals, offsets, bias, b_start, b_stop, marker):
+def _scatter_block(out, inp, vals, offsets, bias, relu, b_start, b_stop, marker):
     """Rows ``b_start .. b_stop-1`` of `_scatter`: tiles of 4 rows, then single rows;
-    ``bias`` ``(out.shape[1],)`` is added in the store pass (zeros for none)."""
+    ``bias`` ``(out.shape[1],)`` is added in the store pass (zeros for none), followed by a
+    ReLU with ``relu`` (`.tiles._store_tile`)."""
     P = out.shape[1]
     K, L = vals.shape
     width = P + L - 1  # t + p < P + L - 1; entries past P wrap, folded back by the store
@@ -59,21 +60,21 @@ def _scatter_block(out, inp, vals, offsets, bias, b_start, b_stop, marker):
         _zero_tile(acc, _TILE_ROWS, width, marker)
         for k in range(K):
             _scatter_4rows_1diag(acc, x, vals, k, offsets[k], marker)
-        _store_tile_folded(out, acc, bias, b, _TILE_ROWS, width, marker)
+        _store_tile_folded(out, acc, bias, relu, b, _TILE_ROWS, width, marker)
     for b in range(tiles_stop, b_stop):
         _load_tile(x, inp, b, 1, L, marker)
         _zero_tile(acc, 1, width, marker)
         for k in range(K):
             _scatter_1row_1diag(acc, x, vals, k, offsets[k])
-        _store_tile_folded(out, acc, bias, b, 1, width, marker)
+        _store_tile_folded(out, acc, bias, relu, b, 1, width, marker)
 
 
 @_pjit
-def _scatter_parallel(out, inp, vals, offsets, bias, rows_per_task, marker):
+def _scatter_parallel(out, inp, vals, offsets, bias, relu, rows_per_task, marker):
     """`_scatter_block` over the whole batch in tasks of ``rows_per_task`` rows."""
     B = out.shape[0]
     ntasks = (B + rows_per_task - 1) // rows_per_task
     for task in numba.prange(ntasks):
         b_start = task * rows_per_task
-        _scatter_block(out, inp, vals, offsets, bias, b_start,
+        _scatter_block(out, inp, vals, offsets, bias, relu, b_start,
                        min(B, b_start + rows_per_task), marker)

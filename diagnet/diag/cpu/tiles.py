@@ -87,31 +87,49 @@ def _zero_tile(tile, nrows, width, marker):
 
 
 @_jit
-def _store_tile(dst, tile, bias, b_start, nrows, marker):
-    """``dst[b_start + r, j] = tile[r*S + j] + bias[j]`` for ``r < nrows``.
+def _relu(h):
+    """``h * (h > 0)``, the formula of `diagnet.ops.activation.relu` (NaN stays NaN, ``-inf``
+    gives NaN, a negative gives ``-0.0``), so a fused ReLU gives its bits."""
+    return h * (h > 0)
+
+
+@_jit
+def _store_tile(dst, tile, bias, relu, b_start, nrows, marker):
+    """``dst[b_start + r, j] = tile[r*S + j] + bias[j]`` for ``r < nrows``, passed through
+    `_relu` when ``relu``.
 
     ``bias`` ``(dst.shape[1],)``: a layer's bias added in the store pass (zeros where there
-    is none: adding 0 changes no value).
+    is none: adding 0 changes no value). ``relu``: a following ReLU applied on the way.
     """
     S = _stride(marker)
     for r in range(_u(nrows)):
         b = _u(b_start) + r
-        for j in range(_u(dst.shape[1])):
-            dst[b, j] = tile[r * S + j] + bias[j]
+        if relu:
+            for j in range(_u(dst.shape[1])):
+                dst[b, j] = _relu(tile[r * S + j] + bias[j])
+        else:
+            for j in range(_u(dst.shape[1])):
+                dst[b, j] = tile[r * S + j] + bias[j]
 
 
 @_jit
-def _store_tile_folded(dst, tile, bias, b_start, nrows, width, marker):
+def _store_tile_folded(dst, tile, bias, relu, b_start, nrows, width, marker):
     """``dst[b_start + r, j] = (tile[r*S + j] + tile[r*S + j + P]) + bias[j]``, the second
     term where ``j + P < width``: tile rows of ``width = P + L - 1`` entries fold onto ``P``
-    outputs. ``bias`` as in `_store_tile`."""
+    outputs. ``bias`` and ``relu`` as in `_store_tile`."""
     S = _stride(marker)
     P = _u(dst.shape[1])
     tail = _u(width) - P
     for r in range(_u(nrows)):
         b = _u(b_start) + r
         base = r * S
-        for j in range(tail):
-            dst[b, j] = (tile[base + j] + tile[base + j + P]) + bias[j]
-        for j in range(tail, P):
-            dst[b, j] = tile[base + j] + bias[j]
+        if relu:
+            for j in range(tail):
+                dst[b, j] = _relu((tile[base + j] + tile[base + j + P]) + bias[j])
+            for j in range(tail, P):
+                dst[b, j] = _relu(tile[base + j] + bias[j])
+        else:
+            for j in range(tail):
+                dst[b, j] = (tile[base + j] + tile[base + j + P]) + bias[j]
+            for j in range(tail, P):
+                dst[b, j] = tile[base + j] + bias[j]
