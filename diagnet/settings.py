@@ -15,11 +15,14 @@ variables again, for a program that changed ``os.environ`` after importing diagn
   [4, 30], or ``"off"``; None (the default) lets `diagnet.diag.threadpools` pick.
 * `gomp_spincount` (``DIAGNET_GOMP_SPINCOUNT``): libgomp's spin count for numba's pool, an
   int >= 0, or ``"off"``; None (the default) lets `diagnet.diag.threadpools` pick.
+* `worker_nice` (``DIAGNET_WORKER_NICE``): how much lower than the calling thread numba's
+  pool threads run (a nice increment, an int in [1, 19]), or ``"off"``; None (the default)
+  lets `diagnet.diag.threadpools` pick.
 * `heap` (``DIAGNET_HEAP``): ``"off"`` leaves glibc's malloc thresholds alone; None (the
   default) lets `diagnet.heap` set them.
 
 An empty variable counts as unset. A bad value makes ``import diagnet`` fail with a message
-that names the variable; a setter refuses a bad value and changes nothing. The two thread
+that names the variable; a setter refuses a bad value and changes nothing. The three thread
 settings take effect when `diagnet.diag.threadpools.configure` runs, and `heap` when
 `diagnet.heap.configure` runs (each once per process, at the first CPU kernel call); the others
 at the next operation.
@@ -36,9 +39,10 @@ import os
 # The settings are read as attributes (``settings.device``), never star-imported: a copy
 # would not follow `set_device` and the others.
 __all__ = ["set_device", "set_cpu_kernels", "set_attention_kernels", "set_blas_thread_timeout",
-           "set_gomp_spincount", "set_heap", "override", "read_environment", "check_device", "DEVICES",
+           "set_gomp_spincount", "set_worker_nice", "set_heap", "override", "read_environment", "check_device", "DEVICES",
            "CPU_KERNELS", "ATTENTION_KERNELS", "ENV_DEVICE", "ENV_CPU_KERNELS",
-           "ENV_ATTENTION_KERNELS", "ENV_BLAS_THREAD_TIMEOUT", "ENV_GOMP_SPINCOUNT", "ENV_HEAP"]
+           "ENV_ATTENTION_KERNELS", "ENV_BLAS_THREAD_TIMEOUT", "ENV_GOMP_SPINCOUNT", "ENV_WORKER_NICE",
+           "ENV_HEAP"]
 
 DEVICES = ("cpu", "cuda")
 CPU_KERNELS = ("numba", "reference")
@@ -50,6 +54,7 @@ ENV_CPU_KERNELS = "DIAGNET_CPU_KERNELS"
 ENV_ATTENTION_KERNELS = "DIAGNET_ATTENTION_KERNELS"
 ENV_BLAS_THREAD_TIMEOUT = "DIAGNET_BLAS_THREAD_TIMEOUT"
 ENV_GOMP_SPINCOUNT = "DIAGNET_GOMP_SPINCOUNT"
+ENV_WORKER_NICE = "DIAGNET_WORKER_NICE"
 ENV_HEAP = "DIAGNET_HEAP"
 
 # The settings themselves; assigned from the environment at the end of this module.
@@ -58,6 +63,7 @@ cpu_kernels: str = "numba"
 attention_kernels: str = "blas"
 blas_thread_timeout: int | str | None = None
 gomp_spincount: int | str | None = None
+worker_nice: int | str | None = None
 heap: str | None = None
 
 
@@ -155,6 +161,7 @@ _SETTINGS = {
     "attention_kernels": (ENV_ATTENTION_KERNELS, _choice(ATTENTION_KERNELS, "blas")),
     "blas_thread_timeout": (ENV_BLAS_THREAD_TIMEOUT, _off_or_int(4, 30, "an int in [4, 30]")),
     "gomp_spincount": (ENV_GOMP_SPINCOUNT, _off_or_int(0, None, "an int >= 0")),
+    "worker_nice": (ENV_WORKER_NICE, _off_or_int(1, 19, "an int in [1, 19]")),
     "heap": (ENV_HEAP, _off_or_default),
 }
 
@@ -207,6 +214,13 @@ def set_gomp_spincount(value):
     """libgomp's spin count for numba's pool (`diagnet.diag.threadpools.configure`): an int
     >= 0; ``"off"`` leaves libgomp alone; None restores the default."""
     _assign({"gomp_spincount": value})
+
+
+def set_worker_nice(value):
+    """How much lower numba's pool threads run than the thread that starts them
+    (`diagnet.diag.threadpools.configure`): a nice increment, an int in [1, 19]; ``"off"``
+    leaves their priority alone; None restores the default."""
+    _assign({"worker_nice": value})
 
 
 def set_heap(value):

@@ -20,7 +20,8 @@ every kernel pay for waking its threads.
 
 The fix
 -------
-`configure` shortens both spins at run time, whatever was imported first:
+`configure` shortens OpenBLAS's spin and makes numba's spinning workers give way, at run
+time, whatever was imported first:
 
 * **OpenBLAS**: its workers sleep after ``2**4`` cycles (`DEFAULT_TIMEOUT`). OpenBLAS
   exports two functions that make a run-time change possible: ``openblas_read_env``
@@ -35,18 +36,31 @@ The fix
   exports and a pthread pool is loaded (MKL, Accelerate, an OpenMP build of OpenBLAS, a
   non-Linux system: the mechanism is specific to OpenBLAS's own thread server, found
   through ``/proc/self/maps``).
-* **libgomp** (numba's ``omp`` threading layer): its workers spin `GOMP_SPINS` times
-  (0.3-0.5 ms here) instead of 300,000 before they sleep: enough to catch the next kernel
-  of the same step (a kernel that finds its worker asleep waits 30-45 µs for it in a VM,
-  against 2 µs when it spins), short enough to be asleep soon after a kernel that a large
-  matmul follows. The count trades one against the other; the measurements behind it are
-  in docs/benchmarks.md ("The libgomp spin count"). libgomp
-  reads ``GOMP_SPINCOUNT`` when it loads, which numba does when it starts its thread pool;
-  `configure` starts that pool itself with ``GOMP_SPINCOUNT`` set for the moment (then
-  restores the environment). Not done when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is
-  set, when `diagnet.settings.gomp_spincount` (``DIAGNET_GOMP_SPINCOUNT``) is ``"off"`` (an
-  int: the count to use), or when libgomp was loaded already (by an earlier numba parallel
-  function, say): then the status says so.
+* **numba's workers run at a lower priority** (nice `WORKER_NICE`, 10, above the thread
+  that starts them). A worker that spins, waiting for the next kernel, then gives its core
+  to any other thread of normal priority that wants it (OpenBLAS's workers, the main
+  thread) within the kernel scheduler's latency, instead of taking turns with it; and while
+  a kernel runs, nothing else of the process competes with the worker. So the workers can
+  spin long enough to catch every kernel of a training step (a kernel that finds its worker
+  asleep waits 30-45 µs for it in a VM, against 2 µs when it spins) without slowing the
+  matmuls between those kernels. `configure` starts numba's pool itself and lowers the
+  priority of the threads it creates (Linux, ``setpriority`` per thread). Not done when
+  `diagnet.settings.worker_nice` (``DIAGNET_WORKER_NICE``) is ``"off"`` (an int: the
+  increment, 1 to 19), off Linux, or when the pool was started before (then the status
+  says so).
+* **libgomp** (numba's ``omp`` threading layer): its workers spin `GOMP_SPINS` times before
+  they sleep: libgomp's own default, 300,000 (a few milliseconds), where the workers run at
+  the lower priority; `GOMP_SPINS_SAME_PRIORITY`, 30,000 (0.3-0.5 ms here), where they
+  cannot: enough to catch the next kernel of the same step, short enough to be asleep soon
+  after a kernel that a large matmul follows (a worker of the same priority takes turns
+  with the matmul's threads while it spins). libgomp reads ``GOMP_SPINCOUNT`` when it
+  loads, which numba does when it starts its thread pool; `configure` starts that pool
+  itself with ``GOMP_SPINCOUNT`` set for the moment (then restores the environment). Not
+  done when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is set, when
+  `diagnet.settings.gomp_spincount` (``DIAGNET_GOMP_SPINCOUNT``) is ``"off"`` (an int: the
+  count to use), or when libgomp was loaded already (by an earlier numba parallel
+  function, say): then the status says so. The measurements behind both choices are in
+  docs/benchmarks.md ("The libgomp spin count and the workers' priority").
 
 When it runs
 ------------
@@ -62,8 +76,11 @@ that call (as a ``fork`` at that moment would); `configure` runs at the first ke
 normally before any such thread exists. Call it yourself earlier (or set the variables
 before importing NumPy) if your program runs BLAS in threads.
 
-What the short spins cost: a BLAS or kernel call that finds its workers asleep wakes them
-(tens of microseconds); measured in ``bench/bench_train_step.py`` (docs/benchmarks.md).
+What it costs: a BLAS call that finds its workers asleep wakes them (tens of
+microseconds), and a numba worker that waits for a busy core runs its share of a kernel
+late; on a machine whose cores other programs keep busy, the lower priority makes that
+more likely (`NUMBA_NUM_THREADS=1` is the robust choice there, docs/benchmarks.md).
+Measured in ``bench/bench_train_step.py`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -77,7 +94,8 @@ import threading
 from .. import settings
 
 __all__ = ["configure", "configure_once", "status", "openblas_libraries",
-           "set_openblas_thread_timeout", "DEFAULT_TIMEOUT", "ENV", "GOMP_SPINS", "GOMP_ENV"]
+           "set_openblas_thread_timeout", "DEFAULT_TIMEOUT", "ENV", "GOMP_SPINS",
+           "GOMP_SPINS_SAME_PRIORITY", "GOMP_ENV", "WORKER_NICE", "WORKER_NICE_ENV"]
 
 _log = logging.getLogger(__name__)
 
@@ -93,9 +111,18 @@ _USER_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
 #: the environment variable that chooses libgomp's spin count for numba's pool, or ``off``
 #: (read into `diagnet.settings.gomp_spincount`)
 GOMP_ENV = settings.ENV_GOMP_SPINCOUNT
-#: libgomp's spin iterations before a worker sleeps (its default is 300,000)
-GOMP_SPINS = 30_000
+#: libgomp's spin iterations before a worker sleeps, where the workers run at a lower
+#: priority (`WORKER_NICE`): libgomp's own default
+GOMP_SPINS = 300_000
+#: ... and where they run at the priority of the other threads
+GOMP_SPINS_SAME_PRIORITY = 30_000
 _USER_GOMP_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+#: the environment variable that chooses how much lower numba's workers run, or ``off``
+#: (read into `diagnet.settings.worker_nice`)
+WORKER_NICE_ENV = settings.ENV_WORKER_NICE
+#: the nice increment of numba's pool threads over the thread that starts them
+WORKER_NICE = 10
 
 _lock = threading.Lock()
 _status = None  # the result of the first `configure` call
@@ -209,9 +236,7 @@ def start_numba_pool(spins):
     """
     import numba
 
-    # the system's libgomp.so.1, which numba links; vendored copies (libgomp-<hash>.so, in
-    # the wheels of torch or scikit-learn) are separate instances and do not matter
-    if any(os.path.basename(p).startswith("libgomp.so") for p in loaded_libraries("libgomp")):
+    if _libgomp_loaded():
         numba.get_num_threads()
         return ("libgomp spin count left alone: libgomp was loaded before the kernels "
                 "(set GOMP_SPINCOUNT before importing to choose it)")
@@ -228,6 +253,82 @@ def start_numba_pool(spins):
     if layer != "omp":
         return f"numba uses its {layer} layer: no libgomp spin to limit"
     return f"numba's OpenMP workers (libgomp) spin {int(spins)} times before sleeping"
+
+
+def _libgomp_loaded():
+    """Whether the system's libgomp.so.1, which numba links, is loaded in this process
+    (vendored copies, libgomp-<hash>.so in the wheels of torch or scikit-learn, are separate
+    instances and do not matter)."""
+    return any(os.path.basename(p).startswith("libgomp.so")
+               for p in loaded_libraries("libgomp"))
+
+
+def _thread_ids():
+    """The ids of this process's threads (Linux: ``/proc/self/task``), or None elsewhere."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return None
+
+
+def _spawn_workers():
+    """Run one parallel region on all of numba's threads, so that its threading layer
+    creates every worker thread it will use (libgomp creates them at the first region)."""
+    import numba
+    import numpy as np
+
+    from ._pool_start import touch_in_parallel
+
+    saved = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        touch_in_parallel(np.zeros(4 * numba.config.NUMBA_NUM_THREADS))
+    finally:
+        numba.set_num_threads(saved)
+
+
+def lower_priority(thread_ids, increment):
+    """Raise the nice value of each thread in ``thread_ids`` to the calling thread's plus
+    ``increment`` (at most 19); returns how many were changed. Linux only (a thread id is a
+    process id for ``setpriority``)."""
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + int(increment))
+    changed = 0
+    for tid in sorted(thread_ids):
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            changed += 1
+        except OSError:  # the thread has ended since it was listed
+            continue
+    return changed
+
+
+def _start_pool():
+    """Start numba's pool (libgomp's spin chosen as the workers' priority allows) and lower
+    the priority of its threads; returns ``(gomp note, workers note)``."""
+    import numba
+
+    nice = _requested(settings.worker_nice, WORKER_NICE_ENV, (), WORKER_NICE)
+    if isinstance(nice, int) and not sys.platform.startswith("linux"):
+        nice = "left alone: thread priorities are set on Linux only"
+    elif isinstance(nice, int) and _libgomp_loaded():
+        nice = "left alone: numba's pool was started before the kernels"
+    before = _thread_ids() if isinstance(nice, int) else None
+    default = GOMP_SPINS if isinstance(nice, int) else GOMP_SPINS_SAME_PRIORITY
+    spins = _requested(settings.gomp_spincount, GOMP_ENV, _USER_GOMP_ENV, default)
+    if isinstance(spins, str):
+        numba.get_num_threads()  # start the pool anyway: the same moment in all cases
+        gomp = spins
+    else:
+        gomp = start_numba_pool(spins)
+    if not isinstance(nice, int):
+        return gomp, f"numba's workers: priority {nice}"
+    if before is None:
+        return gomp, "numba's workers: priority left alone: no /proc/self/task to list them"
+    _spawn_workers()
+    workers = _thread_ids() - before
+    changed = lower_priority(workers, nice)
+    return gomp, f"numba's {changed} pool threads run at nice +{nice}"
 
 
 def configure(force=False):
@@ -252,18 +353,11 @@ def configure(force=False):
             blas = {"openblas_thread_timeout": wanted if done else None,
                     "libraries": done, "note": note}
         if _status is not None and "gomp" in _status:
-            gomp = _status["gomp"]
+            gomp, workers = _status["gomp"], _status["workers"]  # the pool starts once
         else:
-            spins = _requested(settings.gomp_spincount, GOMP_ENV, _USER_GOMP_ENV, GOMP_SPINS)
-            if isinstance(spins, str):
-                import numba
-
-                numba.get_num_threads()  # start the pool anyway: the same moment in all cases
-                gomp = spins
-            else:
-                gomp = start_numba_pool(spins)
-        _status = {**blas, "gomp": gomp}
-        _log.info("thread pools configured: %s; %s", blas["note"], gomp)
+            gomp, workers = _start_pool()
+        _status = {**blas, "gomp": gomp, "workers": workers}
+        _log.info("thread pools configured: %s; %s; %s", blas["note"], gomp, workers)
         return dict(_status)
 
 
@@ -276,5 +370,5 @@ def configure_once():
 
 def status():
     """What `configure` did: ``{"openblas_thread_timeout": log2 or None, "libraries":
-    {path: log2}, "note": str, "gomp": str}``; None before it ran."""
+    {path: log2}, "note": str, "gomp": str, "workers": str}``; None before it ran."""
     return None if _status is None else dict(_status)

@@ -54,7 +54,8 @@ _SCRIPT = textwrap.dedent("""
 
 
 _THREAD_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT", "GOMP_SPINCOUNT",
-               "OMP_WAIT_POLICY", "OMP_DISPLAY_ENV", threadpools.ENV, threadpools.GOMP_ENV)
+               "OMP_WAIT_POLICY", "OMP_DISPLAY_ENV", threadpools.ENV, threadpools.GOMP_ENV,
+               threadpools.WORKER_NICE_ENV)
 
 
 def run_fresh(stderr=False, script=_SCRIPT, **env_changes):
@@ -128,7 +129,7 @@ def test_configure_runs_once_at_the_first_kernel_call():
 
     status = threadpools.status()
     assert status is not None and set(status) == {"openblas_thread_timeout", "libraries", "note",
-                                                  "gomp"}
+                                                  "gomp", "workers"}
     assert threadpools.configure() == status  # the second call changes nothing
 
 
@@ -169,3 +170,89 @@ def test_numba_pool_starts_with_a_short_libgomp_spin():
     assert _gomp_spincount(err) == 300_000 and "left alone" in out["status"]["gomp"]
     out, err = run_fresh(stderr=True, OMP_DISPLAY_ENV="verbose", GOMP_SPINCOUNT="777")
     assert _gomp_spincount(err) == 777 and "GOMP_SPINCOUNT=777" in out["status"]["gomp"]
+
+
+# Reports the nice value of every thread of the process after the first kernel call, with
+# the ids of the calling thread and of the threads numba's first parallel region created.
+_PRIORITY_SCRIPT = textwrap.dedent("""
+    import json, os, threading
+    import numpy as np
+    from diagnet.diag import dispatch, threadpools
+
+    def threads():
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    def nice(tid):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+
+    before = threads()
+    x = np.ones((64, 16), dtype=np.float32)
+    y = dispatch.forward(x, np.arange(3), np.ones((3, 16), dtype=np.float32), 16)
+    new = threads() - before
+    import numba
+    print(json.dumps({"status": threadpools.status(), "main": nice(threading.get_native_id()),
+                      "new": {str(t): nice(t) for t in new}, "ok": bool(np.all(y == 3)),
+                      "layer": numba.threading_layer(),
+                      "threads": numba.config.NUMBA_NUM_THREADS}))
+""")
+
+
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="thread priorities are set on Linux only")
+
+
+def _nice(base, increment):
+    """The nice value of a thread started at ``base`` and lowered by ``increment``."""
+    return min(19, base + increment)
+
+
+@needs_linux
+def test_numba_workers_run_at_a_lower_priority_and_spin_long():
+    """The first kernel call starts numba's pool: its threads run at nice +10, the calling
+    thread keeps its priority, and (libgomp) the workers spin libgomp's default 300,000
+    times, which the lower priority makes harmless to the matmuls between kernels."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # what the fresh process inherits
+    out = run_fresh(script=_PRIORITY_SCRIPT)
+    assert out["ok"] and out["main"] == base
+    if out["threads"] < 2:
+        pytest.skip("numba has one thread here: no worker threads")
+    assert out["new"]
+    assert set(out["new"].values()) == {_nice(base, threadpools.WORKER_NICE)}
+    assert out["status"]["workers"] == (f"numba's {len(out['new'])} pool threads run at nice "
+                                        f"+{threadpools.WORKER_NICE}")
+    if out["layer"] == "omp":
+        assert str(threadpools.GOMP_SPINS) in out["status"]["gomp"]
+
+
+@needs_linux
+def test_worker_priority_is_relative_and_can_be_chosen_or_switched_off():
+    """Nice values add to the caller's (a program that ran ``os.nice(5)`` gets its workers 5
+    lower still, at most 19); ``DIAGNET_WORKER_NICE=3`` chooses the increment; ``off``
+    leaves the workers at the caller's priority and limits libgomp's spin instead."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    script = "import os; os.nice(5)\n" + _PRIORITY_SCRIPT
+    out = run_fresh(script=script, **{threadpools.WORKER_NICE_ENV: "12"})
+    if out["threads"] < 2:
+        pytest.skip("numba has one thread here: no worker threads")
+    assert out["main"] == _nice(base, 5)
+    assert set(out["new"].values()) == {_nice(base, 17)}
+    out = run_fresh(script=script)
+    assert set(out["new"].values()) == {_nice(base, 15)}
+    out = run_fresh(script=_PRIORITY_SCRIPT, **{threadpools.WORKER_NICE_ENV: "3"})
+    assert set(out["new"].values()) == {_nice(base, 3)}
+    out = run_fresh(script=_PRIORITY_SCRIPT, **{threadpools.WORKER_NICE_ENV: "off"})
+    assert out["main"] == base and set(out["new"].values()) == {base}
+    assert out["status"]["workers"] == (f"numba's workers: priority left alone: "
+                                        f"{threadpools.WORKER_NICE_ENV}=off")
+    if out["layer"] == "omp":
+        assert str(threadpools.GOMP_SPINS_SAME_PRIORITY) in out["status"]["gomp"]
+
+
+def test_bad_worker_nice_values_are_rejected(monkeypatch):
+    for bad in (0, 20, "soon"):
+        with pytest.raises((ValueError, TypeError), match="worker_nice"):
+            settings.set_worker_nice(bad)
+    monkeypatch.setenv(threadpools.WORKER_NICE_ENV, "25")
+    with pytest.raises(ValueError, match=threadpools.WORKER_NICE_ENV):
+        settings.read_environment()
