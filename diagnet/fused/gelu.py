@@ -37,6 +37,13 @@ row is in the L1 cache). The rows are split into
 tasks of about ``_CHUNK`` elements, each adding its rows in order into its own float64
 partial row; the partial rows are added in task order. The tasks do not depend on the thread
 count, so the serial and the parallel path give the same bits.
+
+**The slope kept for the backward** (`bias_gelu_and_slope`, `bias_gelu_grad_from_slope`): a
+training step may have the forward write ``gelu'(h)`` beside ``y``, in the same pass, where
+the exponentials and the division of ``Phi`` (or of the tanh gate) are at hand; the backward
+is then ``dx = gy * slope`` and the bias sum, a pass without an exponential. The slope is
+the expression `bias_gelu_grad` computes, so ``dx`` and the bias gradient have the same bits
+either way; the forward costs one more exponential (the density) and one more array.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ from . import fastmath
 from .fastmath import exp_f32
 from .softmax import exp_nonpositive
 
-__all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad"]
+__all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad", "bias_gelu_and_slope",
+           "bias_gelu_grad_from_slope"]
 
 _FASTMATH = fastmath.FASTMATH
 _jit, _pjit, _inline = fastmath.jit, fastmath.parallel_jit, fastmath.inline_jit
@@ -239,6 +247,62 @@ def _bias_gelu_grad_rows(x, bias, gy, gx, gbias, tanh_form, start, stop):
             gbias[j] += gx[r, j]
 
 
+@_jit
+def _bias_gelu_slope_rows(x, bias, y, slope, tanh_form, start, stop):
+    """``y = gelu(h)`` and ``slope = gelu'(h)``, ``h = x + bias``, for rows ``start ..
+    stop-1`` (the slope as `_bias_gelu_grad_rows` computes it)."""
+    N = _u(x.shape[1])
+    for r in range(_u(start), _u(stop)):
+        if tanh_form:
+            for j in range(N):
+                h = x[r, j] + bias[j]
+                s, ds = _tanh_gate(h)
+                y[r, j] = h * s
+                slope[r, j] = s + h * ds
+        else:
+            for j in range(N):
+                h = x[r, j] + bias[j]
+                cdf = _normal_cdf(h)
+                y[r, j] = h * cdf
+                slope[r, j] = cdf + h * _normal_pdf(h)
+
+
+@_jit
+def _scaled_grad_rows(slope, gy, gx, gbias, start, stop):
+    """``gx = gy * slope`` for rows ``start .. stop-1``, each row added into ``gbias``
+    (float64)."""
+    N = _u(slope.shape[1])
+    for r in range(_u(start), _u(stop)):
+        for j in range(N):
+            gx[r, j] = gy[r, j] * slope[r, j]
+        for j in range(N):  # a loop of its own, as in `_bias_gelu_grad_rows`
+            gbias[j] += gx[r, j]
+
+
+@_pjit
+def _bias_gelu_slope_parallel(x, bias, y, slope, tanh_form, ntasks):
+    R = x.shape[0]
+    for task in numba.prange(ntasks):
+        _bias_gelu_slope_rows(x, bias, y, slope, tanh_form, R * task // ntasks,
+                              R * (task + 1) // ntasks)
+
+
+@_jit
+def _scaled_grad_serial(slope, gy, gx, partial):
+    R, ntasks = slope.shape[0], partial.shape[0]
+    for task in range(ntasks):
+        _scaled_grad_rows(slope, gy, gx, partial[task], R * task // ntasks,
+                          R * (task + 1) // ntasks)
+
+
+@_pjit
+def _scaled_grad_parallel(slope, gy, gx, partial):
+    R, ntasks = slope.shape[0], partial.shape[0]
+    for task in numba.prange(ntasks):
+        _scaled_grad_rows(slope, gy, gx, partial[task], R * task // ntasks,
+                          R * (task + 1) // ntasks)
+
+
 @_pjit
 def _bias_gelu_parallel(x, bias, y, tanh_form, ntasks):
     R = x.shape[0]
@@ -359,3 +423,40 @@ def bias_gelu_grad(x, bias, gy, approximate="none", want_bias=True):
     if not want_bias:
         return gx, None
     return gx, partial.sum(axis=0).astype(x.dtype)
+
+
+def bias_gelu_and_slope(x, bias, approximate="none"):
+    """``(gelu(x + bias), gelu'(x + bias))`` for ``x`` ``(R, N)`` and ``bias`` ``(N,)``
+    (float32 or float64, one dtype): two new ``(R, N)`` arrays, from one pass; the second is
+    what `bias_gelu_grad_from_slope` takes."""
+    x, bias = _rows(x, bias, "bias_gelu_and_slope")
+    y = np.empty_like(x)
+    slope = np.empty_like(x)
+    tanh_form = approximate == "tanh"
+    if _serial(x.size):
+        _bias_gelu_slope_rows(x, bias, y, slope, tanh_form, 0, x.shape[0])
+    else:
+        _bias_gelu_slope_parallel(x, bias, y, slope, tanh_form, _row_tasks(x))
+    return y, slope
+
+
+def bias_gelu_grad_from_slope(slope, gy, want_bias=True):
+    """`bias_gelu_grad` from the slope that `bias_gelu_and_slope` returned: ``(dx, dbias)``
+    with ``dx = gy * slope`` ``(R, N)`` and ``dbias = dx.sum(axis=0)`` (None unless
+    ``want_bias``), the same values as `bias_gelu_grad`'s."""
+    if slope.ndim != 2 or slope.dtype not in (np.float32, np.float64):
+        raise ValueError(f"bias_gelu_grad_from_slope: expected a 2-d float32 or float64 slope; "
+                         f"got {slope.dtype} of shape {slope.shape}")
+    if gy.shape != slope.shape:
+        raise ValueError(f"gy must have the slope's shape {slope.shape}; got {gy.shape}")
+    slope = np.ascontiguousarray(slope)
+    gy = np.ascontiguousarray(gy, dtype=slope.dtype)
+    gx = np.empty_like(slope)
+    partial = np.zeros((_row_tasks(slope), slope.shape[1]))
+    if _serial(slope.size):
+        _scaled_grad_serial(slope, gy, gx, partial)
+    else:
+        _scaled_grad_parallel(slope, gy, gx, partial)
+    if not want_bias:
+        return gx, None
+    return gx, partial.sum(axis=0).astype(slope.dtype)

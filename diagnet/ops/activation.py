@@ -25,6 +25,7 @@ import numpy as np
 from .. import backend, checks, settings
 from ..backend import get_array_module as _xp  # the array module (numpy/cupy) of arrays
 from ..autograd import FLOAT_DTYPES, Function, Tensor, axis_or_dim
+from ..config import is_grad_enabled
 from ..diag import cpu_process
 
 __all__ = ["relu", "bias_relu", "gelu", "bias_gelu", "log_sigmoid", "softmax", "log_softmax"]
@@ -230,16 +231,24 @@ class BiasGELU(Function):
 
     The kernels form ``x + bias`` on the fly in both directions; the backward sums ``dx``
     over the rows into the bias gradient in the same pass. The reference keeps ``x + bias``.
+    With ``keep_slope`` (a backward will follow) the CPU kernels write ``gelu'(x + bias)``
+    in the forward's pass and the backward only scales ``dy`` by it
+    (`diagnet.fused.gelu.bias_gelu_and_slope`; the same values).
     """
 
-    def __init__(self, approximate):
+    def __init__(self, approximate, keep_slope=False):
         self.approximate = approximate
+        self.keep_slope = keep_slope
 
     def forward(self, x, bias):
         self.x_shape = x.shape
         rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (R, N), also for N = 0
-        self.save(rows, bias)
         self.kernels = gelu_kernels(x)
+        self.slope = None
+        if self.kernels is not None and self.keep_slope and isinstance(x, np.ndarray):
+            y, self.slope = self.kernels.bias_gelu_and_slope(rows, bias, self.approximate)
+            return y.reshape(x.shape)
+        self.save(rows, bias)
         if self.kernels is not None:
             y = self.kernels.bias_gelu(rows, bias, self.approximate)
         else:
@@ -248,9 +257,13 @@ class BiasGELU(Function):
         return y.reshape(x.shape)
 
     def backward(self, gy):
+        want_bias = self.needs_input_grad[1]
+        if self.slope is not None:
+            gx, gb = self.kernels.bias_gelu_grad_from_slope(
+                self.slope, gy.reshape(self.slope.shape), want_bias)
+            return gx.reshape(self.x_shape), gb
         rows, bias = self.saved
         gy = gy.reshape(rows.shape)
-        want_bias = self.needs_input_grad[1]
         if self.kernels is not None:
             gx, gb = self.kernels.bias_gelu_grad(rows, bias, gy, self.approximate, want_bias)
         else:
@@ -277,7 +290,8 @@ def bias_gelu(x, bias, approximate="none"):
     if bias is None:
         return gelu(x, approximate)
     _check_bias_operands("bias_gelu", x, bias)
-    return BiasGELU(approximate)(x, bias)
+    keep_slope = is_grad_enabled() and (x.requires_grad or bias.requires_grad)
+    return BiasGELU(approximate, keep_slope)(x, bias)
 
 
 class LogSigmoid(Function):

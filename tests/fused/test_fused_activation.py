@@ -253,6 +253,63 @@ def test_bias_gelu_bias_grad_is_the_same_on_one_thread_and_many(dtype):
         assert np.array_equal(a, c, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("shape", [(5, 33), (257, 130), (0, 4), (3, 0)], ids=str)
+def test_slope_kept_by_the_forward_gives_the_same_bits(shape, approximate, dtype):
+    """`bias_gelu_and_slope` returns `bias_gelu`'s output, and the backward from its slope
+    gives `bias_gelu_grad`'s ``dx`` and bias gradient bit for bit (special values included),
+    on the serial path (small shapes) and the parallel one (257 x 130)."""
+    from diagnet.fused import gelu as kernels
+
+    x, b, g = _bias_inputs(shape, dtype, seed=16)
+    with np.errstate(all="ignore"):
+        y, slope = kernels.bias_gelu_and_slope(x, b, approximate)
+        assert slope.shape == y.shape == x.shape and slope.dtype == dtype
+        assert np.array_equal(y, kernels.bias_gelu(x, b, approximate), equal_nan=True)
+        for want_bias in (True, False):
+            got = kernels.bias_gelu_grad_from_slope(slope, g, want_bias)
+            want = kernels.bias_gelu_grad(x, b, g, approximate, want_bias)
+            assert np.array_equal(got[0], want[0], equal_nan=True)
+            assert (got[1] is None) == (want[1] is None) == (not want_bias)
+            if want_bias:
+                assert got[1].dtype == dtype
+                assert np.array_equal(got[1], want[1], equal_nan=True)
+
+
+def test_bias_gelu_keeps_the_slope_only_when_a_backward_will_follow(monkeypatch):
+    """The node writes the slope in its forward when an input requires grad and grad mode
+    is on; under ``no_grad``, or for inputs that need no grad, it does not (and the values
+    are the same either way)."""
+    from diagnet.ops import activation
+    from diagnet.ops.activation import BiasGELU
+
+    made = []
+
+    class Spy(BiasGELU):
+        def __init__(self, approximate, keep_slope=False):
+            made.append(keep_slope)
+            super().__init__(approximate, keep_slope)
+
+    monkeypatch.setattr(activation, "BiasGELU", Spy)
+    x, b, g = _bias_inputs((64, 70), np.float32, seed=17)
+    tx, tb = diagnet.tensor(x, requires_grad=True), diagnet.tensor(b, requires_grad=True)
+    y = F.bias_gelu(tx, tb)
+    assert y.creator.keep_slope and y.creator.slope is not None
+    with diagnet.no_grad():
+        y_inference = F.bias_gelu(tx, tb)
+    plain = F.bias_gelu(diagnet.tensor(x), diagnet.tensor(b))
+    assert made == [True, False, False]
+    np.testing.assert_array_equal(y_inference.numpy(), y.numpy())
+    np.testing.assert_array_equal(plain.numpy(), y.numpy())
+    y.backward(g)
+    # the same gradients as the node that recomputes the slope in its backward
+    rx, rb = diagnet.tensor(x, requires_grad=True), diagnet.tensor(b, requires_grad=True)
+    BiasGELU("none", keep_slope=False)(rx, rb).backward(g)
+    np.testing.assert_array_equal(tx.grad.numpy(), rx.grad.numpy())
+    np.testing.assert_array_equal(tb.grad.numpy(), rb.grad.numpy())
+
+
 def test_bias_gelu_computes_only_the_requested_grads():
     x, b, g = _bias_inputs((3, 4), np.float32, seed=15)
     tx, tb = diagnet.tensor(x), diagnet.tensor(b, requires_grad=True)
