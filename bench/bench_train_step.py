@@ -35,9 +35,10 @@ CPU's kernels and thread pools):
   ops, loss, the engine's own Python), from timers around those calls; the number of
   `Function` applications per step and the engine's cost per application;
 * **the thread-pool clash** (`diagnet.diag.threadpools`): a diagonal forward and a dense
-  matmul alternating, vs each alone, in fresh processes with OpenBLAS left at its default
-  (``DIAGNET_BLAS_THREAD_TIMEOUT=off``) and with diagnet's run-time fix; the same processes
-  time the training step, so the fix is measured on the step too;
+  matmul alternating, vs each alone, in fresh processes with both pools left at their
+  defaults (``DIAGNET_BLAS_THREAD_TIMEOUT=off`` and the other two settings off), with parts
+  of diagnet's run-time fix, and with all of it; the same processes time the training step,
+  so the fix is measured on the step too;
 * machine, library versions and the load average at start and end.
 """
 
@@ -396,15 +397,20 @@ def child(args):
 #: the settings compared in fresh processes: (label, environment changes)
 SETTINGS = [
     ("both pools at their default spin (fix off)", {threadpools.ENV: "off",
-                                                    threadpools.GOMP_ENV: "off"}),
-    ("OpenBLAS timeout only", {threadpools.GOMP_ENV: "off"}),
-    ("diagnet's fix (default: OpenBLAS timeout and libgomp spin count)", {}),
+                                                    threadpools.GOMP_ENV: "off",
+                                                    threadpools.WORKER_NICE_ENV: "off"}),
+    ("OpenBLAS timeout only", {threadpools.GOMP_ENV: "off", threadpools.WORKER_NICE_ENV: "off"}),
+    ("OpenBLAS timeout and libgomp spinning 30,000 times (workers at normal priority)",
+     {threadpools.WORKER_NICE_ENV: "off"}),
+    ("diagnet's fix (default: OpenBLAS timeout, numba's workers at nice +10, libgomp's "
+     "default spin)", {}),
 ]
 
 
 #: variables that would override the settings compared (removed from the children's env)
 _THREAD_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT", "GOMP_SPINCOUNT",
-               "OMP_WAIT_POLICY", threadpools.ENV, threadpools.GOMP_ENV)
+               "OMP_WAIT_POLICY", threadpools.ENV, threadpools.GOMP_ENV,
+               threadpools.WORKER_NICE_ENV)
 
 
 def run_children(args):
@@ -446,7 +452,7 @@ def report(med, structures, torch_note, profile, adam_times, per_op, children, a
         f"{numba.__version__} ({numba.get_num_threads()} threads, "
         f"{numba.threading_layer()} layer); " + (torch_line or torch_missing),
         f"* Thread pools (`diagnet.diag.threadpools`): {tp.get('note', 'not configured')}; "
-        f"{tp.get('gomp', '')}",
+        f"{tp.get('gomp', '')}; {tp.get('workers', '')}",
         f"* One step: forward, `F.cross_entropy`, `zero_grad`, backward, `Adam.step()` (lr "
         f"1e-3); median of {args.steps * args.rounds} steps per variant ({args.rounds} rounds "
         f"of {args.steps}, order rotating, after {args.warmup} warm-up steps each)"

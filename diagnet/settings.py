@@ -39,10 +39,10 @@ import os
 # The settings are read as attributes (``settings.device``), never star-imported: a copy
 # would not follow `set_device` and the others.
 __all__ = ["set_device", "set_cpu_kernels", "set_attention_kernels", "set_blas_thread_timeout",
-           "set_gomp_spincount", "set_worker_nice", "set_heap", "override", "read_environment", "check_device", "DEVICES",
-           "CPU_KERNELS", "ATTENTION_KERNELS", "ENV_DEVICE", "ENV_CPU_KERNELS",
-           "ENV_ATTENTION_KERNELS", "ENV_BLAS_THREAD_TIMEOUT", "ENV_GOMP_SPINCOUNT", "ENV_WORKER_NICE",
-           "ENV_HEAP"]
+           "set_gomp_spincount", "set_worker_nice", "set_heap", "override", "read_environment",
+           "check_device", "DEVICES", "CPU_KERNELS", "ATTENTION_KERNELS", "ENV_DEVICE",
+           "ENV_CPU_KERNELS", "ENV_ATTENTION_KERNELS", "ENV_BLAS_THREAD_TIMEOUT",
+           "ENV_GOMP_SPINCOUNT", "ENV_WORKER_NICE", "ENV_HEAP"]
 
 DEVICES = ("cpu", "cuda")
 CPU_KERNELS = ("numba", "reference")

@@ -57,8 +57,8 @@ Calls with little work run on the calling thread: forward and input grad below
 grad below ``_SERIAL_WORK_VGRAD`` (each of its threads loads every batch row, so it gains
 less from a second thread). A threaded call pays for the fork and join of numba's pool:
 little while the workers still spin from the previous call, much more once they sleep
-(`diagnet.diag.threadpools` makes them sleep after about 0.2 ms, so that they leave the
-cores to BLAS). The forward / input grad threshold sits above the crossover measured with
+(`diagnet.diag.threadpools` sets how long they spin, and lowers their priority so that
+their spin leaves the cores to BLAS). The forward / input grad threshold sits above the crossover measured with
 spinning workers, to leave a margin for the wake-up; the value grad's sits at its own
 crossover, since in a backward pass it follows the input grad, whose threads are then still
 spinning. Serial and threaded calls give the same sums up to their order. The measurements
