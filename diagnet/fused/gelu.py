@@ -444,19 +444,27 @@ def bias_gelu_grad_from_slope(slope, gy, want_bias=True):
     """`bias_gelu_grad` from the slope that `bias_gelu_and_slope` returned: ``(dx, dbias)``
     with ``dx = gy * slope`` ``(R, N)`` and ``dbias = dx.sum(axis=0)`` (None unless
     ``want_bias``), the same values as `bias_gelu_grad`'s."""
-    if slope.ndim != 2 or slope.dtype not in (np.float32, np.float64):
-        raise ValueError(f"bias_gelu_grad_from_slope: expected a 2-d float32 or float64 slope; "
-                         f"got {slope.dtype} of shape {slope.shape}")
-    if gy.shape != slope.shape:
-        raise ValueError(f"gy must have the slope's shape {slope.shape}; got {gy.shape}")
-    slope = np.ascontiguousarray(slope)
-    gy = np.ascontiguousarray(gy, dtype=slope.dtype)
-    gx = np.empty_like(slope)
-    partial = np.zeros((_row_tasks(slope), slope.shape[1]))
-    if _serial(slope.size):
-        _scaled_grad_serial(slope, gy, gx, partial)
-    else:
-        _scaled_grad_parallel(slope, gy, gx, partial)
+    return grad_by_rows("bias_gelu_grad_from_slope", "slope", slope, gy, want_bias, _serial,
+                        _scaled_grad_serial, _scaled_grad_parallel)
+
+
+def grad_by_rows(name, what, a, gy, want_bias, serial, serial_kernel, parallel_kernel):
+    """``(dx, dbias)`` of an activation whose backward reads one saved ``(R, N)`` array ``a``
+    (called ``what`` in messages) and ``gy``: ``kernel(a, gy, dx, partial)`` writes ``dx``
+    and adds each task's rows into ``partial[task]`` (float64, `_row_tasks` tasks);
+    ``dbias`` is their sum in task order, in ``a``'s dtype (None unless ``want_bias``).
+    ``serial(size)`` picks ``serial_kernel`` or ``parallel_kernel``. Shared by the backward
+    of bias + GELU from its slope and of bias + ReLU from its output."""
+    if a.ndim != 2 or a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: expected a 2-d float32 or float64 {what}; got {a.dtype} "
+                         f"of shape {a.shape}")
+    if gy.shape != a.shape:
+        raise ValueError(f"{name}: gy must have {what}'s shape {a.shape}; got {gy.shape}")
+    a = np.ascontiguousarray(a)
+    gy = np.ascontiguousarray(gy, dtype=a.dtype)
+    gx = np.empty_like(a)
+    partial = np.zeros((_row_tasks(a), a.shape[1]))
+    (serial_kernel if serial(a.size) else parallel_kernel)(a, gy, gx, partial)
     if not want_bias:
         return gx, None
-    return gx, partial.sum(axis=0).astype(slope.dtype)
+    return gx, partial.sum(axis=0).astype(a.dtype)

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from . import fastmath
-from .gelu import _row_tasks, _rows
+from .gelu import _row_tasks, _rows, grad_by_rows
 
 __all__ = ["bias_relu", "bias_relu_grad"]
 
@@ -115,19 +115,5 @@ def bias_relu_grad(y, gy, want_bias=True):
     gradient ``gy``: ``dx = gy * (y > 0)`` ``(R, N)`` and ``dbias = dx.sum(axis=0)``
     ``(N,)``, both of ``y``'s dtype (``dbias`` None unless ``want_bias``; it is summed in
     float64)."""
-    if y.ndim != 2 or y.dtype not in (np.float32, np.float64):
-        raise ValueError(f"bias_relu_grad: expected a 2-d float32 or float64 y; got {y.dtype} "
-                         f"of shape {y.shape}")
-    if gy.shape != y.shape:
-        raise ValueError(f"bias_relu_grad: gy must have y's shape {y.shape}; got {gy.shape}")
-    y = np.ascontiguousarray(y)
-    gy = np.ascontiguousarray(gy, dtype=y.dtype)
-    gx = np.empty_like(y)
-    partial = np.zeros((_row_tasks(y), y.shape[1]))
-    if _serial(y.size):
-        _bias_relu_grad_serial(y, gy, gx, partial)
-    else:
-        _bias_relu_grad_parallel(y, gy, gx, partial)
-    if not want_bias:
-        return gx, None
-    return gx, partial.sum(axis=0).astype(y.dtype)
+    return grad_by_rows("bias_relu_grad", "y", y, gy, want_bias, _serial,
+                        _bias_relu_grad_serial, _bias_relu_grad_parallel)
