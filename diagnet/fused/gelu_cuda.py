@@ -31,8 +31,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+from typing import ClassVar
 
 from .. import cuda_launch
+from .cuda_rows import RowKernelConfig, RowKernelPlan, cdiv, row_kernel_plan
 
 __all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad", "bias_relu", "bias_relu_grad",
            "launch_config", "flat_config", "GeluConfig", "DEFAULT_CONFIG"]
@@ -44,39 +46,16 @@ MACRO_PREFIX = "GELU"
 COMPILED_FIELDS = {"threads": "GELU_THREADS", "reduce_x": "GELU_REDUCE_X",
                    "reduce_y": "GELU_REDUCE_Y"}
 
-_INT32_MAX = 2**31 - 1
-
-
-def _power_of_two(v: int) -> bool:
-    return v & (v - 1) == 0
-
 
 @dataclasses.dataclass(frozen=True)
-class GeluConfig:
-    """Tuning constants of the GELU kernels (defaults match the ``#ifndef`` defaults).
-
-    The fields in `COMPILED_FIELDS` become ``-D`` options of the compiled module; the others
-    only steer `launch_config` and `flat_config`.
+class GeluConfig(RowKernelConfig):
+    """Tuning constants of the GELU kernels: those of the bias kernels (`RowKernelConfig`;
+    the defaults match the ``#ifndef`` defaults of ``kernels/gelu.cu``), whose ``threads``
+    and ``max_grid`` also steer the flat kernels (`flat_config`). The fields in
+    `COMPILED_FIELDS` become ``-D`` options of the compiled module.
     """
 
-    threads: int = 256  #: threads per block of the element-wise kernels (power of two, <= 1024)
-    reduce_x: int = 32  #: columns per block of the bias-gradient reduction
-    reduce_y: int = 8  #: lanes per column of the reduction (power of two)
-    backward_blocks: int = 264  #: the bias backward uses about this many blocks (2 per H100 SM)
-    max_grid: int = 65535  #: cap on grid.x of the grid-stride kernels (they loop beyond)
-
-    def __post_init__(self):
-        cuda_launch.check_positive_fields(self)
-        if self.threads > 1024 or not _power_of_two(self.threads):
-            raise ValueError(f"GeluConfig.threads must be a power of two <= 1024; "
-                             f"got {self.threads}")
-        if self.reduce_x * self.reduce_y > 1024 or not _power_of_two(self.reduce_y):
-            raise ValueError("GeluConfig: reduce_y must be a power of two and "
-                             f"reduce_x * reduce_y <= 1024; got {self.reduce_x} x {self.reduce_y}")
-
-    def defines(self) -> tuple[str, ...]:
-        """The ``-D`` options that compile these constants into the kernels."""
-        return cuda_launch.config_defines(self, COMPILED_FIELDS)
+    compiled_fields: ClassVar[dict[str, str]] = COMPILED_FIELDS
 
 
 DEFAULT_CONFIG = GeluConfig()
@@ -90,22 +69,8 @@ class FlatPlan:
     block: tuple[int, int, int]
 
 
-@dataclasses.dataclass(frozen=True)
-class LaunchPlan:
-    """Grids and blocks of the three bias kernels (forward, backward, reduction) for one
-    ``(R, N)``."""
-
-    block: tuple[int, int, int]  #: forward and backward: (threads per row, rows, 1)
-    forward_grid: tuple[int, int, int]
-    backward_grid: tuple[int, int, int]
-    rows_per_block: int  #: backward: the rows each block owns
-    partial_rows: int  #: backward: P = backward_grid[0] * block[1] partial sums per column
-    reduce_grid: tuple[int, int, int]
-    reduce_block: tuple[int, int, int]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+#: the plan of the bias kernels (forward, backward, reduction) for one ``(R, N)``
+LaunchPlan = RowKernelPlan
 
 
 @functools.lru_cache(maxsize=1024)
@@ -115,32 +80,16 @@ def flat_config(n: int, config: GeluConfig | None = None) -> FlatPlan:
     n = operator.index(n)
     if n < 1:
         raise ValueError(f"flat_config needs n >= 1; got {n}")
-    return FlatPlan(grid=(min(_cdiv(n, cfg.threads), cfg.max_grid), 1, 1),
+    return FlatPlan(grid=(min(cdiv(n, cfg.threads), cfg.max_grid), 1, 1),
                     block=(cfg.threads, 1, 1))
 
 
 @functools.lru_cache(maxsize=1024)
 def launch_config(R: int, N: int, config: GeluConfig | None = None) -> LaunchPlan:
-    """The launch geometry of the bias kernels for ``R`` rows of width ``N`` (both positive).
-    Pure Python."""
+    """The launch geometry of the bias kernels for ``R`` rows of width ``N`` (both positive):
+    one column per thread, one bias sum per column. Pure Python."""
     cfg = DEFAULT_CONFIG if config is None else config
-    R, N = operator.index(R), operator.index(N)
-    if not (1 <= R <= _INT32_MAX and 1 <= N <= _INT32_MAX):
-        raise ValueError(f"launch_config needs 1 <= R, N <= 2**31 - 1; got R={R}, N={N}")
-    bx = min(cfg.threads, 1 << (N - 1).bit_length())  # one column per thread, a power of two
-    by = cfg.threads // bx
-    groups = _cdiv(R, by)
-    rows_per_block = by * _cdiv(groups, cfg.backward_blocks)
-    blocks = _cdiv(R, rows_per_block)
-    return LaunchPlan(
-        block=(bx, by, 1),
-        forward_grid=(min(groups, cfg.max_grid), 1, 1),
-        backward_grid=(blocks, 1, 1),
-        rows_per_block=rows_per_block,
-        partial_rows=blocks * by,
-        reduce_grid=(min(_cdiv(N, cfg.reduce_x), cfg.max_grid), 1, 1),
-        reduce_block=(cfg.reduce_x, cfg.reduce_y, 1),
-    )
+    return row_kernel_plan(R, N, cfg, columns_per_thread=1, sums_per_column=1)
 
 
 _FORWARD = cuda_launch.Kernel(KERNEL_FILE, "gelu_forward", "x:F y:O n:l tanh_form:i",

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
+from typing import ClassVar
 
 from .. import cuda_launch
+from .cuda_rows import RowKernelConfig, RowKernelPlan, row_kernel_plan
 
 __all__ = ["forward", "backward", "launch_config", "LayerNormConfig", "DEFAULT_CONFIG"]
 
@@ -39,83 +40,31 @@ MACRO_PREFIX = "LN"
 #: LayerNormConfig fields that are compiled into the kernels, and their ``#define`` names.
 COMPILED_FIELDS = {"threads": "LN_THREADS", "reduce_x": "LN_REDUCE_X", "reduce_y": "LN_REDUCE_Y"}
 
-_INT32_MAX = 2**31 - 1
-
-
-def _power_of_two(v: int) -> bool:
-    return v & (v - 1) == 0
-
 
 @dataclasses.dataclass(frozen=True)
-class LayerNormConfig:
-    """Tuning constants of the layer-norm kernels (defaults match the ``#ifndef`` defaults).
-
-    The fields in `COMPILED_FIELDS` become ``-D`` options of the compiled module; the others
-    only steer `launch_config`.
+class LayerNormConfig(RowKernelConfig):
+    """Tuning constants of the layer-norm kernels (`RowKernelConfig`; the defaults match the
+    ``#ifndef`` defaults of ``kernels/layer_norm.cu``). The fields in `COMPILED_FIELDS`
+    become ``-D`` options of the compiled module; the others only steer `launch_config`.
     """
 
-    threads: int = 256  #: threads per forward/backward block (power of two, <= 1024)
-    reduce_x: int = 32  #: columns per block of the partial-sum reduction
-    reduce_y: int = 8  #: lanes per column of the reduction (power of two)
-    backward_blocks: int = 264  #: the backward uses about this many blocks (2 per SM of an H100)
-    max_grid: int = 65535  #: cap on grid.x of the forward and the reduction (they loop beyond)
-
-    def __post_init__(self):
-        cuda_launch.check_positive_fields(self)
-        if self.threads > 1024 or not _power_of_two(self.threads):
-            raise ValueError(f"LayerNormConfig.threads must be a power of two <= 1024; "
-                             f"got {self.threads}")
-        if self.reduce_x * self.reduce_y > 1024 or not _power_of_two(self.reduce_y):
-            raise ValueError("LayerNormConfig: reduce_y must be a power of two and "
-                             f"reduce_x * reduce_y <= 1024; got {self.reduce_x} x {self.reduce_y}")
-
-    def defines(self) -> tuple[str, ...]:
-        """The ``-D`` options that compile these constants into the kernels."""
-        return cuda_launch.config_defines(self, COMPILED_FIELDS)
+    compiled_fields: ClassVar[dict[str, str]] = COMPILED_FIELDS
 
 
 DEFAULT_CONFIG = LayerNormConfig()
 
 
-@dataclasses.dataclass(frozen=True)
-class LaunchPlan:
-    """Grids and blocks of the three kernels for one ``(R, N)``."""
-
-    block: tuple[int, int, int]  #: forward and backward: (threads per row, rows, 1)
-    forward_grid: tuple[int, int, int]
-    backward_grid: tuple[int, int, int]
-    rows_per_block: int  #: backward: the rows each block owns (a multiple of block[1])
-    partial_rows: int  #: backward: P = backward_grid[0] * block[1] partial sums per column
-    reduce_grid: tuple[int, int, int]
-    reduce_block: tuple[int, int, int]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+#: the plan of the three kernels (forward, backward, reduction) for one ``(R, N)``
+LaunchPlan = RowKernelPlan
 
 
 @functools.lru_cache(maxsize=1024)
 def launch_config(R: int, N: int, config: LayerNormConfig | None = None) -> LaunchPlan:
-    """The launch geometry for ``R`` rows of width ``N`` (both positive). Pure Python."""
+    """The launch geometry for ``R`` rows of width ``N`` (both positive): two columns per
+    thread (the row's loads in flight without idle threads on narrow rows), two sums per
+    column (the weight's and the bias's gradients). Pure Python."""
     cfg = DEFAULT_CONFIG if config is None else config
-    R, N = operator.index(R), operator.index(N)
-    if not (1 <= R <= _INT32_MAX and 1 <= N <= _INT32_MAX):
-        raise ValueError(f"launch_config needs 1 <= R, N <= 2**31 - 1; got R={R}, N={N}")
-    # two columns per thread: the row's loads in flight without idle threads on narrow rows
-    bx = min(cfg.threads, 1 << max(0, (_cdiv(N, 2) - 1).bit_length()))
-    by = cfg.threads // bx
-    groups = _cdiv(R, by)
-    rows_per_block = by * _cdiv(groups, cfg.backward_blocks)
-    blocks = _cdiv(R, rows_per_block)
-    return LaunchPlan(
-        block=(bx, by, 1),
-        forward_grid=(min(groups, cfg.max_grid), 1, 1),
-        backward_grid=(blocks, 1, 1),
-        rows_per_block=rows_per_block,
-        partial_rows=blocks * by,
-        reduce_grid=(min(_cdiv(N, cfg.reduce_x), cfg.max_grid), 2, 1),
-        reduce_block=(cfg.reduce_x, cfg.reduce_y, 1),
-    )
+    return row_kernel_plan(R, N, cfg, columns_per_thread=2, sums_per_column=2)
 
 
 _FORWARD = cuda_launch.Kernel(
