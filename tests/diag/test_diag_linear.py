@@ -150,28 +150,39 @@ def test_relu_node_equals_relu_of_the_layer(kernel_impl, use_kernels, case):
         _check_relu_node(case)
 
 
+def _fixed_case(shape, K, dtype, with_bias, batch, seed):
+    """A layer case as `layers` draws one, from fixed arguments."""
+    m, n = shape
+    rng = np.random.default_rng(seed)
+    offsets = np.sort(rng.choice(max(m, n), size=K, replace=False)).astype(np.int64)
+    values = rng.standard_normal((K, min(m, n))).astype(dtype)
+    bias = rng.standard_normal(m).astype(dtype) if with_bias else None
+    return ((m, n), offsets, values, bias, rng.standard_normal(batch + (n,)).astype(dtype),
+            rng.standard_normal(batch + (m,)).astype(dtype))
+
+
 @pytest.mark.gpu
-@given(layers())
-def test_relu_node_equals_relu_of_the_layer_on_the_gpu(case):
-    """The same on CuPy arrays (the CUDA kernels, then ``y += bias`` and ``y *= y > 0``)."""
-    _check_relu_node(case, "cuda")
+@pytest.mark.parametrize("shape, K, dtype, with_bias, batch", [
+    ((7, 4), 3, np.float64, True, (5,)), ((4, 7), 7, np.float32, True, (2, 3)),
+    ((6, 6), 1, np.float64, False, (4,)), ((9, 9), 9, np.float32, True, (1,)),
+    ((1, 5), 2, np.float32, False, (3,)), ((5, 1), 5, np.float64, True, (2, 2))],
+    ids=lambda v: getattr(v, "__name__", str(v)))
+def test_relu_node_equals_relu_of_the_layer_on_the_gpu(shape, K, dtype, with_bias, batch):
+    """The same on CuPy arrays (the CUDA kernels, then ``y += bias`` and ``y *= y > 0``):
+    tall, wide and square weights, one and all diagonals, with and without a bias (fixed
+    cases: through the emulated GPU each one runs the kernels on the CPU)."""
+    _check_relu_node(_fixed_case(shape, K, dtype, with_bias, batch, seed=sum(shape) + K), "cuda")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", [(128, 64), (64, 128), (96, 96)], ids=str)
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_relu_node_on_layers_that_take_the_fused_kernels(device, shape, dtype):
-    """Outputs of 4096 elements and more: the backward's mask and bias sum run in the
-    bias + ReLU kernels (`diagnet.ops.activation.bias_relu_kernels`), batch leftovers
-    included (B = 67)."""
+def test_relu_node_on_layers_that_take_the_fused_kernels(shape, dtype):
+    """Outputs of 4096 elements and more: on the CPU the backward's mask and bias sum run in
+    the numba bias + ReLU kernels (`diagnet.ops.activation.bias_relu_kernels`; smaller
+    outputs take the composed version), batch leftovers included (B = 67). CuPy arrays take
+    the CUDA kernels at every size (the test above)."""
     m, n = shape
-    rng = np.random.default_rng(m + n)
-    P, L = max(m, n), min(m, n)
-    offsets = np.sort(rng.choice(P, size=P // 10, replace=False)).astype(np.int64)
-    case = ((m, n), offsets, rng.standard_normal((len(offsets), L)).astype(dtype),
-            rng.standard_normal(m).astype(dtype), rng.standard_normal((67, n)).astype(dtype),
-            rng.standard_normal((67, m)).astype(dtype))
-    _check_relu_node(case, device)
+    _check_relu_node(_fixed_case(shape, max(m, n) // 10, dtype, True, (67,), seed=m + n))
 
 
 @pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5)])
