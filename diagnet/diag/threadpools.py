@@ -287,10 +287,12 @@ def _spawn_workers():
         numba.set_num_threads(saved)
 
 
-def lower_priority(thread_ids, increment):
+def _lower_priority(thread_ids, increment):
     """Raise the nice value of each thread in ``thread_ids`` to the calling thread's plus
-    ``increment`` (at most 19); returns how many were changed. Linux only (a thread id is a
-    process id for ``setpriority``)."""
+    ``increment`` (at most 19; a thread already at that value or above is left as it is);
+    returns how many of them now run at that priority or lower (threads that ended since
+    they were listed are not counted). Linux only (a thread id is a process id for
+    ``setpriority``)."""
     nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + int(increment))
     changed = 0
     for tid in sorted(thread_ids):
@@ -327,7 +329,7 @@ def _start_pool():
         return gomp, "numba's workers: priority left alone: no /proc/self/task to list them"
     _spawn_workers()
     workers = _thread_ids() - before
-    changed = lower_priority(workers, nice)
+    changed = _lower_priority(workers, nice)
     return gomp, f"numba's {changed} pool threads run at nice +{nice}"
 
 
