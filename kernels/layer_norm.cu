@@ -15,6 +15,10 @@
 //   layer_norm_forward_*        y, and mean and rstd for the backward
 //   layer_norm_backward_*       dx, and per-thread-row partial sums of dweight and dbias
 //   layer_norm_param_reduce_*   adds the partial sums up, in a fixed order
+//   layer_norm_add_forward_*    total = x + res written in the first pass over each row, and
+//                               the forward of total (a pre-norm transformer's residual add)
+//   layer_norm_add_backward_*   the backward of total, plus gtotal (the gradient total has
+//                               besides the layer norm's) added into dx as it is written
 //
 // Block shape (chosen by the launcher, diagnet/fused/layer_norm_cuda.py `launch_config`):
 // blockDim.x threads share one row (a power of two), blockDim.y rows per block, at most
@@ -86,12 +90,15 @@ __device__ __forceinline__ void ln_row_sums(T& a, T& b, T* s_a, T* s_b)
 // grid-stride loop (the trip count depends on blockIdx only, so the barriers stay uniform).
 // Each thread reads its columns j = tx, tx + blockDim.x, ... three times (sum, squared
 // deviations, output); the second and third reads hit the cache.
+// With has_res, the first read forms x_j + res_j and writes it to total; the second and third
+// reads take total instead of x (each thread reads back only the columns it wrote).
 template <typename T>
-__device__ __forceinline__ void ln_forward(const T* __restrict__ x, const T* __restrict__ weight,
+__device__ __forceinline__ void ln_forward(const T* __restrict__ x, const T* __restrict__ res,
+                                           T* __restrict__ total, const T* __restrict__ weight,
                                            const T* __restrict__ bias, T* __restrict__ y,
                                            T* __restrict__ mean, T* __restrict__ rstd, int R,
-                                           int N, int has_weight, int has_bias, T eps, T* s_a,
-                                           T* s_b)
+                                           int N, int has_res, int has_weight, int has_bias,
+                                           T eps, T* s_a, T* s_b)
 {
     const int tx = (int)threadIdx.x;
     const int bx = (int)blockDim.x;
@@ -99,12 +106,25 @@ __device__ __forceinline__ void ln_forward(const T* __restrict__ x, const T* __r
          r0 += (long long)gridDim.x * blockDim.y) {
         const long long r = r0 + threadIdx.y;
         const bool row_ok = r < R;  // rows past R still reach every barrier
-        const T* __restrict__ xr = x + (row_ok ? r : 0) * N;  // 64-bit: R * N may exceed 2^31
+        const long long rr = row_ok ? r : 0;  // 64-bit: R * N may exceed 2^31
+        const T* xr = x + rr * N;
 
         T sum = T(0);
         T unused = T(0);
-        if (row_ok)
-            for (int j = tx; j < N; j += bx) sum += xr[j];
+        if (row_ok) {
+            if (has_res) {
+                const T* __restrict__ resr = res + rr * N;
+                T* __restrict__ totr = total + rr * N;
+                for (int j = tx; j < N; j += bx) {
+                    const T v = xr[j] + resr[j];
+                    totr[j] = v;
+                    sum += v;
+                }
+                xr = totr;  // the rest of the row's passes read the sum
+            } else {
+                for (int j = tx; j < N; j += bx) sum += xr[j];
+            }
+        }
         ln_row_sums(sum, unused, s_a, s_b);
         const T mu = sum / T(N);
 
@@ -142,15 +162,17 @@ __device__ __forceinline__ void ln_forward(const T* __restrict__ x, const T* __r
 // its own row p = b * blockDim.y + ty of `partial` ((2, P, N), P = gridDim.x * blockDim.y:
 // dweight's partial sums, then dbias's). Every element of `partial` has one owning thread,
 // which zeroes it first and then adds its rows in order: no atomics, and the sums do not
-// depend on scheduling. layer_norm_param_reduce adds the P partial rows up.
+// depend on scheduling. layer_norm_param_reduce adds the P partial rows up. With has_gtotal,
+// dx_j gets gtotal_j added (the add variant's other gradient).
 template <typename T>
-__device__ __forceinline__ void ln_backward(const T* __restrict__ dy, const T* __restrict__ x,
+__device__ __forceinline__ void ln_backward(const T* __restrict__ gtotal,
+                                            const T* __restrict__ dy, const T* __restrict__ x,
                                             const T* __restrict__ weight,
                                             const T* __restrict__ mean,
                                             const T* __restrict__ rstd, T* __restrict__ dx,
                                             T* __restrict__ partial, int R, int N,
-                                            int has_weight, int want_params, int rows_per_block,
-                                            T* s_a, T* s_b)
+                                            int has_gtotal, int has_weight, int want_params,
+                                            int rows_per_block, T* s_a, T* s_b)
 {
     const int tx = (int)threadIdx.x;
     const int bx = (int)blockDim.x;
@@ -193,7 +215,8 @@ __device__ __forceinline__ void ln_backward(const T* __restrict__ dy, const T* _
             for (int j = tx; j < N; j += bx) {
                 const T xhat = (xr[j] - mu) * rs;
                 const T g = has_weight ? dyr[j] * weight[j] : dyr[j];
-                dxr[j] = rs * (g - mean_g - xhat * mean_gx);
+                const T d = rs * (g - mean_g - xhat * mean_gx);
+                dxr[j] = has_gtotal ? gtotal[r * N + j] + d : d;
                 if (want_params) {
                     pw[j] += dyr[j] * xhat;
                     pb[j] += dyr[j];
@@ -243,8 +266,20 @@ __device__ __forceinline__ void ln_param_reduce(const T* __restrict__ partial,
     {                                                                                          \
         __shared__ T s_a[LN_THREADS];                                                          \
         __shared__ T s_b[LN_THREADS];                                                          \
-        ln_forward<T>(x, weight, bias, y, mean, rstd, R, N, has_weight, has_bias, eps, s_a,   \
-                      s_b);                                                                    \
+        ln_forward<T>(x, nullptr, nullptr, weight, bias, y, mean, rstd, R, N, 0, has_weight,  \
+                      has_bias, eps, s_a, s_b);                                                \
+    }                                                                                          \
+                                                                                               \
+    extern "C" __global__ void __launch_bounds__(LN_THREADS) layer_norm_add_forward_##SUFFIX(  \
+        const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ total,            \
+        const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ y,          \
+        T* __restrict__ mean, T* __restrict__ rstd, int R, int N, int has_weight,             \
+        int has_bias, T eps)                                                                   \
+    {                                                                                          \
+        __shared__ T s_a[LN_THREADS];                                                          \
+        __shared__ T s_b[LN_THREADS];                                                          \
+        ln_forward<T>(x, res, total, weight, bias, y, mean, rstd, R, N, 1, has_weight,        \
+                      has_bias, eps, s_a, s_b);                                                \
     }                                                                                          \
                                                                                                \
     extern "C" __global__ void __launch_bounds__(LN_THREADS) layer_norm_backward_##SUFFIX(     \
@@ -255,8 +290,20 @@ __device__ __forceinline__ void ln_param_reduce(const T* __restrict__ partial,
     {                                                                                          \
         __shared__ T s_a[LN_THREADS];                                                          \
         __shared__ T s_b[LN_THREADS];                                                          \
-        ln_backward<T>(dy, x, weight, mean, rstd, dx, partial, R, N, has_weight, want_params, \
-                       rows_per_block, s_a, s_b);                                              \
+        ln_backward<T>(nullptr, dy, x, weight, mean, rstd, dx, partial, R, N, 0, has_weight,  \
+                       want_params, rows_per_block, s_a, s_b);                                 \
+    }                                                                                          \
+                                                                                               \
+    extern "C" __global__ void __launch_bounds__(LN_THREADS) layer_norm_add_backward_##SUFFIX( \
+        const T* __restrict__ gtotal, const T* __restrict__ dy, const T* __restrict__ total,  \
+        const T* __restrict__ weight, const T* __restrict__ mean, const T* __restrict__ rstd, \
+        T* __restrict__ dx, T* __restrict__ partial, int R, int N, int has_weight,            \
+        int want_params, int rows_per_block)                                                   \
+    {                                                                                          \
+        __shared__ T s_a[LN_THREADS];                                                          \
+        __shared__ T s_b[LN_THREADS];                                                          \
+        ln_backward<T>(gtotal, dy, total, weight, mean, rstd, dx, partial, R, N, 1,           \
+                       has_weight, want_params, rows_per_block, s_a, s_b);                     \
     }                                                                                          \
                                                                                                \
     extern "C" __global__ void __launch_bounds__(LN_REDUCE_X * LN_REDUCE_Y)                    \

@@ -12,7 +12,14 @@ and for an upstream gradient ``dy``, with ``g = dy * weight`` (``dy`` without a 
     dx = rstd * (g - g.mean(axis=1) - xhat * (g * xhat).mean(axis=1))
     dweight = (dy * xhat).sum(axis=0)        dbias = dy.sum(axis=0)
 
-`forward` and `backward` pick the implementation by the array's device: the numba kernels
+`add_forward` and `add_backward` are the same with a sum in front, as a pre-norm transformer
+has it between blocks (``total = x + residual`` is the residual stream, ``y`` the layer
+norm of ``total``, the next branch's input)::
+
+    total = x + residual           y = layer_norm(total)
+    dx = dresidual = dtotal + layer_norm's dx (from dy)
+
+`forward` and `backward` (and the ``add_`` pair) pick the implementation by the array's device: the numba kernels
 of `diagnet.fused.layer_norm_cpu` for NumPy arrays (or `reference_forward` and
 `reference_backward` with ``settings.cpu_kernels == "reference"``), the CUDA kernels of
 ``kernels/layer_norm.cu`` (`diagnet.fused.layer_norm_cuda`) for CuPy arrays. The forward
@@ -28,7 +35,8 @@ from .. import backend, settings
 from ..checks import FLOAT_DTYPES
 from ..diag import cpu_process
 
-__all__ = ["forward", "backward", "reference_forward", "reference_backward"]
+__all__ = ["forward", "backward", "add_forward", "add_backward", "reference_forward",
+           "reference_backward", "reference_add_forward", "reference_add_backward"]
 
 
 def reference_forward(x, weight, bias, eps):
@@ -68,16 +76,36 @@ def reference_backward(dy, x, weight, mean, rstd, want_params):
     return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
 
 
-def _implementation(array):
-    """The ``(forward, backward)`` pair for ``array``'s device."""
+def reference_add_forward(x, residual, weight, bias, eps):
+    """``(total, y, mean, rstd)``: ``total = x + residual`` ``(R, N)`` and `reference_forward`
+    of it; ``residual`` of ``x``'s shape and dtype, the rest as there."""
+    total = x + residual
+    return (total, *reference_forward(total, weight, bias, eps))
+
+
+def reference_add_backward(gtotal, dy, total, weight, mean, rstd, want_params):
+    """``(dx, dweight, dbias)`` of `reference_add_forward` given the gradients ``gtotal`` of
+    ``total`` and ``dy`` of ``y`` (``(R, N)``): ``dx``, the gradient of ``x`` and of
+    ``residual`` alike, is ``gtotal`` plus `reference_backward`'s ``dx``."""
+    dx, dweight, dbias = reference_backward(dy, total, weight, mean, rstd, want_params)
+    return gtotal + dx, dweight, dbias
+
+
+_REFERENCE = {"forward": reference_forward, "backward": reference_backward,
+              "add_forward": reference_add_forward, "add_backward": reference_add_backward}
+
+
+def _implementation(array, kind="forward"):
+    """The function ``kind`` (``"forward"``, ``"backward"``, ``"add_forward"``,
+    ``"add_backward"``) for ``array``'s device."""
     if backend.get_array_module(array) is not np:
         from . import layer_norm_cuda as impl
     elif settings.cpu_kernels == "reference":
-        return reference_forward, reference_backward
+        return _REFERENCE[kind]
     else:
         from . import layer_norm_cpu as impl
         cpu_process.configure_once()  # thread pools and heap, as for the diagonal kernels
-    return impl.forward, impl.backward
+    return getattr(impl, kind)
 
 
 def _check_rows(name, a, dtype, shape):
@@ -105,8 +133,7 @@ def forward(x, weight, bias, eps):
     for name, a in (("weight", weight), ("bias", bias)):
         if a is not None:
             _check_rows(name, a, x.dtype, x.shape[1:])
-    fwd, _ = _implementation(x)
-    return fwd(x, weight, bias, float(eps))
+    return _implementation(x)(x, weight, bias, float(eps))
 
 
 def backward(dy, x, weight, mean, rstd, want_params):
@@ -117,5 +144,29 @@ def backward(dy, x, weight, mean, rstd, want_params):
     _check_rows("rstd", rstd, x.dtype, x.shape[:1])
     if weight is not None:
         _check_rows("weight", weight, x.dtype, x.shape[1:])
-    _, bwd = _implementation(x)
-    return bwd(dy, x, weight, mean, rstd, bool(want_params))
+    return _implementation(x, "backward")(dy, x, weight, mean, rstd, bool(want_params))
+
+
+def add_forward(x, residual, weight, bias, eps):
+    """``(total, y, mean, rstd)``: ``total = x + residual`` and layer norm over its rows
+    (see `reference_add_forward`); checked as `forward`, ``residual`` like ``x``."""
+    _check_x(x)
+    _check_rows("residual", residual, x.dtype, x.shape)
+    for name, a in (("weight", weight), ("bias", bias)):
+        if a is not None:
+            _check_rows(name, a, x.dtype, x.shape[1:])
+    return _implementation(x, "add_forward")(x, residual, weight, bias, float(eps))
+
+
+def add_backward(gtotal, dy, total, weight, mean, rstd, want_params):
+    """``(dx, dweight, dbias)`` of `add_forward` (see `reference_add_backward`); checked as
+    `backward`, ``gtotal`` like ``dy``."""
+    _check_x(total)
+    _check_rows("gtotal", gtotal, total.dtype, total.shape)
+    _check_rows("dy", dy, total.dtype, total.shape)
+    _check_rows("mean", mean, total.dtype, total.shape[:1])
+    _check_rows("rstd", rstd, total.dtype, total.shape[:1])
+    if weight is not None:
+        _check_rows("weight", weight, total.dtype, total.shape[1:])
+    return _implementation(total, "add_backward")(gtotal, dy, total, weight, mean, rstd,
+                                                   bool(want_params))

@@ -1,12 +1,17 @@
-"""Compiled CPU kernels (numba) of layer norm: `forward` and `backward`.
+"""Compiled CPU kernels (numba) of layer norm: `forward` and `backward`, and `add_forward` and
+`add_backward`, the same with a residual sum in front (``layer_norm(x + residual)``).
 
-Same functions and results as `diagnet.fused.layer_norm.reference_forward` and
-`reference_backward` (see that module for the math), for NumPy arrays ``(R, N)``.
+Same functions and results as `diagnet.fused.layer_norm.reference_forward`,
+`reference_backward`, `reference_add_forward` and `reference_add_backward` (see that
+module for the math), for NumPy arrays ``(R, N)``.
 
 * **One pass per row.** The forward reads a row three times (sum, squared deviations, output)
   and the backward twice (the two row sums, then ``dx`` and the parameter sums), but the row
   is in the L1 cache after the first read: each row costs one trip to memory, where the
   composed reference makes about ten passes over the whole array, each with its temporary.
+  `add_forward` forms ``x + residual`` in the first pass and writes it out as it goes, and
+  `add_backward` adds the sum's own gradient into ``dx`` in the pass that writes it: a
+  residual stream's add and its gradient's accumulation cost no pass of their own.
 * **Precision.** Everything is computed in the input dtype, as in the reference and on the
   GPU (float64 intermediates for float32 input are several times slower: each element
   converted, half the vector width; figures in ``docs/benchmarks.md``). ``reassoc`` lets
@@ -31,7 +36,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "add_forward", "add_backward"]
 
 # contract: FMA; reassoc: let LLVM vectorise the row sums. Not nnan/ninf: NaN and inf
 # propagate as in the reference.
@@ -48,30 +53,60 @@ _u = np.uint64  # unsigned index (see "Indexing" above)
 
 
 @_jit
-def _forward_rows(x, weight, bias, inv_n, eps, y, mean, rstd, start, stop):
-    """Rows ``start .. stop-1`` of the forward (``weight`` ones, ``bias`` zeros if absent)."""
+def _forward_rows(x, residual, total, weight, bias, inv_n, eps, y, mean, rstd, start, stop):
+    """Rows ``start .. stop-1`` of the forward (``weight`` ones, ``bias`` zeros if absent).
+
+    ``residual`` and ``total``: both None (layer norm of ``x``), or both arrays of ``x``'s
+    shape: then ``total = x + residual`` is written in the first pass over each row, and the
+    other two passes read ``total``. Numba compiles the two cases apart (a None argument has
+    a type of its own), so neither holds a branch. (The passes are written out in each case:
+    one variable bound to either array, or a helper called with it, kept LLVM from
+    vectorising them.)
+    """
     N = _u(x.shape[1])
     for r in range(_u(start), _u(stop)):
-        s = x[r, 0]  # sums start from the first term: N >= 1, and no zero of the dtype needed
-        for j in range(_u(1), N):
-            s += x[r, j]
-        mean[r] = s * inv_n
-        mu = mean[r]
-        d = x[r, 0] - mu
-        q = d * d
-        for j in range(_u(1), N):
-            d = x[r, j] - mu
-            q += d * d
-        rstd[r] = 1.0 / np.sqrt(q * inv_n + eps)
-        rs = rstd[r]  # read back: rounded to the dtype, as the inner loop needs it
-        for j in range(N):
-            y[r, j] = (x[r, j] - mu) * rs * weight[j] + bias[j]
+        if residual is None:
+            s = x[r, 0]  # sums start from the first term: N >= 1, and no zero of the dtype
+            for j in range(_u(1), N):
+                s += x[r, j]
+            mu, rs = _row_stats(x, r, N, s, inv_n, eps, mean, rstd)
+            for j in range(N):
+                y[r, j] = (x[r, j] - mu) * rs * weight[j] + bias[j]
+        else:
+            v = x[r, 0] + residual[r, 0]
+            total[r, 0] = v
+            s = v
+            for j in range(_u(1), N):
+                v = x[r, j] + residual[r, j]
+                total[r, j] = v
+                s += v
+            mu, rs = _row_stats(total, r, N, s, inv_n, eps, mean, rstd)
+            for j in range(N):
+                y[r, j] = (total[r, j] - mu) * rs * weight[j] + bias[j]
 
 
 @_jit
-def _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, pw, pb, start, stop, want_params):
+def _row_stats(x, r, N, s, inv_n, eps, mean, rstd):
+    """``(mean, rstd)`` of row ``r`` of ``x``, whose sum is ``s``, also stored in ``mean``
+    and ``rstd`` (and read back: rounded to the dtype, as the output pass needs them)."""
+    mean[r] = s * inv_n
+    mu = mean[r]
+    d = x[r, 0] - mu
+    q = d * d
+    for j in range(_u(1), N):
+        d = x[r, j] - mu
+        q += d * d
+    rstd[r] = 1.0 / np.sqrt(q * inv_n + eps)
+    return mu, rstd[r]
+
+
+@_jit
+def _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, pw, pb, start, stop, want_params,
+                   gtotal):
     """Rows ``start .. stop-1`` of the backward; with ``want_params`` adds their
-    ``dy * xhat`` into ``pw`` and ``dy`` into ``pb`` (``(N,)``)."""
+    ``dy * xhat`` into ``pw`` and ``dy`` into ``pb`` (``(N,)``). ``gtotal``: None, or the
+    gradient of the sum that `add_forward` normalised (``x``'s shape), added into ``dx`` on
+    the way (compiled apart, as ``residual`` in `_forward_rows`)."""
     N = _u(x.shape[1])
     for r in range(_u(start), _u(stop)):
         mu = mean[r]
@@ -85,8 +120,13 @@ def _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, pw, pb, start, stop, wa
             sgx += g * ((x[r, j] - mu) * rs)
         mg = sg * inv_n
         mgx = sgx * inv_n
-        for j in range(N):
-            dx[r, j] = rs * (dy[r, j] * weight[j] - mg - (x[r, j] - mu) * rs * mgx)
+        if gtotal is None:
+            for j in range(N):
+                dx[r, j] = rs * (dy[r, j] * weight[j] - mg - (x[r, j] - mu) * rs * mgx)
+        else:
+            for j in range(N):
+                dx[r, j] = gtotal[r, j] + rs * (dy[r, j] * weight[j] - mg
+                                                - (x[r, j] - mu) * rs * mgx)
         if want_params:
             for j in range(N):
                 pw[j] += dy[r, j] * ((x[r, j] - mu) * rs)
@@ -94,20 +134,20 @@ def _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, pw, pb, start, stop, wa
 
 
 @_pjit
-def _forward_parallel(x, weight, bias, inv_n, eps, y, mean, rstd, ntasks):
+def _forward_parallel(x, residual, total, weight, bias, inv_n, eps, y, mean, rstd, ntasks):
     R = x.shape[0]
     for task in numba.prange(ntasks):
-        _forward_rows(x, weight, bias, inv_n, eps, y, mean, rstd, R * task // ntasks,
-                      R * (task + 1) // ntasks)
+        _forward_rows(x, residual, total, weight, bias, inv_n, eps, y, mean, rstd,
+                      R * task // ntasks, R * (task + 1) // ntasks)
 
 
 @_pjit
-def _backward_parallel(dy, x, weight, mean, rstd, inv_n, dx, partial, want_params):
+def _backward_parallel(dy, x, weight, mean, rstd, inv_n, dx, partial, want_params, gtotal):
     R = x.shape[0]
     ntasks = partial.shape[0]
     for task in numba.prange(ntasks):
         _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, partial[task, 0], partial[task, 1],
-                       R * task // ntasks, R * (task + 1) // ntasks, want_params)
+                       R * task // ntasks, R * (task + 1) // ntasks, want_params, gtotal)
 
 
 def _tasks(x) -> int:
@@ -125,6 +165,21 @@ def forward(x, weight, bias, eps):
     """``(y, mean, rstd)`` of layer norm over the rows of ``x`` ``(R, N)``; see
     `diagnet.fused.layer_norm.reference_forward` (arguments checked by its caller)."""
     x = np.ascontiguousarray(x)
+    y, mean, rstd = _forward(x, None, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+def add_forward(x, residual, weight, bias, eps):
+    """``(total, y, mean, rstd)``: ``total = x + residual`` and the layer norm of its rows,
+    in one pass per row; see `diagnet.fused.layer_norm.reference_add_forward` (arguments
+    checked by its caller)."""
+    x, residual = np.ascontiguousarray(x), np.ascontiguousarray(residual)
+    total = np.empty_like(x)
+    y, mean, rstd = _forward(x, residual, total, weight, bias, eps)
+    return total, y, mean, rstd
+
+
+def _forward(x, residual, total, weight, bias, eps):
     R, N = x.shape
     weight = _affine(weight, 1, N, x.dtype)
     bias = _affine(bias, 0, N, x.dtype)
@@ -136,15 +191,27 @@ def forward(x, weight, bias, eps):
     inv_n, eps = x.dtype.type(1 / N), x.dtype.type(eps)
     tasks = _tasks(x)
     if tasks == 1:
-        _forward_rows(x, weight, bias, inv_n, eps, y, mean, rstd, 0, R)
+        _forward_rows(x, residual, total, weight, bias, inv_n, eps, y, mean, rstd, 0, R)
     else:
-        _forward_parallel(x, weight, bias, inv_n, eps, y, mean, rstd, tasks)
+        _forward_parallel(x, residual, total, weight, bias, inv_n, eps, y, mean, rstd, tasks)
     return y, mean, rstd
 
 
 def backward(dy, x, weight, mean, rstd, want_params):
     """``(dx, dweight, dbias)`` of layer norm; see
     `diagnet.fused.layer_norm.reference_backward` (arguments checked by its caller)."""
+    return _backward(dy, x, weight, mean, rstd, want_params, None)
+
+
+def add_backward(gtotal, dy, total, weight, mean, rstd, want_params):
+    """``(dx, dweight, dbias)`` of `add_forward`: ``dx = gtotal + `` the layer norm's input
+    gradient (the gradient of both ``x`` and ``residual``); see
+    `diagnet.fused.layer_norm.reference_add_backward` (arguments checked by its caller)."""
+    return _backward(dy, total, weight, mean, rstd, want_params,
+                     np.ascontiguousarray(gtotal))
+
+
+def _backward(dy, x, weight, mean, rstd, want_params, gtotal):
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     R, N = x.shape
     weight = _affine(weight, 1, N, x.dtype)
@@ -154,9 +221,9 @@ def backward(dy, x, weight, mean, rstd, want_params):
     partial = np.zeros((tasks, 2, N if want_params else 0), dtype=x.dtype)
     if tasks == 1:
         _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, partial[0, 0], partial[0, 1], 0, R,
-                       want_params)
+                       want_params, gtotal)
     else:
-        _backward_parallel(dy, x, weight, mean, rstd, inv_n, dx, partial, want_params)
+        _backward_parallel(dy, x, weight, mean, rstd, inv_n, dx, partial, want_params, gtotal)
     if not want_params:
         return dx, None, None
     sums = partial[0] if tasks == 1 else partial.sum(axis=0)

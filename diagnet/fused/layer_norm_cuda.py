@@ -1,8 +1,11 @@
 """CUDA kernels of layer norm: launch ``kernels/layer_norm.cu``.
 
-`forward` and `backward` take CuPy arrays and have the signatures of
-`diagnet.fused.layer_norm.reference_forward` and `reference_backward` (plus a keyword-only
-``config=``); results are new CuPy arrays of the input dtype. This module imports without
+`forward`, `backward`, `add_forward` and `add_backward` take CuPy arrays and have the
+signatures of `diagnet.fused.layer_norm.reference_forward`, `reference_backward`,
+`reference_add_forward` and `reference_add_backward` (plus a keyword-only ``config=``);
+results are new CuPy arrays of the input dtype. The ``add_`` kernels are the plain ones with
+the residual sum formed in the forward's first read of a row (and written out), and its
+gradient added where the backward writes ``dx``. This module imports without
 CuPy; only calling them needs it.
 
 Kernel design (details in ``docs/kernels.md`` and the comments of the ``.cu`` file):
@@ -32,7 +35,8 @@ from typing import ClassVar
 from .. import cuda_launch
 from .cuda_rows import RowKernelConfig, RowKernelPlan, row_kernel_plan
 
-__all__ = ["forward", "backward", "launch_config", "LayerNormConfig", "DEFAULT_CONFIG"]
+__all__ = ["forward", "backward", "add_forward", "add_backward", "launch_config",
+           "LayerNormConfig", "DEFAULT_CONFIG"]
 
 KERNEL_FILE = "layer_norm.cu"
 MACRO_PREFIX = "LN"
@@ -74,6 +78,14 @@ _BACKWARD = cuda_launch.Kernel(
     KERNEL_FILE, "layer_norm_backward",
     "dy:F x:F weight:F mean:F rstd:F dx:O partial:O R:i N:i has_weight:i want_params:i "
     "rows_per_block:i", MACRO_PREFIX)
+_ADD_FORWARD = cuda_launch.Kernel(
+    KERNEL_FILE, "layer_norm_add_forward",
+    "x:F res:F total:O weight:F bias:F y:O mean:O rstd:O R:i N:i has_weight:i has_bias:i eps:f",
+    MACRO_PREFIX)
+_ADD_BACKWARD = cuda_launch.Kernel(
+    KERNEL_FILE, "layer_norm_add_backward",
+    "gtotal:F dy:F total:F weight:F mean:F rstd:F dx:O partial:O R:i N:i has_weight:i "
+    "want_params:i rows_per_block:i", MACRO_PREFIX)
 _REDUCE = cuda_launch.Kernel(KERNEL_FILE, "layer_norm_param_reduce", "partial:F out:O P:i N:i",
                              MACRO_PREFIX)
 
@@ -97,28 +109,54 @@ def _cupy():
 def forward(x, weight, bias, eps, *, config: LayerNormConfig | None = None):
     """``(y, mean, rstd)`` of layer norm over the rows of ``x`` ``(R, N)``; see
     `diagnet.fused.layer_norm.reference_forward` (arguments checked by its caller)."""
+    return _forward(x, None, weight, bias, eps, config)[1:]
+
+
+def add_forward(x, residual, weight, bias, eps, *, config: LayerNormConfig | None = None):
+    """``(total, y, mean, rstd)``: ``total = x + residual`` and its layer norm; see
+    `diagnet.fused.layer_norm.reference_add_forward` (arguments checked by its caller)."""
+    return _forward(x, residual, weight, bias, eps, config)
+
+
+def _forward(x, residual, weight, bias, eps, config):
     cp = _cupy()
     cfg = DEFAULT_CONFIG if config is None else config
     x = cp.ascontiguousarray(x)
     R, N = x.shape
+    total = None if residual is None else cp.empty_like(x)
     y = cp.empty_like(x)
     mean = cp.empty(R, dtype=x.dtype)
     rstd = cp.empty(R, dtype=x.dtype)
     if R == 0:
-        return y, mean, rstd
+        return total, y, mean, rstd
     plan = launch_config(R, N, cfg)
     # a missing weight or bias is never read (has_weight, has_bias): x stands in for it
     w = x if weight is None else cp.ascontiguousarray(weight)
     b = x if bias is None else cp.ascontiguousarray(bias)
-    _FORWARD(x.dtype, plan.forward_grid, plan.block,
-             (x, w, b, y, mean, rstd, R, N, weight is not None, bias is not None, eps),
-             defines=_defines(cfg))
-    return y, mean, rstd
+    tail = (w, b, y, mean, rstd, R, N, weight is not None, bias is not None, eps)
+    if residual is None:
+        _FORWARD(x.dtype, plan.forward_grid, plan.block, (x, *tail), defines=_defines(cfg))
+    else:
+        _ADD_FORWARD(x.dtype, plan.forward_grid, plan.block,
+                     (x, cp.ascontiguousarray(residual), total, *tail), defines=_defines(cfg))
+    return total, y, mean, rstd
 
 
 def backward(dy, x, weight, mean, rstd, want_params, *, config: LayerNormConfig | None = None):
     """``(dx, dweight, dbias)`` of layer norm; see
     `diagnet.fused.layer_norm.reference_backward` (arguments checked by its caller)."""
+    return _backward(None, dy, x, weight, mean, rstd, want_params, config)
+
+
+def add_backward(gtotal, dy, total, weight, mean, rstd, want_params, *,
+                 config: LayerNormConfig | None = None):
+    """``(dx, dweight, dbias)`` of `add_forward`: ``dx = gtotal +`` the layer norm's input
+    gradient; see `diagnet.fused.layer_norm.reference_add_backward` (arguments checked by
+    its caller)."""
+    return _backward(gtotal, dy, total, weight, mean, rstd, want_params, config)
+
+
+def _backward(gtotal, dy, x, weight, mean, rstd, want_params, config):
     cp = _cupy()
     cfg = DEFAULT_CONFIG if config is None else config
     dy, x = cp.ascontiguousarray(dy), cp.ascontiguousarray(x)
@@ -133,9 +171,13 @@ def backward(dy, x, weight, mean, rstd, want_params, *, config: LayerNormConfig 
     # without want_params the partial sums are never touched: a one-element stand-in
     partial = cp.empty((2, plan.partial_rows, N) if want_params else 1, dtype=x.dtype)
     defines = _defines(cfg)
-    _BACKWARD(x.dtype, plan.backward_grid, plan.block,
-              (dy, x, w, cp.ascontiguousarray(mean), cp.ascontiguousarray(rstd), dx, partial,
-               R, N, weight is not None, want_params, plan.rows_per_block), defines=defines)
+    args = (dy, x, w, cp.ascontiguousarray(mean), cp.ascontiguousarray(rstd), dx, partial,
+            R, N, weight is not None, want_params, plan.rows_per_block)
+    if gtotal is None:
+        _BACKWARD(x.dtype, plan.backward_grid, plan.block, args, defines=defines)
+    else:
+        _ADD_BACKWARD(x.dtype, plan.backward_grid, plan.block,
+                      (cp.ascontiguousarray(gtotal), *args), defines=defines)
     if not want_params:
         return dx, None, None
     out = cp.empty((2, N), dtype=x.dtype)

@@ -12,7 +12,7 @@ One concept per module:
   pass), log_sigmoid, softmax, log_softmax;
 * `loss`: cross_entropy, mse_loss;
 * `regularization`: dropout;
-* `normalization`: layer_norm;
+* `normalization`: layer_norm, add_layer_norm (a residual sum and the layer norm of it);
 * `attention`: scaled dot-product attention, the qkv split and the head merge;
 * `dense`: the dense linear map ``x @ W.T + b`` as one node;
 * `diagonal`: the diagonal sparse linear map and its regrowth score;

@@ -102,6 +102,33 @@ def check_against_reference(fwd, bwd, R, N, dtype, affine, seed=0):
             assert_scaled(got, want, scale, LAYER_NORM_RTOL)
 
 
+def check_add_variant(add_fwd, add_bwd, fwd, bwd, R, N, dtype, affine, seed=0):
+    """The ``add_`` kernels (host arrays in and out) against the reference, and against the
+    plain kernels ``fwd``/``bwd`` of the same implementation run on the sum.
+
+    With a zero residual and a zero ``gtotal`` they must pass every check of
+    `check_against_reference`; with non-zero ones, ``total`` is ``x + residual`` bit for bit,
+    and ``y`` and ``dx - gtotal`` are the plain kernels' on ``total`` (to rounding)."""
+    zeros = np.zeros((R, N), dtype)
+    check_against_reference(lambda x, w, b: add_fwd(x, zeros, w, b)[1:],
+                            lambda dy, x, w, m, r: add_bwd(zeros, dy, x, w, m, r),
+                            R, N, dtype, affine, seed)
+    x, dy, w, b = make(R, N, dtype, affine, seed)
+    rng = np.random.default_rng([seed, R, N, 7])
+    res = rng.standard_normal((R, N)).astype(dtype)
+    gtotal = rng.standard_normal((R, N)).astype(dtype)
+    total, y, mean, rstd = add_fwd(x, res, w, b)
+    assert total.dtype == dtype and np.array_equal(total, x + res)
+    tol = F64_TOL if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
+    for got, want in zip((y, mean, rstd), fwd(total, w, b)):
+        np.testing.assert_allclose(got, want, **tol)
+    dx, dw, db = add_bwd(gtotal, dy, total, w, mean, rstd)
+    pdx, pdw, pdb = bwd(dy, total, w, mean, rstd)
+    np.testing.assert_allclose(dx, pdx + gtotal, **tol)
+    np.testing.assert_allclose(dw, pdw, **tol)
+    np.testing.assert_allclose(db, pdb, **tol)
+
+
 # =====================================================================================
 # CPU: numba kernels
 # =====================================================================================
@@ -121,6 +148,22 @@ def cpu_bwd(dy, x, w, mean, rstd):
 @pytest.mark.parametrize("R", ROWS + [130])
 def test_cpu_kernel_matches_reference(R, N, affine, dtype):
     check_against_reference(cpu_fwd, cpu_bwd, R, N, dtype, affine)
+
+
+def cpu_add_fwd(x, res, w, b):
+    return layer_norm_cpu.add_forward(x, res, w, b, EPS)
+
+
+def cpu_add_bwd(gtotal, dy, total, w, mean, rstd):
+    return layer_norm_cpu.add_backward(gtotal, dy, total, w, mean, rstd, True)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("affine", ["plain", "affine"])
+@pytest.mark.parametrize("R,N", [(1, 1), (3, 7), (17, 64), (130, 65), (2, 768), (4099, 96)])
+def test_cpu_add_kernels_match_reference(R, N, affine, dtype):
+    """Both the serial and (4099 x 96) the parallel path."""
+    check_add_variant(cpu_add_fwd, cpu_add_bwd, cpu_fwd, cpu_bwd, R, N, dtype, affine)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -171,9 +214,14 @@ def test_cpu_kernel_propagates_nan_and_inf():
 
 def test_dispatch_picks_by_device_and_env(use_kernels):
     x, dy, w, b = make(4, 7, np.float64)
-    assert ln._implementation(x) == (layer_norm_cpu.forward, layer_norm_cpu.backward)
+    kinds = ("forward", "backward", "add_forward", "add_backward")
+    assert [ln._implementation(x, k) for k in kinds] == [
+        layer_norm_cpu.forward, layer_norm_cpu.backward, layer_norm_cpu.add_forward,
+        layer_norm_cpu.add_backward]
     with use_kernels("reference"):
-        assert ln._implementation(x) == (ln.reference_forward, ln.reference_backward)
+        assert [ln._implementation(x, k) for k in kinds] == [
+            ln.reference_forward, ln.reference_backward, ln.reference_add_forward,
+            ln.reference_add_backward]
 
 
 # ---- the op ----------------------------------------------------------------------------
@@ -211,6 +259,93 @@ def test_layer_norm_is_one_node_and_matches_reference(use_kernels, kernels):
     np.testing.assert_allclose(tx.grad.numpy().reshape(6, 7), rdx, rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(tw.grad.numpy(), rdw, rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(tb.grad.numpy(), rdb, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine", list(AFFINE))
+@pytest.mark.parametrize("shape,ns", [((1, 1), 1), ((2, 3, 7), 7), ((2, 65), 65),
+                                      ((2, 3, 4), (3, 4))])
+def test_add_layer_norm_gradcheck_through_kernels(shape, ns, affine):
+    """Both outputs feed the checked function, so both gradients reach x and the residual."""
+    rng = np.random.default_rng([2, *shape])
+    x, res = (t64(rng.standard_normal(shape) * 2 + 0.5) for _ in range(2))
+    pshape = (ns,) if isinstance(ns, int) else ns
+    has_w, has_b = AFFINE[affine]
+    w = t64(1 + 0.5 * rng.standard_normal(pshape)) if has_w else None
+    b = t64(rng.standard_normal(pshape)) if has_b else None
+    inputs = [t for t in (x, res, w, b) if t is not None]
+
+    def fn(*ts):
+        it = iter(ts[2:])
+        total, normed = F.add_layer_norm(ts[0], ts[1], ns, next(it) if has_w else None,
+                                         next(it) if has_b else None)
+        return total * normed + normed
+
+    assert gradcheck(fn, *inputs, **GRADCHECK_TOL)
+
+
+@pytest.mark.parametrize("kernels", ["numba", "reference"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_add_layer_norm_is_one_node_and_equals_add_then_layer_norm(use_kernels, kernels, dtype):
+    """The same values and gradients, bit for bit, as ``x + residual`` then `layer_norm` (the
+    same kernels on the same sums), from one node with two outputs."""
+    rng = np.random.default_rng(3)
+    x, res, g1, g2 = (rng.standard_normal((2, 17, 64)).astype(dtype) for _ in range(4))
+    w, b = (rng.standard_normal(64).astype(dtype) for _ in range(2))
+    results = []
+    with use_kernels(kernels):
+        for fused in (True, False):
+            tx, tr, tw, tb = (diagnet.tensor(a, requires_grad=True) for a in (x, res, w, b))
+            if fused:
+                total, normed = F.add_layer_norm(tx, tr, 64, tw, tb)
+                assert total.creator is normed.creator
+                assert type(total.creator).__name__ == "AddLayerNorm"
+            else:
+                total = tx + tr
+                normed = F.layer_norm(total, 64, tw, tb)
+            (total * diagnet.tensor(g1) + normed * diagnet.tensor(g2)).sum().backward()
+            results.append([a.numpy() for a in (total, normed, tx.grad, tr.grad, tw.grad, tb.grad)])
+    for got, want in zip(*results):
+        assert got.dtype == dtype
+        if kernels == "reference":
+            np.testing.assert_array_equal(got, want)
+        else:  # the add kernel's loops are compiled apart from the plain one's: to rounding
+            np.testing.assert_allclose(got, want, **(F64_TOL if dtype == np.float64 else
+                                                     dict(rtol=2e-6, atol=2e-6)))
+
+
+def test_add_layer_norm_unused_sum_and_param_grads():
+    """Only ``normed`` used: the engine hands the node a zero gradient for ``total``; without
+    parameters needing gradients none are computed."""
+    rng = np.random.default_rng(4)
+    x, res = (rng.standard_normal((5, 9)) for _ in range(2))
+    tx = diagnet.tensor(x, requires_grad=True)
+    tw = diagnet.tensor(np.ones(9))
+    _, normed = F.add_layer_norm(tx, diagnet.tensor(res), 9, tw)
+    normed.sum().backward()
+    _, mean, rstd = ln.reference_forward(x + res, None, None, EPS)
+    want = ln.reference_backward(np.ones((5, 9)), x + res, None, mean, rstd, False)[0]
+    np.testing.assert_allclose(tx.grad.numpy(), want, rtol=1e-12, atol=1e-12)
+    assert tw.grad is None
+
+
+def test_add_layer_norm_refuses_bad_arguments_before_any_kernel():
+    x = diagnet.tensor(np.ones((2, 3)), requires_grad=True)
+    with pytest.raises(TypeError, match="add_layer_norm: residual must be a Tensor; got ndarray"):
+        F.add_layer_norm(x, np.ones((2, 3)), 3)
+    with pytest.raises(TypeError, match="add_layer_norm: residual must have x's dtype float64; "
+                                        "got float32"):
+        F.add_layer_norm(x, diagnet.tensor(np.ones((2, 3), np.float32)), 3)
+    with pytest.raises(ValueError, match=r"add_layer_norm: residual must have x's shape \(2, 3\); "
+                                         r"got \(1, 3\)"):
+        F.add_layer_norm(x, diagnet.tensor(np.ones((1, 3))), 3)
+    with pytest.raises(ValueError, match=r"add_layer_norm: normalized_shape \(4,\) does not"):
+        F.add_layer_norm(x, x, 4)
+    with pytest.raises(ValueError, match=r"layer_norm: residual must have shape \(2, 3\)"):
+        ln.add_forward(np.ones((2, 3)), np.ones((3, 2)), None, None, EPS)
+    with pytest.raises(ValueError, match=r"layer_norm: gtotal must have shape \(2, 3\)"):
+        ln.add_backward(np.ones(6), np.ones((2, 3)), np.ones((2, 3)), None, np.ones(2),
+                        np.ones(2), True)
+    assert x.grad is None
 
 
 def test_layer_norm_only_requested_grads_and_empty_rows():
@@ -314,7 +449,7 @@ def test_nvcc_compiles_launcher_options_without_spills(arch, dtype, tmp_path):
         assert res.returncode == 0, res.stderr
         assert "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
         sfx = "f32" if dtype is np.float32 else "f64"
-        entries = ("forward", "backward", "param_reduce")
+        entries = ("forward", "backward", "param_reduce", "add_forward", "add_backward")
         assert set(kernels) == {f"layer_norm_{k}_{sfx}" for k in entries}
         for name, k in kernels.items():
             assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["stack"] == 0, (name, k)
@@ -362,6 +497,36 @@ def test_emulated_kernels_match_reference(make_fake, config_name, R, N, affine, 
     sfx = "f32" if dtype == np.float32 else "f64"
     assert names == [f"layer_norm_forward_{sfx}", f"layer_norm_backward_{sfx}",
                      f"layer_norm_param_reduce_{sfx}"]
+
+
+def gpu_add_runner(config, dev=fake_cupy.asarray):
+    """`add_forward`/`add_backward` of the launcher, host arrays in and out."""
+    opt = (lambda a: None if a is None else dev(a))
+
+    def add_fwd(x, res, w, b):
+        out = layer_norm_cuda.add_forward(dev(x), dev(res), opt(w), opt(b), EPS, config=config)
+        return tuple(a.get() for a in out)
+
+    def add_bwd(gtotal, dy, total, w, mean, rstd):
+        out = layer_norm_cuda.add_backward(dev(gtotal), dev(dy), dev(total), opt(w), dev(mean),
+                                           dev(rstd), True, config=config)
+        return tuple(a.get() for a in out)
+
+    return add_fwd, add_bwd
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("affine", ["plain", "affine"])
+@pytest.mark.parametrize("R,N", [(1, 1), (5, 7), (17, 65), (2, 768)])
+@pytest.mark.parametrize("config_name", list(CONFIGS) + ["default"])
+def test_emulated_add_kernels_match_reference(make_fake, config_name, R, N, affine, dtype):
+    config = CONFIGS.get(config_name)
+    fake = make_fake()
+    check_add_variant(*gpu_add_runner(config), *gpu_runner(config), R, N, dtype, affine)
+    sfx = "f32" if dtype == np.float32 else "f64"
+    names = {name for name, _, _ in fake.launches}
+    assert {f"layer_norm_add_forward_{sfx}", f"layer_norm_add_backward_{sfx}"} <= names
 
 
 @needs_gxx
@@ -480,8 +645,10 @@ def test_launcher_casts_scalars_to_the_parameter_types():
 @pytest.mark.parametrize("R,N", [(3, 7), (130, 64), (4, 768)])
 def test_gpu_layer_norm_matches_reference(R, N, dtype):
     cp = backend.cupy_or_none()
-    assert ln._implementation(cp.zeros((1, 1))) == (layer_norm_cuda.forward,
-                                                    layer_norm_cuda.backward)
+    kinds = ("forward", "backward", "add_forward", "add_backward")
+    assert [ln._implementation(cp.zeros((1, 1)), k) for k in kinds] == [
+        layer_norm_cuda.forward, layer_norm_cuda.backward, layer_norm_cuda.add_forward,
+        layer_norm_cuda.add_backward]
     check_against_reference(*gpu_runner(None, cp.asarray), R, N, dtype, "affine")
 
 
@@ -495,3 +662,20 @@ def test_gpu_layer_norm_op_gradients():
     np.testing.assert_allclose(y.numpy(), ry, **F64_TOL)
     for got, want in ((tx.grad, rdx), (tw.grad, rdw), (tb.grad, rdb)):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_add_layer_norm_matches_add_then_layer_norm():
+    rng = np.random.default_rng(5)
+    x, res, g1, g2 = (rng.standard_normal((3, 17, 64)) for _ in range(4))
+    w, b = (rng.standard_normal(64) for _ in range(2))
+    results = []
+    for device in ("cuda", "cpu"):
+        tx, tr, tw, tb = (diagnet.tensor(a, device=device, requires_grad=True)
+                          for a in (x, res, w, b))
+        total, normed = F.add_layer_norm(tx, tr, 64, tw, tb)
+        (total * diagnet.tensor(g1, device=device)
+         + normed * diagnet.tensor(g2, device=device)).sum().backward()
+        results.append([a.numpy() for a in (total, normed, tx.grad, tr.grad, tw.grad, tb.grad)])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)

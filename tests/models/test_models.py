@@ -378,3 +378,47 @@ def test_gpu_forward_and_backward_match_cpu(kind):
     assert moved.device == "cuda"
     np.testing.assert_allclose(moved(images(B=2, dtype=np.float64, device="cuda")).numpy(),
                                results["cpu"][0], **F64_DEVICE_TOL)
+
+
+def _vit_outputs(model, x, labels):
+    """The logits and every parameter's gradient after one backward of the loss."""
+    for p in model.parameters():
+        p.grad = None
+    logits = model(x)
+    F.cross_entropy(logits, labels).backward()
+    return [logits.numpy()] + [p.grad.numpy() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("linear", ["dense", "diag"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_vit_fused_residual_norms_equal_calling_the_blocks(linear, dtype):
+    """`ViT.forward` fuses each residual add into the layer norm after it; a forward hook on a
+    block makes it call the blocks one by one. Both give the same logits and gradients (to
+    rounding: the fused kernels add the gradients of the residual stream with an FMA)."""
+    rng = np.random.default_rng(0)
+    x = dn.tensor(rng.standard_normal((3, 1, 8, 8)).astype(dtype))
+    labels = dn.tensor(rng.integers(0, 3, 3))
+    model = ViT(8, 4, 1, 8, 2, 2, 2, 3, linear=linear, sparsity=0.5, dtype=dtype, rng=0)
+    assert model._norms_fusable()
+    fused = _vit_outputs(model, x, labels)
+    handle = model.blocks[1].register_forward_hook(lambda module, inputs, out: None)
+    assert not model._norms_fusable()
+    blockwise = _vit_outputs(model, x, labels)
+    handle.remove()
+    assert model._norms_fusable()
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+    for got, want in zip(fused, blockwise):
+        np.testing.assert_allclose(got, want, **tol)
+
+
+def test_vit_calls_blocks_when_a_norm_is_replaced_or_hooked():
+    model = ViT(8, 4, 1, 8, 2, 2, 2, 3, rng=0)
+    seen = []
+    model.norm.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+    assert not model._norms_fusable()
+    model(dn.tensor(np.zeros((2, 1, 8, 8), np.float32)))
+    assert seen == [(2, 5, 8)]
+    model = ViT(8, 4, 1, 8, 2, 2, 2, 3, rng=0)
+    model.blocks[0].ln2 = nn.Identity()
+    assert not model._norms_fusable()
+    assert model(dn.tensor(np.zeros((2, 1, 8, 8), np.float32))).shape == (2, 3)

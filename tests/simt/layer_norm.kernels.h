@@ -4,9 +4,13 @@
 SIMT_KERNEL(layer_norm_forward_f32)
 SIMT_KERNEL(layer_norm_backward_f32)
 SIMT_KERNEL(layer_norm_param_reduce_f32)
+SIMT_KERNEL(layer_norm_add_forward_f32)
+SIMT_KERNEL(layer_norm_add_backward_f32)
 #endif
 #if LN_ENABLE_F64
 SIMT_KERNEL(layer_norm_forward_f64)
 SIMT_KERNEL(layer_norm_backward_f64)
 SIMT_KERNEL(layer_norm_param_reduce_f64)
+SIMT_KERNEL(layer_norm_add_forward_f64)
+SIMT_KERNEL(layer_norm_add_backward_f64)
 #endif
