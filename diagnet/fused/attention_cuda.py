@@ -37,6 +37,7 @@ import math
 import numpy as np
 
 from .. import cuda_launch
+from .cuda_rows import INT32_MAX, cdiv
 
 __all__ = ["forward", "backward", "fits", "launch_config", "AttentionConfig", "DEFAULT_CONFIG"]
 
@@ -51,7 +52,6 @@ COMPILED_FIELDS = {"threads": "ATT_THREADS", "query_tile": "ATT_QTILE",
 #: The static shared memory a block may declare.
 SHARED_BYTES = 48 * 1024
 
-_INT32_MAX = 2**31 - 1
 _MAX_GRID_Y = 65535
 
 
@@ -110,7 +110,7 @@ def fits(q_shape, k_shape, v_shape, dtype, config: AttentionConfig | None = None
     if min(lanes, L, S, E, Ev) < 1 or S > cfg.max_keys or max(E, Ev) > cfg.max_dim(dtype):
         return False
     # int kernel arguments, and the forward's query tiles in grid.y
-    return max(lanes, L) <= _INT32_MAX and -(-L // cfg.query_tile) <= _MAX_GRID_Y
+    return max(lanes, L) <= INT32_MAX and cdiv(L, cfg.query_tile) <= _MAX_GRID_Y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +127,11 @@ def launch_config(lanes: int, L: int, config: AttentionConfig | None = None) -> 
     """The launch geometry for ``lanes`` (batch x heads) and ``L`` queries (both >= 1).
     Pure Python."""
     cfg = DEFAULT_CONFIG if config is None else config
-    if not (1 <= lanes <= _INT32_MAX and 1 <= L <= _INT32_MAX):
+    if not (1 <= lanes <= INT32_MAX and 1 <= L <= INT32_MAX):
         raise ValueError(f"launch_config needs 1 <= lanes, L <= 2**31 - 1; got lanes={lanes}, "
                          f"L={L}")
     x = min(lanes, cfg.max_grid)
-    return LaunchPlan(block=(cfg.threads, 1, 1), forward_grid=(x, -(-L // cfg.query_tile), 1),
+    return LaunchPlan(block=(cfg.threads, 1, 1), forward_grid=(x, cdiv(L, cfg.query_tile), 1),
                       backward_grid=(x, 1, 1))
 
 

@@ -16,6 +16,9 @@ Both take the same five tuning constants (`RowKernelConfig`), three of them comp
 kernels, and the same plan (`RowKernelPlan`); they differ in how many columns a thread takes
 in a row and in how many sums per column the reduction writes (bias: 1; layer norm: 2, the
 weight's and the bias's).
+
+The integer helpers `cdiv`, `is_power_of_two` and `INT32_MAX` also serve the launchers of
+softmax (`diagnet.fused.softmax_cuda`) and attention (`diagnet.fused.attention_cuda`).
 """
 
 from __future__ import annotations

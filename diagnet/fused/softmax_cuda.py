@@ -35,6 +35,7 @@ import numpy as np
 
 from .. import cuda_launch
 from ..checks import FLOAT_DTYPES
+from .cuda_rows import INT32_MAX, cdiv, is_power_of_two
 
 __all__ = ["softmax", "softmax_grad", "log_softmax", "log_softmax_grad", "cross_entropy_rows",
            "cross_entropy_grad", "launch_config", "SoftmaxConfig", "DEFAULT_CONFIG"]
@@ -44,9 +45,6 @@ MACRO_PREFIX = "SOFTMAX"
 
 #: SoftmaxConfig fields that are compiled into the kernels, and their ``#define`` names.
 COMPILED_FIELDS = {"threads": "SOFTMAX_THREADS"}
-
-_INT32_MAX = 2**31 - 1
-
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxConfig:
@@ -61,7 +59,7 @@ class SoftmaxConfig:
 
     def __post_init__(self):
         cuda_launch.check_positive_fields(self)
-        if self.threads > 1024 or self.threads & (self.threads - 1):
+        if self.threads > 1024 or not is_power_of_two(self.threads):
             raise ValueError(f"SoftmaxConfig.threads must be a power of two <= 1024; "
                              f"got {self.threads}")
 
@@ -81,21 +79,17 @@ class LaunchPlan:
     grid: tuple[int, int, int]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=1024)
 def launch_config(R: int, C: int, config: SoftmaxConfig | None = None) -> LaunchPlan:
     """The launch geometry for ``R`` rows of width ``C`` (both positive). Pure Python."""
     cfg = DEFAULT_CONFIG if config is None else config
     R, C = operator.index(R), operator.index(C)
-    if not (1 <= R <= _INT32_MAX and 1 <= C <= _INT32_MAX):
+    if not (1 <= R <= INT32_MAX and 1 <= C <= INT32_MAX):
         raise ValueError(f"launch_config needs 1 <= R, C <= 2**31 - 1; got R={R}, C={C}")
     # two columns per thread: the row's loads in flight without idle threads on narrow rows
-    bx = min(cfg.threads, 1 << max(0, (_cdiv(C, 2) - 1).bit_length()))
+    bx = min(cfg.threads, 1 << max(0, (cdiv(C, 2) - 1).bit_length()))
     by = cfg.threads // bx
-    return LaunchPlan(block=(bx, by, 1), grid=(min(_cdiv(R, by), cfg.max_grid), 1, 1))
+    return LaunchPlan(block=(bx, by, 1), grid=(min(cdiv(R, by), cfg.max_grid), 1, 1))
 
 
 _SOFTMAX = cuda_launch.Kernel(KERNEL_FILE, "softmax_forward", "x:F y:O R:i C:i", MACRO_PREFIX)
