@@ -107,6 +107,19 @@ def input_and_value_grad(dy, x, offsets, values):
     return impl.input_grad(dy, offsets, values, x.shape[1]), impl.value_grad(dy, x, offsets)
 
 
+def input_value_and_bias_grad(dy, x, offsets, values):
+    """``input_and_value_grad`` plus the bias gradient ``dy.sum(axis=0)`` ``(m,)``.
+
+    The numba kernels add the bias gradient up from the tiles of ``dy`` that their pass
+    loads anyway; the reference and CUDA kernels sum ``dy``'s rows separately.
+    """
+    impl = implementation(dy)
+    if impl is _cpu:
+        return impl.input_value_and_bias_grad(dy, x, offsets, values)
+    return (impl.input_grad(dy, offsets, values, x.shape[1]), impl.value_grad(dy, x, offsets),
+            dy.sum(axis=0))
+
+
 def diagonal_scores(dy, x):
     """``G[p]``, the L2 norm of ``dy.T @ x`` on each of the ``P`` diagonals; ``(P,)``.
 

@@ -10,7 +10,8 @@ kernels of `diagnet.diag.dispatch`:
 * value gradient:  ``dvalues[k, t] = (dy.T @ x)`` at position ``t`` of diagonal
   ``offsets[k]``                                   -> ``dispatch.value_grad``
 
-(both gradients together -> ``dispatch.input_and_value_grad``, one pass over the batch)
+(both gradients together -> ``dispatch.input_and_value_grad``, one pass over the batch; with
+the bias gradient too -> ``dispatch.input_value_and_bias_grad``, the same pass)
 
 and `diagonal_scores` gives the gradient norm of *every* diagonal (stored or not), which
 mask-update steps of dynamic sparse training use to pick diagonals to grow; `diagonal_norms`
@@ -83,7 +84,10 @@ class DiagLinearFunction(Function):
         gx = gv = gb = None
         if self.relu:
             gy2, gb = _relu_grad(self.y, gy2, want_bias)
-        if needs[0] and needs[1] and not empty:
+        if needs[0] and needs[1] and not empty and want_bias and gb is None:
+            # all three from one pass over the batch (on the CPU; three calls on the GPU)
+            gx, gv, gb = dispatch.input_value_and_bias_grad(gy2, x2, self.offsets, values)
+        elif needs[0] and needs[1] and not empty:
             # both from one pass over the batch (on the CPU; two kernel calls on the GPU)
             gx, gv = dispatch.input_and_value_grad(gy2, x2, self.offsets, values)
         else:

@@ -468,6 +468,11 @@ def check_both(x, dy, offsets, values):
                  reference.input_grad(ady, offsets, av, n), dtype)
     assert_close(dvalues, reference.value_grad(dy64, x64, offsets),
                  reference.value_grad(ady, ax, offsets), dtype)
+    # with the bias gradient from the same pass: the same dx and dvalues, bit for bit
+    dx3, dvalues3, dbias = cpu.input_value_and_bias_grad(dy, x, offsets, values)
+    assert np.array_equal(dx3, dx) and np.array_equal(dvalues3, dvalues)
+    assert dbias.dtype == dx.dtype and dbias.shape == (dy.shape[1],)
+    assert_close(dbias, dy64.sum(axis=0), ady.sum(axis=0), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -510,20 +515,21 @@ def test_fused_backward_dispatch(shape, K, B, threads, chunks, monkeypatch):
     calls = spy_on_backward_kernels(monkeypatch)
     check_both(*make_case(np.random.default_rng(11), B, m, n, K, np.float64))
     separate = int(chunks == 0)
-    assert calls == {"_both_grads_parallel": int(chunks > 1), "_input_grad": separate,
-                     "_value_grad": separate}
+    # check_both runs the pass twice: without and with the bias gradient
+    assert calls == {"_both_grads_parallel": 2 * int(chunks > 1), "_input_grad": 2 * separate,
+                     "_value_grad": 2 * separate}
 
 
-def test_input_and_value_grad_propagates_nan_and_inf(path):
+def test_input_value_and_bias_grad_propagates_nan_and_inf(path):
     rng = np.random.default_rng(6)
     for m, n in ((30, 30), (40, 17), (17, 40)):
         x, dy, offsets, values = make_case(rng, 6, m, n, 9, np.float64)
         x[2, 3] = np.nan
         dy[1, 5] = -np.inf
         values[1, 2] = np.nan
-        got = cpu.input_and_value_grad(dy, x, offsets, values)
+        got = cpu.input_value_and_bias_grad(dy, x, offsets, values)
         want = (reference.input_grad(dy, offsets, values, n),
-                reference.value_grad(dy, x, offsets))
+                reference.value_grad(dy, x, offsets), dy.sum(axis=0))
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
             np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
@@ -538,6 +544,9 @@ def test_input_and_value_grad_edge_cases_and_conversions():
     dx, dv = cpu.input_and_value_grad(np.ones((3, 8)), np.ones((3, 5)), np.zeros(0, np.int64),
                                       np.zeros((0, 5)))
     assert dx.tolist() == [[0.0] * 5] * 3 and dv.shape == (0, 5)
+    dx, dv, db = cpu.input_value_and_bias_grad(np.zeros((0, 8)), np.zeros((0, 5)), [0, 3],
+                                               np.ones((2, 5)))
+    assert dx.shape == (0, 5) and db.tolist() == [0.0] * 8
     # strided dy, float64 x and values, int32 offsets: converted to dy's float32
     rng = np.random.default_rng(8)
     x, dy, offsets, values = make_case(rng, 9, 12, 7, 4, np.float32)

@@ -317,6 +317,31 @@ def test_input_and_value_grad_dispatch(kernel_impl, use_kernels, shape, monkeypa
     np.testing.assert_allclose(gv, want[1], rtol=1e-12, atol=1e-12)
 
 
+def test_bias_gradient_comes_from_the_fused_backward(kernel_impl, use_kernels, monkeypatch):
+    """With a bias, the numba kernels give all three gradients in one call
+    (`input_value_and_bias_grad`); the values are those of the separate products and the
+    row sum, with either CPU implementation."""
+    rng = np.random.default_rng(3)
+    x_np, v_np, b_np = rng.standard_normal((9, 6)), rng.standard_normal((3, 4)), rng.standard_normal(4)
+    with use_kernels(kernel_impl):
+        impl = dispatch.implementation(x_np)
+        calls = []
+        if kernel_impl == "numba":
+            real = impl.input_value_and_bias_grad
+            monkeypatch.setattr(impl, "input_value_and_bias_grad",
+                                lambda *a: calls.append(1) or real(*a))
+        x, v, b = (tensor(a, requires_grad=True) for a in (x_np, v_np, b_np))
+        y = F.diag_linear(x, [0, 1, 5], v, (4, 6), b)
+        gy = rng.standard_normal(y.shape)
+        y.backward(tensor(gy))
+        want = (dispatch.input_grad(gy, np.array([0, 1, 5]), v_np, 6),
+                dispatch.value_grad(gy, x_np, np.array([0, 1, 5])))
+    assert calls == ([1] if kernel_impl == "numba" else [])
+    np.testing.assert_allclose(x.grad.numpy(), want[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v.grad.numpy(), want[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.grad.numpy(), gy.sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
 def test_no_graph_under_no_grad_and_without_grad_inputs():
     v = tensor(np.ones((1, 3)), requires_grad=True)
     with no_grad():

@@ -92,7 +92,8 @@ from .scatter import _scatter_block, _scatter_parallel
 from .tiles import _TILE_ROWS, _jit, _marker
 from .value_grad import _vgrad_block, _vgrad_parallel
 
-__all__ = ["forward", "input_grad", "value_grad", "input_and_value_grad"]
+__all__ = ["forward", "input_grad", "value_grad", "input_and_value_grad",
+           "input_value_and_bias_grad"]
 
 # Below these many multiply-adds (B * K * L) a call runs on the calling thread (the
 # crossovers measured on 2 cores, see "Threads" above): forward and input grad...
@@ -247,8 +248,10 @@ def _input_grad(dx, dy, values, offsets):
         _to_long_side(dx, dy, values, offsets, _no_bias(dx), False)
 
 
-def _input_and_value_grad(dy, x, values, offsets):
-    """``(dx, dvalues)`` for ``B >= 1``, ``K >= 1``: fused where `_both_grads_chunks` allows."""
+def _input_and_value_grad(dy, x, values, offsets, want_bias=False):
+    """``(dx, dvalues, dbias)`` for ``B >= 1``, ``K >= 1``: fused where `_both_grads_chunks`
+    allows; ``dbias`` (``dy`` summed over its rows, ``(m,)``) only with ``want_bias``, else
+    None."""
     B, m = dy.shape
     n = x.shape[1]
     K, L = values.shape
@@ -257,15 +260,19 @@ def _input_and_value_grad(dy, x, values, offsets):
     if n_chunks == 0:
         _input_grad(dx, dy, values, offsets)
         short, long = (x, dy) if m >= n else (dy, x)
-        return dx, _value_grad(short, long, offsets)
+        # one BLAS matrix-vector product reads dy once (NumPy's row sum is slower)
+        gb = np.ones(B, dtype=dy.dtype) @ dy if want_bias else None
+        return dx, _value_grad(short, long, offsets), gb
     marker = _marker(max(m, n) + L - 1)
     if n_chunks == 1:
         g = np.zeros((K, L), dtype=dy.dtype)
-        _both_grads_block(dx, g, dy, x, values, offsets, 0, B, marker)
-        return dx, g
+        gb = np.zeros(m, dtype=dy.dtype) if want_bias else None
+        _both_grads_block(dx, g, gb, dy, x, values, offsets, 0, B, marker)
+        return dx, g, gb
     partial = np.zeros((n_chunks, K, L), dtype=dy.dtype)
-    _both_grads_parallel(dx, partial, dy, x, values, offsets, marker)
-    return dx, partial.sum(axis=0)
+    partial_bias = np.zeros((n_chunks, m), dtype=dy.dtype) if want_bias else None
+    _both_grads_parallel(dx, partial, partial_bias, dy, x, values, offsets, marker)
+    return dx, partial.sum(axis=0), (partial_bias.sum(axis=0) if want_bias else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -430,6 +437,18 @@ def input_and_value_grad(dy, x, offsets, values):
     One pass over the batch computes both, so each tile of ``dy`` is copied once; the value
     grad's sums may run in another order than `value_grad`'s.
     """
+    return _all_grads(dy, x, offsets, values, False)[:2]
+
+
+def input_value_and_bias_grad(dy, x, offsets, values):
+    """The three gradients of ``y = x @ W.T + bias``: ``(dx, dvalues, dbias)``, as
+    `input_and_value_grad` plus ``dbias = dy.sum(axis=0)`` ``(m,)`` of ``dy.dtype``, added
+    up from the tiles of ``dy`` that pass already loads (in its row order: the last bits may
+    differ from another sum's)."""
+    return _all_grads(dy, x, offsets, values, True)
+
+
+def _all_grads(dy, x, offsets, values, want_bias):
     dy, x = _float_pair(dy, x)
     if not _is_ready(values, dy.dtype):
         values = np.ascontiguousarray(values, dtype=dy.dtype)
@@ -443,5 +462,6 @@ def input_and_value_grad(dy, x, offsets, values):
     K, L = values.shape
     _check_layout(m, n, offsets, K, L)
     if B == 0 or K == 0:
-        return np.zeros((B, n), dtype=dy.dtype), np.zeros((K, L), dtype=dy.dtype)
-    return _input_and_value_grad(dy, x, values, offsets)
+        return (np.zeros((B, n), dtype=dy.dtype), np.zeros((K, L), dtype=dy.dtype),
+                dy.sum(axis=0) if want_bias else None)
+    return _input_and_value_grad(dy, x, values, offsets, want_bias)

@@ -1,4 +1,5 @@
-"""The fused backward: ``dx = dy @ W`` and the value grad from the same tiles of rows.
+"""The fused backward: ``dx = dy @ W``, the value grad, and optionally the bias grad
+(``dy`` summed over its rows), from the same tiles of rows.
 
 Part of `diagnet.diag.cpu` (its docstring gives the plan), built from the tile loops of
 `.gather`, `.scatter` and `.value_grad`. A backward pass that wants the input grad and the
@@ -19,19 +20,32 @@ import numpy as np
 from .gather import _gather_row, _gather_tile
 from .scatter import _scatter_1row_1diag, _scatter_4rows_1diag
 from .tiles import (_TILE_ROWS, _jit, _load_tile, _pjit, _store_tile, _store_tile_folded,
-                    _stride, _zero_tile)
+                    _stride, _u, _zero_tile)
 from .value_grad import _vgrad_row, _vgrad_tile
 
 
 @_jit
-def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
+def _add_rows(acc, tile, nrows, width, marker):
+    """``acc[j] += tile[r*S + j]`` for rows ``r < nrows`` in order, ``j < width``: the rows of
+    ``dy`` in a tile added into a bias gradient."""
+    S = _stride(marker)
+    for r in range(_u(nrows)):
+        base = r * S
+        for j in range(_u(width)):
+            acc[j] += tile[base + j]
+
+
+@_jit
+def _both_grads_block(dx, g, gbias, dy, x, vals, offsets, b_start, b_stop, marker):
     """Rows ``b_start .. b_stop-1``: their input grad into ``dx``, their value grad added into
-    ``g``, each tile of rows loaded once for both.
+    ``g``, each tile of rows loaded once for both; with ``gbias`` (``(m,)``, not None) their
+    rows of ``dy`` added into it too (the bias gradient, from the same tile).
 
     The value grad reads the short side ``a`` and the extended long side ``ext`` of the
     weight. For a tall or square weight ``ext`` holds ``dy``, from which the input grad
     gathers; for a wide one ``a`` holds ``dy``, from which it scatters (see the module
     docstring). Either way ``dy`` is copied into a tile once instead of once per product.
+    Numba compiles a None ``gbias`` apart, without the bias loop.
     """
     m, n = dy.shape[1], x.shape[1]
     K, L = vals.shape
@@ -56,6 +70,8 @@ def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
                 _scatter_4rows_1diag(acc, a, vals, k, offsets[k], marker)
             _store_tile_folded(dx, acc, no_bias, False, b, _TILE_ROWS, width, marker)
         _vgrad_tile(g, a, ext, 0, K, offsets, marker)
+        if gbias is not None:
+            _add_rows(gbias, ext if tall else a, _TILE_ROWS, m, marker)
     for b in range(tiles_stop, b_stop):
         _load_tile(a, short, b, 1, L, marker)
         _load_tile(ext, long, b, 1, width, marker)
@@ -69,14 +85,17 @@ def _both_grads_block(dx, g, dy, x, vals, offsets, b_start, b_stop, marker):
                 _scatter_1row_1diag(acc, a, vals, k, offsets[k])
             _store_tile_folded(dx, acc, no_bias, False, b, 1, width, marker)
         _vgrad_row(g, a, ext, 0, K, offsets)
+        if gbias is not None:
+            _add_rows(gbias, ext if tall else a, 1, m, marker)
 
 
 @_pjit
-def _both_grads_parallel(dx, partial, dy, x, vals, offsets, marker):
+def _both_grads_parallel(dx, partial, partial_bias, dy, x, vals, offsets, marker):
     """`_both_grads_block` with the batch split into ``len(partial)`` chunks, one per task.
 
     Task ``c`` writes its own rows of ``dx`` and adds its value grad into ``partial[c]``
-    (zeroed by the caller), which sums ``partial`` over its first axis.
+    and, unless ``partial_bias`` is None, its bias grad into ``partial_bias[c]`` (both
+    zeroed by the caller, which sums them over their first axis).
     """
     n_chunks = partial.shape[0]
     B = dy.shape[0]
@@ -84,4 +103,9 @@ def _both_grads_parallel(dx, partial, dy, x, vals, offsets, marker):
     for c in numba.prange(n_chunks):
         b_start = min(B, _TILE_ROWS * (tiles * c // n_chunks))
         b_stop = min(B, _TILE_ROWS * (tiles * (c + 1) // n_chunks))
-        _both_grads_block(dx, partial[c], dy, x, vals, offsets, b_start, b_stop, marker)
+        if partial_bias is None:
+            _both_grads_block(dx, partial[c], None, dy, x, vals, offsets, b_start, b_stop,
+                              marker)
+        else:
+            _both_grads_block(dx, partial[c], partial_bias[c], dy, x, vals, offsets, b_start,
+                              b_stop, marker)
