@@ -18,12 +18,12 @@ module for the math), for NumPy arrays ``(R, N)``.
   LLVM split each row sum into vector lanes, so the sums round like short pairwise sums.
 * **No branches in the inner loops.** A missing weight or bias is passed as ones or zeros,
   so one loop serves every affine combination (``* 1.0`` and ``+ 0.0`` are exact).
-* **Threads.** Calls with at least `_PARALLEL_WORK` elements split the rows over numba's
-  thread pool, the rest run on the calling thread (waking the pool would cost more; see
-  `diagnet.diag.threadpools`). The backward's parameter sums are deterministic: each task
-  adds its rows, in order, into its own partial row, and the partial rows are added in task
-  order; the number of tasks is the thread count, so a given thread count always gives the
-  same bits.
+* **Threads.** Calls with at least `_PARALLEL_WORK` elements (`_PARALLEL_WORK_BACKWARD` for
+  the backward) split the rows over numba's thread pool, the rest run on the calling
+  thread (waking the pool would cost more; see `diagnet.diag.threadpools`). The backward's
+  parameter sums are deterministic: each task adds its rows, in order, into its own partial
+  row, and the partial rows are added in task order; the number of tasks is the thread
+  count, so a given thread count always gives the same bits.
 * **Indexing.** Loops index with unsigned integers, as in `diagnet.diag.cpu` (a signed index
   may be negative for numba, and that check stops LLVM from vectorising). No bounds checks:
   `diagnet.fused.layer_norm` checks shapes and dtypes before calling these.
@@ -44,10 +44,14 @@ _FASTMATH = {"contract", "reassoc"}
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 
-#: From this many elements (R * N) on, the rows are split over numba's threads. The ViT's
-#: 128 * 17 rows of 64 stay below: 2 threads gain little there at best, and lose several
-#: times over when the cores are busy (figures in docs/benchmarks.md).
-_PARALLEL_WORK = 1 << 18
+#: From this many elements (R * N) on, the rows are split over numba's threads: the forward
+#: and the backward (whose per-task partial sums cost more to set up and add). The ViT's
+#: 128 * 17 rows of 64 are above both: alone, the forward (with the residual add) takes 40
+#: instead of 75 µs on 2 threads and the backward 64 instead of 75 µs, and the ViT's step
+#: about 0.5 ms less (figures in docs/benchmarks.md). A busy core slows a threaded call
+#: several times over, as it does the diagonal kernels beside them.
+_PARALLEL_WORK = 1 << 16
+_PARALLEL_WORK_BACKWARD = 1 << 17
 
 _u = np.uint64  # unsigned index (see "Indexing" above)
 
@@ -150,9 +154,9 @@ def _backward_parallel(dy, x, weight, mean, rstd, inv_n, dx, partial, want_param
                        R * task // ntasks, R * (task + 1) // ntasks, want_params, gtotal)
 
 
-def _tasks(x) -> int:
-    """1 (run on the calling thread) below `_PARALLEL_WORK` elements, else the thread count."""
-    if x.size < _PARALLEL_WORK:
+def _tasks(x, threshold) -> int:
+    """1 (run on the calling thread) below ``threshold`` elements, else the thread count."""
+    if x.size < threshold:
         return 1
     return min(numba.get_num_threads(), x.shape[0])
 
@@ -189,7 +193,7 @@ def _forward(x, residual, total, weight, bias, eps):
     # scalars of the array dtype keep the inner loops in that dtype (a float64 scalar would
     # promote every element, and halve the vector width)
     inv_n, eps = x.dtype.type(1 / N), x.dtype.type(eps)
-    tasks = _tasks(x)
+    tasks = _tasks(x, _PARALLEL_WORK)
     if tasks == 1:
         _forward_rows(x, residual, total, weight, bias, inv_n, eps, y, mean, rstd, 0, R)
     else:
@@ -217,7 +221,7 @@ def _backward(dy, x, weight, mean, rstd, want_params, gtotal):
     weight = _affine(weight, 1, N, x.dtype)
     dx = np.empty_like(x)
     inv_n = x.dtype.type(1 / N)
-    tasks = _tasks(x)
+    tasks = _tasks(x, _PARALLEL_WORK_BACKWARD)
     partial = np.zeros((tasks, 2, N if want_params else 0), dtype=x.dtype)
     if tasks == 1:
         _backward_rows(dy, x, weight, mean, rstd, inv_n, dx, partial[0, 0], partial[0, 1], 0, R,
