@@ -1,4 +1,5 @@
-"""Pieces shared by the models: argument checks, `PatchEmbedding` and `FeedForward`.
+"""Pieces shared by the models: argument checks, `PatchEmbedding`, `FeedForward` and the
+pre-norm residual stream with each add fused into the layer norm after it.
 
 The dense-or-diagonal switch itself is `diagnet.nn.linear.make_linear` (one copy, used
 by attention and by every model).
@@ -14,7 +15,7 @@ from diagnet.checks import positive_int, probability
 from diagnet.nn.linear import LINEAR_KINDS, make_linear
 
 __all__ = ["positive_int", "probability", "check_linear", "PatchEmbedding", "FeedForward",
-           "make_linear"]
+           "make_linear", "pre_norm_fusable", "run_pre_norm_fused"]
 
 
 def check_linear(linear):
@@ -106,3 +107,32 @@ class FeedForward(nn.Module):
 
     def extra_repr(self):
         return f"dropout={self.dropout}" if self.dropout else ""
+
+
+def pre_norm_fusable(blocks, block_type, final_norm):
+    """Whether `run_pre_norm_fused` computes what calling ``blocks`` and then ``final_norm``
+    would: every block an unhooked ``block_type`` whose ``forward`` is that class's, and its
+    ``ln1``, ``ln2`` and ``final_norm`` unhooked `nn.LayerNorm` with their own ``forward``."""
+    for block in blocks:
+        if type(block).forward is not block_type.forward or block._forward_hooks:
+            return False
+    norms = [final_norm] + [ln for b in blocks for ln in (b.ln1, b.ln2)]
+    return all(isinstance(ln, nn.LayerNorm) and type(ln).forward is nn.LayerNorm.forward
+               and not ln._forward_hooks for ln in norms)
+
+
+def run_pre_norm_fused(x, stages, final_norm):
+    """``final_norm`` of the residual stream after pre-norm ``stages``, each residual add
+    computed with the layer norm after it as one `diagnet.functional.add_layer_norm` node.
+
+    ``stages``: ``[(norm, branch), ...]`` in order, each an `nn.LayerNorm` and a callable:
+    ``x = x + branch(norm(x))`` per stage, then ``final_norm(x)`` is returned. The same
+    values as those steps taken one by one, without a pass over the residual stream for each
+    add, nor one for adding its two gradients in the backward.
+    """
+    normed = stages[0][0](x)
+    for i, (_, branch) in enumerate(stages):
+        following = stages[i + 1][0] if i + 1 < len(stages) else final_norm
+        x, normed = F.add_layer_norm(x, branch(normed), following.normalized_shape,
+                                     following.weight, following.bias, following.eps)
+    return normed

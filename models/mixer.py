@@ -7,7 +7,8 @@ import numpy as np
 from diagnet import nn
 from diagnet import random as _random
 
-from .common import FeedForward, PatchEmbedding, check_linear, positive_int
+from .common import (FeedForward, PatchEmbedding, check_linear, positive_int, pre_norm_fusable,
+                     run_pre_norm_fused)
 
 __all__ = ["MLPMixer", "MixerBlock"]
 
@@ -35,8 +36,12 @@ class MixerBlock(nn.Module):
                                        device, gen)
 
     def forward(self, x):
-        x = x + self.token_mix(self.ln1(x).transpose(0, 2, 1)).transpose(0, 2, 1)
+        x = x + self.mix_tokens(self.ln1(x))
         return x + self.channel_mix(self.ln2(x))
+
+    def mix_tokens(self, x):
+        """``token_mix`` across the tokens of ``x`` ``(B, T, dim)``: ``(B, T, dim)``."""
+        return self.token_mix(x.transpose(0, 2, 1)).transpose(0, 2, 1)
 
 
 class MLPMixer(nn.Module):
@@ -63,6 +68,10 @@ class MLPMixer(nn.Module):
         sparsity: target sparsity of the diagonal layers.
         dropout: inside the mixing MLPs.
         dtype, device: of the parameters. rng: None, int seed or Generator.
+
+    As `ViT`, ``forward`` computes each residual add with the layer norm after it as one
+    node (`models.common.run_pre_norm_fused`), and calls the blocks one by one when a block
+    or a norm has a forward hook or a ``forward`` of its own.
     """
 
     def __init__(self, image_size, patch_size, in_channels, dim, depth, token_mlp_dim,
@@ -86,9 +95,15 @@ class MLPMixer(nn.Module):
 
     def forward(self, x):
         x = self.patch_embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x).mean(axis=1))
+        if pre_norm_fusable(self.blocks, MixerBlock, self.norm):
+            stages = [stage for b in self.blocks
+                      for stage in ((b.ln1, b.mix_tokens), (b.ln2, b.channel_mix))]
+            normed = run_pre_norm_fused(x, stages, self.norm)
+        else:
+            for block in self.blocks:
+                x = block(x)
+            normed = self.norm(x)
+        return self.head(normed.mean(axis=1))
 
     def extra_repr(self):
         return f"linear={self.linear!r}"

@@ -8,7 +8,8 @@ from diagnet import backend, nn
 from diagnet import functional as F
 from diagnet import random as _random
 
-from .common import FeedForward, PatchEmbedding, check_linear, positive_int, probability
+from .common import (FeedForward, PatchEmbedding, check_linear, positive_int, pre_norm_fusable,
+                     probability, run_pre_norm_fused)
 
 __all__ = ["ViT", "TransformerBlock"]
 
@@ -17,11 +18,6 @@ def _normal_parameter(shape, std, dtype, device, gen):
     """A Parameter drawn from N(0, std^2) on the host (the same on every device), then moved."""
     host = (gen.standard_normal(shape) * std).astype(dtype)
     return nn.Parameter(backend.to_device(host, backend.resolve_device(device)))
-
-
-def _add_norm(x, branch, norm):
-    """``(x + branch, norm(x + branch))`` in one node, for the `nn.LayerNorm` ``norm``."""
-    return F.add_layer_norm(x, branch, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class TransformerBlock(nn.Module):
@@ -34,7 +30,8 @@ class TransformerBlock(nn.Module):
     and ``proj`` and for both MLP layers.
 
     `ViT` runs its blocks' branches itself, with each residual add fused into the layer norm
-    that follows it (`ViT.forward`); calling a block runs this ``forward``.
+    that follows it (`ViT.forward`, `models.common.run_pre_norm_fused`); calling a block runs
+    this ``forward``.
     """
 
     def __init__(self, dim, heads, mlp_ratio, linear="dense", sparsity=0.9, dropout=0.0,
@@ -122,34 +119,14 @@ class ViT(nn.Module):
         cls = F.broadcast_to(self.cls_token, (B, 1, dim))
         x = F.concatenate([cls, x], axis=1) + self.pos_embed         # (B, T+1, dim)
         x = F.dropout(x, self.dropout, self.training)
-        if self._norms_fusable():
-            normed = self._blocks_with_fused_norms(x)
+        if pre_norm_fusable(self.blocks, TransformerBlock, self.norm):
+            stages = [stage for b in self.blocks for stage in ((b.ln1, b.attn), (b.ln2, b.mlp))]
+            normed = run_pre_norm_fused(x, stages, self.norm)
         else:
             for block in self.blocks:
                 x = block(x)
             normed = self.norm(x)
         return self.head(normed[:, 0])
-
-    def _norms_fusable(self):
-        """Whether `_blocks_with_fused_norms` computes what calling the blocks would: plain
-        `TransformerBlock` forwards and `nn.LayerNorm` norms, none with a forward hook."""
-        for block in self.blocks:
-            if type(block).forward is not TransformerBlock.forward or block._forward_hooks:
-                return False
-        norms = [self.norm] + [ln for b in self.blocks for ln in (b.ln1, b.ln2)]
-        return all(isinstance(ln, nn.LayerNorm) and type(ln).forward is nn.LayerNorm.forward
-                   and not ln._forward_hooks for ln in norms)
-
-    def _blocks_with_fused_norms(self, x):
-        """The blocks and the final norm, each residual add done by the layer norm after it;
-        returns the final norm's output ``(B, T+1, dim)``."""
-        blocks = list(self.blocks)
-        normed = blocks[0].ln1(x)
-        for i, block in enumerate(blocks):
-            following = blocks[i + 1].ln1 if i + 1 < len(blocks) else self.norm
-            x, normed = _add_norm(x, block.attn(normed), block.ln2)
-            x, normed = _add_norm(x, block.mlp(normed), following)
-        return normed
 
     def extra_repr(self):
         return (f"linear={self.linear!r}, dropout={self.dropout}, "

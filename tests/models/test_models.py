@@ -21,6 +21,7 @@ import diagnet as dn
 import diagnet.functional as F
 from diagnet import nn
 from diagnet.models import MLP, MixerBlock, MLPMixer, TransformerBlock, ViT
+from diagnet.models.common import pre_norm_fusable
 from tolerances import GRADCHECK_TOL
 
 #: CPU vs GPU (or the CuPy stand-in) in float64: the same model, with sums in another
@@ -389,36 +390,50 @@ def _vit_outputs(model, x, labels):
     return [logits.numpy()] + [p.grad.numpy() for p in model.parameters()]
 
 
+def _fusable(model):
+    block_type = TransformerBlock if isinstance(model, ViT) else MixerBlock
+    return pre_norm_fusable(model.blocks, block_type, model.norm)
+
+
+def _small_model(kind, linear, dtype):
+    if kind == "vit":
+        return ViT(8, 4, 1, 8, 2, 2, 2, 3, linear=linear, sparsity=0.5, dtype=dtype, rng=0)
+    return MLPMixer(8, 4, 1, 8, 2, 6, 12, 3, linear=linear, sparsity=0.5, dtype=dtype, rng=0)
+
+
+@pytest.mark.parametrize("kind", ["vit", "mixer"])
 @pytest.mark.parametrize("linear", ["dense", "diag"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-def test_vit_fused_residual_norms_equal_calling_the_blocks(linear, dtype):
-    """`ViT.forward` fuses each residual add into the layer norm after it; a forward hook on a
-    block makes it call the blocks one by one. Both give the same logits and gradients (to
-    rounding: the fused kernels add the gradients of the residual stream with an FMA)."""
+def test_fused_residual_norms_equal_calling_the_blocks(kind, linear, dtype):
+    """`ViT.forward` and `MLPMixer.forward` fuse each residual add into the layer norm after
+    it; a forward hook on a block makes them call the blocks one by one. Both give the same
+    logits and gradients (to rounding: the fused kernels add the gradients of the residual
+    stream with an FMA)."""
     rng = np.random.default_rng(0)
     x = dn.tensor(rng.standard_normal((3, 1, 8, 8)).astype(dtype))
     labels = dn.tensor(rng.integers(0, 3, 3))
-    model = ViT(8, 4, 1, 8, 2, 2, 2, 3, linear=linear, sparsity=0.5, dtype=dtype, rng=0)
-    assert model._norms_fusable()
+    model = _small_model(kind, linear, dtype)
+    assert _fusable(model)
     fused = _vit_outputs(model, x, labels)
     handle = model.blocks[1].register_forward_hook(lambda module, inputs, out: None)
-    assert not model._norms_fusable()
+    assert not _fusable(model)
     blockwise = _vit_outputs(model, x, labels)
     handle.remove()
-    assert model._norms_fusable()
+    assert _fusable(model)
     tol = dict(rtol=1e-12, atol=1e-13) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
     for got, want in zip(fused, blockwise):
         np.testing.assert_allclose(got, want, **tol)
 
 
-def test_vit_calls_blocks_when_a_norm_is_replaced_or_hooked():
-    model = ViT(8, 4, 1, 8, 2, 2, 2, 3, rng=0)
+@pytest.mark.parametrize("kind", ["vit", "mixer"])
+def test_blocks_are_called_when_a_norm_is_replaced_or_hooked(kind):
+    model = _small_model(kind, "dense", np.float32)
     seen = []
     model.norm.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
-    assert not model._norms_fusable()
+    assert not _fusable(model)
     model(dn.tensor(np.zeros((2, 1, 8, 8), np.float32)))
-    assert seen == [(2, 5, 8)]
-    model = ViT(8, 4, 1, 8, 2, 2, 2, 3, rng=0)
+    assert seen == ([(2, 5, 8)] if kind == "vit" else [(2, 4, 8)])
+    model = _small_model(kind, "dense", np.float32)
     model.blocks[0].ln2 = nn.Identity()
-    assert not model._norms_fusable()
+    assert not _fusable(model)
     assert model(dn.tensor(np.zeros((2, 1, 8, 8), np.float32))).shape == (2, 3)
