@@ -23,7 +23,11 @@ batch 1 and 128 (forward only, ``eval()`` mode, under ``no_grad``). Variants:
   timed on ordinary steps (the controller's hooks run, no swap happens);
 * **diagnet DynaDiag 90% frozen**: the same after ``freeze()``;
 * **PyTorch dense**: the twin of each model in PyTorch, when torch imports, timed in a
-  process of its own (no thread pool of diagnet's there) with 2 threads. The ViT twin is
+  process of its own (no thread pool of diagnet's there) with 2 threads. That process stays
+  up (`reports.StepServer`) and PyTorch is one more variant of each rotating round, so its
+  visits alternate with diagnet's: a drift of the machine's speed during the run (other
+  tenants of a virtual machine, clock changes) reaches both sides of a ratio alike, where
+  timing PyTorch in one block after diagnet put it all on one side. The ViT twin is
   built as the ViT: patches by reshape, class token, learned position embedding, pre-norm
   blocks of ``nn.LayerNorm``, ``nn.MultiheadAttention`` (``batch_first``) and a GELU MLP,
   head on the class token; its parameter count is checked against diagnet's.
@@ -65,8 +69,8 @@ import diagnet as dn  # noqa: E402
 from diagnet import backend, functional as F  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP, ViT  # noqa: E402
-from reports import (child_result, default_output, fmt_ratio, load_average,  # noqa: E402
-                     machine, time_variants, write_section)
+from reports import (StepServer, default_output, fmt_ratio, load_average,  # noqa: E402
+                     machine, serve_steps, time_variants, write_section)
 
 SECTION = "bench_vit_step"
 SPARSITY = 0.9
@@ -223,9 +227,13 @@ def diagnet_steps(sizes, model_name, variant, device, seed=0):
     return steps, model
 
 
-def measure_diagnet(args):
+def measure(args, torch_server=None):
     """``(ms, structures, params)``: ``ms[(model, variant, measure)]`` median milliseconds,
-    ``structures[(model, variant)]``, ``params[(model, variant)]`` stored entries."""
+    ``structures[(model, variant)]``, ``params[(model, variant)]`` stored entries.
+
+    With ``torch_server`` (a `reports.StepServer` running `torch_child`), PyTorch's twin is
+    one more variant of each rotation (``TORCH``), timed in its process between diagnet's
+    variants, so that a drift of the machine's speed reaches both sides of a ratio."""
     ms, structures, params = {}, {}, {}
     for model_name in MODELS:
         cases = {}
@@ -233,11 +241,13 @@ def measure_diagnet(args):
             cases[variant], model = diagnet_steps(args.sizes, model_name, variant, args.device)
             structures[(model_name, variant)] = structure(model)
             params[(model_name, variant)] = parameter_count(model)
-        for measure in args.sizes.measures:
-            times = time_variants({v: cases[v][measure] for v in VARIANTS}, args.steps,
-                                  args.warmup, args.rounds)
+        for measure_name in args.sizes.measures:
+            steps = {v: cases[v][measure_name] for v in VARIANTS}
+            if torch_server is not None:
+                steps[TORCH] = torch_server.step(torch_key(model_name, measure_name))
+            times = time_variants(steps, args.steps, args.warmup, args.rounds)
             for variant, t in times.items():
-                ms[(model_name, variant, measure)] = float(np.median(t)) * 1e3
+                ms[(model_name, variant, measure_name)] = float(np.median(t)) * 1e3
     return ms, structures, params
 
 
@@ -353,32 +363,34 @@ def torch_unavailable(device):
     return ""
 
 
+def torch_key(model_name, measure_name):
+    """The key of a PyTorch step in `torch_child`'s server."""
+    return f"{model_name}|{measure_name}"
+
+
 def torch_child(args):
-    """Time the PyTorch twins in this fresh process; print ``RESULT`` and JSON
-    ``{"info", "ms": {model: {measure: ms}}, "params": {model: n}}``."""
+    """Serve the PyTorch twins' steps from this fresh process (`reports.serve_steps`): the
+    ``READY`` info is ``{"info", "params": {model: n}}``, the keys `torch_key`."""
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
-    result = {"info": f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads"
-                      + (f", {torch.cuda.get_device_name()})" if args.device == "cuda" else ")"),
-              "ms": {}, "params": {}}
+    info = {"info": f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads"
+                    + (f", {torch.cuda.get_device_name()})" if args.device == "cuda" else ")"),
+            "params": {}}
+    steps = {}
     for model_name in MODELS:
-        steps, result["params"][model_name] = torch_steps(torch, args.sizes, model_name,
-                                                          args.device)
-        result["ms"][model_name] = {}
-        for measure in args.sizes.measures:
-            times = time_variants({measure: steps[measure]}, args.steps, args.warmup,
-                                  args.rounds)[measure]
-            result["ms"][model_name][measure] = float(np.median(times)) * 1e3
-    print("RESULT " + json.dumps(result))
+        model_steps, info["params"][model_name] = torch_steps(torch, args.sizes, model_name,
+                                                              args.device)
+        for measure_name, step in model_steps.items():
+            steps[torch_key(model_name, measure_name)] = step
+    serve_steps(steps, info)
 
 
-def run_torch_child(args):
-    """The child's result (see `torch_child`), PyTorch timed in a process of its own."""
+def torch_server(args):
+    """A `reports.StepServer` running `torch_child` (PyTorch in a process of its own)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
-           args.device, "--steps", str(args.steps), "--rounds", str(args.rounds),
-           "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
-    return child_result(cmd, "PyTorch child run")
+           args.device] + (["--tiny"] if args.tiny else [])
+    return StepServer(cmd, "PyTorch child")
 
 
 # --------------------------------------------------------------------------------------
@@ -627,7 +639,8 @@ def report(ms, structures, params, torch_ms, torch_note, prof, args, command, lo
         f"* Machine: {machine(args.device)}; device `{args.device}`",
         f"* Python {platform.python_version()}, NumPy {np.__version__}, numba "
         f"{numba.__version__} ({numba.get_num_threads()} threads); "
-        + (torch_ms["info"] + ", in a process of its own" if torch_ms else torch_note),
+        + (torch_ms["info"] + ", in a process of its own, its rounds between diagnet's"
+           if torch_ms else torch_note),
         f"* ViT: {vit['patch_size']}x{vit['patch_size']} patches, width {vit['dim']}, depth "
         f"{vit['depth']}, {vit['heads']} heads, MLP ratio {vit['mlp_ratio']}, GELU, pre-norm; "
         f"MLP {n_in}-{'-'.join(map(str, hidden))}-{n_out}; float32, AdamW (lr {LR}, weight "
@@ -697,13 +710,19 @@ def main(argv=None):
         ap.error(f"--device cuda: {backend.cuda_unavailable_reason()}")
 
     load_start = load_average()
-    ms, structures, params = measure_diagnet(args)
-    prof = profile_step(args.sizes, args.device, args.profile_steps, args.warmup)
     torch_note = "PyTorch not measured (--no-torch)" if args.no_torch else \
         torch_unavailable(args.device)
     if torch_note:
         print(torch_note)
-    torch_ms = None if torch_note else run_torch_child(args)
+        ms, structures, params = measure(args)
+        torch_ms = None
+    else:
+        with torch_server(args) as server:
+            ms, structures, params = measure(args, server)
+        torch_ms = {"info": server.info["info"], "params": server.info["params"],
+                    "ms": {m: {k: ms.pop((m, TORCH, k)) for k in args.sizes.measures}
+                           for m in MODELS}}
+    prof = profile_step(args.sizes, args.device, args.profile_steps, args.warmup)
     command = "python bench/bench_vit_step.py " + " ".join(argv if argv is not None
                                                             else sys.argv[1:])
     text = report(ms, structures, params, torch_ms, torch_note, prof, args, command.strip(),

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: where and how reports are written, timing in rotating
-rounds, fresh-process runs, and the lines that describe the machine.
+rounds, fresh-process runs, steps timed in a child process that stays up (`StepServer`), and
+the lines that describe the machine.
 
 Several benchmark scripts report into ``docs/benchmarks.md``. Each owns a section between
 ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->``; a script that regenerates the whole file
@@ -15,6 +16,8 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from diagnet import backend
@@ -86,9 +89,11 @@ def time_variants(steps_by_name, steps, warmup, rounds, settle=True):
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            step = steps_by_name[name]
             if settle:
-                steps_by_name[name]()
-            times[name].extend(steps_by_name[name]() for _ in range(steps))
+                step()
+            many = getattr(step, "many", None)  # a RemoteStep runs a visit in one request
+            times[name].extend(many(steps) if many else [step() for _ in range(steps)])
     return times
 
 
@@ -103,6 +108,101 @@ def child_result(cmd, what, env=None):
     if res.returncode or line is None:
         raise RuntimeError(f"{what} failed:\n{res.stdout}\n{res.stderr}")
     return json.loads(line[len("RESULT "):])
+
+
+class StepServer:
+    """A child process that times steps on request and stays up between requests, so that
+    its visits interleave with this process's in `time_variants`' rotating rounds.
+
+    A framework that must not share a process with diagnet (PyTorch: its thread pools beside
+    numba's) is timed in such a child. Timed in one block before or after diagnet, a drift of
+    the machine's speed during the run (other tenants, frequency) lands on one side of the
+    ratio; interleaved, both sides see it. ``cmd`` starts the child, which calls
+    `serve_steps`; `step` gives the callable for one of its steps. Use as a context manager
+    (the child is told to quit on exit, and killed if it does not).
+    """
+
+    def __init__(self, cmd, what, env=None):
+        self.what = what
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # a pipe could fill and block it
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, env=env, bufsize=1)
+        try:
+            self.info = self._reply("READY ")
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self, tag):
+        """The JSON of the child's next line starting with ``tag`` (other lines are skipped);
+        RuntimeError with the child's output if it ends first."""
+        skipped = []
+        for line in self._proc.stdout:
+            if line.startswith(tag):
+                return json.loads(line[len(tag):])
+            skipped.append(line)
+        self._proc.wait()
+        self._stderr.seek(0)
+        raise RuntimeError(f"{self.what} failed (exit {self._proc.returncode}):\n"
+                           f"{''.join(skipped)}\n{self._stderr.read()}")
+
+    def run(self, key, steps):
+        """Seconds of each of ``steps`` steps of the child's step ``key``, run back to back."""
+        self._proc.stdin.write(json.dumps({"key": key, "steps": steps}) + "\n")
+        self._proc.stdin.flush()
+        return self._reply("RESULT ")
+
+    def step(self, key):
+        """A `RemoteStep` of ``key``, for `time_variants`."""
+        return RemoteStep(self, key)
+
+    def close(self):
+        """Tell the child to quit and wait for it (killed after 30 s)."""
+        try:
+            self._proc.stdin.close()  # end of input: serve_steps returns
+        except OSError:  # the child is gone: the buffered request could not be written
+            pass
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemoteStep:
+    """One step of a `StepServer`: calling it runs one step in the child and returns its
+    seconds; ``many(n)`` runs a visit of ``n`` steps in one request."""
+
+    def __init__(self, server, key):
+        self.server, self.key = server, key
+
+    def __call__(self):
+        return self.server.run(self.key, 1)[0]
+
+    def many(self, n):
+        return self.server.run(self.key, n)
+
+
+def serve_steps(steps_by_key, info, stdin=None, stdout=None):
+    """The child's side of `StepServer`: print ``READY`` and the JSON ``info``, then answer
+    each request line ``{"key", "steps"}`` with ``RESULT`` and the list of seconds that
+    ``steps`` calls of ``steps_by_key[key]`` returned; return at the end of input. An
+    unknown key or a bad request raises (the child exits and the parent reports it)."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    print("READY " + json.dumps(info), file=stdout, flush=True)
+    for line in stdin:
+        request = json.loads(line)
+        step, steps = steps_by_key[request["key"]], int(request["steps"])
+        print("RESULT " + json.dumps([step() for _ in range(steps)]), file=stdout, flush=True)
 
 
 def fmt_ratio(num, den):

@@ -185,3 +185,59 @@ def test_distributed_bench_quick_run_prints_both_tables(tmp_path):
     rows = [line for line in res.stdout.splitlines() if "diagonal 90%" in line]
     assert len(rows) == 6, res.stdout  # MLP and ViT: RigL, DynaDiag soft and frozen
     assert "bytes per ordinary step" in res.stdout
+
+
+_SERVER_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from reports import serve_steps
+calls = {"a": 0, "b": 0}
+def step(key, value):
+    def run():
+        calls[key] += 1
+        return value + calls[key] / 1000
+    return run
+serve_steps({"a": step("a", 1.0), "b": step("b", 2.0)}, {"pid": 1, "args": sys.argv[2:]})
+"""
+
+
+def test_step_server_times_steps_in_a_child_between_the_parents_visits(tmp_path):
+    """`StepServer`: the child's steps run where and when `time_variants` visits them, one
+    request per visit, and the child quits when the server closes."""
+    reports = _load("reports")
+    script = tmp_path / "child.py"
+    script.write_text(_SERVER_CHILD)
+    order = []
+
+    def local():
+        order.append("local")
+        return 0.5
+
+    with reports.StepServer([sys.executable, str(script), str(ROOT / "bench"), "x"],
+                            "test child") as server:
+        assert server.info == {"pid": 1, "args": ["x"]}
+        remote = server.step("a")
+        assert remote() == pytest.approx(1.001)  # one step, in the child
+        assert remote.many(2) == pytest.approx([1.002, 1.003])
+        times = reports.time_variants({"local": local, "b": server.step("b")}, steps=3,
+                                      warmup=1, rounds=2)
+        proc = server._proc
+    assert proc.returncode == 0  # told to quit, it did
+    assert times["local"] == [0.5] * 6
+    # b: 1 warm-up, then per round 1 settling step and 3 timed ones, numbered in the child
+    assert times["b"] == pytest.approx([2.003, 2.004, 2.005, 2.007, 2.008, 2.009])
+    assert len(order) == 1 + 2 * 4
+
+
+def test_step_server_reports_a_child_that_fails(tmp_path):
+    reports = _load("reports")
+    script = tmp_path / "child.py"
+    script.write_text(_SERVER_CHILD)
+    with reports.StepServer([sys.executable, str(script), str(ROOT / "bench")],
+                            "test child") as server:
+        with pytest.raises(RuntimeError, match="(?s)test child failed.*KeyError: 'missing'"):
+            server.run("missing", 1)
+    bad = tmp_path / "bad.py"
+    bad.write_text("print('no server here')\nraise SystemExit(3)\n")
+    with pytest.raises(RuntimeError, match="(?s)test child failed \\(exit 3\\).*no server here"):
+        reports.StepServer([sys.executable, str(bad)], "test child")
