@@ -20,7 +20,9 @@ batches used in turn). Variants, timed in one process at batch 128 and 1024 (``-
 * **PyTorch dense**: the same MLP in torch (``nn.Linear`` x 3, ReLU, Adam), when torch
   imports (on CUDA with ``--device cuda``, when torch has it); otherwise the report says
   "PyTorch not installed" and has no PyTorch column: a ratio is only ever computed against
-  PyTorch measured in the same run.
+  PyTorch measured in the same run. It is timed in a process of its own that stays up
+  (`reports.StepServer`), its rounds rotating with diagnet's variants, and again in this
+  process after them, head to head with the static diagonal MLP.
 
 Each variant runs ``--steps`` steps per round after warm-up steps, for several rounds with the
 order of the variants rotating; the table gives the median over all timed steps. With
@@ -67,8 +69,8 @@ from diagnet.diag import dispatch, threadpools  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP  # noqa: E402
 from diagnet.ops import dense as _dense  # noqa: E402
-from reports import (child_result, default_output, fmt_ratio, load_average,  # noqa: E402
-                     machine, time_variants, write_section)
+from reports import (StepServer, child_result, default_output, fmt_ratio,  # noqa: E402
+                     load_average, machine, serve_steps, time_variants, write_section)
 
 SECTION = "bench_train_step"
 IN, HIDDEN, CLASSES = 784, [256, 256], 10
@@ -359,11 +361,13 @@ def interleaved(reps):
 
 
 def torch_child(args):
-    """Time the PyTorch step alone in this fresh process (no diagnet kernel runs here, so no
-    numba or OpenBLAS pool of ours); print JSON ``{batch: ms}``."""
-    steps = {str(b): torch_step(b, device=args.device) for b in args.batches}
-    times = time_variants(steps, args.steps, args.warmup, args.rounds)
-    print("RESULT " + json.dumps({b: float(np.median(t)) * 1e3 for b, t in times.items()}))
+    """Serve the PyTorch step from this fresh process (`reports.serve_steps`; no diagnet
+    kernel runs here, so no numba or OpenBLAS pool of ours), one key per batch size. The
+    ``READY`` info is ``{"why": ""}``, or ``{"why": reason}`` with no steps where PyTorch
+    cannot run on the device."""
+    why = torch_info(args.device)[1]
+    steps = {} if why else {str(b): torch_step(b, device=args.device) for b in args.batches}
+    serve_steps(steps, {"why": why})
 
 
 def child_flags(args):
@@ -372,13 +376,18 @@ def child_flags(args):
             str(args.warmup), "--batches", *map(str, args.batches)]
 
 
-def run_torch_child(args):
-    """``{batch: ms}`` of PyTorch timed in its own process, or None without torch."""
-    if torch_info(args.device)[0] is None:
+def torch_server(args):
+    """A `reports.StepServer` running `torch_child`, whose steps rotate with diagnet's; None
+    without torch, with ``--no-children``, or where PyTorch cannot run on the device."""
+    if args.no_children or importlib.util.find_spec("torch") is None:
         return None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
            args.device, *child_flags(args)]
-    return {int(b): ms for b, ms in child_result(cmd, "PyTorch child run").items()}
+    server = StepServer(cmd, "PyTorch child")
+    if server.info["why"]:
+        server.close()
+        return None
+    return server
 
 
 def child(args):
@@ -465,7 +474,8 @@ def report(med, structures, torch_note, profile, adam_times, per_op, children, a
     if measured_torch:
         lines.append("Ratios are `time of the baseline / time of the variant` (above 1: the "
                      "variant is faster). PyTorch was measured here: alone in a fresh "
-                     "process (the PyTorch column divides by that time), and in this process "
+                     "process, its rounds rotating with diagnet's variants (the PyTorch column "
+                     "divides by that time), and in this process "
                      "after diagnet's variants, rotating with the static diagonal MLP (the "
                      "two \"PyTorch dense\" / \"next to PyTorch\" rows: with PyTorch's "
                      "OpenMP pool in the process, diagnet's steps are slower, so the diagnet "
@@ -618,15 +628,24 @@ def main(argv=None):
         print("PyTorch not installed: the report has no PyTorch column", file=sys.stderr)
     med, structures = {}, {}
     # diagnet's variants first, without PyTorch in the process: PyTorch's own OpenMP pool
-    # (300,000 spins after each op) slowed them by 20-40% when it ran alongside
-    for batch in args.batches:
-        steps = {}
-        for name in (DENSE, STATIC, SOFT, FROZEN):
-            steps[name], model = diagnet_step(name, batch, device=args.device)
-            structures[name] = hidden_structure(model)
-        times = time_variants(steps, args.steps, args.warmup, args.rounds)
-        for name, t in times.items():
-            med[(name, batch)] = float(np.median(t)) * 1e3
+    # (300,000 spins after each op) slowed them by 20-40% when it ran alongside. PyTorch in
+    # a process of its own rotates with them, so that a drift of the machine's speed reaches
+    # both sides of the ratios.
+    server = torch_server(args)
+    try:
+        for batch in args.batches:
+            steps = {}
+            for name in (DENSE, STATIC, SOFT, FROZEN):
+                steps[name], model = diagnet_step(name, batch, device=args.device)
+                structures[name] = hidden_structure(model)
+            if server is not None:
+                steps[TORCH_ALONE] = server.step(str(batch))
+            times = time_variants(steps, args.steps, args.warmup, args.rounds)
+            for name, t in times.items():
+                med[(name, batch)] = float(np.median(t)) * 1e3
+    finally:
+        if server is not None:
+            server.close()
     profile, adam_times, per_op, children = {}, {}, None, {}
     if args.device == "cpu":
         for batch in args.batches:
@@ -645,10 +664,6 @@ def main(argv=None):
         times = time_variants(steps, args.steps, args.warmup, args.rounds)
         for name, t in times.items():
             med[(name, batch)] = float(np.median(t)) * 1e3
-    torch_alone = None if args.no_children or not torch_line else run_torch_child(args)
-    if torch_alone:
-        for batch, ms in torch_alone.items():
-            med[(TORCH_ALONE, batch)] = ms
     command = "python bench/bench_train_step.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
     text = report(med, structures, (torch_line, torch_missing), profile, adam_times, per_op,

@@ -185,9 +185,11 @@ class RemoteStep:
         self.server, self.key = server, key
 
     def __call__(self):
+        """Seconds of one step, run in the child."""
         return self.server.run(self.key, 1)[0]
 
     def many(self, n):
+        """Seconds of each of ``n`` steps run back to back in the child (one request)."""
         return self.server.run(self.key, n)
 
 
