@@ -5,7 +5,8 @@ loaders all follow `manual_seed`:
 
 * `manual_seed(seed)` reseeds the default generator (a ``numpy.random.Generator``);
   `get_state` / `set_state` save and restore it (JSON-able, for checkpoints), and
-  `check_state` validates a state without touching the generator. `check_generator_state`
+  `check_state` validates a state without touching the generator; `forked_state` derives
+  independent states from one (a stream per micro-batch, the same in every process). `check_generator_state`
   does the same for any NumPy bit generator (the saved generators of DST controllers).
 * `as_generator(rng)` turns the ``rng`` argument that random functions accept (``None`` for
   the default generator, an int seed, or a Generator) into a Generator.
@@ -111,6 +112,20 @@ def set_state(state: dict) -> None:
     """Restore a state returned by `get_state`, after `check_state` (which raises TypeError
     or ValueError, leaving the generator unchanged)."""
     _default.bit_generator.state = check_state(state)
+
+
+def forked_state(state: dict, key: int) -> dict:
+    """A state for the default generator derived from ``state`` (as `get_state` returns it)
+    and ``key`` (an int >= 0): a fresh PCG64 seeded with all of ``state``'s fields and
+    ``key``. Forking one state with keys 0, 1, 2, ... gives independent streams, and every
+    process that forks the same state with the same key gets the same stream (the
+    `Trainer`'s micro-batches draw their dropout so). Raises as `check_state`; TypeError /
+    ValueError for a ``key`` that is not an int >= 0."""
+    state = check_state(state)
+    key = checks.integer("key", key, 0)
+    words = [state["state"]["state"], state["state"]["inc"], state["has_uint32"],
+             state["uinteger"], key]
+    return np.random.PCG64(np.random.SeedSequence(words)).state
 
 
 #: fields that NumPy stores without a range check although only some values are usable:

@@ -32,7 +32,7 @@ RUN_LOCAL_FLAGS = ("out", "resume", "overwrite", "epochs", "device", "data_root"
 
 #: flags added after runs were saved, with the value those runs trained with: ``--resume`` of a
 #: run whose configuration lacks one takes this value, not the flag's new default
-ADDED_FLAGS = {"label_smoothing": 0.0, "dtype": "float32", "shift": 0}
+ADDED_FLAGS = {"label_smoothing": 0.0, "dtype": "float32", "shift": 0, "micro_batch": None}
 
 #: what ``--resume`` tells the user after Ctrl-C, in place of the library's ``fit(resume=...)``
 RESUME_HINT = "the same command plus --resume"
@@ -85,6 +85,11 @@ def add_common_flags(parser, epochs, lr, batch_size, out):
                         help="DynaDiag sparse mode: steps between swaps")
     parser.add_argument("--epochs", type=positive_int, default=epochs)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    parser.add_argument("--micro-batch", type=positive_int, default=None,
+                        help="train each batch as micro-batches of this many samples and sum "
+                             "their gradients in one fixed order: the same result, bit for "
+                             "bit, on 1 or N processes (with one thread per process, e.g. "
+                             "NUMBA_NUM_THREADS=1; see docs/distributed.md)")
     parser.add_argument("--lr", type=non_negative_number, default=lr)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -263,7 +268,8 @@ def mnist_loaders(args, flatten, device):
     # every rank takes its share of each global batch: the union is one process's batch
     shard = dict(rank=dn.distributed.rank(), world_size=dn.distributed.world_size())
     train = DataLoader(ArrayDataset(xtr, ytr), batch_size=args.batch_size, shuffle=True,
-                       seed=args.seed, device=device, augment=augment, **shard)
+                       seed=args.seed, device=device, augment=augment,
+                       micro_batch=getattr(args, "micro_batch", None), **shard)
     test = DataLoader(ArrayDataset(xte, yte), batch_size=1000, device=device, **shard)
     return train, test, f"{source}: {len(xtr)} train / {len(xte)} test images"
 

@@ -213,6 +213,12 @@ class DataLoader:
         rank: keyword only; this process's rank ``r``, an int in ``[0, world_size)``.
         world_size: keyword only; the number of processes ``W`` that share every batch (an
             int >= 1; 1, the default, does not shard).
+        micro_batch: keyword only; None, or a positive int ``M``: every global batch is
+            trained as consecutive micro-batches of ``M`` samples (the last may be
+            smaller), each with its own forward and backward, and their gradients are
+            summed in one fixed order, so that the run's result does not depend on the
+            number of ranks (the `Trainer`'s exact mode, `diagnet.train.microbatch`). With
+            sharding each rank takes whole micro-batches.
 
     Iterating yields, for each batch, a tuple with one `Tensor` per dataset array (or per
     field of a sample), of shape ``(B, *array.shape[1:])`` (the last batch of an epoch may
@@ -242,16 +248,20 @@ class DataLoader:
     `set_epoch` count global batches and `describe` holds no rank or world size, so a state
     saved by ``W`` ranks loads on any other number. A per-sample dataset is asked only for
     this rank's samples. Each rank must get at least one sample of every batch, so every
-    global batch, the last one included, needs ``W`` samples or more.
+    global batch, the last one included, needs ``W`` samples or more. With ``micro_batch``
+    ``M`` the parts are whole micro-batches: the ``ceil(n / M)`` micro-batches of a global
+    batch of ``n`` samples are split with ``numpy.array_split``'s sizes, and every global
+    batch needs ``W`` micro-batches or more.
 
     Raises:
         TypeError / ValueError: invalid arguments, a dataset that gives no batch at all
             (empty, or fewer than ``batch_size`` samples with ``drop_last``), or a global
-            batch with fewer samples than ``world_size`` (some rank would get none).
+            batch with fewer samples (micro-batches with ``micro_batch``) than
+            ``world_size`` (some rank would get none).
     """
 
     def __init__(self, dataset, batch_size, shuffle=False, seed=0, drop_last=False, device=None,
-                 transform=None, augment=None, *, rank=0, world_size=1):
+                 transform=None, augment=None, *, rank=0, world_size=1, micro_batch=None):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must support len() and indexing; got "
                             f"{type(dataset).__name__}")
@@ -276,6 +286,8 @@ class DataLoader:
         self.rank = checks.integer("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"invalid rank={self.rank}: must be < world_size={self.world_size}")
+        self.micro_batch = (None if micro_batch is None
+                            else checks.positive_int("micro_batch", micro_batch))
         self._per_sample = not isinstance(dataset, ArrayDataset)
         self.num_samples = len(dataset)
         if len(self) == 0:
@@ -296,21 +308,27 @@ class DataLoader:
         return self.world_size > 1
 
     def _check_shares(self):
-        """Refuse a setting where some global batch leaves a rank without samples."""
+        """Refuse a setting where some global batch leaves a rank without samples (without
+        a micro-batch, with ``micro_batch``)."""
         ranks = self.world_size
+        unit, what = ((1, "samples") if self.micro_batch is None
+                      else (self.micro_batch, f"micro-batches of {self.micro_batch}"))
+        units = -(-self.batch_size // unit)
         last = 0 if self.drop_last else self.num_samples % self.batch_size
-        if self.batch_size < ranks:
-            problem = f"a global batch has at most {self.batch_size} sample(s)"
-            fix = f"use a batch_size of at least {ranks}"
-        elif 0 < last < ranks:
-            problem = f"the last global batch has {last} sample(s)"
+        last_units = -(-last // unit)
+        if units < ranks:
+            problem = f"a global batch has at most {units} {what}"
+            fix = (f"use a batch_size of at least {ranks * unit}" if unit == 1 else
+                   f"use a batch_size of at least {ranks * unit}, or a smaller micro_batch")
+        elif 0 < last_units < ranks:
+            problem = f"the last global batch has {last} sample(s), {last_units} {what}"
             fix = ("use drop_last=True, or a batch_size that leaves a last batch of at least "
-                   f"{ranks} samples")
+                   f"{(ranks - 1) * unit + 1} samples")
         else:
             return
         raise ValueError(
             f"DataLoader: with world_size={ranks} every global batch needs at least {ranks} "
-            f"samples (one per rank), but {problem} ({self.num_samples} samples, "
+            f"{what} (one per rank), but {problem} ({self.num_samples} samples, "
             f"batch_size={self.batch_size}, drop_last={self.drop_last}): {fix}")
 
     # ------------------------------------------------------------------ epochs and position
@@ -356,6 +374,8 @@ class DataLoader:
                     "drop_last": self.drop_last}
         if self.augment is not None:  # absent without one: older runs' settings still match
             settings["augment"] = self.augment.describe()
+        if self.micro_batch is not None:  # the same
+            settings["micro_batch"] = self.micro_batch
         return settings
 
     # ------------------------------------------------------------------ iteration
@@ -391,10 +411,14 @@ class DataLoader:
 
     def _share_bounds(self, n):
         """``(start, stop)`` of this rank's contiguous part of a global batch of ``n``
-        samples: part ``rank`` of ``numpy.array_split(range(n), world_size)``."""
-        size, larger = divmod(n, self.world_size)
+        samples: part ``rank`` of ``numpy.array_split(range(n), world_size)``, or with
+        ``micro_batch`` ``M`` the samples of part ``rank`` of its ``ceil(n / M)``
+        micro-batches split so."""
+        unit = self.micro_batch or 1
+        size, larger = divmod(-(-n // unit), self.world_size)
         start = self.rank * size + min(self.rank, larger)
-        return start, start + size + (self.rank < larger)
+        stop = start + size + (self.rank < larger)
+        return start * unit, min(stop * unit, n)
 
     def _augmented(self, arrays, params):
         """``arrays`` with the first one changed by the augmentation's ``params``."""
@@ -426,6 +450,8 @@ class DataLoader:
 
     def __repr__(self):
         shard = f", rank={self.rank}, world_size={self.world_size}" if self.sharded else ""
+        if self.micro_batch is not None:
+            shard = f", micro_batch={self.micro_batch}" + shard
         augment = f", augment={self.augment!r}" if self.augment is not None else ""
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "

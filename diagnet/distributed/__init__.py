@@ -30,6 +30,13 @@ one::
                        rank=comm.rank, world_size=comm.size)               # this rank's share
     Trainer(model, optimizer, train, ...).fit()   # averages gradients; rank 0 writes files
 
+Float sums in another order round otherwise, so "up to the order of float sums" is all the
+default promises. A loader with a ``micro_batch`` (``DataLoader(..., micro_batch=32)``) makes
+the `Trainer` compute each micro-batch's gradient on its own and sum them in one fixed order
+(`OrderedGradientSum`, `sum_tap_parts`): the result is then the same bits for any number of
+ranks (with the same thread counts per process), for the price of moving one gradient per
+micro-batch.
+
 A hand-written loop uses the pieces: `broadcast_state` once, `DistributedOptimizer` (or
 `GradientAverager`) every step, `attach_controller` for a sparsity controller, and
 ``comm.allreduce`` for its metrics.
@@ -42,5 +49,5 @@ from .comm import (
 )
 
 # Gradient averaging and state synchronisation (gradients.py, sync.py) are exported below.
-from .gradients import DistributedOptimizer, GradientAverager
-from .sync import attach_controller, broadcast_state, check_structure
+from .gradients import DistributedOptimizer, GradientAverager, OrderedGradientSum, ordered_sum
+from .sync import attach_controller, broadcast_state, check_structure, sum_tap_parts

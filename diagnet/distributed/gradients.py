@@ -27,7 +27,7 @@ from ..autograd import Tensor
 from ..config import enable_grad
 from .comm import checked_comm
 
-__all__ = ["GradientAverager", "DistributedOptimizer"]
+__all__ = ["GradientAverager", "OrderedGradientSum", "DistributedOptimizer"]
 
 #: the default largest bucket: small enough that buckets can be reduced while others are
 #: packed on a machine that overlaps them, large enough that latency does not dominate
@@ -44,15 +44,17 @@ class _Bucket:
             start += param.size
         self.buffer = backend.xp_for(device).empty(start, dtype=dtype)
 
-    def pack(self, weight):
-        """Copy every parameter's gradient (zeros for None) in, times ``weight``."""
-        buffer = self.buffer
+    def pack(self, weight, out=None):
+        """Copy every parameter's gradient (zeros for None) in, times ``weight``; into
+        ``out`` (an array of the buffer's size) instead of the buffer when given."""
+        buffer = self.buffer if out is None else out
         for param, start, stop in self.slots:
             if param.grad is None:
                 buffer[start:stop] = 0
             else:
                 buffer[start:stop] = param.grad.data.reshape(-1)
-        buffer *= weight
+        if weight != 1:
+            buffer *= weight
 
     def unpack(self):
         """Give every parameter its reduced gradient (a copy: the buffer is reused)."""
@@ -203,6 +205,85 @@ class GradientAverager:
             if current:
                 buckets.append(_Bucket(current, dtype, device))
         return buckets
+
+
+class OrderedGradientSum(GradientAverager):
+    """The gradients of the micro-batches of a global batch, summed in micro-batch order,
+    whatever the number of ranks that computed them (the `Trainer`'s exact mode).
+
+    Float addition is not associative: ranks that each sum their own micro-batches and then
+    allreduce get another rounding than one process summing them all in a row. Here each
+    micro-batch's gradients go into a slot of their own (`add`), zeros stay in the slots of
+    other ranks' micro-batches, and `finish` allreduces the slots (adding zeros is exact)
+    and sums them in slot order on every rank, starting from zeros: the same bits for 1 or
+    N ranks. The price is bytes: a step moves ``slots`` times the stored gradients.
+
+    Use per step: ``begin(slots)``; after each micro-batch's backward ``add(slot)``; then
+    ``finish()`` (collective). Args as for `GradientAverager` (``bucket_bytes`` bounds a
+    bucket's slot); ``stats`` counts the same.
+    """
+
+    def __init__(self, params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        super().__init__(params, comm, bucket_bytes)
+        self._rows, self._slots = None, 0
+
+    def begin(self, slots):
+        """Start a global batch of ``slots`` micro-batches (a positive int): every slot zero."""
+        slots = checks.positive_int("slots", slots)
+        self._update_layout()
+        self._rows = [_zeros_like_rows(bucket.buffer, slots) for bucket in self._buckets]
+        self._slots = slots
+
+    def add(self, slot):
+        """Copy every trained parameter's gradient (zeros for None) into micro-batch
+        ``slot``, then set it to None for the next micro-batch's backward."""
+        if self._rows is None:
+            raise RuntimeError("OrderedGradientSum.add before begin()")
+        if not checks.is_integer(slot) or not 0 <= slot < self._slots:
+            raise ValueError(f"slot must be an int in [0, {self._slots}); got {slot!r}")
+        for index, param in enumerate(self.params):
+            _check_grad(param, index)
+        for bucket, rows in zip(self._buckets, self._rows):
+            bucket.pack(1, out=rows[slot])
+        for param in self.params:
+            param.grad = None
+
+    def finish(self):
+        """Give every trained parameter the sum of the slots' gradients (collective)."""
+        if self._rows is None:
+            raise RuntimeError("OrderedGradientSum.finish before begin()")
+        moved = 0
+        for bucket, rows in zip(self._buckets, self._rows):
+            bucket.buffer[...] = ordered_sum(rows, self.comm, tag="gradients")
+            moved += rows.nbytes
+            bucket.unpack()
+        self._rows = None
+        self.stats["steps"] += 1
+        self.stats["bytes"] += moved
+        self.stats["last_bytes"] = moved
+        self.stats["buckets"] = len(self._buckets)
+
+
+def _zeros_like_rows(buffer, rows):
+    """Zeros ``(rows, buffer.size)`` of ``buffer``'s dtype, on its device."""
+    xp = backend.get_array_module(buffer)
+    return xp.zeros((rows, buffer.size), dtype=buffer.dtype)
+
+
+def ordered_sum(rows, comm, tag="other"):
+    """The sum over the first axis of ``rows`` ``(slots, ...)`` taken in slot order, the
+    same bits on every rank and for any number of ranks.
+
+    Each rank passes ``rows`` with the slots it computed filled and zeros in the others;
+    the slots are allreduced in place (one rank's value plus zeros: exact), then summed
+    from zeros in slot order (``((0 + r0) + r1) + ...``; starting from zeros also makes a
+    ``-0.0`` slot count as ``+0.0`` on one rank as on several). Collective."""
+    comm.allreduce(rows, op="sum", tag=tag)
+    xp = backend.get_array_module(rows)
+    total = xp.zeros(rows.shape[1:], dtype=rows.dtype)
+    for row in rows:
+        total += row
+    return total
 
 
 def _first_difference(mine, theirs) -> str:

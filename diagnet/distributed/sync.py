@@ -16,6 +16,10 @@ keep it so:
   batch) before any score is taken. With identical weights and identically seeded
   generators, every rank then makes the same structural decision.
 * `check_structure`, a debug check: a hash of every layer's structure, compared across ranks.
+
+With micro-batches (the `Trainer`'s exact mode) the taps keep one ``dy.T @ x`` per
+micro-batch instead, and `sum_tap_parts` sums them in micro-batch order across the ranks
+(`diagnet.distributed.gradients.ordered_sum`): the same scores for any number of ranks.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from .. import backend, checks
 from ..autograd import Tensor
 from ..nn.module import Module
 from .comm import agree, checked_comm
+from .gradients import ordered_sum
 
-__all__ = ["broadcast_state", "attach_controller", "check_structure"]
+__all__ = ["broadcast_state", "attach_controller", "check_structure", "sum_tap_parts"]
 
 
 @dataclass(frozen=True)
@@ -235,3 +240,40 @@ def check_structure(controller, comm):
             ranks = ", ".join(map(str, others))
             raise RuntimeError(f"the structure of layer {name!r} differs between rank 0 and "
                                f"rank(s) {ranks}: the ranks' models have diverged")
+
+
+def sum_tap_parts(taps, slots, comm=None):
+    """Give every layer of ``taps`` that was captured the sum of its micro-batch parts.
+
+    Each tap (a `diagnet.dst.GradientTap`) holds in ``tap.parts[name]`` the ``dy.T @ x``
+    ``(m, n)`` of the micro-batches this rank ran, by slot (`GradientTap.fold`). For every
+    such layer, in the tap's layer order, the parts go into their slots of a ``(slots, m,
+    n)`` array, `ordered_sum` adds them up in slot order across the ranks (tag
+    ``"structure"``: a dense ``m x n`` per micro-batch, at update steps only), and
+    ``tap.set_dense(name, total)`` hands the sum back. Collective: every rank must have
+    captured the same layers; that is checked first (one small ``allgather_object``).
+
+    Raises:
+        RuntimeError: on every rank, when the ranks captured different layers.
+        ValueError: ``slots`` is not a positive int, or a part's slot is outside it.
+    """
+    comm = checked_comm(comm)
+    slots = checks.positive_int("slots", slots)
+    captured = [[name for name in tap.layers if name in tap.parts] for tap in taps]
+    if comm.size > 1:
+        everyone = comm.allgather_object(captured)
+        if any(theirs != captured for theirs in everyone):
+            raise RuntimeError(f"the ranks captured different layers in their gradient taps "
+                               f"({everyone}): a layer must run on every rank's micro-batches")
+    for tap, names in zip(taps, captured):
+        for name in names:
+            parts = tap.parts[name]
+            first = next(iter(parts.values()))
+            xp = backend.get_array_module(first)
+            rows = xp.zeros((slots,) + tuple(first.shape), dtype=first.dtype)
+            for slot, part in parts.items():
+                if not 0 <= slot < slots:
+                    raise ValueError(f"sum_tap_parts: layer {name!r} has a part for slot "
+                                     f"{slot}, outside the {slots} slots of the batch")
+                rows[slot] = part
+            tap.set_dense(name, ordered_sum(rows, comm, tag="structure"))

@@ -12,6 +12,12 @@ Data-parallel training gives the tap a *reducer*: a score is a norm over a diago
 ``dy.T @ x``, and a norm of a sum is not a sum of norms, so each process forms its dense
 gradient, the reducer sums them across processes, and the scores are taken from the sum.
 Every process then sees the same scores and makes the same decision.
+
+Micro-batches (the `Trainer`'s exact mode, `diagnet.train.microbatch`) run several forwards
+and backwards per step. After each one, `GradientTap.fold` keeps ``dy.T @ x`` of every
+captured layer as that micro-batch's part and forgets ``x`` and ``dy``, so the next forward
+captures again; the trainer then sums the parts in one fixed order and hands the sum back
+with `GradientTap.set_dense`, from which the scores are taken.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class GradientTap:
     def __init__(self, layers):
         self.layers = dict(layers)
         self.inputs, self.grads = {}, {}
+        self.parts = {}   # name -> {micro-batch slot: dy.T @ x}, filled by fold()
+        self._given = {}  # name -> the step's dense gradient, set by set_dense()
         self._handles = []
         self._reducer = None
 
@@ -104,15 +112,40 @@ class GradientTap:
         return hook
 
     def clear(self):
+        """Forget everything captured, folded or set (the hooks stay as they are)."""
+        self.inputs, self.grads, self.parts, self._given = {}, {}, {}, {}
+
+    def fold(self, slot):
+        """Keep ``dy.T @ x`` of every layer captured since the last fold as the part of
+        micro-batch ``slot`` (an int >= 0) in `parts`, and forget ``x`` and ``dy``: the next
+        forward captures again. Layers not captured get no part."""
+        for name in list(self.inputs):
+            if name in self.grads:
+                self.parts.setdefault(name, {})[slot] = self.grads[name].T @ self.inputs[name]
         self.inputs, self.grads = {}, {}
 
+    def set_dense(self, name, dense):
+        """Make ``dense`` ``(m, n)`` (a backend array) the step's gradient ``dy.T @ x`` of
+        layer ``name``: `dense_grad` returns it and `diagonal_scores` takes its norms,
+        without the reducer (it is the whole batch's already). Cleared by `clear`."""
+        layer = self.layers[name]
+        shape = (layer.out_features, layer.in_features)
+        if not backend.is_array(dense) or dense.shape != shape:
+            raise ValueError(f"set_dense: the gradient of layer {name!r} must be an array of "
+                             f"shape {shape}; got {getattr(dense, 'shape', type(dense).__name__)}")
+        self._given[name] = dense
+
     def ready(self, name) -> bool:
-        """True when both ``x`` and ``dy`` of ``name`` were captured."""
-        return name in self.inputs and name in self.grads
+        """True when the step's gradient of ``name`` is known: ``x`` and ``dy`` captured,
+        or a dense gradient set."""
+        return name in self._given or (name in self.inputs and name in self.grads)
 
     def diagonal_scores(self, name):
         """``(P,)`` backend array: the norm of ``dy.T @ x`` on every wrap-around diagonal
-        (of the reduced ``dy.T @ x`` when a reducer is set)."""
+        (of the reduced ``dy.T @ x`` when a reducer is set, of the one given to
+        `set_dense` when there is one)."""
+        if name in self._given:
+            return diagonal_norms(self._given[name])
         if self._reducer is None:
             layer = self.layers[name]
             return diagonal_scores(self.inputs[name], self.grads[name], layer.out_features)
@@ -120,7 +153,10 @@ class GradientTap:
 
     def dense_grad(self, name):
         """``(m, n)`` backend array ``dy.T @ x``: the gradient of a dense weight (regrowth
-        only), passed through the reducer when one is set."""
+        only), passed through the reducer when one is set; the one given to `set_dense`
+        when there is one."""
+        if name in self._given:
+            return self._given[name]
         dense = self.grads[name].T @ self.inputs[name]
         if self._reducer is None:
             return dense

@@ -19,6 +19,10 @@ Under ``mpiexec -n N`` every rank runs the same `Trainer` on its share of each g
 
 With one process (`diagnet.distributed.SingleProcess`) every method is the plain
 single-process arithmetic and no collective runs.
+
+With micro-batches (``micro_batch=True``, the exact mode of `diagnet.train.microbatch`)
+the gradients and the taps' dense gradients are summed per micro-batch slot by
+`MicroBatchStep` instead, so no averager is made and the taps get no reducer.
 """
 
 from __future__ import annotations
@@ -58,12 +62,16 @@ class ParallelRun:
             ``comm.size > 1`` (and not sharded otherwise).
         eval_loader: sharded the same way (its sums are reduced), or not (replicated), or
             None.
+        micro_batch: True when the gradients are summed by micro-batch slots
+            (`diagnet.train.microbatch.MicroBatchStep`): then `average_gradients` does
+            nothing and the controller's taps are left without a reducer.
 
     Raises:
         ValueError: a loader sharded otherwise than over the ranks of ``comm``.
     """
 
-    def __init__(self, comm, optimizer, controller, train_loader, eval_loader):
+    def __init__(self, comm, optimizer, controller, train_loader, eval_loader,
+                 micro_batch=False):
         self.comm = comm
         self.parallel = comm.size > 1
         self.weight = 1.0  # this rank's share of the current global batch, b_r / B
@@ -83,6 +91,8 @@ class ParallelRun:
             return
         self.eval_sharded = _sharded(eval_loader)
         self.optimizer = optimizer
+        if micro_batch:
+            return
         self.averager = GradientAverager(self._trained_params(), comm)
         if controller is not None:
             attach_controller(controller, comm, lambda: self.weight)

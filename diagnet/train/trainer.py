@@ -45,6 +45,12 @@ Data parallel (`diagnet.train.parallel`): launched by ``mpiexec -n N`` with a lo
 over the ranks, every rank runs `fit`; the ranks average their gradients, agree on every
 step's numbers and stop together, and rank 0 alone writes the files.
 
+Micro-batches (`diagnet.train.microbatch`): when the train loader has a ``micro_batch``
+``M``, each step runs forward and backward per micro-batch of ``M`` samples and sums their
+gradients in one fixed order, so the run is the same bit for bit on 1 or N ranks (with the
+same thread counts per process). The NaN and Ctrl-C checks then come after the
+micro-batches' backward passes, still before the update.
+
 Assumptions for exactness: running ``controller.before_step(step)`` again after a rollback
 has the same effect as running it once (it arms gradient taps or sets a per-step
 temperature, a function of ``step``), and the loader order is fixed by ``(seed, epoch)``
@@ -68,6 +74,7 @@ from .interrupt import DeferredInterrupt
 from .log import TIME_KEYS, RunLog, jsonable
 from .metrics import (batch_samples, evaluate, evaluation_totals, metric_value, split_batch,
                       step_numbers, totals_metrics)
+from .microbatch import MicroBatchStep
 from .parallel import NullLog, ParallelRun
 from .progress import ProgressBars
 from .result import FitResult, NonFiniteLossError
@@ -93,7 +100,9 @@ class Trainer:
         optimizer: a `diagnet.optim` optimizer over the model's parameters.
         train_loader: a `diagnet.data.DataLoader` (or an object with its methods:
             ``len``, iteration, ``set_epoch``, ``state_dict``, ``load_state_dict``) giving
-            batches ``(inputs..., target)``: the model is called on the inputs.
+            batches ``(inputs..., target)``: the model is called on the inputs. Its
+            ``micro_batch`` (None or a positive int) chooses the exact mode (module
+            docstring).
         out_dir: folder of the log and checkpoints (created if needed).
         loss_fn: ``loss_fn(output, target)`` -> one-element Tensor, the batch's mean loss
             (default `diagnet.functional.cross_entropy`).
@@ -170,7 +179,13 @@ class Trainer:
         if not isinstance(comm, distributed.Communicator):
             raise TypeError(f"comm must be a diagnet.distributed.Communicator or None; got "
                             f"{type(comm).__name__}")
-        self.ranks = ParallelRun(comm, optimizer, controller, train_loader, eval_loader)
+        micro_batch = getattr(train_loader, "micro_batch", None)
+        if micro_batch is not None:
+            micro_batch = checks.positive_int("train_loader.micro_batch", micro_batch)
+        self.ranks = ParallelRun(comm, optimizer, controller, train_loader, eval_loader,
+                                 micro_batch=micro_batch is not None)
+        self.micro = (None if micro_batch is None
+                      else MicroBatchStep(micro_batch, optimizer, controller, comm))
         self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
         self.loss_fn = loss_fn if loss_fn is not None else cross_entropy
         self.eval_loader, self.eval_fn = eval_loader, eval_fn
@@ -366,21 +381,29 @@ class Trainer:
         inputs, target = split_batch(batch)
         if c is not None:
             c.before_step(st.step)
-        output = self.model(*inputs)
-        loss = self.loss_fn(output, target)
-        # One read-back from the device per step (loss and correct count in one transfer):
-        # it waits for the GPU, but the NaN check and the progress bar need the number.
+        if self.micro is None:
+            output = self.model(*inputs)
+            loss = self.loss_fn(output, target)
+            # One read-back from the device per step (loss and correct count in one
+            # transfer): it waits for the GPU, but the NaN check and the progress bar need
+            # the number.
+            numbers = (*step_numbers(loss, output, target), batch_samples(target),
+                       target.size)
+        else:  # forward and backward of every micro-batch (one read-back each)
+            numbers = self.micro.forward_backward(self.model, self.loss_fn, inputs, target)
         # With several ranks, one small allreduce makes them the global batch's numbers.
         value, samples, correct, labels, nonfinite, stop = self.ranks.step_numbers(
-            *step_numbers(loss, output, target), batch_samples(target), target.size,
-            self._interrupt.requested)
+            *numbers, self._interrupt.requested)
         if stop:  # a Ctrl-C on some rank: every rank stops here, before the update
             raise KeyboardInterrupt
         if nonfinite:
             raise NonFiniteLossError(st.epoch, st.step, value)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.ranks.average_gradients()
+        if self.micro is None:
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.ranks.average_gradients()
+        else:
+            self.micro.reduce()
         self._begin_update()
         self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":

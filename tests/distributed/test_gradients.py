@@ -387,3 +387,54 @@ def test_averager_keeps_cupy_gradients_on_the_device(comm):
     GradientAverager(list(model.parameters()), comm=comm).reduce()
     cp = dn.backend.cupy_or_none()
     assert all(isinstance(p.grad.data, cp.ndarray) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- in slot order
+
+
+def test_ordered_sum_adds_the_slots_in_order_from_zeros():
+    rows = np.array([[1e16, -0.0], [1.0, -0.0], [-1e16, -0.0]])
+    total = dn.distributed.ordered_sum(rows.copy(), SingleProcess(), tag="gradients")
+    # ((0 + 1e16) + 1) - 1e16 = 0 in float64 (1 is lost against 1e16); a sum of -0.0 slots
+    # is +0.0, as it is on several ranks, where the other ranks add +0.0 to each slot
+    np.testing.assert_array_equal(total, [0.0, 0.0])
+    assert not np.signbit(total[1])
+
+
+def test_ordered_gradient_sum_gives_the_slots_sum_in_slot_order():
+    model = mlp()
+    params = list(model.parameters())
+    comm = SingleProcess()
+    summer = dn.distributed.OrderedGradientSum(params, comm=comm)
+    x, labels = data(3, 12)
+    parts = []
+    summer.begin(3)
+    for slot, rows in ((2, slice(8, 12)), (0, slice(0, 4)), (1, slice(4, 8))):  # any order
+        backward(model, x[rows], labels[rows])
+        parts.append((slot, host_grads(model)))
+        summer.add(slot)
+        assert all(p.grad is None for p in params)  # ready for the next micro-batch
+    summer.finish()
+    by_slot = dict(parts)
+    for i, got in enumerate(host_grads(model)):
+        want = np.zeros_like(got)
+        for slot in range(3):
+            want = want + by_slot[slot][i]
+        np.testing.assert_array_equal(got, want)
+    stored = sum(p.data.nbytes for p in params)
+    assert summer.stats["last_bytes"] == 3 * stored == comm.bytes_moved["gradients"]
+
+
+def test_ordered_gradient_sum_refuses_calls_out_of_turn():
+    model = mlp()
+    summer = dn.distributed.OrderedGradientSum(list(model.parameters()), comm=SingleProcess())
+    with pytest.raises(RuntimeError, match="add before begin"):
+        summer.add(0)
+    with pytest.raises(RuntimeError, match="finish before begin"):
+        summer.finish()
+    with pytest.raises(ValueError, match="slots must be a positive int"):
+        summer.begin(0)
+    summer.begin(2)
+    for bad in (2, -1, 1.0):
+        with pytest.raises(ValueError, match=r"slot must be an int in \[0, 2\)"):
+            summer.add(bad)

@@ -295,3 +295,51 @@ def test_drop_last_makes_an_uneven_end_acceptable():
     single = DataLoader(dataset, 8, shuffle=True, seed=SEED, drop_last=True)
     shards = shard_loaders(dataset, 8, 3, shuffle=True, drop_last=True)
     assert [sum(s, []) for s in ranks_epoch(shards)] == epoch_ids(single)
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("n, batch_size, micro_batch, drop_last", [
+    (48, 12, 4, False),   # 3 micro-batches per batch: one each on 3 ranks, 2 and 1 on 2
+    (50, 12, 4, False),   # last global batch of 2: one short micro-batch... on 1 rank only
+    (70, 16, 3, False),   # 6 micro-batches, the last of 1; last global batch of 6
+    (41, 10, 10, True),   # a micro-batch per batch: one rank only
+])
+def test_micro_batch_shares_are_whole_micro_batches(n, batch_size, micro_batch, drop_last,
+                                                     world_size):
+    """With micro_batch M each rank takes whole micro-batches of the global batch, split with
+    numpy.array_split's sizes; together they are the single-process batch, in order."""
+    dataset = make_dataset(n)
+    single = DataLoader(dataset, batch_size, shuffle=True, seed=SEED, drop_last=drop_last)
+    expected = epoch_ids(single)
+    units = [-(-len(b) // micro_batch) for b in expected]
+    if min(units) < world_size:
+        with pytest.raises(ValueError, match=f"micro-batches of {micro_batch}"):
+            shard_loaders(dataset, batch_size, world_size, shuffle=True, drop_last=drop_last,
+                          micro_batch=micro_batch)
+        return
+    shards = shard_loaders(dataset, batch_size, world_size, shuffle=True, drop_last=drop_last,
+                           micro_batch=micro_batch)
+    for global_batch, shares in zip(expected, ranks_epoch(shards)):
+        assert sum(shares, []) == global_batch
+        slots = [global_batch[i:i + micro_batch]
+                 for i in range(0, len(global_batch), micro_batch)]
+        counts = [len(part) for part in np.array_split(np.arange(len(slots)), world_size)]
+        starts = np.cumsum([0] + counts)
+        assert shares == [sum(slots[a:b], []) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_micro_batch_is_described_and_checked():
+    dataset = make_dataset(24)
+    loader = DataLoader(dataset, 8, micro_batch=4, rank=1, world_size=2)
+    assert loader.micro_batch == 4 and loader.describe()["micro_batch"] == 4
+    assert "micro_batch=4" in repr(loader)
+    assert "micro_batch" not in DataLoader(dataset, 8).describe()  # older runs still match
+    assert DataLoader(dataset, 8).micro_batch is None
+    for bad in (0, 2.5, True, "4"):
+        with pytest.raises((TypeError, ValueError), match="micro_batch must be a positive int"):
+            DataLoader(dataset, 8, micro_batch=bad)
+    with pytest.raises(ValueError, match="at most 1 micro-batches of 8.*smaller micro_batch"):
+        DataLoader(dataset, 8, micro_batch=8, rank=0, world_size=2)
