@@ -1,6 +1,9 @@
 """Training: the `Trainer` loop with its JSONL log, checkpoints and exact resumption.
 
-* `Trainer` (``trainer``), `FitResult` and `NonFiniteLossError` (``result``);
+* `Trainer` (``trainer``), its argument checks (``arguments``), `FitResult` and
+  `NonFiniteLossError` (``result``);
+* the data-parallel step: what the ranks agree on (``parallel``), and the exact mode's
+  micro-batches (``microbatch``);
 * `evaluate` and the per-batch measures (``metrics``);
 * checking a checkpoint before resuming (``resume``) and the run folder's files (``rundir``);
 * `RunLog`, `read_log`, `TIME_KEYS`: the log (``log``);

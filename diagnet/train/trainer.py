@@ -68,8 +68,8 @@ from .. import checks, distributed
 from .. import random as _random
 from ..checkpoint import load, save
 from ..config import no_grad
-from ..nn.module import Module
 from ..ops import cross_entropy
+from .arguments import check_arguments
 from .interrupt import DeferredInterrupt
 from .log import TIME_KEYS, RunLog, jsonable
 from .metrics import (batch_samples, evaluate, evaluation_totals, metric_value, split_batch,
@@ -149,31 +149,8 @@ class Trainer:
                  scheduler_interval="epoch", controller=None, checkpoint_every=1,
                  best_metric=None, best_mode="auto", seed=0, config=None, progress=True,
                  overwrite=False, comm=None):
-        if not isinstance(model, Module):
-            raise TypeError(f"model must be a diagnet.nn.Module; got {type(model).__name__}")
-        for name in ("step", "zero_grad", "state_dict", "load_state_dict"):
-            if not callable(getattr(optimizer, name, None)):
-                raise TypeError(f"optimizer must be a diagnet optimizer (no {name}() on a "
-                                f"{type(optimizer).__name__})")
-        for name in ("__len__", "__iter__", "set_epoch", "state_dict", "load_state_dict"):
-            if not callable(getattr(train_loader, name, None)):
-                raise TypeError(f"train_loader must be a diagnet.data.DataLoader (no {name} on a "
-                                f"{type(train_loader).__name__})")
-        for name, fn in (("loss_fn", loss_fn), ("eval_fn", eval_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable; got {type(fn).__name__}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step'; got "
-                             f"{scheduler_interval!r}")
-        if best_mode not in ("auto", "max", "min"):
-            raise ValueError(f"best_mode must be 'auto', 'max' or 'min'; got {best_mode!r}")
-        if best_metric is not None:
-            if not isinstance(best_metric, str):
-                raise TypeError(f"best_metric must be a str or None; got {best_metric!r}")
-            if best_metric.startswith("eval_") and eval_loader is None and eval_fn is None:
-                raise ValueError(f"best_metric={best_metric!r} needs an eval_loader or an eval_fn")
-            if best_mode == "auto":
-                best_mode = "min" if "loss" in best_metric else "max"
+        best_mode = check_arguments(model, optimizer, train_loader, loss_fn, eval_fn,
+                                    eval_loader, scheduler_interval, best_metric, best_mode)
         jsonable(config, "config")  # raises TypeError naming what cannot be logged
         comm = distributed.world() if comm is None else comm
         if not isinstance(comm, distributed.Communicator):
