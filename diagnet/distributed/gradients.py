@@ -126,6 +126,18 @@ class GradientAverager:
         self._layout_key = None
         self._buckets = []
 
+    def for_params(self, params):
+        """This averager if it holds ``params`` (the same Tensors, in order), else a new one
+        of its kind over ``params`` on the same communicator, carrying its byte counts on:
+        for an optimizer that gained a parameter group during the run."""
+        params = list(params)
+        if len(params) == len(self.params) and all(
+                a is b for a, b in zip(params, self.params)):
+            return self
+        fresh = type(self)(params, self.comm, self.bucket_bytes)
+        fresh.stats.update(self.stats)
+        return fresh
+
     def reduce(self, weight=None):
         """Replace every trained parameter's ``grad`` by ``sum over ranks of weight * grad``.
 

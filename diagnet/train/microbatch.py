@@ -87,12 +87,8 @@ class MicroBatchStep:
         samples = batch_samples(target)
         first, self.slots, total = self._layout(samples)
         params = self._params()
-        current = None if self.summer is None else self.summer.params
-        if current is None or len(current) != len(params) or any(
-                a is not b for a, b in zip(params, current)):  # a group added: lay out anew
-            stats = {} if self.summer is None else self.summer.stats
-            self.summer = OrderedGradientSum(params, self.comm)
-            self.summer.stats.update(stats)
+        self.summer = (OrderedGradientSum(params, self.comm) if self.summer is None
+                       else self.summer.for_params(params))  # a group may have been added
         self.summer.begin(self.slots)
         taps = self._armed_taps()
         base = _random.get_state()

@@ -140,12 +140,7 @@ class ParallelRun:
         is averaged too (a new averager, its byte counts carried over)."""
         if self.averager is None:
             return
-        params = self._trained_params()
-        current = self.averager.params
-        if len(params) != len(current) or any(a is not b for a, b in zip(params, current)):
-            stats = self.averager.stats
-            self.averager = GradientAverager(params, self.comm)
-            self.averager.stats.update(stats)
+        self.averager = self.averager.for_params(self._trained_params())
         self.averager.reduce(self.weight)
 
     def any_stop(self, stop) -> bool:

@@ -438,3 +438,16 @@ def test_ordered_gradient_sum_refuses_calls_out_of_turn():
     for bad in (2, -1, 1.0):
         with pytest.raises(ValueError, match=r"slot must be an int in \[0, 2\)"):
             summer.add(bad)
+
+
+def test_for_params_keeps_the_averager_or_makes_one_of_its_kind_with_the_counts():
+    model = mlp()
+    params = list(model.parameters())
+    for kind in (GradientAverager, dn.distributed.OrderedGradientSum):
+        averager = kind(params[:2], comm=SingleProcess(), bucket_bytes=64)
+        averager.stats["steps"] = 3
+        assert averager.for_params(list(params[:2])) is averager
+        grown = averager.for_params(params)
+        assert type(grown) is kind and len(grown.params) == len(params)
+        assert all(a is b for a, b in zip(grown.params, params))
+        assert grown.stats["steps"] == 3 and grown.bucket_bytes == 64
