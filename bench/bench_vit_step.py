@@ -353,11 +353,13 @@ def torch_steps(torch, sizes, model_name, device, seed=0):
 
 
 def torch_unavailable(device):
-    """Why PyTorch cannot be measured on ``device`` (``""`` when it can); imports torch."""
-    if importlib.util.find_spec("torch") is None:
-        return "PyTorch not installed"
-    import torch
-
+    """Why PyTorch cannot be measured on ``device`` (``""`` when it can). Runs in the child
+    (`torch_child`): this process never imports torch, whose OpenMP pool beside numba's and
+    OpenBLAS's slowed diagnet's dense ViT step by a third."""
+    try:
+        import torch
+    except Exception as exc:  # a broken install raises more than ImportError
+        return f"PyTorch does not import here ({type(exc).__name__}: {exc})"
     if device == "cuda" and not torch.cuda.is_available():
         return f"PyTorch {torch.__version__} has no CUDA device here"
     return ""
@@ -370,11 +372,17 @@ def torch_key(model_name, measure_name):
 
 def torch_child(args):
     """Serve the PyTorch twins' steps from this fresh process (`reports.serve_steps`): the
-    ``READY`` info is ``{"info", "params": {model: n}}``, the keys `torch_key`."""
+    ``READY`` info is ``{"why": "", "info", "params": {model: n}}``, the keys `torch_key`;
+    or ``{"why": reason}`` and no steps where PyTorch cannot be measured on the device."""
+    why = torch_unavailable(args.device)
+    if why:
+        serve_steps({}, {"why": why})
+        return
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
-    info = {"info": f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads"
+    info = {"why": "",
+            "info": f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads"
                     + (f", {torch.cuda.get_device_name()})" if args.device == "cuda" else ")"),
             "params": {}}
     steps = {}
@@ -387,10 +395,19 @@ def torch_child(args):
 
 
 def torch_server(args):
-    """A `reports.StepServer` running `torch_child` (PyTorch in a process of its own)."""
+    """``(server, "")``: a `reports.StepServer` running `torch_child` (PyTorch in a process of
+    its own); or ``(None, why PyTorch is not measured)``. torch is never imported here."""
+    if args.no_torch:
+        return None, "PyTorch not measured (--no-torch)"
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch not installed"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
            args.device] + (["--tiny"] if args.tiny else [])
-    return StepServer(cmd, "PyTorch child")
+    server = StepServer(cmd, "PyTorch child")
+    if server.info["why"]:
+        server.close()
+        return None, server.info["why"]
+    return server, ""
 
 
 # --------------------------------------------------------------------------------------
@@ -710,14 +727,13 @@ def main(argv=None):
         ap.error(f"--device cuda: {backend.cuda_unavailable_reason()}")
 
     load_start = load_average()
-    torch_note = "PyTorch not measured (--no-torch)" if args.no_torch else \
-        torch_unavailable(args.device)
-    if torch_note:
+    server, torch_note = torch_server(args)
+    if server is None:
         print(torch_note)
         ms, structures, params = measure(args)
         torch_ms = None
     else:
-        with torch_server(args) as server:
+        with server:
             ms, structures, params = measure(args, server)
         torch_ms = {"info": server.info["info"], "params": server.info["params"],
                     "ms": {m: {k: ms.pop((m, TORCH, k)) for k in args.sizes.measures}

@@ -110,6 +110,31 @@ def test_vit_step_bench_quick_run_prints_and_writes_nothing(tmp_path):
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == before
 
 
+def test_vit_step_bench_imports_torch_only_in_its_child(tmp_path):
+    # PyTorch's thread pools in diagnet's process slowed diagnet's steps, so the parent
+    # leaves even the check whether torch imports to the child. A stand-in torch on the
+    # path records which process imported it, and fails to import.
+    import subprocess
+
+    fake = tmp_path / "site"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "import os\n"
+        "open(os.path.join(os.path.dirname(__file__), os.pardir, f'imported-{os.getpid()}'),"
+        " 'w').close()\n"
+        "raise ImportError('a stand-in torch that does not import')\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bench_vit_step.py"), "--tiny",
+                             "--steps", "1", "--profile-steps", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={"DIAGNET_DEVICE": "cpu", "PATH": "", "PYTHONPATH": str(fake)})
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    importers = {int(f.name.split("-")[1]) for f in fake.glob("imported-*")}
+    assert importers and proc.pid not in importers, (importers, proc.pid)
+    assert "PyTorch does not import here (ImportError: a stand-in torch" in out, out
+    assert "x PyTorch" not in out and "| ViT | diagnet diag 90% static" in out
+
+
 def test_vit_step_bench_pytorch_twins_match_the_models():
     torch = pytest.importorskip("torch")
     bench = _load("bench_vit_step")
