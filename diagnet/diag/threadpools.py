@@ -58,8 +58,12 @@ time, whatever was imported first:
   itself with ``GOMP_SPINCOUNT`` set for the moment (then restores the environment). Not
   done when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is set, when
   `diagnet.settings.gomp_spincount` (``DIAGNET_GOMP_SPINCOUNT``) is ``"off"`` (an int: the
-  count to use), or when libgomp was loaded already (by an earlier numba parallel
-  function, say): then the status says so. The measurements behind both choices are in
+  count to use), or when the libgomp numba runs on was loaded already (by an earlier
+  numba parallel function, say): then the status says so. Another library's own copy of
+  libgomp (PyTorch's wheel loads ``torch/lib/libgomp.so.1`` on ``import torch``) is a
+  separate instance and changes neither part; before this was told apart, ``import torch``
+  ahead of the first kernel left the workers spinning at normal priority, and the dense
+  ViT step took a third longer. The measurements behind both choices are in
   docs/benchmarks.md ("The libgomp spin count and the workers' priority").
 
 When it runs
@@ -232,14 +236,17 @@ def start_numba_pool(spins):
 
     Returns a note on what happened. libgomp reads ``GOMP_SPINCOUNT`` when it loads, and
     numba loads it (``omp`` layer) when it starts its pool, which ``numba.get_num_threads``
-    does; so the variable is set for that moment only.
+    does; so the variable is set for that moment only. Whether it was read is known on Linux:
+    a libgomp file that was not loaded before is loaded then. Another library's own copy
+    (PyTorch's ``torch/lib/libgomp.so.1``) is a separate instance that numba does not use.
     """
     import numba
 
-    if _libgomp_loaded():
+    if _numba_pool_started():
         numba.get_num_threads()
-        return ("libgomp spin count left alone: libgomp was loaded before the kernels "
+        return ("libgomp spin count left alone: numba's pool was started before the kernels "
                 "(set GOMP_SPINCOUNT before importing to choose it)")
+    before = set(loaded_libraries("libgomp"))
     saved = os.environ.get("GOMP_SPINCOUNT")
     os.environ["GOMP_SPINCOUNT"] = str(int(spins))
     try:
@@ -252,15 +259,24 @@ def start_numba_pool(spins):
     layer = numba.threading_layer()
     if layer != "omp":
         return f"numba uses its {layer} layer: no libgomp spin to limit"
+    if sys.platform.startswith("linux") and not set(loaded_libraries("libgomp")) - before:
+        return ("libgomp spin count left alone: the libgomp numba runs on was loaded before "
+                "the kernels (set GOMP_SPINCOUNT before importing to choose it)")
     return f"numba's OpenMP workers (libgomp) spin {int(spins)} times before sleeping"
 
 
 def _libgomp_loaded():
-    """Whether the system's libgomp.so.1, which numba links, is loaded in this process
-    (vendored copies, libgomp-<hash>.so in the wheels of torch or scikit-learn, are separate
-    instances and do not matter)."""
-    return any(os.path.basename(p).startswith("libgomp.so")
-               for p in loaded_libraries("libgomp"))
+    """Whether any libgomp is loaded in this process (Linux; False elsewhere)."""
+    return any(os.path.basename(p).startswith("libgomp") for p in loaded_libraries("libgomp"))
+
+
+def _numba_pool_started():
+    """Whether numba's threading layer has started its pool. Read from numba's own flag; a
+    numba without it counts any loaded libgomp as a started pool (the cautious answer)."""
+    from numba.np.ufunc import parallel
+
+    started = getattr(parallel, "_is_initialized", None)
+    return _libgomp_loaded() if started is None else bool(started)
 
 
 def _thread_ids():
@@ -313,7 +329,7 @@ def _start_pool():
     nice = _requested(settings.worker_nice, WORKER_NICE_ENV, (), WORKER_NICE)
     if isinstance(nice, int) and not sys.platform.startswith("linux"):
         nice = "left alone: thread priorities are set on Linux only"
-    elif isinstance(nice, int) and _libgomp_loaded():
+    elif isinstance(nice, int) and _numba_pool_started():
         nice = "left alone: numba's pool was started before the kernels"
     before = _thread_ids() if isinstance(nice, int) else None
     default = GOMP_SPINS if isinstance(nice, int) else GOMP_SPINS_SAME_PRIORITY

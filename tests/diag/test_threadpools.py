@@ -249,6 +249,64 @@ def test_worker_priority_is_relative_and_can_be_chosen_or_switched_off():
         assert str(threadpools.GOMP_SPINS_SAME_PRIORITY) in out["status"]["gomp"]
 
 
+# Loads a copy of libgomp by its path before diagnet, as `import torch` does (PyTorch's wheel
+# vendors one as torch/lib/libgomp.so.1): a separate instance, not the one numba loads.
+_VENDORED_LIBGOMP_FIRST = textwrap.dedent("""
+    import ctypes, os
+    ctypes.CDLL(os.environ["VENDORED_LIBGOMP"], mode=ctypes.RTLD_GLOBAL)
+""")
+
+
+def _vendored_libgomp(tmp_path):
+    """A copy of the libgomp numba loads, as ``tmp_path/vendored/libgomp.so.1``; None where
+    numba's pool uses no libgomp."""
+    script = ("import json, numba; numba.get_num_threads()\n"
+              "from diagnet.diag import threadpools\n"
+              "print(json.dumps([numba.threading_layer(), "
+              "threadpools.loaded_libraries('libgomp')]))")
+    layer, paths = run_fresh(script=script)
+    if layer != "omp" or not paths:
+        return None
+    copy = tmp_path / "vendored" / "libgomp.so.1"
+    copy.parent.mkdir()
+    copy.write_bytes(open(paths[0], "rb").read())
+    return str(copy)
+
+
+def _gomp_spincounts(stderr):
+    """Every ``GOMP_SPINCOUNT`` that a libgomp reported (``OMP_DISPLAY_ENV=verbose``), in the
+    order they loaded."""
+    return [int(line.split("=")[1].strip().strip("'")) for line in stderr.splitlines()
+            if line.strip().startswith("GOMP_SPINCOUNT")]
+
+
+@needs_linux
+def test_another_librarys_libgomp_loaded_first_does_not_stop_the_configuration(tmp_path):
+    """A libgomp of another library (PyTorch's) loaded before the first kernel is not the
+    one numba's pool runs on: the workers still run at nice +10, and numba's libgomp still
+    reads the chosen spin count. (Left alone, the workers spun at normal priority and took
+    turns with OpenBLAS's threads: the dense ViT step took 31 ms instead of 23 ms.)"""
+    path = _vendored_libgomp(tmp_path)
+    if path is None:
+        pytest.skip("numba does not use GNU libgomp here")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    script = _VENDORED_LIBGOMP_FIRST + _PRIORITY_SCRIPT
+    out = run_fresh(script=script, VENDORED_LIBGOMP=path)
+    if out["threads"] < 2:
+        pytest.skip("numba has one thread here: no worker threads")
+    assert out["ok"] and out["main"] == base
+    assert out["new"] and set(out["new"].values()) == {_nice(base, threadpools.WORKER_NICE)}
+    assert out["status"]["workers"] == (f"numba's {len(out['new'])} pool threads run at nice "
+                                        f"+{threadpools.WORKER_NICE}")
+    assert str(threadpools.GOMP_SPINS) in out["status"]["gomp"]
+    # where the workers keep their priority the spin is shortened: numba's libgomp, the
+    # second to load, reads it; the copy loaded first keeps libgomp's default
+    out, err = run_fresh(stderr=True, script=script, VENDORED_LIBGOMP=path,
+                         OMP_DISPLAY_ENV="verbose", **{threadpools.WORKER_NICE_ENV: "off"})
+    assert _gomp_spincounts(err) == [300_000, threadpools.GOMP_SPINS_SAME_PRIORITY], err
+    assert str(threadpools.GOMP_SPINS_SAME_PRIORITY) in out["status"]["gomp"]
+
+
 def test_bad_worker_nice_values_are_rejected(monkeypatch):
     for bad in (0, 20, "soon"):
         with pytest.raises((ValueError, TypeError), match="worker_nice"):
