@@ -307,6 +307,30 @@ def test_another_librarys_libgomp_loaded_first_does_not_stop_the_configuration(t
     assert str(threadpools.GOMP_SPINS_SAME_PRIORITY) in out["status"]["gomp"]
 
 
+@needs_linux
+def test_a_pool_numba_started_before_the_first_kernel_is_left_alone():
+    """A numba parallel function that ran before diagnet's first kernel started the pool:
+    its threads exist already, so diagnet neither lists nor renices them, and says so."""
+    script = textwrap.dedent("""
+        import numba, numpy as np
+
+        @numba.njit(parallel=True)
+        def double(a):
+            for i in numba.prange(a.shape[0]):
+                a[i] *= 2.0
+
+        double(np.ones(64))
+    """) + _PRIORITY_SCRIPT
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    out = run_fresh(script=script)
+    assert out["ok"] and out["main"] == base
+    assert out["status"]["workers"] == ("numba's workers: priority left alone: numba's pool "
+                                        "was started before the kernels")
+    assert set(out["new"].values()) <= {base}  # nothing of ours was reniced
+    if out["layer"] == "omp":
+        assert "started before the kernels" in out["status"]["gomp"]
+
+
 def test_bad_worker_nice_values_are_rejected(monkeypatch):
     for bad in (0, 20, "soon"):
         with pytest.raises((ValueError, TypeError), match="worker_nice"):
