@@ -354,8 +354,8 @@ def torch_steps(torch, sizes, model_name, device, seed=0):
 
 def torch_unavailable(device):
     """Why PyTorch cannot be measured on ``device`` (``""`` when it can). Runs in the child
-    (`torch_child`): this process never imports torch, whose OpenMP pool beside numba's and
-    OpenBLAS's slowed diagnet's dense ViT step by a third."""
+    (`torch_child`): the process that times diagnet never imports torch, so that nothing of
+    PyTorch's (its own libgomp, its thread pools) runs beside diagnet's pools there."""
     try:
         import torch
     except Exception as exc:  # a broken install raises more than ImportError

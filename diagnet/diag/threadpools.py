@@ -61,9 +61,9 @@ time, whatever was imported first:
   count to use), or when the libgomp numba runs on was loaded already (by an earlier
   numba parallel function, say): then the status says so. Another library's own copy of
   libgomp (PyTorch's wheel loads ``torch/lib/libgomp.so.1`` on ``import torch``) is a
-  separate instance and changes neither part; before this was told apart, ``import torch``
-  ahead of the first kernel left the workers spinning at normal priority, and the dense
-  ViT step took a third longer. The measurements behind both choices are in
+  separate instance and changes neither part (taken for numba's, it would leave the workers
+  spinning at normal priority beside OpenBLAS's threads). The measurements behind both
+  choices are in
   docs/benchmarks.md ("The libgomp spin count and the workers' priority").
 
 When it runs

@@ -284,8 +284,8 @@ def _gomp_spincounts(stderr):
 def test_another_librarys_libgomp_loaded_first_does_not_stop_the_configuration(tmp_path):
     """A libgomp of another library (PyTorch's) loaded before the first kernel is not the
     one numba's pool runs on: the workers still run at nice +10, and numba's libgomp still
-    reads the chosen spin count. (Left alone, the workers spun at normal priority and took
-    turns with OpenBLAS's threads: the dense ViT step took 31 ms instead of 23 ms.)"""
+    reads the chosen spin count. (Left alone, the workers would spin at normal priority and
+    take turns with OpenBLAS's threads.)"""
     path = _vendored_libgomp(tmp_path)
     if path is None:
         pytest.skip("numba does not use GNU libgomp here")
