@@ -7,6 +7,15 @@ takes a tile of 4 rows and 4 diagonals: each ``a`` load serves 4 diagonals, each
 ``dvalues`` element is loaded and stored once per 4 rows. `diagnet.diag.cpu` decides how a
 threaded call splits diagonals and batch rows (`_vgrad_split`); `.both_grads` reuses the
 tile loops.
+
+**Narrow layers: one diagonal per pass.** LLVM cannot prove that the rows a pass writes
+(``dvalues[k]``) and the rows it reads (``a``, ``ext`` at run-time shifts) do not overlap,
+so it checks at run time before the vector loop, pair by pair of the pass's streams: a
+4-diagonal pass checks about 170 pairs and takes its vector loop only from 64 columns on.
+Where a row holds up to `_ONE_DIAGONAL_MAX_WIDTH` columns, that preamble cost as much as
+the multiply-adds, and a pass over one diagonal at a time (two checks) ran 1.3-2x faster
+per tile (docs/benchmarks.md). Each ``dvalues`` element gets the same expression either
+way, so the results are the same to the bit.
 """
 
 from __future__ import annotations
@@ -15,6 +24,11 @@ import numba
 import numpy as np
 
 from .tiles import _TILE_ROWS, _jit, _load_tile, _pjit, _stride, _u
+
+#: Rows of at most this many columns (the short side ``L``) take the one-diagonal pass
+#: (`_vgrad_4rows_each_diag`); wider ones the 4-diagonal passes, whose shared ``a`` loads
+#: pay off once the run-time checks are a small part of a pass.
+_ONE_DIAGONAL_MAX_WIDTH = 192
 
 
 @_jit
@@ -77,8 +91,28 @@ def _vgrad_1row_1diag(g, a, ext, k, offsets):
 
 
 @_jit
+def _vgrad_4rows_each_diag(g, a, ext, k_start, k_stop, offsets, marker):
+    """``g[k, t] += sum_{r<4} a[r*S + t] * ext[r*S + t + offsets[k]]`` for each diagonal
+    ``k_start <= k < k_stop`` in turn: the narrow layers' pass (see the module docstring).
+
+    Each element's expression is `_vgrad_4rows_1diag`'s (and `_vgrad_4rows_4diags`'s).
+    """
+    S1 = _stride(marker)
+    S2 = S1 + S1
+    S3 = S2 + S1
+    for k in range(_u(k_start), _u(k_stop)):
+        p = _u(offsets[k])
+        for t in range(_u(g.shape[1])):
+            g[k, t] += (a[t] * ext[t + p] + a[t + S1] * ext[t + S1 + p]) + (
+                a[t + S2] * ext[t + S2 + p] + a[t + S3] * ext[t + S3 + p])
+
+
+@_jit
 def _vgrad_tile(g, a, ext, k_start, k_stop, offsets, marker):
     """``g[k] +=`` the value grad of diagonals ``k_start .. k_stop-1`` over a tile of 4 rows."""
+    if g.shape[1] <= _ONE_DIAGONAL_MAX_WIDTH:
+        _vgrad_4rows_each_diag(g, a, ext, k_start, k_stop, offsets, marker)
+        return
     k = k_start
     while k + 4 <= k_stop:
         _vgrad_4rows_4diags(g, a, ext, k, offsets, marker)
