@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from .gather import _gather_row, _gather_tile
-from .scatter import _scatter_1row_1diag, _scatter_4rows_1diag
+from .scatter import _scatter_1row_1diag, _scatter_4rows
 from .tiles import (_TILE_ROWS, _jit, _load_tile, _pjit, _store_tile, _store_tile_folded,
                     _stride, _u, _zero_tile)
 from .value_grad import _vgrad_row, _vgrad_tile
@@ -67,8 +67,7 @@ def _both_grads_block(dx, g, gbias, dy, x, vals, offsets, b_start, b_stop, marke
             _store_tile(dx, acc, no_bias, False, b, _TILE_ROWS, marker)
         else:
             _zero_tile(acc, _TILE_ROWS, width, marker)
-            for k in range(K):
-                _scatter_4rows_1diag(acc, a, vals, k, offsets[k], marker)
+            _scatter_4rows(acc, a, vals, offsets, marker)
             _store_tile_folded(dx, acc, no_bias, False, b, _TILE_ROWS, width, marker)
         _vgrad_tile(g, a, ext, 0, K, offsets, marker)
         if gbias is not None:

@@ -12,10 +12,10 @@ tile loops.
 (``dvalues[k]``) and the rows it reads (``a``, ``ext`` at run-time shifts) do not overlap,
 so it checks at run time before the vector loop, pair by pair of the pass's streams: a
 4-diagonal pass checks about 170 pairs and takes its vector loop only from 64 columns on.
-Where a row holds up to `_ONE_DIAGONAL_MAX_WIDTH` columns, that preamble cost as much as
-the multiply-adds, and a pass over one diagonal at a time (two checks) ran 1.3-2x faster
-per tile (docs/benchmarks.md). Each ``dvalues`` element gets the same expression either
-way, so the results are the same to the bit.
+Where a row holds up to `_ONE_DIAGONAL_MAX_WIDTH` columns, that preamble costs about as
+much as the multiply-adds, and a pass over one diagonal at a time (two checks) is faster
+per tile (figures in docs/benchmarks.md). Each ``dvalues`` element gets the same expression
+either way, so the results are the same to the bit.
 """
 
 from __future__ import annotations
