@@ -94,10 +94,13 @@ def blas_forward(q, k, v, mask, drop, scale, masked_score, out=None):
     from ..fused import softmax as rows
 
     scores = q @ np.swapaxes(k, -1, -2)
-    scores *= scale
-    if mask is not None:
+    S = scores.shape[-1]
+    if mask is None:  # the scale inside the softmax's pass, rounded as below
+        weights = rows.softmax(scores.reshape(-1, S), scale=scale).reshape(scores.shape)
+    else:
+        scores *= scale
         scores = np.where(mask, scores, masked_score)
-    weights = rows.softmax(scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
+        weights = rows.softmax(scores.reshape(-1, S)).reshape(scores.shape)
     kept = weights if drop is None else weights * drop
     return np.matmul(kept, v, out=out), weights
 
@@ -118,11 +121,13 @@ def blas_backward(dout, q, k, v, weights, mask, drop, scale, out=None):
     if drop is not None:
         dweights *= drop
     S = weights.shape[-1]
-    dscores = rows.softmax_grad(weights.reshape(-1, S), dweights.reshape(-1, S))
-    dscores = dscores.reshape(weights.shape)
-    if mask is not None:
-        dscores = np.where(mask, dscores, 0)
-    dscores *= scale
+    if mask is None:  # the scale inside the gradient's pass, rounded as below
+        dscores = rows.softmax_grad(weights.reshape(-1, S), dweights.reshape(-1, S),
+                                    scale=scale).reshape(weights.shape)
+    else:
+        dscores = rows.softmax_grad(weights.reshape(-1, S), dweights.reshape(-1, S))
+        dscores = np.where(mask, dscores.reshape(weights.shape), 0)
+        dscores *= scale
     return (np.matmul(dscores, k, out=dq_out),
             np.matmul(np.swapaxes(dscores, -1, -2), q, out=dk_out), dv)
 

@@ -250,3 +250,27 @@ def test_cross_entropy_on_cuda_matches_the_cpu_kernels(smoothing):
         results.append((loss.item(), t.grad.numpy()))
     np.testing.assert_allclose(results[1][0], results[0][0], **F64_TOL)
     np.testing.assert_allclose(results[1][1], results[0][1], **F64_TOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [0.25, 1 / 3 ** 0.5, -1.7, 0.0])
+@pytest.mark.parametrize("rows", [5, 3000])  # one thread; numba's threads
+def test_scaled_row_kernels_give_the_bits_of_a_separate_multiply(dtype, scale, rows):
+    """``softmax(x, scale)`` is ``softmax(x * scale)`` and ``softmax_grad(y, g, scale)`` is
+    ``softmax_grad(y, g) * scale``, bit for bit, with the products rounded to the dtype as
+    NumPy rounds them: attention relies on it to fold its scale into these passes."""
+    from diagnet.fused import softmax as rows_mod
+
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 17)) * 4).astype(dtype)
+    x[0, 3], x[1, :] = np.inf, -np.inf
+    if rows > 5:
+        x[2, 5] = np.nan
+    g = rng.standard_normal((rows, 17)).astype(dtype)
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN, in both
+        y = rows_mod.softmax(x * scale)
+    assert np.array_equal(rows_mod.softmax(x, scale=scale).view(np.uint8), y.view(np.uint8))
+    want = rows_mod.softmax_grad(y, g)
+    want *= scale
+    got = rows_mod.softmax_grad(y, g, scale=scale)
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
