@@ -125,23 +125,14 @@ def _row_max(x, r):
 
 
 @_jit
-def _softmax_rows(x, y, sc, start, stop):
-    """Softmax of ``x * sc`` along each row. ``sc`` is a scalar of ``x``'s dtype, so the
-    product rounds as ``x *= scale`` in that dtype would (1 for a plain softmax: exact)."""
+def _softmax_rows(x, y, start, stop):
     C = _u(x.shape[1])
-    # the row scaled, then its exponentials, in float64 (one rounding per output); the
-    # scaled row goes through memory so that LLVM cannot fuse the product into the
-    # subtraction below (an FMA would skip the product's rounding in float64)
-    e = np.empty(x.shape[1])
+    e = np.empty(x.shape[1])  # the row's exponentials, in float64 (one rounding per output)
     for r in range(_u(start), _u(stop)):
-        m = -np.inf  # the row's max (a NaN is skipped here, but makes the sum NaN)
-        for j in range(C):
-            v = np.float64(x[r, j] * sc)
-            e[j] = v
-            m = v if v > m else m
+        m = _row_max(x, r)
         s = 0.0
         for j in range(C):
-            v = exp_for_dtype(x[r, j], e[j] - m)
+            v = exp_for_dtype(x[r, j], np.float64(x[r, j]) - m)
             e[j] = v
             s += v
         inv = 1.0 / s
@@ -240,11 +231,11 @@ def _cross_entropy_grad_rows(z, labels, eps, shift, log_sum, scale, gz, start, s
 
 
 @_pjit
-def _softmax_parallel(x, y, sc, rows_per_task):
+def _softmax_parallel(x, y, rows_per_task):
     R = x.shape[0]
     for task in numba.prange((R + rows_per_task - 1) // rows_per_task):
         start = task * rows_per_task
-        _softmax_rows(x, y, sc, start, min(R, start + rows_per_task))
+        _softmax_rows(x, y, start, min(R, start + rows_per_task))
 
 
 @_pjit
@@ -305,21 +296,15 @@ def _labels(labels, n):
     return labels
 
 
-def softmax(x, scale=None):
-    """``exp(x) / sum(exp(x))`` along the last axis of ``x`` ``(R, C)``; a new array.
-
-    ``scale``: None, or a Python number that multiplies ``x`` first, rounded to ``x``'s
-    dtype as ``x * scale`` in NumPy would be: ``softmax(x * scale)`` without a pass of its
-    own (attention's scores).
-    """
+def softmax(x):
+    """``exp(x) / sum(exp(x))`` along the last axis of ``x`` ``(R, C)``; a new array."""
     (x,) = _rows(x)
     y = np.empty_like(x)
-    sc = x.dtype.type(1 if scale is None else scale)
     tasks = _rows_per_task(x)
     if tasks:
-        _softmax_parallel(x, y, sc, tasks)
+        _softmax_parallel(x, y, tasks)
     else:
-        _softmax_rows(x, y, sc, 0, x.shape[0])
+        _softmax_rows(x, y, 0, x.shape[0])
     return y
 
 
@@ -327,7 +312,7 @@ def softmax_grad(y, gy, scale=None):
     """The input gradient of `softmax`, from its output ``y`` and the output gradient ``gy``.
 
     ``scale``: None, or a Python number that multiplies the gradient once it is rounded to
-    its dtype, as ``gx * scale`` in NumPy would (the gradient of `softmax`'s ``scale``).
+    its dtype, as ``gx * scale`` in NumPy would (attention's scale, folded into this pass).
     """
     y, gy = _rows(y, gy)
     gx = np.empty_like(y)
