@@ -155,8 +155,9 @@ def _log_softmax_rows(x, y, start, stop):
 
 @_jit
 def _softmax_grad_rows(y, gy, gx, sc, start, stop):
-    """The softmax gradient of each row times ``sc`` (a scalar of ``gx``'s dtype, applied
-    after the gradient is rounded to that dtype, as ``gx *= scale`` would; 1: exact)."""
+    """The softmax gradient of each row, times ``sc`` unless it is None (a scalar of
+    ``gx``'s dtype, applied after the gradient is rounded to that dtype, as ``gx *= scale``
+    would). Numba compiles a None ``sc`` apart, without the scaling loop."""
     C = _u(y.shape[1])
     for r in range(_u(start), _u(stop)):
         dot = 0.0
@@ -164,8 +165,9 @@ def _softmax_grad_rows(y, gy, gx, sc, start, stop):
             dot += np.float64(gy[r, j]) * np.float64(y[r, j])
         for j in range(C):
             gx[r, j] = np.float64(y[r, j]) * (np.float64(gy[r, j]) - dot)
-        for j in range(C):
-            gx[r, j] *= sc
+        if sc is not None:
+            for j in range(C):
+                gx[r, j] *= sc
 
 
 @_jit
@@ -316,7 +318,7 @@ def softmax_grad(y, gy, scale=None):
     """
     y, gy = _rows(y, gy)
     gx = np.empty_like(y)
-    sc = y.dtype.type(1 if scale is None else scale)
+    sc = None if scale is None else y.dtype.type(scale)
     tasks = _rows_per_task(y)
     if tasks:
         _softmax_grad_parallel(y, gy, gx, sc, tasks)
