@@ -6,8 +6,9 @@ loaders all follow `manual_seed`:
 * `manual_seed(seed)` reseeds the default generator (a ``numpy.random.Generator``);
   `get_state` / `set_state` save and restore it (JSON-able, for checkpoints), and
   `check_state` validates a state without touching the generator; `forked_state` derives
-  independent states from one (a stream per micro-batch, the same in every process). `check_generator_state`
-  does the same for any NumPy bit generator (the saved generators of DST controllers).
+  independent states from one (a stream per micro-batch, the same in every process).
+  `check_generator_state` does the same checks for any NumPy bit generator (the saved
+  generators of DST controllers).
 * `as_generator(rng)` turns the ``rng`` argument that random functions accept (``None`` for
   the default generator, an int seed, or a Generator) into a Generator.
 * `uniform(shape, xp, ...)` draws uniform numbers *on the array's device* without moving

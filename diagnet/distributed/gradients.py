@@ -25,6 +25,7 @@ from __future__ import annotations
 from .. import backend, checks
 from ..autograd import Tensor
 from ..config import enable_grad
+from ..optim import optimizer_params
 from .comm import checked_comm
 
 __all__ = ["GradientAverager", "OrderedGradientSum", "DistributedOptimizer"]
@@ -266,7 +267,7 @@ class OrderedGradientSum(GradientAverager):
             raise RuntimeError("OrderedGradientSum.finish before begin()")
         moved = 0
         for bucket, rows in zip(self._buckets, self._rows):
-            bucket.buffer[...] = ordered_sum(rows, self.comm, tag="gradients")
+            ordered_sum(rows, self.comm, tag="gradients", out=bucket.buffer)
             moved += rows.nbytes
             bucket.unpack()
         self._rows = None
@@ -282,20 +283,23 @@ def _zeros_like_rows(buffer, rows):
     return xp.zeros((rows, buffer.size), dtype=buffer.dtype)
 
 
-def ordered_sum(rows, comm, tag="other"):
+def ordered_sum(rows, comm, tag="other", out=None):
     """The sum over the first axis of ``rows`` ``(slots, ...)`` taken in slot order, the
-    same bits on every rank and for any number of ranks.
+    same bits on every rank and for any number of ranks; into ``out`` (an array of
+    ``rows.shape[1:]`` and its dtype, then returned) when given.
 
     Each rank passes ``rows`` with the slots it computed filled and zeros in the others;
     the slots are allreduced in place (one rank's value plus zeros: exact), then summed
     from zeros in slot order (``((0 + r0) + r1) + ...``; starting from zeros also makes a
     ``-0.0`` slot count as ``+0.0`` on one rank as on several). Collective."""
     comm.allreduce(rows, op="sum", tag=tag)
-    xp = backend.get_array_module(rows)
-    total = xp.zeros(rows.shape[1:], dtype=rows.dtype)
+    if out is None:
+        out = backend.get_array_module(rows).zeros(rows.shape[1:], dtype=rows.dtype)
+    else:
+        out[...] = 0
     for row in rows:
-        total += row
-    return total
+        out += row
+    return out
 
 
 def _first_difference(mine, theirs) -> str:
@@ -328,10 +332,7 @@ class DistributedOptimizer:
             raise TypeError(f"optimizer must be a diagnet optimizer (with param_groups and "
                             f"step); got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.averager = GradientAverager(self._params(), comm, bucket_bytes)
-
-    def _params(self):
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.averager = GradientAverager(optimizer_params(optimizer), comm, bucket_bytes)
 
     def step(self, weight=None, closure=None):
         """Average the gradients (`GradientAverager.reduce` with ``weight``), then step the
@@ -344,10 +345,7 @@ class DistributedOptimizer:
         if closure is not None:
             with enable_grad():
                 loss = closure()
-        params = self._params()
-        if len(params) != len(self.averager.params) or any(
-                a is not b for a, b in zip(params, self.averager.params)):
-            self.averager.params = _checked_params(params)
+        self.averager = self.averager.for_params(optimizer_params(self.optimizer))
         self.averager.reduce(weight)
         self.optimizer.step()
         return loss

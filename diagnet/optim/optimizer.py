@@ -40,7 +40,7 @@ from ..row_state import RowOwner
 from .dst_state import RowStateMethods
 from .guards import StepGuards, _check_param, _describe, _is_step_count
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "optimizer_params"]
 
 #: group keys that schedulers add (``LRScheduler`` records the base lr as ``initial_lr``)
 _SCHEDULER_KEYS = ("initial_lr",)
@@ -172,7 +172,7 @@ class Optimizer(StepGuards, RowStateMethods):
         place; ``where`` (e.g. ``" in param group 1"``) goes into the error messages."""
 
     def _params(self):
-        return [p for group in self.param_groups for p in group["params"]]
+        return optimizer_params(self)
 
     # -- the update
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -408,3 +408,9 @@ class Optimizer(StepGuards, RowStateMethods):
             lines.extend(f"    {key}: {group[key]}" for key in sorted(group) if key != "params")
         return "\n".join(lines) + "\n)"
 
+
+def optimizer_params(optimizer):
+    """Every parameter of ``optimizer``'s groups, group by group, in order: a list of
+    Tensors. Works with any object that has ``param_groups`` (a list of dicts with
+    ``"params"``), a wrapper's included."""
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -34,6 +34,7 @@ import math
 from .. import random as _random
 from ..autograd import Tensor
 from ..distributed import OrderedGradientSum, sum_tap_parts
+from ..optim import optimizer_params
 from .metrics import batch_samples, step_numbers
 
 __all__ = ["MicroBatchStep"]
@@ -56,9 +57,6 @@ class MicroBatchStep:
         self.optimizer, self.controller, self.comm = optimizer, controller, comm
         self.summer = None
         self.slots = 0
-
-    def _params(self):
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _armed_taps(self):
         taps = getattr(self.controller, "taps", None)
@@ -86,7 +84,7 @@ class MicroBatchStep:
         """
         samples = batch_samples(target)
         first, self.slots, total = self._layout(samples)
-        params = self._params()
+        params = optimizer_params(self.optimizer)
         self.summer = (OrderedGradientSum(params, self.comm) if self.summer is None
                        else self.summer.for_params(params))  # a group may have been added
         self.summer.begin(self.slots)

@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from ..distributed import GradientAverager, attach_controller, check_structure
+from ..optim import optimizer_params
 
 __all__ = ["ParallelRun", "NullLog"]
 
@@ -93,7 +94,7 @@ class ParallelRun:
         self.optimizer = optimizer
         if micro_batch:
             return
-        self.averager = GradientAverager(self._trained_params(), comm)
+        self.averager = GradientAverager(optimizer_params(self.optimizer), comm)
         if controller is not None:
             attach_controller(controller, comm, lambda: self.weight)
 
@@ -129,10 +130,6 @@ class ParallelRun:
         return (loss, total, None if correct is None else int(sums[2]), int(sums[3]),
                 bool(sums[4]), bool(sums[5]))
 
-    def _trained_params(self):
-        """The optimizer's parameters now, group by group."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     def average_gradients(self):
         """Replace every gradient by the global batch's (this rank's weighted by `weight`).
 
@@ -140,7 +137,7 @@ class ParallelRun:
         is averaged too (a new averager, its byte counts carried over)."""
         if self.averager is None:
             return
-        self.averager = self.averager.for_params(self._trained_params())
+        self.averager = self.averager.for_params(optimizer_params(self.optimizer))
         self.averager.reduce(self.weight)
 
     def any_stop(self, stop) -> bool:
