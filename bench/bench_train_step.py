@@ -69,8 +69,8 @@ from diagnet.diag import dispatch, threadpools  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP  # noqa: E402
 from diagnet.ops import dense as _dense  # noqa: E402
-from reports import (StepServer, child_result, default_output, fmt_ratio,  # noqa: E402
-                     load_average, machine, serve_steps, time_variants, write_section)
+from reports import (child_result, default_output, fmt_ratio, load_average,  # noqa: E402
+                     machine, serve_steps, time_variants, torch_step_server, write_section)
 
 SECTION = "bench_train_step"
 IN, HIDDEN, CLASSES = 784, [256, 256], 10
@@ -379,15 +379,11 @@ def child_flags(args):
 def torch_server(args):
     """A `reports.StepServer` running `torch_child`, whose steps rotate with diagnet's; None
     without torch, with ``--no-children``, or where PyTorch cannot run on the device."""
-    if args.no_children or importlib.util.find_spec("torch") is None:
+    if args.no_children:
         return None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
            args.device, *child_flags(args)]
-    server = StepServer(cmd, "PyTorch child")
-    if server.info["why"]:
-        server.close()
-        return None
-    return server
+    return torch_step_server(cmd)[0]
 
 
 def child(args):

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
-import importlib.util
 import inspect
 import json
 import os
@@ -69,8 +68,8 @@ import diagnet as dn  # noqa: E402
 from diagnet import backend, functional as F  # noqa: E402
 from diagnet.dst import TemperatureSchedule, sparsify  # noqa: E402
 from diagnet.models import MLP, ViT  # noqa: E402
-from reports import (StepServer, default_output, fmt_ratio, load_average,  # noqa: E402
-                     machine, serve_steps, time_variants, write_section)
+from reports import (default_output, fmt_ratio, load_average, machine,  # noqa: E402
+                     serve_steps, time_variants, torch_step_server, write_section)
 
 SECTION = "bench_vit_step"
 SPARSITY = 0.9
@@ -396,18 +395,12 @@ def torch_child(args):
 
 def torch_server(args):
     """``(server, "")``: a `reports.StepServer` running `torch_child` (PyTorch in a process of
-    its own); or ``(None, why PyTorch is not measured)``. torch is never imported here."""
+    its own); or ``(None, why PyTorch is not measured)`` (`reports.torch_step_server`)."""
     if args.no_torch:
         return None, "PyTorch not measured (--no-torch)"
-    if importlib.util.find_spec("torch") is None:
-        return None, "PyTorch not installed"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", "--device",
            args.device] + (["--tiny"] if args.tiny else [])
-    server = StepServer(cmd, "PyTorch child")
-    if server.info["why"]:
-        server.close()
-        return None, server.info["why"]
-    return server, ""
+    return torch_step_server(cmd)
 
 
 # --------------------------------------------------------------------------------------

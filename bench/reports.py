@@ -11,6 +11,7 @@ writes. Every write is atomic (`diagnet.tensorfile.atomic_write`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -191,6 +192,21 @@ class RemoteStep:
     def many(self, n):
         """Seconds of each of ``n`` steps run back to back in the child (one request)."""
         return self.server.run(self.key, n)
+
+
+def torch_step_server(cmd):
+    """``(server, "")``: a `StepServer` running ``cmd``, a PyTorch child that answers
+    ``READY`` with ``{"why": ""}`` (or why it cannot measure: then it is closed); or ``(None,
+    why PyTorch is not measured)``. This process never imports torch: checking that it
+    imports is the child's job, so that nothing of PyTorch's (its own libgomp, its thread
+    pools) runs beside diagnet's pools here."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch not installed"
+    server = StepServer(cmd, "PyTorch child")
+    if server.info["why"]:
+        server.close()
+        return None, server.info["why"]
+    return server, ""
 
 
 def serve_steps(steps_by_key, info, stdin=None, stdout=None):
