@@ -606,3 +606,52 @@ def test_narrow_value_grad_pass_gives_the_bits_of_the_four_diagonal_passes(m, n,
             vg._vgrad_4rows_1diag(g_groups, a, ext, k, offsets, marker)
             k += 1
     assert np.array_equal(g_each.view(np.uint8), g_groups.view(np.uint8))
+
+
+def _pointer_arguments(llvm_ir, name):
+    """The attribute lists of the pointer arguments (arrays' data and meminfo pointers) of the
+    defined function ``name``, without numba's own return and exception pointers."""
+    import re
+
+    (header,) = [line for line in llvm_ir.splitlines()
+                 if line.startswith("define") and name in line and "cpython" not in line
+                 and "cfunc" not in line][:1]
+    return re.findall(r"ptr ([^,%]*)%arg\.", header)
+
+
+def test_kernel_decorator_marks_array_arguments_noalias():
+    """The kernels' decorator gives LLVM ``noalias`` on the array arguments (what spares the
+    hot loops their run-time overlap tests); a plain ``njit`` function has none, so the
+    check can fail. Compiled here without the disk cache, whose code cannot be inspected."""
+    from diagnet.diag.cpu import tiles
+
+    def axpy(out, a, x):
+        for i in range(out.shape[0]):
+            out[i] += a * x[i]
+
+    marked = tiles._noalias_njit(cache=False)(axpy)
+    plain = numba.njit(cache=False)(axpy)
+    args = (np.zeros(8), 2.0, np.ones(8))
+    marked(*args)
+    plain(*args)
+    marked_args = _pointer_arguments(next(iter(marked.inspect_llvm().values())), "axpy")
+    plain_args = _pointer_arguments(next(iter(plain.inspect_llvm().values())), "axpy")
+    assert marked_args and all("noalias" in a for a in marked_args)
+    assert not any("noalias" in a for a in plain_args)
+    np.testing.assert_array_equal(args[0], np.full(8, 4.0))
+
+
+def test_every_kernel_is_compiled_with_noalias():
+    """Each kernel module's functions get the flag (a kernel added with a plain ``njit`` would
+    lose it silently)."""
+    from numba.core.compiler import Flags
+
+    from diagnet.diag.cpu import both_grads, gather, scatter, tiles, value_grad
+
+    kernels = [obj for module in (both_grads, gather, scatter, tiles, value_grad)
+               for obj in vars(module).values()
+               if isinstance(obj, numba.core.registry.CPUDispatcher)
+               and obj.py_func.__module__ == module.__name__]
+    assert len(kernels) > 20
+    for kernel in kernels:
+        assert kernel._compiler._customize_flags(Flags()).noalias, kernel.py_func.__name__
