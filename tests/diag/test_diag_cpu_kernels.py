@@ -576,38 +576,6 @@ def test_input_and_value_grad_bad_arguments():
         cpu.input_and_value_grad(dy, np.ones(5), [0], np.ones((1, 5)))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, n, K", [(48, 8, 5), (192, 64, 19), (64, 128, 13), (300, 192, 9)])
-def test_narrow_value_grad_pass_gives_the_bits_of_the_four_diagonal_passes(m, n, K, dtype):
-    """The one-diagonal pass that narrow layers take (`_vgrad_4rows_each_diag`) and the
-    4-diagonal passes of wider ones add the same expression into each element, so a model
-    gets the same bits whichever its layers' widths select."""
-    import importlib
-
-    vg = importlib.import_module("diagnet.diag.cpu.value_grad")
-    tiles = importlib.import_module("diagnet.diag.cpu.tiles")
-    rng = np.random.default_rng(m * n + K)
-    x, dy, offsets, _ = make_case(rng, 12, m, n, K, dtype)
-    short, long = (x, dy) if m >= n else (dy, x)
-    L, width = short.shape[1], max(m, n) + min(m, n) - 1
-    marker = tiles._marker(width)
-    size = tiles._TILE_ROWS * tiles._stride(marker)
-    a, ext = np.empty(size, dtype), np.empty(size, dtype)
-    g_each, g_groups = np.zeros((K, L), dtype), np.zeros((K, L), dtype)
-    for b in range(0, 12, 4):
-        tiles._load_tile(a, short, b, 4, L, marker)
-        tiles._load_tile(ext, long, b, 4, width, marker)
-        vg._vgrad_4rows_each_diag(g_each, a, ext, 0, K, offsets, marker)
-        k = 0
-        while k + 4 <= K:
-            vg._vgrad_4rows_4diags(g_groups, a, ext, k, offsets, marker)
-            k += 4
-        while k < K:
-            vg._vgrad_4rows_1diag(g_groups, a, ext, k, offsets, marker)
-            k += 1
-    assert np.array_equal(g_each.view(np.uint8), g_groups.view(np.uint8))
-
-
 def _pointer_arguments(llvm_ir, name):
     """The attribute lists of the pointer arguments (arrays' data and meminfo pointers) of the
     defined function ``name``, without numba's own return and exception pointers."""

@@ -8,14 +8,10 @@ takes a tile of 4 rows and 4 diagonals: each ``a`` load serves 4 diagonals, each
 threaded call splits diagonals and batch rows (`_vgrad_split`); `.both_grads` reuses the
 tile loops.
 
-**Narrow layers: one diagonal per pass.** LLVM cannot prove that the rows a pass writes
-(``dvalues[k]``) and the rows it reads (``a``, ``ext`` at run-time shifts) do not overlap,
-so it checks at run time before the vector loop, pair by pair of the pass's streams: a
-4-diagonal pass checks about 170 pairs and takes its vector loop only from 64 columns on.
-Where a row holds up to `_ONE_DIAGONAL_MAX_WIDTH` columns, that preamble costs about as
-much as the multiply-adds, and a pass over one diagonal at a time (two checks) is faster
-per tile (figures in docs/benchmarks.md). Each ``dvalues`` element gets the same expression
-either way, so the results are the same to the bit.
+The arrays a pass writes (``dvalues``) and reads (``a``, ``ext`` at run-time shifts) are
+distinct, and the kernels tell LLVM so (`.tiles._noalias_njit`); without that promise it
+tested about 170 pairs of address ranges before each 4-diagonal pass, which at the ViT's
+64 columns cost as much as the multiply-adds (figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,11 +20,6 @@ import numba
 import numpy as np
 
 from .tiles import _TILE_ROWS, _jit, _load_tile, _pjit, _stride, _u
-
-#: Rows of at most this many columns (the short side ``L``) take the one-diagonal pass
-#: (`_vgrad_4rows_each_diag`); wider ones the 4-diagonal passes, whose shared ``a`` loads
-#: pay off once the run-time checks are a small part of a pass.
-_ONE_DIAGONAL_MAX_WIDTH = 192
 
 
 @_jit
@@ -91,28 +82,8 @@ def _vgrad_1row_1diag(g, a, ext, k, offsets):
 
 
 @_jit
-def _vgrad_4rows_each_diag(g, a, ext, k_start, k_stop, offsets, marker):
-    """``g[k, t] += sum_{r<4} a[r*S + t] * ext[r*S + t + offsets[k]]`` for each diagonal
-    ``k_start <= k < k_stop`` in turn: the narrow layers' pass (see the module docstring).
-
-    Each element's expression is `_vgrad_4rows_1diag`'s (and `_vgrad_4rows_4diags`'s).
-    """
-    S1 = _stride(marker)
-    S2 = S1 + S1
-    S3 = S2 + S1
-    for k in range(_u(k_start), _u(k_stop)):
-        p = _u(offsets[k])
-        for t in range(_u(g.shape[1])):
-            g[k, t] += (a[t] * ext[t + p] + a[t + S1] * ext[t + S1 + p]) + (
-                a[t + S2] * ext[t + S2 + p] + a[t + S3] * ext[t + S3 + p])
-
-
-@_jit
 def _vgrad_tile(g, a, ext, k_start, k_stop, offsets, marker):
     """``g[k] +=`` the value grad of diagonals ``k_start .. k_stop-1`` over a tile of 4 rows."""
-    if g.shape[1] <= _ONE_DIAGONAL_MAX_WIDTH:
-        _vgrad_4rows_each_diag(g, a, ext, k_start, k_stop, offsets, marker)
-        return
     k = k_start
     while k + 4 <= k_stop:
         _vgrad_4rows_4diags(g, a, ext, k, offsets, marker)
