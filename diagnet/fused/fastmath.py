@@ -30,6 +30,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from ..jit import noalias_njit
+
 __all__ = ["exp_nonpositive_f32", "exp_f32"]
 
 # The compile options of the element and row loops of `diagnet.fused.gelu` and `.softmax`.
@@ -37,10 +39,12 @@ __all__ = ["exp_nonpositive_f32", "exp_f32"]
 # propagate as in the references.
 FASTMATH = {"contract", "reassoc"}
 #: a loop: error_model="numpy" makes a division by zero give inf (as in NumPy) instead of a
-#: Python exception check, whose branch would keep the loop from being vectorised
-jit = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+#: Python exception check, whose branch would keep the loop from being vectorised; noalias:
+#: see `diagnet.jit` (the kernels of `diagnet.fused` write only the outputs and scratch that
+#: they or their public functions allocate)
+jit = noalias_njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 #: a loop over ``numba.prange`` tasks
-parallel_jit = numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy",
+parallel_jit = noalias_njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy",
                           parallel=True)
 #: a scalar helper, inlined by numba itself: LLVM's inliner finds such helpers too big, and a
 #: call inside a loop stops it from being vectorised

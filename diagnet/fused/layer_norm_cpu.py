@@ -36,13 +36,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..jit import noalias_njit
+
 __all__ = ["forward", "backward", "add_forward", "add_backward"]
 
 # contract: FMA; reassoc: let LLVM vectorise the row sums. Not nnan/ninf: NaN and inf
 # propagate as in the reference.
 _FASTMATH = {"contract", "reassoc"}
-_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
-_pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
+# noalias: see diagnet.jit (these kernels write only the outputs and partial sums that their
+# public functions allocate)
+_jit = noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True)
+_pjit = noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 
 #: From this many elements (R * N) on, the rows are split over numba's threads: the forward
 #: and the backward (whose per-task partial sums cost more to set up and add). The ViT's

@@ -7,7 +7,8 @@ its own layer nor one above. So a reader can learn the framework bottom up, and 
 cycle can form between units::
 
     version, settings, checks      facts read once: the version, the environment, argument checks
-    backend, config, random        arrays and devices, grad mode, seeded generators
+    backend, config, random,       arrays and devices, grad mode, seeded generators; the C
+      heap, jit                      heap; how the CPU kernels are compiled
     autograd                       Tensor and Function: the engine
     cuda_launch                    launching CUDA kernels (arrays only)
     diag                           the diagonal kernels: reference, CPU, CUDA, dispatch
@@ -47,7 +48,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: the units, lowest layer first; the units of one layer are side by side
 LAYERS = (
     ("version", "settings", "checks"),
-    ("backend", "config", "random", "heap"),
+    ("backend", "config", "random", "heap", "jit"),
     ("autograd",),
     ("cuda_launch",),
     ("diag",),

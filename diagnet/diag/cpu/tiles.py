@@ -14,51 +14,18 @@ batch of 1 does not pay for 4.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from ...jit import noalias_njit
 
 # contract: use FMA; reassoc: let LLVM re-balance the fused sums. Deliberately not nnan/ninf
 # (they would let LLVM drop NaN/inf handling), nor the full fastmath=True.
 _FASTMATH = {"contract", "reassoc"}
 
 
-def _noalias_njit(**options):
-    """``numba.njit(**options)`` whose functions tell LLVM that their array arguments do not
-    overlap (LLVM's ``noalias`` on every pointer argument).
-
-    Why: a loop that writes one array and reads another at run-time offsets (a tile's
-    ``acc`` and its shifted ``ext`` reads) is otherwise compiled with a test of every pair of
-    written and read address ranges before the vector loop, and a scalar fallback; with many
-    streams those tests cost more than the loop at the ViT's widths. The promise holds for
-    every kernel of this package: each writes only arrays that it or its public caller
-    allocated (outputs, partial sums, scratch tiles), never an input; arrays that are only
-    read may coincide (``noalias`` allows that).
-
-    Numba has the flag (``Flags.noalias``, which its parallel loops already use) but no
-    decorator option for it, so it is set where numba builds a function's compile flags;
-    with a numba that lacks that hook the functions compile as plain ``njit`` ones (slower,
-    same results). Tested in ``tests/diag/test_diag_cpu_kernels.py``.
-    """
-    decorate = numba.njit(**options)
-
-    def noalias(fn):
-        dispatcher = decorate(fn)
-        compiler = getattr(dispatcher, "_compiler", None)
-        customize = getattr(compiler, "_customize_flags", None)
-        if customize is not None:
-            def with_noalias(flags):
-                flags = customize(flags)
-                flags.noalias = True
-                return flags
-
-            compiler._customize_flags = with_noalias
-        return dispatcher
-
-    return noalias
-
-
-_jit = _noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True)
-_pjit = _noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
+# noalias: see diagnet.jit (every kernel here writes only the outputs and scratch it is given)
+_jit = noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True)
+_pjit = noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 
 _u = np.uint64  # unsigned index (see "Indexing" in `diagnet.diag.cpu`)
 
