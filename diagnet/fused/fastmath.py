@@ -46,6 +46,13 @@ jit = noalias_njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy
 #: a loop over ``numba.prange`` tasks
 parallel_jit = noalias_njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy",
                           parallel=True)
+#: `jit` and `parallel_jit` for loops whose vector lanes hold independent elements (no sum
+#: across them, as in GELU and ReLU): they may use 512-bit vectors, which give the same bits
+#: there (`diagnet.jit`); a row sum's order would change with the lane count
+elementwise_jit = noalias_njit(wide_vectors=True, cache=True, fastmath=FASTMATH, nogil=True,
+                               error_model="numpy")
+elementwise_parallel_jit = noalias_njit(wide_vectors=True, cache=True, fastmath=FASTMATH,
+                                        nogil=True, error_model="numpy", parallel=True)
 #: a scalar helper, inlined by numba itself: LLVM's inliner finds such helpers too big, and a
 #: call inside a loop stops it from being vectorised
 inline_jit = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")

@@ -63,7 +63,8 @@ __all__ = ["gelu", "gelu_grad", "bias_gelu", "bias_gelu_grad", "bias_gelu_and_sl
            "bias_gelu_grad_from_slope"]
 
 _FASTMATH = fastmath.FASTMATH
-_jit, _pjit, _inline = fastmath.jit, fastmath.parallel_jit, fastmath.inline_jit
+_jit, _pjit = fastmath.elementwise_jit, fastmath.elementwise_parallel_jit
+_inline = fastmath.inline_jit
 
 #: below this many elements a call runs on the calling thread
 _SERIAL_ELEMENTS = 1 << 15

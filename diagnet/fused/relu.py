@@ -32,7 +32,7 @@ from .gelu import _row_tasks, _rows, grad_by_rows
 
 __all__ = ["bias_relu", "bias_relu_grad"]
 
-_jit, _pjit = fastmath.jit, fastmath.parallel_jit
+_jit, _pjit = fastmath.elementwise_jit, fastmath.elementwise_parallel_jit
 
 #: below this many elements a call runs on the calling thread
 _SERIAL_ELEMENTS = 1 << 16

@@ -23,9 +23,11 @@ from ...jit import noalias_njit
 _FASTMATH = {"contract", "reassoc"}
 
 
-# noalias: see diagnet.jit (every kernel here writes only the outputs and scratch it is given)
-_jit = noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True)
-_pjit = noalias_njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
+# noalias and wide vectors: see diagnet.jit (every kernel here writes only the outputs and
+# scratch it is given, and its vector lanes hold independent elements: no sum across them)
+_jit = noalias_njit(wide_vectors=True, cache=True, fastmath=_FASTMATH, nogil=True)
+_pjit = noalias_njit(wide_vectors=True, cache=True, fastmath=_FASTMATH, nogil=True,
+                     parallel=True)
 
 _u = np.uint64  # unsigned index (see "Indexing" in `diagnet.diag.cpu`)
 
