@@ -125,8 +125,12 @@ def _row_max(x, r):
 
 
 @_jit
-def _softmax_rows(x, y, start, stop):
-    """Rows ``start .. stop-1`` of the softmax, in three passes over the rows.
+def _softmax_rows(x, y, sc, start, stop):
+    """Rows ``start .. stop-1`` of the softmax of ``x`` (of ``x * sc`` unless ``sc`` is None:
+    a float32 scalar for a float32 ``x``, each product rounded to float32 as ``x * scale``
+    in NumPy would round it, because the conversion to float64 stands between the product
+    and the subtraction; in float64 LLVM would fuse the two, so `softmax` multiplies first
+    there), in three passes over the rows.
 
     1. Each row's max, written over the row's place in a float64 scratch ``e``.
     2. ``e = exp(x - max)`` as one loop over all the rows' elements. A loop per row would
@@ -136,19 +140,24 @@ def _softmax_rows(x, y, start, stop):
 
     Each element gets the expressions of a single pass per row (the exponential of
     ``float64(x) - max``, the sum over the row in its order, one rounding on the store), so
-    the results are that pass's to the bit (tested).
+    the results are that pass's to the bit, and with ``sc`` those of that pass over ``x *
+    scale`` (tested). Numba compiles a None ``sc`` apart, without the multiplications.
     """
     C = _u(x.shape[1])
     first, rows = _u(start), _u(stop - start)
     e = np.empty(rows * C)  # the rows' exponentials, in float64 (one rounding per output)
     for r in range(rows):
-        m = _row_max(x, first + r)
+        m = -np.inf
+        for j in range(C):
+            v = np.float64(x[first + r, j] if sc is None else x[first + r, j] * sc)
+            m = v if v > m else m  # a NaN is skipped here and makes the row's sum NaN
         for j in range(C):
             e[r * C + j] = m
     xs = x.reshape(x.size)
     base = first * C
     for i in range(rows * C):
-        e[i] = exp_for_dtype(xs[base + i], np.float64(xs[base + i]) - e[i])
+        xi = xs[base + i] if sc is None else xs[base + i] * sc
+        e[i] = exp_for_dtype(xi, np.float64(xi) - e[i])
     for r in range(rows):
         s = 0.0
         for j in range(C):
@@ -251,11 +260,11 @@ def _cross_entropy_grad_rows(z, labels, eps, shift, log_sum, scale, gz, start, s
 
 
 @_pjit
-def _softmax_parallel(x, y, rows_per_task):
+def _softmax_parallel(x, y, sc, rows_per_task):
     R = x.shape[0]
     for task in numba.prange((R + rows_per_task - 1) // rows_per_task):
         start = task * rows_per_task
-        _softmax_rows(x, y, start, min(R, start + rows_per_task))
+        _softmax_rows(x, y, sc, start, min(R, start + rows_per_task))
 
 
 @_pjit
@@ -316,15 +325,25 @@ def _labels(labels, n):
     return labels
 
 
-def softmax(x):
-    """``exp(x) / sum(exp(x))`` along the last axis of ``x`` ``(R, C)``; a new array."""
+def softmax(x, scale=None):
+    """``exp(x) / sum(exp(x))`` along the last axis of ``x`` ``(R, C)``; a new array.
+
+    ``scale``: None, or a Python number: the softmax of ``x * scale``, each product rounded
+    to ``x``'s dtype as NumPy would round it (attention's scale; for float32 folded into
+    the passes, for float64 a multiplication before them).
+    """
     (x,) = _rows(x)
     y = np.empty_like(x)
+    sc = None
+    if scale is not None and x.dtype == np.float32:
+        sc = np.float32(scale)
+    elif scale is not None:
+        x = x * scale
     tasks = _rows_per_task(x)
     if tasks:
-        _softmax_parallel(x, y, tasks)
+        _softmax_parallel(x, y, sc, tasks)
     else:
-        _softmax_rows(x, y, 0, x.shape[0])
+        _softmax_rows(x, y, sc, 0, x.shape[0])
     return y
 
 

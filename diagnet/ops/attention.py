@@ -94,10 +94,13 @@ def blas_forward(q, k, v, mask, drop, scale, masked_score, out=None):
     from ..fused import softmax as rows
 
     scores = q @ np.swapaxes(k, -1, -2)
-    scores *= scale
-    if mask is not None:
+    S = scores.shape[-1]
+    if mask is None:  # the scale inside the softmax's passes, rounded as below
+        weights = rows.softmax(scores.reshape(-1, S), scale=scale).reshape(scores.shape)
+    else:
+        scores *= scale
         scores = np.where(mask, scores, masked_score)
-    weights = rows.softmax(scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
+        weights = rows.softmax(scores.reshape(-1, S)).reshape(scores.shape)
     kept = weights if drop is None else weights * drop
     return np.matmul(kept, v, out=out), weights
 

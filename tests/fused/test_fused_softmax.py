@@ -303,17 +303,20 @@ def _one_pass_per_row_softmax():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("columns", [1, 5, 17, 64, 197])
 @pytest.mark.parametrize("rows", [7, 3001])  # one thread; numba's threads
-def test_softmax_gives_the_bits_of_one_pass_per_row(dtype, columns, rows):
+@pytest.mark.parametrize("scale", [None, 0.25, 1 / 3 ** 0.5, -1.7])
+def test_softmax_gives_the_bits_of_one_pass_per_row(dtype, columns, rows, scale):
     """The flat loop over the exponentials changes the order of no operation: every output
     has the bits of the one-pass-per-row kernel (NaN, inf and -inf rows included), so
-    models train to the same bits as before it."""
+    models train to the same bits as before it; with a ``scale``, those of that kernel on
+    ``x * scale`` rounded by NumPy (attention's separate multiply, which it replaces)."""
     from diagnet.fused import softmax as rows_mod
 
     rng = np.random.default_rng(rows * columns)
     x = (rng.standard_normal((rows, columns)) * rng.uniform(0.1, 30, (rows, 1))).astype(dtype)
     x[0, 0], x[1, :], x[2, -1] = np.inf, -np.inf, np.nan
     x[3, :] = 0.0
+    scaled = x if scale is None else x * scale
     want = np.empty_like(x)
-    _one_pass_per_row_softmax()(x, want)
-    got = rows_mod.softmax(x)
+    _one_pass_per_row_softmax()(scaled, want)
+    got = rows_mod.softmax(x, scale=scale)
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
