@@ -14,7 +14,7 @@ the CPU instead of the numba kernels (for debugging, or where numba is unavailab
 * `relu`: bias + ReLU after a linear layer, forward and backward, one pass over each row
   (numba; the reference and the dispatch are `diagnet.ops.activation.BiasReLU`; the CUDA
   kernels are the ReLU variants of the bias kernels in ``gelu_cuda``, ``kernels/gelu.cu``).
-* `softmax`: softmax, log-softmax and softmax cross-entropy, one pass per row each way
+* `softmax`: softmax, log-softmax and softmax cross-entropy, one compiled call each way
   (numba; the references and the CuPy path are in `diagnet.ops.activation` and
   `diagnet.ops.loss`).
 * `attention`: scaled dot-product attention forward and backward, all in numba (opt-in with

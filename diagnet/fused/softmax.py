@@ -1,7 +1,7 @@
 """Compiled CPU kernels (numba) for softmax, log-softmax and softmax cross-entropy.
 
 Each op works on the rows of a C-contiguous 2-D array ``(R, C)`` (the last axis of the
-caller's array) and makes one pass per row for each direction:
+caller's array) in one compiled call per direction:
 
 * softmax forward: the rows' maxima, then ``exp(x - max)`` into a float64 scratch in one
   loop over all the rows of a task, then per row the sum and ``exp(x - max) / sum`` written

@@ -25,9 +25,8 @@ def _scatter_4rows(acc, x, vals, offsets, marker):
     """``acc[r*S + t + offsets[k]] += vals[k, t] * x[r*S + t]`` for r = 0..3 (one ``vals``
     load each), diagonal after diagonal.
 
-    The loop over the diagonals is here rather than in the caller, so that the preamble of
-    each diagonal's vector loop (LLVM's run-time checks that ``acc`` overlaps neither ``x``
-    nor ``vals``) runs without a call around it, which counts at narrow widths
+    The loop over the diagonals is here rather than in the caller, so that each diagonal's
+    vector loop starts without a call around it, which counts at narrow widths
     (docs/benchmarks.md); the same sums in the same order.
     """
     S1 = _stride(marker)

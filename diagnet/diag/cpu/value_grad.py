@@ -9,7 +9,7 @@ threaded call splits diagonals and batch rows (`_vgrad_split`); `.both_grads` re
 tile loops.
 
 The arrays a pass writes (``dvalues``) and reads (``a``, ``ext`` at run-time shifts) are
-distinct, and the kernels tell LLVM so (`.tiles._noalias_njit`); without that promise it
+distinct, and the kernels tell LLVM so (`diagnet.jit.noalias_njit`); without that promise it
 tested about 170 pairs of address ranges before each 4-diagonal pass, which at the ViT's
 64 columns cost as much as the multiply-adds (figures in docs/benchmarks.md).
 """
