@@ -114,12 +114,13 @@ def _exp_for_dtype(like, x):
 
 
 @_inline
-def _row_max(x, r):
-    """The max of row ``r`` (a NaN in the row is skipped here, but makes the row's sum of
-    exponentials NaN, so the row comes out NaN as in the reference)."""
+def _row_max(x, r, sc=None):
+    """The max of row ``r`` (of ``x[r] * sc`` unless ``sc`` is None, each product rounded to
+    the dtype), in float64. A NaN in the row is skipped here, but makes the row's sum of
+    exponentials NaN, so the row comes out NaN as in the reference."""
     m = -np.inf
     for j in range(_u(x.shape[1])):
-        v = np.float64(x[r, j])
+        v = np.float64(x[r, j] if sc is None else x[r, j] * sc)
         m = v if v > m else m
     return m
 
@@ -147,10 +148,7 @@ def _softmax_rows(x, y, sc, start, stop):
     first, rows = _u(start), _u(stop - start)
     e = np.empty(rows * C)  # the rows' exponentials, in float64 (one rounding per output)
     for r in range(rows):
-        m = -np.inf
-        for j in range(C):
-            v = np.float64(x[first + r, j] if sc is None else x[first + r, j] * sc)
-            m = v if v > m else m  # a NaN is skipped here and makes the row's sum NaN
+        m = _row_max(x, first + r, sc)
         for j in range(C):
             e[r * C + j] = m
     xs = x.reshape(x.size)

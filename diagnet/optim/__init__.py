@@ -19,6 +19,6 @@ from .lr_scheduler import CosineAnnealingLR, LinearWarmup, LRScheduler, StepLR, 
 from .optimizer import Optimizer, optimizer_params
 from .sgd import SGD
 
-__all__ = ["Optimizer", "optimizer_params", "SGD", "Adam", "AdamW", "lr_scheduler", "LRScheduler", "StepLR",
-           "CosineAnnealingLR", "LinearWarmup", "WarmupCosine", "clip_grad_norm_",
-           "clip_grad_value_"]
+__all__ = ["Optimizer", "optimizer_params", "SGD", "Adam", "AdamW", "lr_scheduler",
+           "LRScheduler", "StepLR", "CosineAnnealingLR", "LinearWarmup", "WarmupCosine",
+           "clip_grad_norm_", "clip_grad_value_"]

@@ -574,4 +574,3 @@ def test_input_and_value_grad_bad_arguments():
         cpu.input_and_value_grad(dy.astype(np.int64), x, [0], np.ones((1, 5)))
     with pytest.raises(ValueError, match=r"^expected a 2-D array; got shape \(5,\)$"):
         cpu.input_and_value_grad(dy, np.ones(5), [0], np.ones((1, 5)))
-

@@ -9,8 +9,7 @@ one of the two (the long side of a tall or square weight, which the input grad g
 from; the short side of a wide one, which it scatters from). The inner loops stay those of
 the separate products: a loop that also shared the shifted ``ext`` loads between gather and
 value grad was slower at the ViT's sizes (likely no longer vectorised: it writes two arrays,
-``acc`` and ``g``, in one loop). The value-grad pass is `.value_grad`'s `_vgrad_tile`, which
-takes one diagonal at a time on narrow layers (see that module's docstring).
+``acc`` and ``g``, in one loop). The value-grad pass is `.value_grad`'s `_vgrad_tile`.
 """
 
 from __future__ import annotations

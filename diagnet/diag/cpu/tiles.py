@@ -21,8 +21,6 @@ from ...jit import noalias_njit
 # contract: use FMA; reassoc: let LLVM re-balance the fused sums. Deliberately not nnan/ninf
 # (they would let LLVM drop NaN/inf handling), nor the full fastmath=True.
 _FASTMATH = {"contract", "reassoc"}
-
-
 # noalias and wide vectors: see diagnet.jit (every kernel here writes only the outputs and
 # scratch it is given, and its vector lanes hold independent elements: no sum across them)
 _jit = noalias_njit(wide_vectors=True, cache=True, fastmath=_FASTMATH, nogil=True)
